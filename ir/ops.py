@@ -1,0 +1,360 @@
+"""Op definitions: each op declared once with its attributes, arity, shape rule and reference
+implementation (torch, any float dtype).
+
+The reference implementations are the semantics every backend must reproduce; the interpreter in
+interpreter.py only wires them together. Shapes may hold symbolic dims ("batch", "seq", "past");
+shape rules combine them as strings ("past+seq").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from .core import Dim, IRError, Node, Shape, Value
+
+
+_REQUIRED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class Attr:
+    type: type | tuple[type, ...]
+    default: Any = _REQUIRED
+
+    @property
+    def required(self) -> bool:
+        return self.default is _REQUIRED
+
+
+@dataclasses.dataclass(frozen=True)
+class OpDef:
+    """An op: `inputs` names the operands (a trailing "?" marks an optional one), `outputs` names
+    the results; `shape(node) -> [(dtype, shape)]` and `reference(attrs, *tensors) -> tensors`."""
+
+    name: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    attrs: dict[str, Attr]
+    shape: Callable[[Node], list[tuple[str, Shape]]]
+    reference: Callable[..., tuple[torch.Tensor, ...]]
+    doc: str = ""
+
+    @property
+    def min_inputs(self) -> int:
+        return sum(1 for i in self.inputs if not i.endswith("?"))
+
+    def check_attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        """Attributes with defaults filled in; an unknown, missing or mistyped one raises."""
+        unknown = set(attrs) - set(self.attrs)
+        if unknown:
+            raise IRError(f"{self.name}: unknown attributes {sorted(unknown)}; "
+                          f"accepted: {sorted(self.attrs)}")
+        out = {}
+        for name, spec in self.attrs.items():
+            if name in attrs:
+                v = attrs[name]
+                if isinstance(v, bool) and spec.type is not bool and not (
+                        isinstance(spec.type, tuple) and bool in spec.type):
+                    raise IRError(f"{self.name}.{name}: expected {spec.type}, got bool")
+                if spec.type is float and isinstance(v, int):
+                    v = float(v)
+                if not isinstance(v, spec.type):
+                    raise IRError(f"{self.name}.{name}: expected {spec.type}, got {type(v).__name__}")
+                out[name] = v
+            elif spec.required:
+                raise IRError(f"{self.name}: missing attribute {name!r}")
+            else:
+                out[name] = spec.default
+        return out
+
+
+OPS: dict[str, OpDef] = {}
+
+
+def op(name: str, inputs: Sequence[str], outputs: Sequence[str], attrs: dict[str, Attr] | None = None,
+       *, shape: Callable, doc: str = "") -> Callable:
+    def register(fn: Callable) -> Callable:
+        if name in OPS:
+            raise IRError(f"op {name!r} declared twice")
+        OPS[name] = OpDef(name, tuple(inputs), tuple(outputs), dict(attrs or {}), shape, fn, doc)
+        return fn
+    return register
+
+
+def get_op(name: str) -> OpDef:
+    try:
+        return OPS[name]
+    except KeyError:
+        raise IRError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
+
+
+# -- shape helpers ---------------------------------------------------------------------------------
+
+def dim_add(a: Dim, b: Dim) -> Dim:
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    if a == 0:
+        return b
+    if b == 0:
+        return a
+    return f"{a}+{b}"
+
+
+def dims_equal(a: Dim, b: Dim) -> bool:
+    return a == b
+
+
+def broadcast(a: Shape, b: Shape) -> Shape:
+    out: list[Dim] = []
+    for i in range(max(len(a), len(b))):
+        da = a[len(a) - 1 - i] if i < len(a) else 1
+        db = b[len(b) - 1 - i] if i < len(b) else 1
+        if da == 1:
+            out.append(db)
+        elif db == 1 or da == db:
+            out.append(da)
+        else:
+            raise IRError(f"shapes {list(a)} and {list(b)} do not broadcast")
+    return tuple(reversed(out))
+
+
+def _in(node: Node, i: int) -> Value:
+    v = node.inputs[i]
+    assert v is not None
+    return v
+
+
+def same_as_first(node: Node) -> list[tuple[str, Shape]]:
+    x = _in(node, 0)
+    return [(x.dtype, x.shape)]
+
+
+def _broadcast_rule(node: Node) -> list[tuple[str, Shape]]:
+    a, b = _in(node, 0), _in(node, 1)
+    return [(a.dtype, broadcast(a.shape, b.shape))]
+
+
+def _last_dim_check(x: Value, n: Dim, what: str) -> None:
+    if x.shape[-1] != n:
+        raise IRError(f"{what}: last dim of %{x.name} is {x.shape[-1]}, expected {n}")
+
+
+# -- ops -------------------------------------------------------------------------------------------
+
+def _embedding_shape(node: Node) -> list[tuple[str, Shape]]:
+    ids, table = _in(node, 0), _in(node, 1)
+    if ids.dtype not in ("i64", "i32"):
+        raise IRError(f"embedding: ids %{ids.name} must be integer, got {ids.dtype}")
+    if len(table.shape) != 2:
+        raise IRError(f"embedding: table %{table.name} must be 2-D, got {list(table.shape)}")
+    return [(table.dtype if table.dtype in ("f32", "f64", "f16", "bf16") else "f32",
+             (*ids.shape, table.shape[1]))]
+
+
+@op("embedding", ["ids", "table"], ["y"], {"scale": Attr(float, 1.0)}, shape=_embedding_shape,
+    doc="table[ids] * scale (Gemma scales by sqrt(hidden)).")
+def _embedding(a: dict, ids: torch.Tensor, table: torch.Tensor) -> tuple[torch.Tensor]:
+    y = table[ids]
+    if a["scale"] != 1.0:
+        y = y * torch.tensor(a["scale"], dtype=y.dtype)
+    return (y,)
+
+
+def _rms_norm_shape(node: Node) -> list[tuple[str, Shape]]:
+    x, w = _in(node, 0), node.inputs[1] if len(node.inputs) > 1 else None
+    group = node.attrs.get("group", 0)
+    width = group or x.shape[-1]
+    if w is not None and w.shape != (width,):
+        raise IRError(f"rms_norm: weight %{w.name} has shape {list(w.shape)}, expected [{width}]")
+    if group and isinstance(x.shape[-1], int) and x.shape[-1] % group:
+        raise IRError(f"rms_norm: group {group} does not divide last dim {x.shape[-1]}")
+    return [(x.dtype, x.shape)]
+
+
+@op("rms_norm", ["x", "weight?"], ["y"],
+    {"eps": Attr(float), "offset": Attr(float, 0.0), "group": Attr(int, 0)},
+    shape=_rms_norm_shape,
+    doc="x / sqrt(mean(x^2) + eps) * (offset + weight), over the last dim, or over each run of "
+        "`group` channels (per-head q/k norms). Without a weight (folded away) it only normalises.")
+def _rms_norm(a: dict, x: torch.Tensor, w: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+    shape = x.shape
+    if a["group"]:
+        x = x.reshape(*shape[:-1], shape[-1] // a["group"], a["group"])
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + a["eps"])
+    if w is not None:
+        y = y * (w + a["offset"]) if a["offset"] else y * w
+    return (y.reshape(shape),)
+
+
+def _linear_shape(node: Node) -> list[tuple[str, Shape]]:
+    x, w = _in(node, 0), _in(node, 1)
+    if len(w.shape) != 2:
+        raise IRError(f"linear: weight %{w.name} must be [out, in], got {list(w.shape)}")
+    _last_dim_check(x, w.shape[1], f"linear (weight %{w.name})")
+    b = node.inputs[2] if len(node.inputs) > 2 else None
+    if b is not None and b.shape != (w.shape[0],):
+        raise IRError(f"linear: bias %{b.name} has shape {list(b.shape)}, expected [{w.shape[0]}]")
+    return [(x.dtype, (*x.shape[:-1], w.shape[0]))]
+
+
+@op("linear", ["x", "weight", "bias?"], ["y"], shape=_linear_shape,
+    doc="x @ weight.T + bias, weight stored [out, in] as in torch.nn.Linear.")
+def _linear(a: dict, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None):
+    return (torch.nn.functional.linear(x, w, b),)
+
+
+def _matmul_shape(node: Node) -> list[tuple[str, Shape]]:
+    x, w = _in(node, 0), _in(node, 1)
+    if len(w.shape) != 2:
+        raise IRError(f"matmul: right operand %{w.name} must be 2-D [in, out]")
+    _last_dim_check(x, w.shape[0], f"matmul (%{w.name})")
+    return [(x.dtype, (*x.shape[:-1], w.shape[1]))]
+
+
+@op("matmul", ["x", "w"], ["y"], shape=_matmul_shape, doc="x @ w with w stored [in, out].")
+def _matmul(a: dict, x: torch.Tensor, w: torch.Tensor):
+    return (x @ w,)
+
+
+@op("add", ["a", "b"], ["y"], shape=_broadcast_rule, doc="a + b (broadcasting).")
+def _add(a: dict, x: torch.Tensor, y: torch.Tensor):
+    return (x + y,)
+
+
+@op("mul", ["a", "b"], ["y"], shape=_broadcast_rule, doc="a * b (broadcasting).")
+def _mul(a: dict, x: torch.Tensor, y: torch.Tensor):
+    return (x * y,)
+
+
+def _channel_scale_shape(node: Node) -> list[tuple[str, Shape]]:
+    x, s = _in(node, 0), _in(node, 1)
+    if s.shape != (x.shape[-1],):
+        raise IRError(f"channel_scale: scale %{s.name} must be [{x.shape[-1]}], got {list(s.shape)}")
+    return [(x.dtype, x.shape)]
+
+
+@op("channel_scale", ["x", "scale"], ["y"], shape=_channel_scale_shape,
+    doc="x * scale over the last dim.")
+def _channel_scale(a: dict, x: torch.Tensor, s: torch.Tensor):
+    return (x * s,)
+
+
+@op("silu", ["x"], ["y"], shape=same_as_first, doc="x * sigmoid(x).")
+def _silu(a: dict, x: torch.Tensor):
+    return (torch.nn.functional.silu(x),)
+
+
+@op("gelu", ["x"], ["y"], {"approximate": Attr(str, "none")}, shape=same_as_first,
+    doc='GELU, exact ("none") or the tanh approximation ("tanh").')
+def _gelu(a: dict, x: torch.Tensor):
+    if a["approximate"] not in ("none", "tanh"):
+        raise IRError(f"gelu: approximate must be 'none' or 'tanh', got {a['approximate']!r}")
+    return (torch.nn.functional.gelu(x, approximate=a["approximate"]),)
+
+
+@op("softcap", ["x"], ["y"], {"cap": Attr(float)}, shape=same_as_first,
+    doc="cap * tanh(x / cap) (Gemma 2 logit soft-capping).")
+def _softcap(a: dict, x: torch.Tensor):
+    return (torch.tanh(x / a["cap"]) * a["cap"],)
+
+
+def _rotary_shape(node: Node) -> list[tuple[str, Shape]]:
+    x, pos, inv = _in(node, 0), _in(node, 1), _in(node, 2)
+    hd, rd = node.attrs["head_dim"], node.attrs.get("rotary_dim", 0) or node.attrs["head_dim"]
+    if isinstance(x.shape[-1], int) and x.shape[-1] % hd:
+        raise IRError(f"rotary: head_dim {hd} does not divide {x.shape[-1]}")
+    if inv.shape != (rd // 2,):
+        raise IRError(f"rotary: inv_freq %{inv.name} must be [{rd // 2}], got {list(inv.shape)}")
+    if pos.shape != x.shape[:-1]:
+        raise IRError(f"rotary: positions %{pos.name} {list(pos.shape)} do not match "
+                      f"{list(x.shape[:-1])}")
+    return [(x.dtype, x.shape)]
+
+
+@op("rotary", ["x", "positions", "inv_freq"], ["y"],
+    {"head_dim": Attr(int), "rotary_dim": Attr(int, 0), "interleaved": Attr(bool, False),
+     "scale": Attr(float, 1.0)},
+    shape=_rotary_shape,
+    doc="Rotary position embedding on x [.., heads*head_dim]: the first rotary_dim (0 = all) "
+        "channels of each head rotated by angle position*inv_freq, in the rotate-half layout "
+        "(or pairs 2i, 2i+1 when interleaved); cos and sin are multiplied by `scale`.")
+def _rotary(a: dict, x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor):
+    hd = a["head_dim"]
+    rd = a["rotary_dim"] or hd
+    shape = x.shape
+    xh = x.reshape(*shape[:-1], shape[-1] // hd, hd)
+    # angles in float64 whatever the compute dtype, as HF computes them in float32 before the cast
+    ang = pos.to(torch.float64)[..., None] * inv.to(torch.float64)
+    cos = (torch.cos(ang) * a["scale"]).to(x.dtype)[..., None, :]
+    sin = (torch.sin(ang) * a["scale"]).to(x.dtype)[..., None, :]
+    rot, rest = xh[..., :rd], xh[..., rd:]
+    if a["interleaved"]:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = rot[..., : rd // 2], rot[..., rd // 2:]
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return (torch.cat((out, rest), dim=-1).reshape(shape),)
+
+
+def _attention_shape(node: Node) -> list[tuple[str, Shape]]:
+    q, k, v, pk, pv = (_in(node, i) for i in range(5))
+    a = node.attrs
+    h, kv, hd = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    if h % kv:
+        raise IRError(f"attention: num_heads {h} is not a multiple of num_kv_heads {kv}")
+    _last_dim_check(q, h * hd, "attention q")
+    _last_dim_check(k, kv * hd, "attention k")
+    _last_dim_check(v, kv * hd, "attention v")
+    for p in (pk, pv):
+        if len(p.shape) != 4 or p.shape[1] != kv or p.shape[3] != hd:
+            raise IRError(f"attention: past %{p.name} must be [batch, {kv}, past, {hd}], "
+                          f"got {list(p.shape)}")
+    b, s = q.shape[0], q.shape[1]
+    total = dim_add(pk.shape[2], s)
+    return [(q.dtype, (b, s, h * hd)), (q.dtype, (b, kv, total, hd)), (q.dtype, (b, kv, total, hd))]
+
+
+@op("attention", ["q", "k", "v", "past_k", "past_v"], ["y", "present_k", "present_v"],
+    {"num_heads": Attr(int), "num_kv_heads": Attr(int), "head_dim": Attr(int),
+     "scale": Attr(float), "causal": Attr(bool, True), "softcap": Attr(float, 0.0),
+     "sliding_window": Attr(int, 0)},
+    shape=_attention_shape,
+    doc="Grouped-query scaled dot-product attention over [past; new] keys. q/k/v are "
+        "[batch, seq, heads*head_dim]; the cache is [batch, kv_heads, len, head_dim]. Query i "
+        "sits at position past+i and sees keys j <= past+i (causal), and only keys with "
+        "past+i-j < sliding_window when that is set. Scores are soft-capped when softcap > 0.")
+def _attention(a: dict, q, k, v, past_k, past_v):
+    h, kvh, hd = a["num_heads"], a["num_kv_heads"], a["head_dim"]
+    b, s, _ = q.shape
+    qh = q.reshape(b, s, h, hd).transpose(1, 2)
+    kh = torch.cat((past_k.to(q.dtype), k.reshape(b, s, kvh, hd).transpose(1, 2)), dim=2)
+    vh = torch.cat((past_v.to(q.dtype), v.reshape(b, s, kvh, hd).transpose(1, 2)), dim=2)
+    rep = h // kvh
+    kr = kh.repeat_interleave(rep, dim=1)
+    vr = vh.repeat_interleave(rep, dim=1)
+    scores = (qh @ kr.transpose(-1, -2)) * a["scale"]
+    if a["softcap"]:
+        scores = torch.tanh(scores / a["softcap"]) * a["softcap"]
+    past = past_k.shape[2]
+    total = past + s
+    i = torch.arange(s)[:, None] + past
+    j = torch.arange(total)[None, :]
+    allowed = torch.ones(s, total, dtype=torch.bool)
+    if a["causal"]:
+        allowed &= j <= i
+    if a["sliding_window"]:
+        allowed &= (i - j) < a["sliding_window"]
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    y = (p @ vr).transpose(1, 2).reshape(b, s, h * hd)
+    return (y, kh, vh)
+
+
+def default_attention_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)

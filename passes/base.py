@@ -1,0 +1,66 @@
+"""Pass infrastructure: PassBase, PassResult and PassContext.
+
+A pass is a frozen dataclass (its settings) with a registered `name` and one method,
+`call(module, ctx) -> PassResult`. Passes keep no per-run state on `self`: anything a run needs
+(calibration tokens, the seed, the precision, a report to fill) travels in the context, so one
+pass object can run twice or on two modules. `modified` is computed from what the pass did.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+
+from ..ir.core import Module
+
+
+@dataclasses.dataclass
+class PassResult:
+    module: Module
+    modified: bool
+    # what the pass wants in the report: scores, chosen strategies, errors measured, warnings
+    report: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class PassContext:
+    """What a pass run may read: calibration batches (token ids [batch, seq], int64), the random
+    seed, the working precision for calibration arithmetic."""
+
+    calibration: torch.Tensor | None = None
+    seed: int = 0
+    precision: torch.dtype = torch.float64
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def require_calibration(self, pass_name: str, min_tokens: int = 1) -> torch.Tensor:
+        calib = self.calibration
+        if calib is None or calib.numel() < min_tokens:
+            have = 0 if calib is None else calib.numel()
+            raise PassError(f"{pass_name} needs at least {min_tokens} calibration tokens, got {have}; "
+                            "pass calibration text or token batches")
+        return calib
+
+
+class PassError(ValueError):
+    """A pass cannot run on this module with these settings (bad input, not a bug)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PassBase:
+    """Base of every pass. Subclasses are frozen dataclasses whose fields are the settings."""
+
+    name: ClassVar[str] = ""
+    # True when the pass preserves the function exactly (in exact arithmetic): the numeric check
+    # then demands float64 agreement; otherwise it reports the error it introduced.
+    exact: ClassVar[bool] = False
+
+    def call(self, module: Module, ctx: PassContext) -> PassResult:
+        raise NotImplementedError(f"{type(self).__name__}.call")
+
+    def __call__(self, module: Module, ctx: PassContext | None = None) -> PassResult:
+        return self.call(module, ctx or PassContext())
+
+    def settings(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
