@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from ..errors import InputError
+
 Dim = int | str
 Shape = tuple[Dim, ...]
 
@@ -28,7 +30,7 @@ TORCH_DTYPES = {
 DTYPE_OF_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
 
 
-class IRError(ValueError):
+class IRError(InputError):
     """A malformed graph or a misuse of the IR's API."""
 
 

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..errors import InputError
 from ..ir.core import Module
 
 
@@ -43,7 +44,7 @@ class PassContext:
         return calib
 
 
-class PassError(ValueError):
+class PassError(InputError):
     """A pass cannot run on this module with these settings (bad input, not a bug)."""
 
 
