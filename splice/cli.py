@@ -1,0 +1,212 @@
+"""The `splice` command line: compile, run, eval, inspect, passes.
+
+Exit codes: 0 success, 2 bad input (one line naming the problem and what is accepted), 1 an
+internal failure (a bug: the message says so; --debug shows the traceback for either).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from .errors import InputError
+
+log = logging.getLogger("splice")
+
+EXAMPLES = """examples:
+  splice compile smollm2-135m --recipe fold_norms --target cpu --out out/smollm2
+  splice run out/smollm2 "Once upon a time" --max-new-tokens 32
+  splice eval out/smollm2 --text wikitext2_test.txt --max-tokens 16384
+  splice inspect out/smollm2
+  splice passes
+"""
+
+
+def _is_artefact(path: str) -> bool:
+    return (Path(path) / "manifest.json").is_file()
+
+
+def cmd_compile(a: argparse.Namespace) -> int:
+    from .api import compile
+
+    t0 = time.perf_counter()
+    path = compile(a.model, a.recipe, a.target, a.out, calibration=a.calib,
+                   instruments=_instruments(a), seed=a.seed, load=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    _print_report(manifest.get("report", {}))
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"artefact: {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _instruments(a: argparse.Namespace) -> list:
+    from .passes.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
+
+    inst = [TimingInstrument(), VerifyInstrument()]
+    if a.dump_ir:
+        inst.append(DumpInstrument(Path(a.dump_ir)))
+    return inst
+
+
+def _print_report(report: dict) -> None:
+    rows = report.get("passes", [])
+    if not rows:
+        print("passes: none")
+        return
+    print(f"{'pass':<20} {'modified':>8} {'time s':>8}  details")
+    for r in rows:
+        details = {k: v for k, v in r.items() if k not in ("name", "modified", "time_s", "settings")}
+        text = json.dumps(details, default=str)
+        print(f"{r['name']:<20} {str(r['modified']):>8} {r.get('time_s', 0):>8.3f}  "
+              f"{text[:100] + ('...' if len(text) > 100 else '')}")
+
+
+def cmd_run(a: argparse.Namespace) -> int:
+    from .runtime import load
+
+    art = load(a.artefact, threads=a.threads)
+    kw = dict(max_new_tokens=a.max_new_tokens, greedy=a.temperature == 0, temperature=a.temperature
+              or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+    if a.no_stream:
+        print(art.generate(a.prompt, **kw))
+    else:
+        sys.stdout.write(a.prompt)
+        for piece in art.stream(a.prompt, **kw):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    stats = getattr(art, "last_stats", None)
+    if stats:
+        print(f"[prefill {stats.get('prefill_tok_s', 0):.1f} tok/s, "
+              f"decode {stats.get('decode_tok_s', 0):.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(a: argparse.Namespace) -> int:
+    from .evaluate import perplexity_of
+
+    r = perplexity_of(a.model, Path(a.text), max_tokens=a.max_tokens, window=a.window,
+                      progress=not a.quiet)
+    print(f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
+          f"({r['windows']} windows of {r['window']}) [{r['engine']}]")
+    return 0
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    if _is_artefact(a.model):
+        from .runtime.artefact import read_manifest
+
+        m = read_manifest(Path(a.model))
+        cfg = m.get("config", {})
+        print(f"artefact {a.model}: backend {m.get('backend')} target {m.get('target')} "
+              f"format {m.get('format_version')}")
+        _print_config(cfg)
+        files = m.get("files", {})
+        total = sum((Path(a.model) / f).stat().st_size for f in files if (Path(a.model) / f).exists())
+        print(f"files: {len(files)} ({total / 1e6:.1f} MB)")
+        _print_report(m.get("report", {}))
+        return 0
+    from .frontend import load_model
+
+    module = load_model(a.model)
+    _print_config(module.config.to_json())
+    print(f"parameters: {module.num_parameters():,}")
+    print("ops: " + ", ".join(f"{k} {v}" for k, v in module.graph.op_counts().items()))
+    if a.graph:
+        print(module.graph)
+    return 0
+
+
+def _print_config(cfg: dict) -> None:
+    keys = ("architecture", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+            "head_dim", "intermediate_size", "max_position", "source")
+    print(", ".join(f"{k} {cfg[k]}" for k in keys if k in cfg))
+
+
+def cmd_passes(a: argparse.Namespace) -> int:
+    from .passes.registry import describe_passes
+
+    print(describe_passes())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="splice", description="A compiler for large language models.",
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    model_help = ("a Hugging Face directory, a .gguf file, a llama2.c .bin, or 'smollm2-135m' "
+                  "(the embedded default)")
+
+    c = sub.add_parser("compile", help="compile a model into an artefact directory")
+    c.add_argument("model", metavar="MODEL", help=model_help)
+    c.add_argument("--recipe", default="fold_norms", help="a built-in recipe name or a .toml file")
+    c.add_argument("--target", default="cpu", help="cpu")
+    c.add_argument("--out", required=True, help="artefact directory (replaced atomically)")
+    c.add_argument("--calib", help="calibration text file (for passes that need it)")
+    c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every modifying pass")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(fn=cmd_compile)
+
+    r = sub.add_parser("run", help="generate text with an artefact")
+    r.add_argument("artefact", metavar="ARTEFACT")
+    r.add_argument("prompt")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    r.add_argument("--top-k", type=int, default=0)
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--no-stream", action="store_true", help="print the text at the end")
+    r.set_defaults(fn=cmd_run)
+
+    e = sub.add_parser("eval", help="perplexity of an artefact or a model on a text file")
+    e.add_argument("model", metavar="ARTEFACT|MODEL")
+    e.add_argument("--text", required=True, help="UTF-8 text file")
+    e.add_argument("--max-tokens", type=int, default=16384)
+    e.add_argument("--window", type=int, default=None,
+                   help="tokens per window (default min(1024, context))")
+    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(fn=cmd_eval)
+
+    i = sub.add_parser("inspect", help="describe an artefact or a model")
+    i.add_argument("model", metavar="ARTEFACT|MODEL")
+    i.add_argument("--graph", action="store_true", help="print the IR text")
+    i.set_defaults(fn=cmd_inspect)
+
+    s = sub.add_parser("passes", help="list the registered passes and their settings")
+    s.set_defaults(fn=cmd_passes)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO if a.verbose
+                        else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return a.fn(a)
+    except InputError as e:
+        if a.debug:
+            raise
+        msg = " ".join(str(e).split())
+        print(f"splice: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("splice: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 1
+        if a.debug:
+            raise
+        print(f"splice: internal error: {type(e).__name__}: {e} (a bug in splice; rerun with "
+              "--debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
