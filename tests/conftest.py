@@ -1,0 +1,48 @@
+"""Suite-wide test setup.
+
+STYLE rule 13: the IR verifier runs after every pass in the whole suite. An autouse fixture puts a
+VerifyInstrument first in every PassManager a test builds (first, so a broken graph is reported as
+such before a numeric check trips over it), and wraps `PassBase.__call__` — the way tests run a
+single pass directly — so that the result is verified too. `pass_.call(...)` stays the raw method
+the manager uses, so nothing is verified twice.
+
+Integration tests on real models are marked `slow` and still run by default (no --runslow switch);
+deselect them with `-m "not slow"`.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: integration tests on real models (run by default)")
+
+
+@pytest.fixture(autouse=True)
+def verify_after_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    from splice.ir.verify import verify
+    from splice.passes.base import PassBase
+    from splice.passes.instruments import PassCheckError, VerifyInstrument
+    from splice.passes.manager import PassManager
+
+    manager_init = PassManager.__init__
+
+    def init_with_verify(self, passes, instruments=(), **kwargs):
+        instruments = tuple(instruments)
+        if not any(isinstance(i, VerifyInstrument) for i in instruments):
+            instruments = (VerifyInstrument(), *instruments)
+        manager_init(self, passes, instruments, **kwargs)
+
+    pass_call = PassBase.__call__
+
+    def call_and_verify(self, module, ctx=None):
+        result = pass_call(self, module, ctx)
+        try:
+            verify(result.module)
+        except Exception as e:
+            raise PassCheckError(f"the module is invalid after pass {self.name!r}: {e}") from e
+        return result
+
+    monkeypatch.setattr(PassManager, "__init__", init_with_verify)
+    monkeypatch.setattr(PassBase, "__call__", call_and_verify)
