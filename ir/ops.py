@@ -358,3 +358,30 @@ def _attention(a: dict, q, k, v, past_k, past_v):
 
 def default_attention_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
+
+
+def _hadamard_shape(node: Node) -> list[tuple[str, Shape]]:
+    from .hadamard import check_hadamard_attrs
+
+    x = _in(node, 0)
+    if x.dtype not in ("f64", "f32", "f16", "bf16"):
+        raise IRError(f"hadamard: %{x.name} must be floating point, got {x.dtype}")
+    a = node.attrs
+    check_hadamard_attrs(x.shape[-1] if x.shape else None, a["size"], a["block"], a["group"])
+    return [(x.dtype, x.shape)]
+
+
+@op("hadamard", ["x"], ["y"],
+    {"size": Attr(int), "block": Attr(int, 0), "group": Attr(int, 0), "scale": Attr(float, 1.0)},
+    shape=_hadamard_shape,
+    doc="Online Hadamard transform y = (x @ H) * scale over the last dim (QuaRot's online "
+        "rotation): H = hadamard_matrix(size), or I (x) hadamard_matrix(block) when block > 0; on "
+        "the whole last dim (group = 0) or on each of its `group` runs of `size` channels (per "
+        "head). H is orthonormal and deterministic, no random signs (passes fold those into "
+        "weights). Every backend must reproduce exactly this matrix: splice.ir.hadamard's "
+        "construction, H_n = H_b (x) H_(2^k) with [b, 2^k] = factorize(n) (base outer, Sylvester "
+        "inner; e.g. 11008 = 172 (Williamson) x 64, 576 = 36 (Paley II) x 16, 4096 = Sylvester).")
+def _hadamard(a: dict, x: torch.Tensor):
+    from .hadamard import hadamard_transform
+
+    return (hadamard_transform(x, a["size"], block=a["block"], group=a["group"], scale=a["scale"]),)
