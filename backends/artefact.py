@@ -1,0 +1,196 @@
+"""Write an artefact directory atomically: every file, then manifest.json with their sha256.
+
+The files are written into a hidden temporary sibling of the target (same filesystem, so renames
+are atomic), hashed and fsynced, the manifest is written last, and only then does the directory
+take the target's name. A previous artefact at the target stays whole until the new one is
+complete: it is renamed aside, the new one renamed in, and the old one deleted. An exclusive lock
+on a sibling lock file (flock, released by the kernel if the process dies) serialises two compiles
+into one target. A crash between the two renames leaves the old artefact aside under a hidden name;
+the next write into that target restores it before it starts.
+
+The format itself (manifest name, hashing, accepted paths) is defined once in runtime/manifest.py,
+which the reader uses too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import ArtefactError
+from ..runtime.manifest import FORMAT_VERSION, MANIFEST, check_relpath, present_files, sha256_file
+
+log = logging.getLogger(__name__)
+
+# bytes are written as they are, a path is copied, a callable writes the file at the path it is
+# given (and may write siblings beside it, such as a model's external weights: every file that
+# ends up in the directory is hashed and listed)
+FileSource = bytes | bytearray | memoryview | str | os.PathLike | Callable[[Path], None]
+
+RESERVED_FIELDS = ("format_version", "files")
+
+
+def write_artefact(out_dir: str | Path, files: Mapping[str, FileSource],
+                   manifest_fields: Mapping[str, Any]) -> Path:
+    """Write `files` (relative path -> source) and a manifest holding `manifest_fields` plus
+    format_version and the sha256 of every file into `out_dir`, atomically. `manifest_fields` must
+    name the backend and the target. Returns the artefact's path."""
+    for key in ("backend", "target"):
+        if not manifest_fields.get(key):
+            raise ArtefactError(f"artefact manifest needs a {key!r} field")
+    clash = [k for k in RESERVED_FIELDS if k in manifest_fields]
+    if clash:
+        raise ArtefactError(f"artefact manifest fields {clash} are computed by write_artefact; "
+                            "do not pass them")
+    if not files:
+        raise ArtefactError("an artefact needs at least one file")
+    for rel in files:
+        check_relpath(rel)
+    manifest_text = json.dumps(dict(manifest_fields), indent=2, default=_jsonable)  # fail early
+    out = Path(out_dir).absolute()
+    parent = out.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _locked(parent / f".{out.name}.lock"):
+        _recover(out)
+        _check_replaceable(out)
+        tmp = parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        tmp.mkdir()
+        try:
+            for rel, source in files.items():
+                _write_one(tmp, rel, source)
+            hashes = {rel: sha256_file(tmp / rel, fsync=True) for rel in present_files(tmp)}
+            if MANIFEST in hashes:
+                raise ArtefactError(f"a file source wrote {MANIFEST}; that name is the manifest's")
+            manifest = {"format_version": FORMAT_VERSION, **json.loads(manifest_text),
+                        "files": hashes}
+            with open(tmp / MANIFEST, "w", encoding="utf-8") as f:
+                json.dump(manifest, f, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            _swap_in(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    log.info("wrote artefact %s (%d files)", out, len(hashes))
+    return out
+
+
+def _write_one(root: Path, rel: str, source: FileSource) -> None:
+    dest = root / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        dest.write_bytes(source)
+    elif isinstance(source, (str, os.PathLike)):
+        src = Path(source)
+        if not src.is_file():
+            raise ArtefactError(f"artefact file {rel!r}: source {src} is not a file")
+        shutil.copyfile(src, dest)
+    elif callable(source):
+        source(dest)
+        if not dest.is_file():
+            raise ArtefactError(f"artefact file {rel!r}: its writer did not create it")
+    else:
+        raise ArtefactError(f"artefact file {rel!r}: source of type {type(source).__name__}; "
+                            "accepted: bytes, a file path, or a callable that writes the file")
+
+
+@contextlib.contextmanager
+def _locked(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on `lock_path` for the duration (waits for a concurrent writer). The
+    lock file stays: deleting it would let a waiter lock an inode nobody else sees."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another writer of %s (lock %s)", lock_path.name[1:-5], lock_path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _siblings(out: Path, kind: str) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.{kind}-*"))
+
+
+def _recover(out: Path) -> None:
+    """Under the lock, no other writer is live: remove what a dead one left, and put back a
+    previous artefact that a crash left renamed aside with nothing in its place."""
+    for tmp in _siblings(out, "tmp"):
+        log.warning("removing %s, left by an interrupted artefact write", tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+    olds = _siblings(out, "old")
+    if olds and not os.path.lexists(out):
+        newest = max(olds, key=lambda p: p.stat().st_mtime)
+        log.warning("restoring %s from %s, left aside by an interrupted artefact write", out,
+                    newest)
+        os.rename(newest, out)
+        olds.remove(newest)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_replaceable(out: Path) -> None:
+    """Only an artefact or an empty directory may be replaced: a typo in --out must never delete
+    someone's home directory."""
+    if out.is_symlink():
+        raise ArtefactError(f"output {out} is a symlink; give the real directory")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ArtefactError(f"output {out} exists and is not a directory")
+    if any(out.iterdir()) and not (out / MANIFEST).is_file():
+        raise ArtefactError(f"output {out} exists and is not a splice artefact (no {MANIFEST}); "
+                            "refusing to replace it: give a new or empty directory")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if not os.path.lexists(out):
+        os.rename(tmp, out)
+        _fsync_dir(out.parent)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _jsonable(obj: Any) -> Any:
+    """JSON for what manifests carry beyond plain JSON: dataclasses (recipes, reports), paths,
+    tuples and sets, numpy and torch scalars."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if isinstance(obj, (set, frozenset)):
+        return sorted(obj, key=str)
+    if hasattr(obj, "item") and callable(obj.item) and getattr(obj, "ndim", 1) == 0:
+        return obj.item()
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):
+        return obj.to_dict()
+    raise TypeError(f"manifest field value of type {type(obj).__name__} is not JSON: {obj!r:.80}")

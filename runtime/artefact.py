@@ -1,0 +1,351 @@
+"""Load an artefact and run it: logits with a KV cache, generation, streaming.
+
+numpy, onnxruntime and the tokenizers library only: no torch, so this runs on an edge device.
+`load` checks the artefact (runtime/manifest.py) before ONNX Runtime reads a byte of the model.
+
+The cache is kept as ONNX Runtime values between steps (`run_with_ort_values`): a step's present
+key/value tensors are fed straight back as the next step's past without a round trip through numpy.
+Only the logits are copied out. The graph concatenates past and new keys itself, so each step still
+copies the cache once inside ONNX Runtime; a preallocated shared buffer needs the contrib
+GroupQueryAttention lowering.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..errors import ArtefactError, InputError
+from .manifest import check_relpath, read_manifest, verify_artefact
+from .sampling import Sampler, Sampling
+from .tokenizer import load_tokenizer
+
+__all__ = ["Artefact", "Generation", "KVCache", "load", "read_manifest"]
+
+log = logging.getLogger(__name__)
+
+LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
+         providers: Sequence[str] | None = None, graph_optimization: bool | str | None = None,
+         threads: int | None = None) -> Artefact:
+    """Check and open the artefact at `path`.
+
+    expected_manifest_sha256 pins the manifest (and through its hashes every file). providers
+    defaults to the manifest's, less those this onnxruntime lacks. graph_optimization: None for the
+    manifest's level, True/False for all/none, or "disable", "basic", "extended", "all".
+    threads: intra-op threads (None: the manifest's)."""
+    path = Path(path)
+    manifest = verify_artefact(path, expected_manifest_sha256=expected_manifest_sha256)
+    if manifest.get("backend") != "onnx":
+        raise ArtefactError(f"artefact {path}: backend {manifest.get('backend')!r}; this runtime "
+                            "runs 'onnx' artefacts")
+    for key in ("config", "io", "onnx"):
+        if not isinstance(manifest.get(key), dict):
+            raise ArtefactError(f"artefact {path}: the manifest has no {key!r} section")
+    model = check_relpath(manifest["onnx"].get("model"))
+    if model not in manifest["files"]:
+        raise ArtefactError(f"artefact {path}: the model file {model!r} is not among its files")
+    options = _session_options(manifest.get("session") or {}, graph_optimization, threads)
+    chosen = _providers(manifest.get("session") or {}, providers)
+    try:
+        session = ort.InferenceSession(str(path / model), options, providers=chosen)
+    except Exception as e:  # onnxruntime raises its own exception types per failure
+        raise ArtefactError(f"artefact {path}: ONNX Runtime cannot load {model}: {e}") from None
+    return Artefact(path, manifest, session)
+
+
+def _session_options(cfg: dict, graph_optimization: bool | str | None,
+                     threads: int | None) -> ort.SessionOptions:
+    level = cfg.get("graph_optimization", "all") if graph_optimization is None else \
+        {True: "all", False: "disable"}.get(graph_optimization, graph_optimization)
+    if level not in LEVELS:
+        raise InputError(f"graph_optimization={graph_optimization!r}; accepted: True, False, "
+                         f"{', '.join(LEVELS)}")
+    threads = cfg.get("intra_op_num_threads", 0) if threads is None else threads
+    if not isinstance(threads, int) or threads < 0:
+        raise InputError(f"threads={threads!r}; expected an integer >= 0 (0: ONNX Runtime "
+                         "chooses)")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = LEVELS[level]
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = int(cfg.get("inter_op_num_threads", 1))
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return so
+
+
+def _providers(cfg: dict, providers: Sequence[str] | None) -> list[str]:
+    available = ort.get_available_providers()
+    if providers is not None:
+        missing = [p for p in providers if p not in available]
+        if missing or not providers:
+            raise InputError(f"providers {list(providers)}: not available {missing}; this "
+                             f"onnxruntime has {available}")
+        return list(providers)
+    wanted = list(cfg.get("providers") or ["CPUExecutionProvider"])
+    chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
+    if chosen != wanted:
+        log.warning("execution providers %s are not available; running on %s",
+                    [p for p in wanted if p not in chosen], chosen)
+    return chosen
+
+
+class KVCache:
+    """The decoder's cache after `length` tokens: per layer a key and a value
+    [batch, kv_heads, length, head_dim], held as ONNX Runtime values. Pass it back to
+    `Artefact.logits`; `numpy()` copies it out."""
+
+    __slots__ = ("values", "length", "batch")
+
+    def __init__(self, values: dict[str, ort.OrtValue], length: int, batch: int):
+        self.values = values
+        self.length = length
+        self.batch = batch
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        return {name: v.numpy() for name, v in self.values.items()}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.values[name].numpy()
+
+    def __repr__(self) -> str:
+        return f"KVCache(layers={len(self.values) // 2}, batch={self.batch}, length={self.length})"
+
+
+@dataclasses.dataclass
+class Generation:
+    """The result of `generate_ids`: the new ids, why generation stopped ("eos", "length" or
+    "context") and the timings (prefill over the prompt, decode over the following steps)."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    stop: str
+    prefill_s: float
+    decode_s: float
+    decode_steps: int
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return len(self.prompt_ids) / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        return {"prompt_tokens": len(self.prompt_ids), "new_tokens": len(self.ids),
+                "stop": self.stop, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+
+
+class Artefact:
+    """A loaded artefact: `config` (the model config as a dict), `manifest`, `tokenizer`,
+    `logits()`, `generate()`, `generate_ids()`, `stream()`. `last_stats` holds the timings of the
+    latest generation."""
+
+    def __init__(self, path: Path, manifest: dict, session: ort.InferenceSession):
+        self.path = path
+        self.manifest = manifest
+        self.config: dict[str, Any] = manifest["config"]
+        self.session = session
+        self.last_stats: dict[str, Any] = {}
+        io = manifest["io"]
+        self._ids_name, self._pos_name = io["input_ids"], io["position_ids"]
+        self._layers = io["past"]
+        self._outputs = [io["logits"]] + [n for layer in self._layers
+                                          for n in (layer["present_key"], layer["present_value"])]
+        self._feed_of = {layer[f"present_{kv}"]: layer[kv] for layer in self._layers
+                         for kv in ("key", "value")}
+        self.max_position = int(self.config["max_position"])
+        self.vocab_size = int(self.config["vocab_size"])
+        self._tokenizer = None
+
+    # -- tokenizer -----------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            spec = self.manifest.get("tokenizer")
+            if not spec:
+                raise ArtefactError(f"artefact {self.path} carries no tokenizer; give token ids")
+            files = {}
+            for rel in spec.get("files", ()):
+                if check_relpath(rel) not in self.manifest["files"]:
+                    raise ArtefactError(f"artefact {self.path}: tokenizer file {rel!r} is not "
+                                        "among the artefact's hashed files")
+                files[PurePosixPath(rel).name] = (self.path / rel).read_bytes()
+            self._tokenizer = load_tokenizer(spec["kind"], files)
+        return self._tokenizer
+
+    # -- one forward step ----------------------------------------------------------------------
+    def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, KVCache]:
+        """Logits [batch, seq, vocab] for `ids` ([seq] or [batch, seq]) after the cache `past`
+        (None: an empty one), and the cache that includes them."""
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"ids: expected integers shaped [seq] or [batch, seq] with seq >= 1, "
+                             f"got {ids.dtype} {list(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise InputError(f"token id {bad} is out of range; the vocabulary has ids "
+                             f"0..{self.vocab_size - 1}")
+        b, s = ids.shape
+        feeds, past_len = self._past_feeds(past, b)
+        if past_len + s > self.max_position:
+            raise InputError(f"{past_len} cached + {s} new tokens = {past_len + s} exceed the "
+                             f"model's context of {self.max_position} tokens")
+        feeds[self._ids_name] = ort.OrtValue.ortvalue_from_numpy(
+            np.ascontiguousarray(ids, dtype=np.int64))
+        pos = np.broadcast_to(np.arange(past_len, past_len + s, dtype=np.int64), (b, s))
+        feeds[self._pos_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pos))
+        outs = self.session.run_with_ort_values(self._outputs, feeds)
+        present = {self._feed_of[name]: v for name, v in zip(self._outputs[1:], outs[1:])}
+        return outs[0].numpy(), KVCache(present, past_len + s, b)
+
+    def _past_feeds(self, past, batch: int) -> tuple[dict[str, ort.OrtValue], int]:
+        if past is None:
+            return {layer[kv]: ort.OrtValue.ortvalue_from_numpy(
+                        np.zeros((batch, layer["kv_heads"], 0, layer["head_dim"]), np.float32))
+                    for layer in self._layers for kv in ("key", "value")}, 0
+        if isinstance(past, KVCache):
+            if past.batch != batch:
+                raise InputError(f"the cache holds batch {past.batch}, the ids batch {batch}")
+            return dict(past.values), past.length
+        feeds, length = {}, None
+        for layer in self._layers:
+            for kv in ("key", "value"):
+                arr = past.get(layer[kv]) if isinstance(past, dict) else None
+                if arr is None:
+                    raise InputError(f"past: no {layer[kv]!r}; expected a KVCache or a dict with "
+                                     f"{len(self._layers) * 2} arrays past.{{i}}.key/value")
+                arr = np.ascontiguousarray(arr, dtype=np.float32)
+                want = (batch, layer["kv_heads"], arr.shape[2] if arr.ndim == 4 else -1,
+                        layer["head_dim"])
+                if arr.shape != want or (length is not None and arr.shape[2] != length):
+                    raise InputError(f"past {layer[kv]!r} has shape {list(arr.shape)}; expected "
+                                     f"[{batch}, {layer['kv_heads']}, past, {layer['head_dim']}] "
+                                     "with one past length for all layers")
+                length = arr.shape[2]
+                feeds[layer[kv]] = ort.OrtValue.ortvalue_from_numpy(arr)
+        return feeds, int(length or 0)
+
+    # -- generation ----------------------------------------------------------------------------
+    def prompt_ids(self, prompt: str | Sequence[int] | np.ndarray) -> list[int]:
+        """Token ids for a prompt: text is encoded with the model's BOS convention; ids are
+        taken as they are. An empty prompt starts from BOS when the model has one."""
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, bos=True)
+        else:
+            arr = np.asarray(prompt)
+            if arr.ndim == 2 and arr.shape[0] == 1:
+                arr = arr[0]
+            if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+                raise InputError(f"prompt: expected text or a sequence of token ids, got "
+                                 f"{arr.dtype} {list(arr.shape)} (one sequence at a time)")
+            ids = [int(t) for t in arr]
+        if not ids:
+            bos = self.config.get("bos_token_id")
+            if bos is None:
+                raise InputError("the prompt is empty and the model has no BOS token to start "
+                                 "from; give at least one token")
+            ids = [int(bos)]
+        if len(ids) > self.max_position:
+            raise InputError(f"the prompt is {len(ids)} tokens long; the model's context is "
+                             f"{self.max_position} tokens")
+        return ids
+
+    def stop_ids(self) -> set[int]:
+        ids = set(self.config.get("eos_token_ids") or ())
+        if self.manifest.get("tokenizer"):
+            ids |= set(self.tokenizer.eos_ids)
+        return ids
+
+    def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling, stop_at_eos: bool,
+                result: Generation) -> Iterator[int]:
+        """Yield new tokens one at a time, filling `result` as it goes (so a consumer that stops
+        early still leaves correct stats)."""
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise InputError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 0")
+        sampler = Sampler(sampling)
+        stops = self.stop_ids() if stop_at_eos else set()
+        t = time.perf_counter()
+        logits, cache = self.logits(np.asarray([ids], dtype=np.int64))
+        result.prefill_s = time.perf_counter() - t
+        for step in range(max_new_tokens):
+            tok = sampler(logits[0, -1])
+            if tok in stops:
+                result.stop = "eos"
+                return
+            result.ids.append(tok)
+            yield tok
+            if step == max_new_tokens - 1:
+                break
+            if cache.length >= self.max_position:
+                result.stop = "context"
+                return
+            t = time.perf_counter()
+            logits, cache = self.logits(np.asarray([[tok]], dtype=np.int64), cache)
+            result.decode_s += time.perf_counter() - t
+            result.decode_steps += 1
+        result.stop = "length"
+
+    def generate_ids(self, prompt: str | Sequence[int] | np.ndarray, *, max_new_tokens: int = 128,
+                     greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int | None = None,
+                     stop_at_eos: bool = True) -> Generation:
+        """Generate up to `max_new_tokens` ids after `prompt` (text or ids); stops at an EOS id
+        (not included) or at the context's end."""
+        sampling = Sampling(greedy, temperature, top_k, top_p, seed)
+        result = Generation(self.prompt_ids(prompt), [], "length", 0.0, 0.0, 0)
+        for _ in self._tokens(result.prompt_ids, max_new_tokens, sampling, stop_at_eos, result):
+            pass
+        self.last_stats = result.stats()
+        return result
+
+    def stream(self, prompt: str | Sequence[int] | np.ndarray, *, max_new_tokens: int = 128,
+               greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, stop_at_eos: bool = True,
+               callback: Callable[[str], None] | None = None) -> Iterator[str]:
+        """Yield the generated text piece by piece as soon as each piece is final (a character
+        split over several tokens comes out whole); `callback`, if given, sees every piece too."""
+        sampling = Sampling(greedy, temperature, top_k, top_p, seed)
+        result = Generation(self.prompt_ids(prompt), [], "length", 0.0, 0.0, 0)
+        decoder = self.tokenizer.stream(result.prompt_ids)
+        try:
+            for tok in self._tokens(result.prompt_ids, max_new_tokens, sampling, stop_at_eos,
+                                    result):
+                piece = decoder.push(tok)
+                if piece:
+                    if callback is not None:
+                        callback(piece)
+                    yield piece
+            tail = decoder.flush()
+            if tail:
+                if callback is not None:
+                    callback(tail)
+                yield tail
+        finally:
+            self.last_stats = result.stats()
+
+    def generate(self, prompt: str | Sequence[int] | np.ndarray, **kwargs: Any) -> str:
+        """The generated text (without the prompt); takes `stream`'s keyword arguments."""
+        return "".join(self.stream(prompt, **kwargs))
+
+    def __repr__(self) -> str:
+        return (f"Artefact({self.path}, {self.config.get('architecture')}, "
+                f"{self.manifest.get('backend')}/{self.manifest.get('target')})")
