@@ -18,15 +18,8 @@ TARGETS = {"cpu": ("onnx", "cpu")}
 
 
 def resolve_recipe(recipe: Recipe | str | Path | None) -> Recipe:
-    """A Recipe, the name of a built-in one, or a .toml file."""
-    if recipe is None:
-        return Recipe.named("none")
-    if isinstance(recipe, Recipe):
-        return recipe
-    text = str(recipe)
-    if text.endswith(".toml") or Path(text).is_file():
-        return Recipe.from_toml(Path(text))
-    return Recipe.named(text)
+    """A Recipe, the name of a built-in one, a .toml file, or None for no passes."""
+    return Recipe.resolve("none" if recipe is None else recipe)
 
 
 def calibration_batches(module, calibration: Any, *, seq_len: int = 512,
@@ -53,18 +46,18 @@ def calibration_batches(module, calibration: Any, *, seq_len: int = 512,
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).reshape(n, seq_len)
 
 
-def run_passes(module, recipe: Recipe, *, calibration=None, instruments=(), seed: int = 0):
-    """Run the recipe's passes; returns (module, report)."""
+def run_passes(module, recipe: Recipe, *, calibration=None, instruments=(), seed: int | None = None):
+    """Run the recipe's passes; returns (module, report). `seed` overrides the recipe's."""
     from .passes.base import PassContext
     from .passes.manager import PassManager
 
-    ctx = PassContext(calibration=calibration, seed=seed)
+    ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed)
     return PassManager(recipe.build(), instruments=list(instruments)).run(module, ctx)
 
 
 def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", target: str = "cpu",
             out: str | Path = "artefact", *, calibration: Any = None, instruments=(),
-            seed: int = 0, load: bool = True):
+            seed: int | None = None, load: bool = True):
     """Compile `model` with `recipe` for `target` into the artefact directory `out`.
 
     model: anything frontend.load_model accepts (a path, "smollm2-135m", a transformers model, an
@@ -76,13 +69,12 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
 
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; supported: {', '.join(TARGETS)}")
-    recipe = resolve_recipe(recipe)
-    passes = recipe.build()  # bad settings fail before the model is loaded
-    del passes
+    recipe = resolve_recipe(recipe)  # a bad recipe fails here, before the model is loaded
     t0 = time.perf_counter()
     module = load_model(model)
     t_import = time.perf_counter() - t0
-    calib = calibration_batches(module, calibration)
+    calib = calibration_batches(module, calibration, seq_len=recipe.calibration_seq_len,
+                                max_batches=recipe.calibration_samples or 16)
     module, report = run_passes(module, recipe, calibration=calib, instruments=instruments, seed=seed)
     backend, device = TARGETS[target]
     from .backends.onnx import export

@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="artefact directory (replaced atomically)")
     c.add_argument("--calib", help="calibration text file (for passes that need it)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every modifying pass")
-    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with an artefact")
