@@ -335,24 +335,24 @@ def _attention(a: dict, q, k, v, past_k, past_v):
     qh = q.reshape(b, s, h, hd).transpose(1, 2)
     kh = torch.cat((past_k.to(q.dtype), k.reshape(b, s, kvh, hd).transpose(1, 2)), dim=2)
     vh = torch.cat((past_v.to(q.dtype), v.reshape(b, s, kvh, hd).transpose(1, 2)), dim=2)
-    rep = h // kvh
-    kr = kh.repeat_interleave(rep, dim=1)
-    vr = vh.repeat_interleave(rep, dim=1)
-    scores = (qh @ kr.transpose(-1, -2)) * a["scale"]
-    if a["softcap"]:
-        scores = torch.tanh(scores / a["softcap"]) * a["softcap"]
     past = past_k.shape[2]
-    total = past + s
     i = torch.arange(s)[:, None] + past
-    j = torch.arange(total)[None, :]
-    allowed = torch.ones(s, total, dtype=torch.bool)
+    j = torch.arange(past + s)[None, :]
+    allowed = torch.ones(s, past + s, dtype=torch.bool)
     if a["causal"]:
         allowed &= j <= i
     if a["sliding_window"]:
         allowed &= (i - j) < a["sliding_window"]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    p = torch.softmax(scores, dim=-1)
-    y = (p @ vr).transpose(1, 2).reshape(b, s, h * hd)
+    if not a["softcap"]:
+        # the same arithmetic as below, in torch's fused kernel (several times faster on CPU)
+        y = torch.nn.functional.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=allowed, scale=a["scale"], enable_gqa=True)
+        return (y.transpose(1, 2).reshape(b, s, h * hd), kh, vh)
+    rep = h // kvh
+    scores = (qh @ kh.repeat_interleave(rep, dim=1).transpose(-1, -2)) * a["scale"]
+    scores = torch.tanh(scores / a["softcap"]) * a["softcap"]
+    p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    y = (p @ vh.repeat_interleave(rep, dim=1)).transpose(1, 2).reshape(b, s, h * hd)
     return (y, kh, vh)
 
 

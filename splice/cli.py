@@ -52,17 +52,39 @@ def _instruments(a: argparse.Namespace) -> list:
     return inst
 
 
+def _summary(value) -> str:
+    if isinstance(value, (list, tuple, dict)):
+        return str(len(value))
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _numeric(rec: dict | None) -> str:
+    if not rec:
+        return "-"
+    if "skipped" in rec:
+        return "unchanged"
+    if rec.get("exact"):
+        text = f"max rel diff {rec['max_rel_diff']:.1e}"
+        if "float64_max_rel_diff" in rec:
+            text += f" (float64 {rec['float64_max_rel_diff']:.1e})"
+        return text
+    return (f"KL {rec['kl']:.2e}, top-1 {rec['top1_agreement']:.3f}, "
+            f"ppl x{rec['ppl_ratio']:.4f}")
+
+
 def _print_report(report: dict) -> None:
+    """One line per pass: what changed, how long it took, and what the numeric check saw."""
     rows = report.get("passes", [])
     if not rows:
         print("passes: none")
         return
-    print(f"{'pass':<20} {'modified':>8} {'time s':>8}  details")
+    print(f"{'pass':<22} {'modified':>8} {'time s':>7}  {'numeric check':<44} report")
     for r in rows:
-        details = {k: v for k, v in r.items() if k not in ("name", "modified", "time_s", "settings")}
-        text = json.dumps(details, default=str)
-        print(f"{r['name']:<20} {str(r['modified']):>8} {r.get('time_s', 0):>8.3f}  "
-              f"{text[:100] + ('...' if len(text) > 100 else '')}")
+        own = ", ".join(f"{k} {_summary(v)}" for k, v in r.get("report", {}).items())
+        print(f"{r['name']:<22} {str(r['modified']):>8} {r.get('time_s', 0):>7.2f}  "
+              f"{_numeric(r.get('numeric')):<44} {own}")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
