@@ -8,6 +8,7 @@ pass object can run twice or on two modules. `modified` is computed from what th
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar
 
@@ -49,7 +50,7 @@ class PassError(InputError):
 
 
 @dataclasses.dataclass(frozen=True)
-class PassBase:
+class PassBase(abc.ABC):
     """Base of every pass. Subclasses are frozen dataclasses whose fields are the settings."""
 
     name: ClassVar[str] = ""
@@ -57,8 +58,9 @@ class PassBase:
     # then demands float64 agreement; otherwise it reports the error it introduced.
     exact: ClassVar[bool] = False
 
+    @abc.abstractmethod
     def call(self, module: Module, ctx: PassContext) -> PassResult:
-        raise NotImplementedError(f"{type(self).__name__}.call")
+        """Transform `module` (in place or into a new Module) and say whether anything changed."""
 
     def __call__(self, module: Module, ctx: PassContext | None = None) -> PassResult:
         return self.call(module, ctx or PassContext())
