@@ -1,0 +1,217 @@
+"""absorb_post_norm: structural, numeric, negative and idempotent tests (STYLE rule 12), plus a
+property test on random Gemma 3 configurations."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from splice.frontend.decoder import DecoderSpec, build_decoder
+from splice.ir import Interpreter, Module, default_feeds, run_logits
+from splice.passes import NumericCheckInstrument, PassContext, PassError, PassManager
+from splice.passes.absorb_post_norm import AbsorbPostNormPass, post_norms
+from splice.passes.fold_norms import FoldNormsPass
+from splice.passes.instruments import compare_logits
+from tests.passes.models import SPECS, random_weights, tiny_model, token_batch
+
+log = logging.getLogger(__name__)
+POST = ("attn_post_norm", "mlp_post_norm")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny float64 matmuls: one thread is faster, and much faster on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def calibration(seed: int = 5, batch: int = 4, seq: int = 32) -> torch.Tensor:
+    return token_batch(seed, batch=batch, seq=seq)
+
+
+def snapshot(module: Module) -> tuple[str, dict[str, torch.Tensor]]:
+    return str(module.graph), {k: v.clone() for k, v in module.weights.items()}
+
+
+def unchanged(module: Module, snap: tuple[str, dict[str, torch.Tensor]]) -> bool:
+    text, weights = snap
+    return (str(module.graph) == text and weights.keys() == module.weights.keys()
+            and all(torch.equal(module.weights[k], v) for k, v in weights.items()))
+
+
+def post_norm_rms(module: Module, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each post-norm's per-token input rms, read independently of the pass (captured values)."""
+    pairs = {f"layers.{n.layer}.{n.role}": (n, lin) for n, lin in post_norms(module)}
+    out = Interpreter(module, torch.float64).run(
+        default_feeds(module, ids, None, torch.float64),
+        capture=[lin.output.name for _, lin in pairs.values()])
+    return {label: torch.sqrt(out[lin.output.name].pow(2).mean(-1) + n.attrs["eps"]).flatten()
+            for label, (n, lin) in pairs.items()}
+
+
+# -- structural --------------------------------------------------------------------------------
+
+def test_structural_norms_fold_into_linear_rows():
+    module = tiny_model("gemma")
+    FoldNormsPass()(module)
+    calib = calibration()
+    rms = post_norm_rms(module, calib)
+    w0 = {k: v.clone() for k, v in module.weights.items()}
+    counts = module.graph.op_counts()
+    result = AbsorbPostNormPass(max_spread=math.inf)(module, PassContext(calibration=calib))
+    layers = SPECS["gemma"].num_layers
+    assert result.modified
+    assert module.graph.op_counts() == {**counts, "rms_norm": counts["rms_norm"] - 2 * layers}
+    assert not any(n.role in POST for n in module.graph.nodes)
+    assert result.report["absorbed"] == [f"layers.{i}.{r}" for i in range(layers) for r in POST]
+    for i in range(layers):
+        for role, proj in (("attn_post_norm", "attn.o_proj"), ("mlp_post_norm", "mlp.down_proj")):
+            label, p = f"layers.{i}.{role}", f"layers.{i}."
+            gamma = 1.0 + w0[p + role + ".weight"]  # Gemma's (1 + w)
+            r = rms[label].mean()
+            assert result.report["layers"][label]["rms_mean"] == pytest.approx(r.item(), rel=1e-12)
+            spread = (rms[label].std(unbiased=False) / r).item()
+            assert result.report["layers"][label]["spread"] == pytest.approx(spread, rel=1e-9)
+            torch.testing.assert_close(module.weights[p + proj + ".weight"],
+                                       w0[p + proj + ".weight"] * (gamma / r)[:, None],
+                                       rtol=1e-14, atol=0)
+            assert p + role + ".weight" not in module.weights
+            # the residual add now reads the projection directly
+            lin = module.graph.find(role=proj, layer=i)[0]
+            assert [u.op for u in lin.output.users()] == ["add"]
+    stats = result.report["calibration"]
+    assert stats["tokens"] == calib.numel() and stats["ppl_before"] > 0 and stats["ppl_after"] > 0
+
+
+def test_structural_decision_follows_max_spread():
+    module = tiny_model("gemma")
+    FoldNormsPass()(module)
+    calib = calibration()
+    spreads = {k: (v.std(unbiased=False) / v.mean()).item()
+               for k, v in post_norm_rms(module, calib).items()}
+    limit = sorted(spreads.values())[1]  # absorb the two steadiest, leave the rest
+    result = AbsorbPostNormPass(max_spread=limit)(module, PassContext(calibration=calib))
+    expected = sorted(k for k, s in spreads.items() if s <= limit)
+    assert sorted(result.report["absorbed"]) == expected and len(expected) == 2
+    for label, entry in result.report["layers"].items():
+        assert entry["decision"] == ("absorbed" if label in expected else "left")
+        if label not in expected:
+            assert f"> max_spread {limit:g}" in result.report["left"][label]
+    assert len(post_norms(module)) == 2
+
+
+# -- numeric -----------------------------------------------------------------------------------
+
+def test_numeric_one_calibration_token_is_exact_on_that_token():
+    """With one calibration token, each layer's mean rms is that token's own rms, so the absorbed
+    model computes exactly the original logits for it: the fold itself is right."""
+    module = tiny_model("gemma", seed=2)
+    FoldNormsPass()(module)
+    token = token_batch(3, batch=1, seq=1)
+    before = run_logits(module, token, torch.float64)["logits"]
+    result = AbsorbPostNormPass(max_spread=math.inf, min_tokens=1)(
+        module, PassContext(calibration=token))
+    assert len(result.report["absorbed"]) == 4
+    after = run_logits(module, token, torch.float64)["logits"]
+    assert ((after - before).abs().max() / before.abs().max()).item() <= 1e-12
+
+
+def test_numeric_check_reports_the_loss():
+    module = tiny_model("gemma", seed=1)
+    calib = calibration(7)
+    check = NumericCheckInstrument(token_batch(1, seq=16))
+    out, report = PassManager([FoldNormsPass(), AbsorbPostNormPass(max_spread=math.inf)],
+                              [check]).run(module, PassContext(calibration=calib))
+    numeric = report[1]["numeric"]
+    assert report[1]["modified"] and numeric["exact"] is False
+    assert numeric["kl"] > 0 and math.isfinite(numeric["ppl_ratio"])
+    own = report[1]["report"]["calibration"]
+    assert own["ppl_ratio"] == pytest.approx(own["ppl_after"] / own["ppl_before"])
+    log.info("absorb_post_norm tiny gemma: spreads %s, KL %.3g, ppl ratio %.4f (pinned batch) / "
+             "%.4f (calibration)", {k: round(v["spread"], 3) for k, v in
+                                    report[1]["report"]["layers"].items()},
+             numeric["kl"], numeric["ppl_ratio"], own["ppl_ratio"])
+
+
+@settings(max_examples=15, deadline=None)
+@given(hidden=st.sampled_from([16, 24, 32]), head_dim=st.sampled_from([4, 8]),
+       heads=st.sampled_from([2, 4]), kv=st.sampled_from([1, 2]),
+       inter=st.sampled_from([16, 32, 48]), layers=st.integers(1, 3),
+       seed=st.integers(0, 2**16))
+def test_property_random_gemma3(hidden, head_dim, heads, kv, inter, layers, seed):
+    spec = DecoderSpec(architecture="Gemma3ForCausalLM", vocab_size=64, hidden_size=hidden,
+                       intermediate_size=inter, num_layers=layers, num_heads=heads,
+                       num_kv_heads=kv, head_dim=head_dim, rms_eps=1e-6, max_position=64,
+                       norm_offset=1.0, qk_norm=True, post_norms=True, activation="gelu_tanh",
+                       embed_scale=math.sqrt(hidden), sliding_window=4,
+                       layer_types=tuple("sliding" if i % 2 == 0 else "full"
+                                         for i in range(layers)), tie_embeddings=True)
+    module = build_decoder(spec, random_weights(spec, seed), origin="test")
+    FoldNormsPass()(module)
+    calib = calibration(seed % 11, batch=2, seq=16)
+    before = run_logits(module, calib, torch.float64)["logits"]
+    result = AbsorbPostNormPass(max_spread=math.inf, min_tokens=32)(
+        module, PassContext(calibration=calib))
+    assert len(result.report["absorbed"]) == 2 * layers and not post_norms(module)
+    spreads = [e["spread"] for e in result.report["layers"].values()]
+    assert all(0 <= s < math.inf for s in spreads)
+    after = run_logits(module, calib, torch.float64)["logits"]
+    stats = compare_logits(before, after, calib)
+    assert result.report["calibration"]["ppl_after"] == pytest.approx(stats["ppl_after"])
+    assert result.report["calibration"]["kl"] == pytest.approx(stats["kl"], abs=1e-15)
+
+
+# -- negative ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["llama", "gqa", "tied"])
+def test_negative_no_post_norms_changes_nothing(kind):
+    module = tiny_model(kind)
+    FoldNormsPass()(module)
+    snap = snapshot(module)
+    result = AbsorbPostNormPass()(module)  # no calibration needed when there is nothing to do
+    assert not result.modified and result.report["absorbed"] == []
+    assert "no post-norms found" in result.report["note"]
+    assert unchanged(module, snap)
+
+
+def test_negative_gemma_without_calibration_is_refused():
+    module = tiny_model("gemma")
+    snap = snapshot(module)
+    with pytest.raises(PassError, match=r"absorb_post_norm needs at least 64 calibration tokens, "
+                                        r"got 0"):
+        AbsorbPostNormPass()(module)
+    with pytest.raises(PassError, match=r"needs at least 64 calibration tokens, got 14"):
+        AbsorbPostNormPass()(module, PassContext(calibration=token_batch()))
+    with pytest.raises(PassError, match=r"token ids must lie in 0\.\.63"):
+        AbsorbPostNormPass()(module, PassContext(calibration=calibration() + 64))
+    with pytest.raises(PassError, match=r"max_spread must be a number >= 0"):
+        AbsorbPostNormPass(max_spread=-1.0)(module, PassContext(calibration=calibration()))
+    assert unchanged(module, snap)
+
+
+def test_negative_every_spread_too_large_leaves_the_model():
+    module = tiny_model("gemma")
+    snap = snapshot(module)
+    result = AbsorbPostNormPass(max_spread=0.0)(module, PassContext(calibration=calibration()))
+    assert not result.modified and result.report["absorbed"] == []
+    assert len(result.report["left"]) == 4
+    assert unchanged(module, snap)
+
+
+# -- idempotent --------------------------------------------------------------------------------
+
+def test_idempotent_second_run_changes_nothing():
+    module = tiny_model("gemma")
+    FoldNormsPass()(module)
+    ctx = PassContext(calibration=calibration())
+    assert AbsorbPostNormPass(max_spread=math.inf)(module, ctx).modified
+    snap = snapshot(module)
+    again = AbsorbPostNormPass(max_spread=math.inf)(module, ctx)
+    assert not again.modified and again.report["absorbed"] == []
+    assert unchanged(module, snap)
