@@ -17,6 +17,8 @@ import onnx_ir as ir
 
 from ...ir.core import Node
 from .lower import LoweringContext, LoweringError, Rule, describe
+from .quant import lower_qembedding, lower_qlinear, lower_quantize
+from .hadamard import lower_hadamard as lower_hadamard_by_width
 
 
 def _keep(rank: int) -> list[int]:
@@ -279,7 +281,8 @@ def lower_hadamard(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
 
 
 RULES: dict[str, Rule] = {
-    "hadamard": lower_hadamard,
+    # by width: a dense MatMul up to 128, these Kronecker-factored MatMuls above (hadamard.py)
+    "hadamard": lower_hadamard_by_width,
     "embedding": lower_embedding,
     "rms_norm": lower_rms_norm,
     "linear": lower_linear,
@@ -292,4 +295,7 @@ RULES: dict[str, Rule] = {
     "softcap": lower_softcap,
     "rotary": lower_rotary,
     "attention": lower_attention,
+    "qlinear": lower_qlinear,  # com.microsoft MatMulNBits (quant.py)
+    "quantize": lower_quantize,  # fake quantization: QDQ or its arithmetic (quant.py)
+    "qembedding": lower_qembedding,  # gather + dequantize of a packed table (quant.py)
 }

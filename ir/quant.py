@@ -1,0 +1,432 @@
+"""Block-quantized weights: the storage format of the `qlinear` op and the quantizers that fill it.
+
+Format (exactly ONNX Runtime's com.microsoft MatMulNBits layout, so the ONNX backend passes the
+tensors through untouched). A weight W [N = out_features, K = in_features] is cut along K into
+n_blocks = ceil(K / group_size) groups (the last one partial when group_size does not divide K, as
+MatMulNBits allows: SmolLM2's K = 576 in groups of 128 is 4 full groups and one of 64); each group
+of each row has a float32 scale and an integer zero point z, and holds codes q in [0, 2^bits - 1]
+
+    W[n, k] ~= (q[n, k] - z[n, k // group_size]) * scale[n, k // group_size]
+
+- packed weight B: uint8 [N, n_blocks, group_size * bits / 8]; 4-bit codes two per byte along K,
+  the even k in the low nibble (element k of a block sits in byte k // 2, bits 4 * (k % 2)); the
+  tail of a partial last block holds zero codes that no product reads.
+- scales: float32 [N, n_blocks].
+- zero points: uint8 [N, ceil(n_blocks * bits / 8)], packed like B along the blocks (4-bit: two
+  per byte, low nibble first, the last nibble of an odd row count is padding); absent for
+  symmetric quantization, where z = 2^(bits-1) (8 or 128), MatMulNBits' default; or, for 4-bit
+  only, float32 [N, n_blocks] unpacked (MatMulNBits' zero points of A's type): the min-max grid
+  (q - z) * s = q * s + min of llama.cpp's Q4_1 and HQQ, which an integer z cannot express.
+
+Quantizers (all math on float64 tensors, scales rounded to float32 before codes are computed, so
+the stored (codes, scale) pair is exactly what was optimised):
+- `group_params`: min/max asymmetric (range widened to hold 0, as GPTQ's quantizer does) or
+  absmax symmetric (scale = 2 * absmax / (2^bits - 1), z = 2^(bits-1): GPTQ's symmetric grid),
+  or min-max with a float zero point (range [min, max], not widened to 0), shrunk by a clip
+  ratio. A partial last group is padded by repeating its last value, which changes no range.
+- `clip_search`: per group, the clip ratio in a grid from 1.0 down to 0.7 that minimises the
+  squared error of the group (the MSE grid search of GPTQ's and AWQ's quantizers).
+- `rtn`: round to nearest.
+- `gptq`: GPTQ (Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization
+  for Generative Pre-trained Transformers", ICLR 2023), from the paper's Algorithm 1 and its
+  reference code: Cholesky factor of the damped inverse Hessian, lazy batched updates of
+  `block_size` columns, optional act-order (columns by decreasing diag(H)). With act-order and
+  groups the groups are static (their parameters fixed from the unquantized weight before any
+  update, in the original column order), because MatMulNBits has no portable g_idx: groups stay
+  contiguous runs of K, which the packed layout requires.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+
+from .core import IRError
+
+BITS = (4, 8)
+CLIP_GRID = tuple(1.0 - 0.02 * i for i in range(16))  # 1.00, 0.98, ..., 0.70
+
+
+def check_format(bits: int, group_size: int, in_features: int, out_features: int) -> int:
+    """n_blocks for this format, or an IRError naming what is wrong and what is accepted."""
+    if bits not in BITS:
+        raise IRError(f"int{bits} is not supported; bits must be 4 or 8")
+    if in_features <= 0 or out_features <= 0:
+        raise IRError(f"in_features {in_features} and out_features {out_features} must be positive")
+    if group_size <= 0 or (group_size * bits) % 8:
+        raise IRError(f"group_size {group_size} with {bits}-bit codes does not fill whole bytes; "
+                      "group_size must be a positive even number (32, 64, 128, or in_features)")
+    if group_size > in_features:
+        raise IRError(f"group_size {group_size} exceeds in_features {in_features}; use a smaller "
+                      "group, or per-channel groups (group_size = in_features)")
+    return -(-in_features // group_size)
+
+
+def _pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` [..., K] padded with zeros to `width` along the last dim."""
+    k = t.shape[-1]
+    return t if k == width else torch.nn.functional.pad(t, (0, width - k))
+
+
+def _pad_edge(t: torch.Tensor, width: int) -> torch.Tensor:
+    """`t` [..., K] padded to `width` by repeating its last column (no group range changes)."""
+    k = t.shape[-1]
+    return t if k == width else torch.cat((t, t[..., -1:].expand(*t.shape[:-1], width - k)), -1)
+
+
+def zero_point_default(bits: int) -> int:
+    return 1 << (bits - 1)
+
+
+# -- packing ---------------------------------------------------------------------------------------
+
+def _pack_codes(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes [..., n] (integers in [0, 2^bits)) -> uint8 [..., n * bits / 8], low nibble first."""
+    q = q.to(torch.uint8)
+    if bits == 8:
+        return q.contiguous()
+    if q.shape[-1] % 2:
+        q = torch.nn.functional.pad(q, (0, 1))
+    return (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()
+
+
+def _unpack_codes(p: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of _pack_codes: uint8 [..., bytes] -> codes uint8 [..., n]."""
+    if bits == 8:
+        return p[..., :n]
+    lo, hi = p & 0x0F, p >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)[..., :n]
+
+
+def pack_weight(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Codes [N, K] -> B uint8 [N, ceil(K / group_size), group_size * bits / 8]."""
+    n, k = codes.shape
+    blocks = check_format(bits, group_size, k, n)
+    return _pack_codes(_pad(codes, blocks * group_size).reshape(n, blocks, group_size), bits)
+
+
+def unpack_weight(packed: torch.Tensor, bits: int, group_size: int,
+                  in_features: int | None = None) -> torch.Tensor:
+    """B uint8 [N, n_blocks, blob] -> codes uint8 [N, in_features] (default n_blocks * group)."""
+    n, blocks, _ = packed.shape
+    codes = _unpack_codes(packed, bits, group_size).reshape(n, blocks * group_size)
+    return codes if in_features is None else codes[:, :in_features]
+
+
+def pack_zero_points(zeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """Zero points [N, n_blocks] -> uint8 [N, ceil(n_blocks * bits / 8)]."""
+    return _pack_codes(zeros, bits)
+
+
+def unpack_zero_points(packed: torch.Tensor, bits: int, n_blocks: int) -> torch.Tensor:
+    return _unpack_codes(packed, bits, n_blocks)
+
+
+def zero_points_shape(out_features: int, n_blocks: int, bits: int) -> tuple[int, int]:
+    return (out_features, math.ceil(n_blocks * bits / 8))
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+               bits: int, group_size: int, dtype: torch.dtype = torch.float32,
+               in_features: int | None = None) -> torch.Tensor:
+    """W [N, in_features] in `dtype` from the packed format: (q - z) * scale, groupwise."""
+    n, blocks, _ = packed.shape
+    q = unpack_weight(packed, bits, group_size).reshape(n, blocks, group_size)
+    if zero_points is None:
+        z = torch.full((n, blocks), zero_point_default(bits), dtype=torch.uint8)
+    elif zero_points.is_floating_point():
+        z = zero_points.reshape(n, blocks)
+    else:
+        z = unpack_zero_points(zero_points.reshape(n, -1), bits, blocks)
+    s = scales.reshape(n, blocks).to(dtype)
+    w = (q.to(dtype) - z.to(dtype)[..., None]) * s[..., None]
+    w = w.reshape(n, blocks * group_size)
+    return w if in_features is None else w[:, :in_features]
+
+
+# -- quantizers ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class QuantizedWeight:
+    """Codes [N, K] (uint8), scales [N, n_blocks] (float32) and zero points [N, n_blocks] (uint8,
+    or float32 with float_zero) of one weight, before packing."""
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    bits: int
+    group_size: int
+    symmetric: bool
+    float_zero: bool = False
+
+    def dequantize(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        n, k = self.codes.shape
+        blocks = self.scales.shape[1]
+        q = _pad(self.codes.to(dtype), blocks * self.group_size).reshape(n, blocks, -1)
+        w = (q - self.zeros.to(dtype)[..., None]) * self.scales.to(dtype)[..., None]
+        return w.reshape(n, -1)[:, :k]
+
+    def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, scales, zero points or None when symmetric) in the MatMulNBits layout."""
+        zp = None if self.symmetric else self.zeros.to(torch.float32).contiguous() \
+            if self.float_zero else pack_zero_points(self.zeros, self.bits)
+        return (pack_weight(self.codes, self.bits, self.group_size),
+                self.scales.to(torch.float32).contiguous(), zp)
+
+
+def group_params(w: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0,
+                 float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) over the last dim of `w` [..., g] (float64), the range shrunk by `ratio`.
+    Scales are rounded to float32 values; zeros are integers (as float64), or float32 values
+    with float_zero (the range [min, max] itself, shrunk about its middle)."""
+    maxq = (1 << bits) - 1
+    if float_zero:
+        lo, hi = w.min(-1).values, w.max(-1).values
+        mid, half = (hi + lo) / 2, (hi - lo) / 2 * ratio
+        lo, hi = mid - half, mid + half
+        scale = ((hi - lo) / maxq).to(torch.float32).to(torch.float64)
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        zero = (-lo / scale).to(torch.float32).to(torch.float64)
+        return scale, zero
+    lo = torch.clamp(w.min(-1).values, max=0.0) * ratio
+    hi = torch.clamp(w.max(-1).values, min=0.0) * ratio
+    if symmetric:
+        amax = torch.maximum(lo.abs(), hi)
+        scale = 2.0 * amax / maxq
+        scale = torch.where(amax == 0, torch.ones_like(scale), scale)
+        zero = torch.full_like(scale, float(zero_point_default(bits)))
+    else:
+        empty = (lo == 0) & (hi == 0)
+        lo = torch.where(empty, -torch.ones_like(lo), lo)
+        hi = torch.where(empty, torch.ones_like(hi), hi)
+        scale = (hi - lo) / maxq
+        zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    scale = scale.to(torch.float32).to(torch.float64)
+    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).tiny), scale)
+    return scale, zero
+
+
+def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                   bits: int) -> torch.Tensor:
+    """Codes clamp(round(w / scale + zero)) (float64, integer-valued); scale and zero broadcast."""
+    return torch.clamp(torch.round(w / scale + zero), 0, (1 << bits) - 1)
+
+
+def clip_search(w: torch.Tensor, bits: int, symmetric: bool, grid: tuple[float, ...] = CLIP_GRID,
+                float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) for each group of `w` [..., g] with the clip ratio of `grid` that gives the
+    smallest squared error of that group."""
+    best_scale, best_zero = group_params(w, bits, symmetric, grid[0], float_zero)
+    best_err = _group_error(w, best_scale, best_zero, bits)
+    for r in grid[1:]:
+        scale, zero = group_params(w, bits, symmetric, r, float_zero)
+        err = _group_error(w, scale, zero, bits)
+        better = err < best_err
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+        best_err = torch.where(better, err, best_err)
+    return best_scale, best_zero
+
+
+def _group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int):
+    s, z = scale[..., None], zero[..., None]
+    return ((quantize_codes(w, s, z, bits) - z) * s - w).pow(2).sum(-1)
+
+
+def _params(w: torch.Tensor, bits: int, symmetric: bool, clip: bool, float_zero: bool = False):
+    if clip:
+        return clip_search(w, bits, symmetric, float_zero=float_zero)
+    return group_params(w, bits, symmetric, float_zero=float_zero)
+
+
+def _result(codes, scales, zeros, bits, group_size, symmetric, float_zero) -> QuantizedWeight:
+    zeros = zeros.to(torch.float32) if float_zero else zeros.to(torch.uint8)
+    return QuantizedWeight(codes.to(torch.uint8), scales.to(torch.float32), zeros, bits,
+                           group_size, symmetric, float_zero)
+
+
+def _check_float_zero(bits: int, symmetric: bool, float_zero: bool) -> None:
+    if float_zero and (symmetric or bits != 4):
+        raise IRError(f"float zero points need asymmetric 4-bit quantization (MatMulNBits has no "
+                      f"8-bit form with float zero points); got bits={bits}, symmetric={symmetric}")
+
+
+def rtn(weight: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False,
+        clip: bool = False, float_zero: bool = False) -> QuantizedWeight:
+    """Round-to-nearest quantization of `weight` [N, K] in groups of `group_size` along K."""
+    n, k = weight.shape
+    blocks = check_format(bits, group_size, k, n)
+    _check_float_zero(bits, symmetric, float_zero)
+    w = _pad_edge(weight.detach().to(torch.float64), blocks * group_size)
+    w = w.reshape(n, blocks, group_size)
+    scale, zero = _params(w, bits, symmetric, clip, float_zero)
+    codes = quantize_codes(w, scale[..., None], zero[..., None], bits)
+    return _result(codes.reshape(n, -1)[:, :k], scale, zero, bits, group_size, symmetric,
+                   float_zero)
+
+
+@dataclasses.dataclass
+class GPTQInfo:
+    damp: float          # the dampening actually used, relative to mean(diag(H))
+    dead_inputs: int     # columns whose Hessian diagonal was zero
+
+
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *,
+         symmetric: bool = False, clip: bool = False, damp: float = 0.01, act_order: bool = False,
+         block_size: int = 128, float_zero: bool = False) -> tuple[QuantizedWeight, GPTQInfo]:
+    """GPTQ of `weight` [N, K] against the Hessian `hessian` [K, K] (2 X^T X of its inputs, any
+    positive scale). Dead inputs (zero diagonal) get diagonal 1 and a zero weight column; when the
+    damped Hessian is still not positive definite the dampening is multiplied by 10 (up to 1.0).
+    A partial last group is padded with copies of the last column that no input multiplies (a
+    Hessian row and column of zeros, diagonal at the mean): they take no part in the updates."""
+    n, k0 = weight.shape
+    blocks = check_format(bits, group_size, k0, n)
+    _check_float_zero(bits, symmetric, float_zero)
+    if hessian.shape != (k0, k0):
+        raise IRError(f"gptq: Hessian is {list(hessian.shape)}, expected [{k0}, {k0}]")
+    k = blocks * group_size
+    W = _pad_edge(weight.detach().to(torch.float64), k).clone()
+    H = torch.zeros(k, k, dtype=torch.float64)
+    H[:k0, :k0] = hessian.detach().to(torch.float64)
+    real_dead = int((torch.diag(H)[:k0] == 0).sum())
+    if k > k0:  # padding: dead columns at the mean diagonal, so the dampening is unchanged
+        mean = torch.diag(H)[:k0].mean()
+        pad = torch.arange(k0, k)
+        H[pad, pad] = mean if mean > 0 else 1.0
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    static = None
+    if act_order and group_size < k:
+        static = _params(W.reshape(n, blocks, group_size), bits, symmetric, clip, float_zero)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
+    W, H = W[:, perm], H[perm][:, perm]
+    hinv, used = _inverse_cholesky(H, damp)
+    Q = torch.zeros_like(W)
+    scales = torch.zeros(n, blocks, dtype=torch.float64)
+    zeros = torch.zeros(n, blocks, dtype=torch.float64)
+    scale = zero = None
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        Hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            g = col // group_size
+            if static is not None:
+                scale, zero = static[0][:, g], static[1][:, g]
+            elif (i1 + i) % group_size == 0:
+                # this group's columns as updated so far: the rest of this block, then the next
+                ahead = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :group_size]
+                scale, zero = _params(ahead, bits, symmetric, clip, float_zero)
+                scales[:, g], zeros[:, g] = scale, zero
+            w = W1[:, i]
+            q = quantize_codes(w, scale, zero, bits)
+            Q1[:, i] = q
+            err = (w - (q - zero) * scale) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            E1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ hinv[i1:i2, i2:]
+    if static is not None:
+        scales, zeros = static
+    codes = Q[:, torch.argsort(perm)][:, :k0]
+    return (_result(codes, scales, zeros, bits, group_size, symmetric, float_zero),
+            GPTQInfo(damp=used, dead_inputs=real_dead))
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
+    """The upper Cholesky factor of (H + damp * mean(diag H) I)^-1, and the damp that worked."""
+    mean = torch.diag(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    d = damp
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + d * mean * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return U, d
+        if d >= 1.0:
+            raise IRError(f"gptq: the Hessian is not positive definite even with dampening {d}; "
+                          "the calibration inputs are degenerate")
+        d = min(1.0, d * 10)
+
+
+def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, xtx: torch.Tensor) -> float:
+    """||X W^T - X A^T|| / ||X W^T|| from X^T X alone (Frobenius norms; bias cancels)."""
+    w = weight.to(torch.float64)
+    d = w - approx.to(torch.float64)
+    num = torch.einsum("nk,kl,nl->", d, xtx, d)
+    den = torch.einsum("nk,kl,nl->", w, xtx, w)
+    if den <= 0:
+        return 0.0 if num <= 0 else math.inf
+    return math.sqrt(max(num.item(), 0.0) / den.item())
+
+
+# -- activation fake quantization (the `quantize` op) ----------------------------------------------
+
+ACT_MODES = ("dynamic_per_token", "static_per_tensor", "static_per_channel")
+
+
+def act_qrange(bits: int, symmetric: bool) -> tuple[int, int]:
+    """Integer range of the codes: signed [-2^(b-1), 2^(b-1) - 1] or unsigned [0, 2^b - 1]."""
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def fake_quantize(x: torch.Tensor, *, mode: str, bits: int, symmetric: bool, group: int = 0,
+                  clip_ratio: float = 1.0, scale: torch.Tensor | None = None,
+                  zero_point: torch.Tensor | None = None) -> torch.Tensor:
+    """Quantize-dequantize `x` over its last dim; the semantics of the `quantize` op.
+
+    dynamic_per_token: a scale (and zero point) per token, or per run of `group` channels of each
+    token (per head), from the value's own range: symmetric s = clip * max|x| / (2^(b-1) - 1),
+    codes clamp(round(x / s), -2^(b-1), 2^(b-1) - 1); asymmetric over [min(x, 0), max(x, 0)] * clip,
+    s = range / (2^b - 1), z = clamp(round(-lo / s)), codes clamp(round(x / s) + z, 0, 2^b - 1).
+    A zero range gives s = 1. static_*: the given scale (and zero point) per tensor or per channel.
+    y = (codes - z) * s. The float operations are in this order in every backend."""
+    lo_q, hi_q = act_qrange(bits, symmetric)
+    if mode == "dynamic_per_token":
+        shape = x.shape
+        xg = x.reshape(*shape[:-1], shape[-1] // group, group) if group else x
+        if symmetric:
+            s = xg.abs().amax(-1, keepdim=True) * (clip_ratio / hi_q)
+            s = torch.where(s == 0, torch.ones_like(s), s)
+            y = torch.clamp(torch.round(xg / s), lo_q, hi_q) * s
+        else:
+            lo = torch.clamp(xg.amin(-1, keepdim=True), max=0.0)
+            hi = torch.clamp(xg.amax(-1, keepdim=True), min=0.0)
+            s = (hi - lo) * (clip_ratio / hi_q)
+            s = torch.where(s == 0, torch.ones_like(s), s)
+            z = torch.clamp(torch.round(-(lo * clip_ratio) / s), lo_q, hi_q)
+            y = (torch.clamp(torch.round(xg / s) + z, lo_q, hi_q) - z) * s
+        return y.reshape(shape)
+    if mode not in ACT_MODES or scale is None:
+        raise IRError(f"quantize: mode {mode!r} needs a scale; modes: {', '.join(ACT_MODES)}")
+    s = scale.to(x.dtype)
+    z = torch.zeros((), dtype=x.dtype) if zero_point is None else zero_point.to(x.dtype)
+    return (torch.clamp(torch.round(x / s) + z, lo_q, hi_q) - z) * s
+
+
+def static_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool,
+                  clip_ratio: float = 1.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Static (scale float32, zero point uint8 or None) from a calibrated range [lo, hi]
+    (per tensor: 0-d tensors; per channel: [C])."""
+    lo_q, hi_q = act_qrange(bits, symmetric)
+    lo = torch.clamp(lo.to(torch.float64), max=0.0) * clip_ratio
+    hi = torch.clamp(hi.to(torch.float64), min=0.0) * clip_ratio
+    if symmetric:
+        s = torch.maximum(-lo, hi) / hi_q
+    else:
+        s = (hi - lo) / hi_q
+    s = torch.where(s == 0, torch.ones_like(s), s).to(torch.float32)
+    if symmetric:
+        return s, None
+    z = torch.clamp(torch.round(-lo / s.double()), lo_q, hi_q).to(torch.uint8)
+    return s, z

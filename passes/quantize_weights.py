@@ -1,0 +1,431 @@
+"""Quantize the weights of the decoder's linears to 4 or 8 bits: `linear` nodes become `qlinear`.
+
+Methods:
+- "rtn": round to nearest, groupwise (optionally with an MSE search of the clip ratio per group).
+  Needs no calibration; with calibration tokens it also reports each linear's output error.
+- "gptq": GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
+  Pre-trained Transformers", ICLR 2023; the solver is splice.ir.quant.gptq). The Hessian of each
+  linear, H = 2 X^T X / n, comes from its inputs on the calibration tokens, collected layer by
+  layer as the paper's reference code does: the graph is run one stage (one decoder layer; the
+  nodes between layers form their own stages) at a time over the whole calibration batch, the
+  inputs of that stage's selected linears are accumulated into X^T X, those linears are quantized,
+  and the stage is run again with the quantized weights to produce the next stage's inputs
+  (activations in ctx.precision; each chunk's X^T X in that precision, the sum over chunks and the
+  solver in float64). Later layers therefore see the error of earlier ones, and memory holds the
+  residual stream at one layer boundary plus one layer's activations for one chunk of tokens. The
+  embeddings (embeddings = "int8") are RTN-quantized into a `qembedding`. Linears that
+  read the same value (q/k/v, gate/up) share one Hessian. Within a layer all linears are quantized
+  from the same forward pass (the reference code's default, not its "true sequential" option).
+
+Per linear the report gives the relative output error ||X W^T - X Wq^T|| / ||X W^T|| on the
+calibration inputs (computed from X^T X), and for GPTQ also RTN's error on the same inputs, so the
+two methods compare on equal terms. With fewer calibration tokens than a linear has inputs the
+Hessian is singular: the dampening is raised to at least 0.1 and the report warns. Dead inputs
+(a zero Hessian diagonal) are handled as GPTQ does (diagonal set to 1, weight column zeroed).
+
+Which linears: `roles` (default every decoder linear: q/k/v/o projections and gate/up/down); the
+lm_head follows `lm_head` ("keep", "int8" or "int4"; a tied lm_head gets its own packed copy and
+the embedding keeps the float table). Group sizes: 0 = per output channel, or 16/32/64/128/256
+(MatMulNBits' block sizes). A group that does not divide in_features leaves a partial last group,
+as MatMulNBits does (SmolLM2's 576 inputs in groups of 128: 4 groups and one of 64); a group
+larger than some selected linear's in_features is refused, naming them, before anything changes.
+Symmetric quantization stores no zero points (8 for int4, 128 for int8: MatMulNBits' default);
+`float_zero_points` stores a float32 zero point per group instead of a 4-bit integer (the min-max
+grid q * s + min of llama.cpp's Q4_1: a model published as Q4_1 with groups of 32, SmolLM2-135M,
+comes back exactly at W4 g32; MatMulNBits then computes in float, slower than int8 compute).
+
+Never exact: `exact = False`, the numeric check reports the logit error. A second run finds no
+`linear` of the selected roles and reports modified=False.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..ir import quant
+from ..ir.core import Module, Node, emit
+from ..ir.interpreter import default_feeds
+from ..ir.ops import get_op
+from .base import PassBase, PassContext, PassError, PassResult
+from .registry import register_pass
+
+logger = logging.getLogger(__name__)
+
+DECODER_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj",
+                   "mlp.up_proj", "mlp.down_proj")
+GROUP_SIZES = (0, 16, 32, 64, 128, 256)
+LM_HEAD = {"keep": 0, "int8": 8, "int4": 4}
+CHUNK_TOKENS = 4096          # calibration tokens run through one stage at a time
+MIN_DAMP_FEW_TOKENS = 0.1    # dampening when there are fewer tokens than inputs
+
+
+def label(node: Node) -> str:
+    if node.layer is not None:
+        return f"layers.{node.layer}.{node.role}"
+    return node.role or node.output.name
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class QuantizeWeightsPass(PassBase):
+    """Quantize the decoder's linear weights to int4/int8 (RTN or GPTQ) in MatMulNBits' layout.
+
+    Settings: method "rtn" | "gptq"; bits 4 | 8; group_size 0 (per channel) | 16..256; symmetric;
+    float_zero_points (4-bit min-max grid with a float32 zero point per group, as Q4_1); clip_search (MSE grid of clip ratios 1.0..0.7 per group); damp (GPTQ dampening, a fraction of
+    mean(diag H)); act_order (GPTQ columns by decreasing diag H, with static groups); block_size
+    (GPTQ lazy-batch width); lm_head "keep" | "int8" | "int4"; embeddings "keep" | "int8" (RTN,
+    a qembedding op; a tied int8 lm_head with the same groups shares its packed table); roles
+    (linear roles to quantize).
+    """
+
+    name = "quantize_weights"
+    exact = False
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    float_zero_points: bool = False
+    clip_search: bool = False
+    damp: float = 0.01
+    act_order: bool = False
+    block_size: int = 128
+    lm_head: str = "keep"
+    embeddings: str = "keep"
+    roles: tuple[str, ...] = DECODER_LINEARS
+
+    def __post_init__(self) -> None:
+        p = f"pass {self.name!r}:"
+        if self.method not in ("rtn", "gptq"):
+            raise PassError(f"{p} method {self.method!r} is not supported; accepted: 'rtn', 'gptq'")
+        if self.bits not in quant.BITS:
+            raise PassError(f"{p} int{self.bits} is not supported; bits must be 4 or 8")
+        if self.group_size not in GROUP_SIZES:
+            raise PassError(f"{p} group_size {self.group_size} is not supported; accepted: 0 (per "
+                            "output channel), 16, 32, 64, 128, 256")
+        if not 0.0 < self.damp < 1.0:
+            raise PassError(f"{p} damp {self.damp} must lie in (0, 1) (a fraction of mean diag H)")
+        if self.block_size < 1:
+            raise PassError(f"{p} block_size {self.block_size} must be a positive integer")
+        if self.float_zero_points and (self.symmetric or self.bits != 4):
+            raise PassError(f"{p} float_zero_points needs asymmetric 4-bit weights (MatMulNBits "
+                            "takes float zero points only for 4 bits); set symmetric=false, bits=4")
+        if self.embeddings not in ("keep", "int8"):
+            raise PassError(f"{p} embeddings {self.embeddings!r}; accepted: keep, int8")
+        if self.lm_head not in LM_HEAD:
+            raise PassError(f"{p} lm_head {self.lm_head!r}; accepted: {', '.join(LM_HEAD)}")
+        if "lm_head" in self.roles:
+            raise PassError(f"{p} the lm_head is chosen by lm_head = 'int8' | 'int4', not roles")
+
+    def _float_zero(self, bits: int) -> bool:
+        """Float zero points apply to the 4-bit weights; an int8 lm_head keeps integer ones."""
+        return self.float_zero_points and bits == 4
+
+    # -- what to quantize ------------------------------------------------------------------------
+    def _targets(self, module: Module) -> tuple[list[tuple[Node, int, int]], dict[str, str]]:
+        """(linear, bits, group) for each linear to quantize, and the skipped ones with why."""
+        targets, skipped, bad = [], {}, []
+        for node in module.graph.nodes:
+            if node.op != "linear":
+                continue
+            bits = LM_HEAD[self.lm_head] if node.role == "lm_head" else \
+                self.bits if node.role in self.roles else 0
+            if not bits:
+                continue
+            w = node.inputs[1]
+            if not w.is_const or not module.weight(w).is_floating_point():
+                skipped[label(node)] = "its weight is not a constant float tensor"
+                continue
+            n, k = w.shape
+            group = self.group_size or k
+            if group > k:
+                bad.append(f"{label(node)} (in_features {k})")
+            targets.append((node, bits, group))
+        if bad:
+            more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+            raise PassError(f"pass {self.name!r}: group_size {self.group_size} exceeds the "
+                            f"in_features of {', '.join(bad[:3])}{more}; choose a smaller group, "
+                            "group_size 0 (per channel), or leave those roles out")
+        return targets, skipped
+
+    def call(self, module: Module, ctx: PassContext) -> PassResult:
+        t0 = time.perf_counter()
+        targets, skipped = self._targets(module)
+        report: dict[str, Any] = {"method": self.method, "bits": self.bits,
+                                  "group_size": self.group_size, "quantized": [], "layers": {},
+                                  "skipped": skipped, "warnings": []}
+        tables = self._tables(module)
+        if not targets and not tables:
+            return PassResult(module, False, report)
+        calib = ctx.calibration if targets else None
+        if self.method == "gptq" and targets:
+            calib = ctx.require_calibration(self.name)
+        if calib is not None:
+            if calib.dim() == 1:
+                calib = calib[None]
+            report["calibration_tokens"] = int(calib.numel())
+            results = self._calibrated(module, targets, calib, ctx.precision, report)
+        else:
+            results = {}
+            for node, bits, group in targets:
+                w = module.weight(node.inputs[1])
+                qw = quant.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
+                               float_zero=self._float_zero(bits))
+                rel = ((qw.dequantize() - w.double()).norm() / w.double().norm()).item()
+                results[id(node)] = qw
+                report["layers"][label(node)] = {"weight_rel_error": rel}
+        before = sum(module.weight(n.inputs[1]).numel() * module.weight(n.inputs[1]).element_size()
+                     for n, _, _ in targets)
+        after, made, old = self._rewrite(module, targets, results)
+        if tables:
+            old |= {n.inputs[1].const for n in tables}
+            before_t, after_t = self._embeddings(module, tables, made, report)
+            before, after = before + before_t, after + after_t
+        for wname in sorted(old):
+            if not module.graph.consts[wname].uses:
+                module.graph.remove_const(wname)
+                del module.weights[wname]
+        report["quantized"] = [label(n) for n, _, _ in targets] + [label(n) for n in tables]
+        report["bytes"] = {"float": before, "quantized": after}
+        errors = [v["rel_error"] for v in report["layers"].values() if "rel_error" in v]
+        if errors:
+            report["mean_rel_error"] = sum(errors) / len(errors)
+        if self.method == "gptq":
+            rtn_errors = [v["rtn_rel_error"] for v in report["layers"].values()
+                          if "rtn_rel_error" in v]
+            report["mean_rtn_rel_error"] = sum(rtn_errors) / len(rtn_errors)
+        report["time_s"] = round(time.perf_counter() - t0, 3)
+        module.config = module.config.replace(extra={**module.config.extra, "quantization": {
+            **module.config.extra.get("quantization", {}),
+            "weights": {"method": self.method, "bits": self.bits, "group_size": self.group_size,
+                        "symmetric": self.symmetric, "lm_head": self.lm_head,
+                        "embeddings": self.embeddings}}})
+        logger.info("quantize_weights: %s int%d g%d on %d linears in %.1f s", self.method,
+                    self.bits, self.group_size, len(targets), report["time_s"])
+        return PassResult(module, True, report)
+
+    # -- calibrated quantization -------------------------------------------------------------------
+    def _calibrated(self, module: Module, targets: list[tuple[Node, int, int]],
+                    calib: torch.Tensor, dtype: torch.dtype, report: dict) -> dict[int, Any]:
+        runner = StageRunner(module, calib, dtype)
+        by_node = {id(n): (n, bits, group) for n, bits, group in targets}
+        todo = {runner.stage_of[key] for key in by_node}
+        results: dict[int, quant.QuantizedWeight] = {}
+        tokens = int(calib.numel())
+        for s in range(max(todo) + 1):
+            if s not in todo:
+                runner.run(s)
+                continue
+            here = [by_node[id(n)] for n in runner.stages[s] if id(n) in by_node]
+            xtx: dict[int, torch.Tensor] = {}
+
+            def observe(node: Node, x: torch.Tensor) -> None:
+                # one chunk's X^T X in the working precision, the sum over chunks in float64
+                if id(node) in by_node:
+                    x2 = x.reshape(-1, x.shape[-1])
+                    part = (x2.T @ x2).to(torch.float64)
+                    key = id(node.inputs[0])
+                    xtx[key] = xtx[key] + part if key in xtx else part
+            runner.run(s, observe=observe, commit=False)
+            override = {}
+            for node, bits, group in here:
+                h = xtx[id(node.inputs[0])]
+                qw, entry = self._quantize(module, node, bits, group, h, tokens, report)
+                results[id(node)] = qw
+                report["layers"][label(node)] = entry
+                override[id(node)] = qw.dequantize(dtype)
+            if s < max(todo):
+                runner.run(s, override=override)
+            logger.info("quantize_weights: stage %d/%d done (%s)", s + 1, max(todo) + 1,
+                        ", ".join(label(n) for n, _, _ in here))
+        return results
+
+    def _quantize(self, module: Module, node: Node, bits: int, group: int, xtx: torch.Tensor,
+                  tokens: int, report: dict) -> tuple[quant.QuantizedWeight, dict[str, Any]]:
+        w = module.weight(node.inputs[1]).to(torch.float64)
+        k = w.shape[1]
+        fz = self._float_zero(bits)
+        rtn = quant.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
+                        float_zero=fz)
+        rtn_err = quant.relative_output_error(w, rtn.dequantize(), xtx)
+        if self.method == "rtn":
+            return rtn, {"rel_error": rtn_err}
+        damp = self.damp
+        if tokens < k:
+            damp = max(damp, MIN_DAMP_FEW_TOKENS)
+            warning = (f"{label(node)}: {tokens} calibration tokens for {k} inputs: the Hessian is "
+                       f"singular; dampening raised to {damp}; give more calibration data")
+            if warning not in report["warnings"]:
+                report["warnings"].append(warning)
+        qw, info = quant.gptq(w, 2.0 * xtx / tokens, bits, group, symmetric=self.symmetric,
+                              clip=self.clip_search, damp=damp, act_order=self.act_order,
+                              block_size=self.block_size, float_zero=fz)
+        err = quant.relative_output_error(w, qw.dequantize(), xtx)
+        if info.damp != damp:
+            report["warnings"].append(f"{label(node)}: Hessian not positive definite; dampening "
+                                      f"raised to {info.damp}")
+        entry = {"rel_error": err, "rtn_rel_error": rtn_err, "damp": info.damp,
+                 "dead_inputs": info.dead_inputs}
+        return qw, entry
+
+    # -- the rewrite -----------------------------------------------------------------------------
+    def _rewrite(self, module: Module, targets: list[tuple[Node, int, int]],
+                 results: dict[int, quant.QuantizedWeight]) -> tuple[int, dict, set[str]]:
+        """Replace each target linear by a qlinear over its packed weights; returns their bytes,
+        the packed constants by (float weight, bits, group) and the float weights replaced."""
+        g = module.graph
+        old_weights, size, made = set(), 0, {}
+        for node, bits, group in targets:
+            qw = results[id(node)]
+            packed, scales, zp = qw.packed()
+            base = label(node)
+            ins = [node.inputs[0], module.add_weight(base + ".qweight", packed),
+                   module.add_weight(base + ".scales", scales),
+                   module.add_weight(base + ".qzeros", zp) if zp is not None else None,
+                   node.inputs[2] if len(node.inputs) > 2 else None]
+            made[(node.inputs[1].const, bits, group)] = ins[1:4]
+            while ins[-1] is None:
+                ins.pop()
+            size += sum(t.numel() * t.element_size() for t in (packed, scales, zp) if t is not None)
+            n, k = node.inputs[1].shape
+            new = emit(g, "qlinear", ins, {"bits": bits, "group_size": group, "in_features": k,
+                                           "out_features": n, "symmetric": self.symmetric},
+                       name=node.output.name + ".q", layer=node.layer, role=node.role,
+                       origin=self.name, before=node)
+            old = node.output
+            name = old.name
+            old.replace_all_uses_with(new.output)
+            g.outputs = [new.output if v is old else v for v in g.outputs]
+            old_weights.add(node.inputs[1].const)
+            g.remove(node)
+            g.rename(new.output, name)
+        return size, made, old_weights
+
+    def _tables(self, module: Module) -> list[Node]:
+        if self.embeddings == "keep":
+            return []
+        tables = [n for n in module.graph.find(op="embedding") if n.inputs[1].is_const
+                  and module.weight(n.inputs[1]).is_floating_point()]
+        for n in tables:
+            if self.group_size > n.inputs[1].shape[1]:
+                raise PassError(f"pass {self.name!r}: group_size {self.group_size} exceeds the "
+                                f"embedding width {n.inputs[1].shape[1]} of {label(n)}; choose "
+                                "a smaller group or group_size 0 (per row)")
+        return tables
+
+    def _embeddings(self, module: Module, tables: list[Node], made: dict,
+                    report: dict) -> tuple[int, int]:
+        """Replace each embedding by a qembedding over an int8 (RTN) copy of its table, shared
+        with a tied lm_head quantized the same way; returns (float bytes, quantized bytes)."""
+        g = module.graph
+        before = after = 0
+        for node in tables:
+            table = node.inputs[1]
+            t = module.weight(table)
+            v, d = t.shape
+            group = self.group_size or d
+            shared = made.get((table.const, 8, group))
+            if shared is not None and t.dtype == torch.float32:
+                ins = shared
+            else:
+                qw = quant.rtn(t, 8, group, symmetric=self.symmetric, clip=self.clip_search)
+                packed, scales, zp = qw.packed()
+                base = label(node)
+                ins = [module.add_weight(base + ".qweight", packed),
+                       module.add_weight(base + ".scales", scales.to(t.dtype)),
+                       module.add_weight(base + ".qzeros", zp) if zp is not None else None]
+                after += sum(x.numel() * x.element_size() for x in (packed, scales, zp)
+                             if x is not None)
+            if any(u.op in ("linear", "matmul") for u in table.users()):
+                report["warnings"].append(f"{label(node)}: the float table stays for its other "
+                                          "readers (a tied lm_head kept in float)")
+            if ins is not shared:  # a shared table was counted as the lm_head's weight
+                before += t.numel() * t.element_size()
+            ins = [node.inputs[0], *ins]
+            while ins[-1] is None:
+                ins.pop()
+            new = emit(g, "qembedding", ins, {"bits": 8, "group_size": group, "embedding_dim": d,
+                                              "num_embeddings": v, "symmetric": self.symmetric,
+                                              "scale": node.attrs["scale"]},
+                       name=node.output.name + ".q", layer=node.layer, role=node.role,
+                       origin=self.name, before=node)
+            old, name = node.output, node.output.name
+            old.replace_all_uses_with(new.output)
+            g.remove(node)
+            g.rename(new.output, name)
+            report["layers"][label(node)] = {"shared_with_lm_head": shared is not None
+                                             and t.dtype == torch.float32}
+        return before, after
+
+
+class StageRunner:
+    """Runs a module's graph one stage at a time over a calibration batch cut into chunks.
+
+    A stage is a maximal run of consecutive nodes with the same `layer` (so each decoder layer is
+    one, and the nodes before, between and after layers are others). Between stages only the values
+    a later stage reads are kept, one environment per chunk; `run(s)` executes stage s on every
+    chunk, optionally replacing linear weights (`override`: node id -> weight) and showing each
+    node its first input before it runs (`observe`), and with commit=False leaves the kept values
+    as they were (a measuring run).
+    """
+
+    def __init__(self, module: Module, calib: torch.Tensor, dtype: torch.dtype,
+                 chunk_tokens: int = CHUNK_TOKENS):
+        self.module = module
+        self.dtype = dtype
+        self.stages: list[list[Node]] = []
+        key: object = object()
+        for node in module.graph.nodes:
+            if not self.stages or node.layer != key:
+                self.stages.append([])
+                key = node.layer
+            self.stages[-1].append(node)
+        self.stage_of = {id(n): s for s, nodes in enumerate(self.stages) for n in nodes}
+        self.last_use: dict[int, int] = {}
+        for node in module.graph.nodes:
+            for v in node.inputs:
+                if v is not None and not v.is_const:
+                    here = self.stage_of[id(node)]
+                    self.last_use[id(v)] = max(self.last_use.get(id(v), -1), here)
+        rows = max(1, chunk_tokens // max(1, calib.shape[1]))
+        self.envs = []
+        for chunk in calib.split(rows):
+            feeds = default_feeds(module, chunk, None, dtype)
+            self.envs.append({id(v): feeds[v.name] for v in module.graph.inputs})
+
+    def run(self, s: int, *, override: dict[int, torch.Tensor] | None = None,
+            observe: Callable[[Node, torch.Tensor], None] | None = None,
+            commit: bool = True) -> None:
+        override = override or {}
+        weights: dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for i, env in enumerate(self.envs):
+                local = env if commit else dict(env)
+                for node in self.stages[s]:
+                    args = []
+                    for j, v in enumerate(node.inputs):
+                        if v is None:
+                            args.append(None)
+                        elif j == 1 and id(node) in override:
+                            args.append(override[id(node)])
+                        elif v.is_const:
+                            if id(v) not in weights:
+                                t = self.module.weight(v)
+                                weights[id(v)] = t.to(self.dtype) if t.is_floating_point() else t
+                            args.append(weights[id(v)])
+                        else:
+                            args.append(local[id(v)])
+                    if observe is not None:
+                        observe(node, args[0])
+                    outs = get_op(node.op).reference(node.attrs, *args)
+                    for v, t in zip(node.outputs, outs):
+                        local[id(v)] = t
+                if commit:
+                    for vid in [vid for vid in local if self.last_use.get(vid, -1) <= s]:
+                        del local[vid]

@@ -1,0 +1,27 @@
+"""The quantization benchmark runs (quick mode, stories260K): every variant produces its row and
+the figures are sane. A benchmark is not a test: nothing here looks at speed."""
+
+from __future__ import annotations
+
+from benchmarks.quantization import run
+
+from tests.paths import needs_stories
+
+
+@needs_stories
+def test_quantization_quick_runs():
+    text, figures = run(quick=True)
+    rows = figures["rows"]
+    assert list(rows) == ["float32", "W8 per-channel RTN", "W4 g32 RTN", "W4 g32 GPTQ",
+                          "W4 per-channel RTN", "W4 g32 RTN, unfolded",
+                          "W4 g32 RTN float-zero, unfolded",
+                          "W4 g32 float-zero + int8 tied table, unfolded"]
+    assert "Weight quantization: stories260K" in text and "accuracy_level" in text
+    base = rows["float32"]["ppl"]
+    assert abs(rows["W8 per-channel RTN"]["ppl"] / base - 1) < 0.02
+    assert rows["W4 g32 RTN"]["size_mb"] < rows["float32"]["size_mb"]
+    assert rows["W4 g32 float-zero + int8 tied table, unfolded"]["size_mb"] < \
+        rows["W4 g32 RTN float-zero, unfolded"]["size_mb"]
+    gptq = rows["W4 g32 GPTQ"]
+    assert gptq["mean_rel_error"] < gptq["mean_rtn_rel_error"]
+    assert 0 < figures["accuracy_level"]["top1_agreement"] <= 1
