@@ -1,0 +1,223 @@
+"""Layer pruning with LinearPatch: perplexity after pruning n layers, without a patch, with the
+LinearPatch (Hadamard channel scale), with the ridge least-squares patch, and with the one that
+estimate_patch's "auto" picks on held-out calibration tokens.
+
+- SmolLM2-135M (full mode): n = 2, 4, 6 layers chosen by select_layers (cosine), plus the block
+  [12, 16) of the LinearPatch issue's reference figures (dense 22.88, pruned 44.11, LinearPatch
+  40.26, ridge least squares 31.15) when select_layers does not choose it for n = 4.
+  Calibration: 16 x 512 tokens of wikitext2_valid_tokenized.txt; evaluation: the first 16,384
+  tokens of wikitext2_test.txt in 1024-token windows.
+- stories260K (both modes): 1 of its 5 layers, evaluated on the first half of tinystories_val.txt
+  (511-token windows after BOS, as its SOURCE.md measures it) and calibrated on the second half.
+
+The last column distils the chosen patch (distill_patch: top-50 KL to the unpruned model, AdamW,
+cosine schedule) before pruning: always on stories260K, on SmolLM2 with --distill.
+
+Perplexity runs through the reference interpreter in float32. Calibration activations are taken
+in float32 (`PassContext.precision`, float64 by default, 6x slower on this CPU); the patch fits are
+float64 whatever that precision. Each patched variant is the recipe's line: estimate_patch ->
+prune_layers -> fuse_patch(auto) -> fold_norms.
+
+    python -m benchmarks.prune_patch [--quick] [--distill] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+STORIES = SHARED / "models" / "stories260K" / "stories260K.bin"
+WIKI_CALIB = SHARED / "data" / "wikitext2_valid_tokenized.txt"
+WIKI_TEST = SHARED / "data" / "wikitext2_test.txt"
+TINYSTORIES = SHARED / "data" / "tinystories_val.txt"
+REFERENCE = {"block": [12, 16], "dense": 22.88, "pruned": 44.11, "linearpatch": 40.26,
+             "lstsq": 31.15}
+
+log = logging.getLogger(__name__)
+
+
+def _ppl(module, ids: list[int], window: int, bos: int | None) -> float:
+    from splice.evaluate import perplexity
+    from splice.ir.interpreter import Interpreter, default_feeds
+
+    interp = Interpreter(module, torch.float32)
+    out = module.graph.outputs[0].name
+
+    def logits_fn(x: np.ndarray) -> np.ndarray:
+        feeds = default_feeds(module, torch.from_numpy(x), None, torch.float32)
+        return interp.run(feeds)[out].numpy()
+
+    return perplexity(logits_fn, ids, window=window, bos=bos)["ppl"]
+
+
+def _patched(module, ctx, kind: str, start: int, n: int, distill: dict | None = None):
+    """(module after estimate [-> distill] -> prune -> fuse(auto) -> fold_norms, the reports of
+    estimate_patch and distill_patch)."""
+    from splice.passes.distill_patch import DistillPatchPass
+    from splice.passes.estimate_patch import EstimatePatchPass
+    from splice.passes.fold_norms import FoldNormsPass
+    from splice.passes.fuse_patch import FusePatchPass
+    from splice.passes.prune_layers import PruneLayersPass
+
+    m = module.clone()
+    report = EstimatePatchPass(kind=kind, start=start, n=n, allow_first=True)(m, ctx).report
+    trained = DistillPatchPass(**distill)(m, ctx).report if distill else {}
+    for p in (PruneLayersPass(), FusePatchPass(strategy="auto"), FoldNormsPass()):
+        p(m, ctx)
+    return m, report, trained
+
+
+def _block_row(module, ctx, eval_ids, window, bos, n: int, start: int | None,
+               distill: dict | None = None) -> dict[str, Any]:
+    from splice.passes.prune_layers import PruneLayersPass
+    from splice.passes.select_layers import SelectLayersPass
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"n": n}
+    if start is None:
+        sel = SelectLayersPass(n=n, metric="cosine")(module.clone(), ctx).report
+        start = sel["start"]
+        row["selected_by"] = "select_layers (cosine)"
+        row["scores"] = sel["scores"]
+    else:
+        row["selected_by"] = "fixed"
+    row["block"] = [start, start + n]
+    pruned = module.clone()
+    PruneLayersPass(start=start, n=n, allow_first=True)(pruned, ctx)
+    row["params"] = pruned.num_parameters()
+    row["pruned"] = _ppl(pruned, eval_ids, window, bos)
+    chosen_module, auto, _ = _patched(module, ctx, "auto", start, n)
+    chosen = auto["kind"]
+    row["chosen_kind"] = chosen
+    row["holdout_errors"] = auto["holdout_errors"]
+    row["chosen"] = _ppl(chosen_module, eval_ids, window, bos)
+    row[chosen] = row["chosen"]
+    other = "lstsq" if chosen == "linearpatch" else "linearpatch"
+    other_module, _, _ = _patched(module, ctx, other, start, n)
+    row[other] = _ppl(other_module, eval_ids, window, bos)
+    if distill:
+        distilled, _, trained = _patched(module, ctx, chosen, start, n, distill)
+        row["distilled"] = _ppl(distilled, eval_ids, window, bos)
+        row["distill_report"] = trained
+    row["wall_s"] = time.perf_counter() - t0
+    log.info("block %s: %s", row["block"], {k: row[k] for k in ("pruned", "linearpatch", "lstsq")})
+    return row
+
+
+def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], window: int,
+                   bos: int | None, blocks: list[tuple[int, int | None]],
+                   distill: dict | None) -> dict[str, Any]:
+    from splice.passes.base import PassContext
+
+    ctx = PassContext(calibration=calib, seed=0, precision=torch.float32)
+    res: dict[str, Any] = {"model": name, "layers": module.config.num_layers,
+                           "params": module.num_parameters(), "calibration_tokens": calib.numel(),
+                           "eval_tokens": len(eval_ids), "window": window}
+    res["dense"] = _ppl(module, eval_ids, window, bos)
+    res["rows"] = []
+    for n, start in blocks:
+        if start is not None and any(r["block"] == [start, start + n] for r in res["rows"]):
+            continue  # the fixed block is one select_layers chose already
+        res["rows"].append(_block_row(module, ctx, eval_ids, window, bos, n, start, distill))
+    return res
+
+
+def _smollm2(distill: bool) -> dict[str, Any]:
+    from splice.frontend import load_model
+    from splice.text import module_tokenizer, read_text
+
+    module = load_model("smollm2-135m")
+    tok = module_tokenizer(module)
+    calib_ids = list(tok.encode(read_text(WIKI_CALIB)))[:16 * 512]
+    calib = torch.tensor(calib_ids, dtype=torch.int64).reshape(16, 512)
+    eval_ids = list(tok.encode(read_text(WIKI_TEST)))[:16384]
+    settings = dict(samples=64, seq_len=128, steps=100, batch=4, lr=1e-3) if distill else None
+    return _model_section("SmolLM2-135M", module, calib, eval_ids, 1024, None,
+                          [(2, None), (4, None), (6, None), (4, 12)], settings)
+
+
+def _stories(quick: bool) -> dict[str, Any]:
+    from splice.frontend import load_model
+    from splice.text import module_tokenizer, read_text
+
+    module = load_model(str(STORIES))
+    tok = module_tokenizer(module)
+    text = read_text(TINYSTORIES)
+    half = len(text) // 2
+    eval_ids = list(tok.encode(text[:half]))
+    calib_ids = list(tok.encode(text[half:]))
+    rows, seq = (4, 256) if quick else (16, 512)
+    if quick:
+        eval_ids = eval_ids[:8 * 511]
+    calib = torch.tensor(calib_ids[:rows * seq], dtype=torch.int64).reshape(rows, seq)
+    bos = module.config.bos_token_id
+    window = module.config.max_position - 1
+    settings = dict(samples=16, seq_len=64, steps=20, batch=2) if quick else \
+        dict(samples=64, seq_len=128, steps=200, batch=4, lr=1e-3)
+    return _model_section("stories260K", module, calib, eval_ids, window, bos, [(1, None)],
+                          settings)
+
+
+def run(quick: bool = False, distill_smollm2: bool = False) -> tuple[str, dict]:
+    torch.set_num_threads(2)
+    sections = [] if quick else [_smollm2(distill_smollm2)]
+    sections.append(_stories(quick))
+    figures = {"sections": sections, "reference": REFERENCE,
+               "calibration_precision": "float32 activations, float64 fits"}
+    return markdown(figures), figures
+
+
+def markdown(figures: dict) -> str:
+    lines = ["## Layer pruning with LinearPatch", "",
+             "Perplexity (reference interpreter, float32). Patched columns run estimate_patch -> "
+             "prune_layers -> fuse_patch(auto) -> fold_norms; `chosen` is the patch estimate_patch "
+             "picks with kind = auto (lower held-out per-token relative error of the stream).", ""]
+    for s in figures["sections"]:
+        lines += [f"### {s['model']}: {s['layers']} layers, {s['params'] / 1e6:.2f} M parameters, "
+                  f"{s['calibration_tokens']} calibration tokens, {s['eval_tokens']} evaluation "
+                  f"tokens in {s['window']}-token windows", "",
+                  "| block | selected by | parameters | dense | pruned | LinearPatch "
+                  "| least squares | chosen | chosen + distill_patch |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+        for r in s["rows"]:
+            distilled = f"{r['distilled']:.2f}" if "distilled" in r else "-"
+            lines.append(f"| [{r['block'][0]}, {r['block'][1]}) | {r['selected_by']} | "
+                         f"{r['params'] / 1e6:.2f} M | {s['dense']:.2f} | {r['pruned']:.2f} | "
+                         f"{r['linearpatch']:.2f} | {r['lstsq']:.2f} | {r['chosen']:.2f} "
+                         f"({r['chosen_kind']}) | {distilled} |")
+        lines.append("")
+    ref = figures["reference"]
+    b0, b1 = ref["block"]
+    lines += [f"Reference (the issue, SmolLM2-135M, block [{b0}, {b1})): "
+              f"dense {ref['dense']}, pruned {ref['pruned']}, LinearPatch {ref['linearpatch']}, "
+              f"ridge least squares {ref['lstsq']}.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.prune_patch")
+    ap.add_argument("--quick", action="store_true", help="stories260K only, small sizes")
+    ap.add_argument("--distill", action="store_true",
+                    help="also distil the chosen patch on SmolLM2 (minutes per block)")
+    ap.add_argument("--json", default=str(REPO / "benchmarks" / "prune_patch.json"),
+                    help="where to write the raw figures")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    text, figures = run(quick=a.quick, distill_smollm2=a.distill)
+    sys.stdout.write(text)
+    Path(a.json).write_text(json.dumps(figures, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,371 @@
+"""Estimate the linear patch that bridges a block of layers about to be pruned.
+
+LinearPatch (Chen et al. 2025, "LinearPatch: A Simple Linear Patch for Layer Pruning in LLMs")
+replaces a pruned block [start, start + n) by one d x d matrix on the residual stream,
+P = H diag(s) H^T, H an orthonormal Hadamard matrix and s the per-channel ratio of mean |x H|
+just after the block to just before it, measured on calibration tokens in the rotated space:
+the Hadamard rotation spreads the few massive-activation channels over all channels, so one
+scale per rotated channel fits well. The alternative is a ridge least-squares map T (a dense
+linear map, as LLM-Streamline, Chen et al. 2024, and ReplaceMe, Shopkhoev et al. 2025, fit one)
+minimising sum_t ||x_t T - y_t||^2 / ||y_t||^2 + lambda ||T - I||^2: per-token relative error,
+and ridge towards the identity (no patch) rather than towards 0, with lambda = `ridge` times the
+mean diagonal of the weighted X^T X. Both departures from a plain ridge fit matter in LLMs, whose
+few massive-activation tokens and channels otherwise dominate the fit (see `ridge_lstsq`; on
+SmolLM2-135M, block [12, 16), they take the perplexity from 97 to 42). `token_weights = False`
+gives the unweighted fit. `kind = "auto"` fits both on the calibration tokens minus a seeded
+held-out share (`holdout`) and keeps the one with the lower held-out mean per-token relative
+error ||x_t P - y_t||^2 / ||y_t||^2; every error (and the unpatched baseline's) is in the report.
+
+Pass order. The pass runs on the unpruned model, after select_layers and before prune_layers: it
+reads the block from config.extra["prune_block"] (or from its own start/n settings, which it then
+records there), measures X_in (the stream entering layer start) and X_out (the stream leaving
+layer start + n - 1) through the reference interpreter in ctx.precision (the fit itself is always
+float64), and inserts the patch on X_in with its output unused. The module still computes what it
+did (the pass is exact). Then prune_layers removes the block and wires the patch's output to
+everything that read X_out.
+
+The patch's form (all nodes role "patch", origin "estimate_patch"):
+- LinearPatch with a symmetric Hadamard H (Sylvester and Paley II orders, e.g. 64, 576 = 36 x 16,
+  4096): hadamard -> channel_scale(s) -> hadamard, the factored form that computes x P exactly
+  in O(d log d). It is kept factored because multiplying it out is exact in float64 while
+  recovering s from a rounded dense P is not; fuse_patch picks the deployed form.
+- LinearPatch with a non-symmetric Hadamard (Paley I or Williamson bases, where H^T != H and
+  the hadamard op cannot apply H^T) or with a random orthogonal rotation: matmul by P.
+- Least squares: matmul by T.
+Orders with no Hadamard construction (2 mod 4, e.g. 30) fall back to a seeded Haar-random
+orthogonal rotation (ir.hadamard.random_orthogonal(d, ctx.seed)), with a warning in the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter
+from typing import Any, Literal
+
+import torch
+
+from ..ir.core import Graph, Module, Node, Value, emit
+from ..ir.hadamard import factorize, hadamard_matrix, random_orthogonal
+from .base import PassBase, PassContext, PassError, PassResult
+from .prune_layers import (capture, check_calibration, dangling_patch, resolve_block, stream_in,
+                           stream_out)
+from .registry import register_pass
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("linearpatch", "lstsq", "auto")
+
+
+# -- patches in the graph ----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Patch:
+    """A chain of role "patch" nodes from stream value `x` to `y`, in form "factored"
+    (hadamard, channel_scale, hadamard), "dense" (one matmul) or "other"."""
+
+    nodes: list[Node]
+    x: Value
+    y: Value
+    form: str
+
+    def dangling(self, graph: Graph) -> bool:
+        return not self.y.uses and self.y not in graph.outputs
+
+    def matrix(self, module: Module) -> torch.Tensor:
+        """The d x d matrix the patch multiplies by, in float64."""
+        if self.form == "dense":
+            return module.weight(self.nodes[0].inputs[1]).to(torch.float64)
+        if self.form == "factored":
+            h = hadamard_matrix(self.nodes[0].attrs["size"])
+            return (h * self.scale(module)) @ h.T
+        raise PassError(f"patch %{self.y.name} has an unknown form "
+                        f"({' -> '.join(n.op for n in self.nodes)})")
+
+    def scale(self, module: Module) -> torch.Tensor:
+        return module.weight(self.nodes[1].inputs[1]).to(torch.float64)
+
+
+def find_patches(graph: Graph) -> list[Patch]:
+    """Every patch in the graph, in graph order. Chains are parsed by form from their last node,
+    so two patches in a row (a second pruning at the same cut) stay two patches."""
+    patches: list[Patch] = []
+    claimed: set[int] = set()
+    for node in reversed(graph.nodes):
+        if node.role != "patch" or id(node) in claimed:
+            continue
+        chain = _chain_ending_at(node)
+        claimed.update(id(n) for n in chain)
+        x = chain[0].inputs[0]
+        assert x is not None
+        patches.append(Patch(chain, x, node.outputs[0], _form(chain)))
+    return patches[::-1]
+
+
+def _chain_ending_at(node: Node) -> list[Node]:
+    if node.op == "hadamard":
+        scale = _patch_producer(node)
+        first = _patch_producer(scale) if scale is not None and scale.op == "channel_scale" \
+            else None
+        if first is not None and first.op == "hadamard":
+            return [first, scale, node]  # type: ignore[list-item]
+    return [node]
+
+
+def _patch_producer(node: Node) -> Node | None:
+    """The role "patch" node whose output only `node` reads as its first input, if any."""
+    x = node.inputs[0]
+    p = x.producer if x is not None else None
+    if p is None or p.role != "patch" or x.users() != [node]:  # type: ignore[union-attr]
+        return None
+    return p
+
+
+def _form(chain: list[Node]) -> str:
+    ops = [n.op for n in chain]
+    if ops == ["matmul"] and chain[0].inputs[1] is not None and chain[0].inputs[1].is_const:
+        return "dense"
+    if ops == ["hadamard", "channel_scale", "hadamard"] and chain[1].inputs[1] is not None \
+            and chain[1].inputs[1].is_const:
+        plain = {"block": 0, "group": 0, "scale": 1.0}
+        a, b = chain[0].attrs, chain[2].attrs
+        if a == b and all(a[k] == v for k, v in plain.items()):
+            return "factored"
+    return "other"
+
+
+def remove_patch(module: Module, patch: Patch) -> list[str]:
+    """Delete a patch chain whose output nothing reads any more; returns the weights dropped."""
+    g = module.graph
+    consts = [v.const for n in patch.nodes for v in n.inputs if v is not None and v.is_const]
+    for node in reversed(patch.nodes):
+        g.remove(node)
+    dropped = []
+    for name in consts:
+        v = g.consts.get(name)
+        if v is not None and not v.uses:
+            g.remove_const(name)
+            del module.weights[name]
+            dropped.append(name)
+    return dropped
+
+
+def storage_dtype(module: Module) -> torch.dtype:
+    """The floating dtype most of the module's weights are stored in (what a new weight gets)."""
+    counts = Counter(t.dtype for t in module.weights.values() if t.is_floating_point())
+    return counts.most_common(1)[0][0] if counts else torch.float32
+
+
+def emit_patch(module: Module, x: Value, *, matrix: torch.Tensor | None = None,
+               scale: torch.Tensor | None = None, dtype: torch.dtype, base: str, origin: str,
+               before: Node | None = None, after: Node | None = None) -> Value:
+    """Insert a patch on `x`: the factored Hadamard form for `scale`, a matmul for `matrix`,
+    its weight stored in `dtype`; returns the patch output (named `base`)."""
+    g = module.graph
+    d = x.shape[-1]
+    place: dict[str, Any] = {"before": before} if before is not None else {"after": after}
+    meta = {"role": "patch", "origin": origin}
+    if scale is not None:
+        s = module.add_weight(base + ".scale", scale.to(dtype))
+        nodes = [emit(g, "hadamard", [x], {"size": d}, name=base + ".rotate", **meta, **place)]
+        _advance(place, nodes[-1])
+        nodes.append(emit(g, "channel_scale", [nodes[-1].output, s], name=base + ".scaled",
+                          **meta, **place))
+        _advance(place, nodes[-1])
+        nodes.append(emit(g, "hadamard", [nodes[-1].output], {"size": d}, name=base, **meta,
+                          **place))
+        return nodes[-1].output
+    assert matrix is not None
+    w = module.add_weight(base + ".weight", matrix.to(dtype))
+    return emit(g, "matmul", [x, w], name=base, **meta, **place).output
+
+
+def _advance(place: dict[str, Any], node: Node) -> None:
+    if "after" in place:
+        place["after"] = node
+
+
+# -- the estimates -----------------------------------------------------------------------------
+
+def rotation(d: int, seed: int) -> tuple[torch.Tensor, str, list[int] | None]:
+    """The rotation for LinearPatch: (H, "hadamard", factors) or, for orders without a Hadamard
+    construction, (Q, "random_orthogonal", None)."""
+    factors = factorize(d)
+    if factors is not None:
+        return hadamard_matrix(d), "hadamard", factors
+    return random_orthogonal(d, seed), "random_orthogonal", None
+
+
+def linearpatch_scale(x_in: torch.Tensor, x_out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """s_c = mean_t |(x_out Q)_tc| / mean_t |(x_in Q)_tc|; 1 for a channel that is always 0."""
+    num = (x_out @ q).abs().mean(0)
+    den = (x_in @ q).abs().mean(0)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.ones_like(den))
+
+
+def ridge_lstsq(x: torch.Tensor, y: torch.Tensor, ridge: float, pass_name: str, *,
+                prior: torch.Tensor | None = None, token_weights: bool = True) -> torch.Tensor:
+    """argmin_T sum_t w_t ||x_t T - y_t||^2 + lambda ||T - T0||^2, in float64.
+
+    The prior T0 (identity by default: no patch) is what heavy regularisation falls back to.
+    Shrinking towards 0 instead erases the stream: in LLMs a few massive-activation channels set
+    the mean diagonal of X^T X, so lambda = ridge * mean diag is far above the energy of the
+    hundreds of ordinary channels (measured on SmolLM2-135M, block [12, 16): perplexity 97
+    against 45 towards identity). `token_weights` sets w_t = 1 / ||y_t||^2, the per-token
+    relative error, which the next RMS norm sees, so the few attention-sink tokens whose norm is
+    hundreds of times the median do not dominate the fit (42 against 45 on that block).
+    lambda = ridge * the mean diagonal of the weighted X^T X, so the setting is scale-free."""
+    if token_weights:
+        w = 1.0 / y.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+        x, y = x * w, y * w
+    a = x.T @ x
+    eye = torch.eye(a.shape[0], dtype=a.dtype)
+    lam = ridge * float(a.diagonal().mean())
+    t0 = eye if prior is None else prior.to(a.dtype)
+    try:
+        return torch.linalg.solve(a + lam * eye, x.T @ y + lam * t0)
+    except torch.linalg.LinAlgError:
+        raise PassError(f"{pass_name}: the least-squares system is singular (ridge = {ridge}); "
+                        "use ridge > 0 or more calibration tokens") from None
+
+
+def stream_errors(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """How far the patched stream x is from the true y, per token t: the mean relative squared
+    error ||x_t - y_t||^2 / ||y_t||^2 ("token_rel", what kind = auto compares), the mean cosine
+    distance, and the relative squared error over all tokens ("rel_mse", dominated by the
+    massive-activation tokens)."""
+    if x.shape[0] == 0:
+        return {"token_rel": math.nan, "cosine": math.nan, "rel_mse": math.nan}
+    yy = y.pow(2).sum(-1).clamp_min(1e-300)
+    cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
+    return {"token_rel": float(((x - y).pow(2).sum(-1) / yy).mean()),
+            "cosine": float((1.0 - cos).mean()),
+            "rel_mse": float((x - y).pow(2).sum() / yy.sum())}
+
+
+# -- the pass ----------------------------------------------------------------------------------
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class EstimatePatchPass(PassBase):
+    """Fit the patch for the selected block and leave it waiting on the stream entering it.
+
+    Settings: `kind` ("linearpatch", "lstsq" or "auto": the better on held-out tokens), `ridge`
+    (least-squares regulariser towards the identity, relative to the mean diagonal of X^T X),
+    `token_weights` (least squares on per-token relative error), `holdout` (share of the
+    calibration tokens kept out of the fit to compare the two), `start`/`n`/`allow_first` (the
+    block, when not the one select_layers recorded; see prune_layers).
+    """
+
+    name = "estimate_patch"
+    exact = True
+
+    kind: Literal["linearpatch", "lstsq", "auto"] = "auto"
+    ridge: float = 1e-2
+    token_weights: bool = True
+    holdout: float = 0.25
+    start: int = -1
+    n: int = -1
+    allow_first: bool = False
+
+    def _check(self) -> None:
+        if self.kind not in KINDS:
+            raise PassError(f"{self.name}: kind {self.kind!r}; accepted: {', '.join(KINDS)}")
+        if not self.ridge >= 0 or math.isinf(self.ridge):
+            raise PassError(f"{self.name}: ridge = {self.ridge}; it must be a finite number >= 0")
+        if not 0 <= self.holdout < 1:
+            raise PassError(f"{self.name}: holdout = {self.holdout}; it must be in [0, 1)")
+        if self.kind == "auto" and self.holdout == 0:
+            raise PassError(f"{self.name}: kind 'auto' compares the patches on held-out tokens; "
+                            "give holdout > 0, or choose kind 'linearpatch' or 'lstsq'")
+
+    def call(self, module: Module, ctx: PassContext) -> PassResult:
+        self._check()
+        block = resolve_block(module, self.start, self.n, self.allow_first, self.name)
+        if block is None:
+            if module.config.extra.get("pruned"):
+                return PassResult(module, False, {"skipped": "no block pending"})
+            raise PassError(f"{self.name}: no block to patch: give start and n, or run "
+                            "select_layers first (it records config.extra['prune_block'])")
+        start, n, recorded = block
+        g = module.graph
+        x_in, x_out = stream_in(module, start, self.name), stream_out(module, start + n - 1,
+                                                                      self.name)
+        modified = False
+        if not recorded and module.config.extra.get("prune_block") != [start, n]:
+            module.config = module.config.replace(extra={**module.config.extra,
+                                                         "prune_block": [start, n]})
+            modified = True
+        stale = [p for p in find_patches(g) if p.dangling(g) and p.x is not x_in]
+        for p in stale:
+            remove_patch(module, p)
+        if dangling_patch(g, x_in) is not None:
+            return PassResult(module, modified or bool(stale), {
+                "block": [start, start + n], "skipped": "a patch already waits on this block"})
+        report = self._estimate(module, ctx, start, n, x_in, x_out)
+        report["removed_stale_patches"] = len(stale)
+        return PassResult(module, True, report)
+
+    def _estimate(self, module: Module, ctx: PassContext, start: int, n: int, x_in: Value,
+                  x_out: Value) -> dict[str, Any]:
+        d = x_in.shape[-1]
+        assert isinstance(d, int)
+        total = int(check_calibration(module, ctx, self.name).numel())
+        n_hold = int(round(total * self.holdout))
+        if total - n_hold < d or (self.holdout > 0 and n_hold < 1):
+            need = max(d + 1, math.ceil(d / (1 - self.holdout)) + 1)
+            raise PassError(f"{self.name}: {total} calibration tokens are too few: a {d} x {d} "
+                            f"patch needs at least {d} tokens to fit, plus the held-out share "
+                            f"{self.holdout}; give at least {need} tokens")
+        xi, xo = (t.to(torch.float64) for t in capture(module, ctx, [x_in, x_out], self.name))
+        gen = torch.Generator().manual_seed(ctx.seed)
+        perm = torch.randperm(total, generator=gen)
+        fit, hold = perm[n_hold:], perm[:n_hold]
+        warnings = []
+        q, rot, factors = rotation(d, ctx.seed)
+        if rot != "hadamard":
+            warnings.append(f"hidden size {d} has no Hadamard construction (orders 2 mod 4 and "
+                            "odd orders have none); LinearPatch uses a seeded random orthogonal "
+                            "rotation instead, which spreads outliers as well but has no fast "
+                            "transform: the patch stays a dense matmul")
+            logger.warning("estimate_patch: %s", warnings[-1])
+        symmetric = rot == "hadamard" and bool(torch.equal(q, q.T))
+        candidates: dict[str, torch.Tensor] = {}
+        scale = None
+        if self.kind in ("linearpatch", "auto"):
+            scale = linearpatch_scale(xi[fit], xo[fit], q)
+            candidates["linearpatch"] = (q * scale) @ q.T
+        if self.kind in ("lstsq", "auto"):
+            candidates["lstsq"] = ridge_lstsq(xi[fit], xo[fit], self.ridge, self.name,
+                                              token_weights=self.token_weights)
+        errors = {"none": stream_errors(xi[hold], xo[hold])}
+        errors.update({k: stream_errors(xi[hold] @ m, xo[hold]) for k, m in candidates.items()})
+        if self.kind == "auto":
+            chosen = min(candidates, key=lambda k: (errors[k]["token_rel"], k))
+        else:
+            chosen = self.kind
+        anchor = min((u for u in x_in.users()), key=module.graph.nodes.index)
+        base = module.graph.free_name(f"patch.{start}")
+        if chosen == "linearpatch" and symmetric:
+            assert scale is not None
+            out = emit_patch(module, x_in, scale=scale, dtype=storage_dtype(module), base=base,
+                             origin=self.name, before=anchor)
+            form = "factored"
+        else:
+            out = emit_patch(module, x_in, matrix=candidates[chosen], dtype=storage_dtype(module),
+                             base=base, origin=self.name, before=anchor)
+            form = "dense"
+        logger.info("estimate_patch: block [%d, %d), %s patch (%s), held-out per-token relative "
+                    "error %s", start, start + n, chosen, form,
+                    {k: round(v["token_rel"], 5) for k, v in errors.items()})
+        report: dict[str, Any] = {
+            "block": [start, start + n], "kind": chosen, "form": form, "patch": out.name,
+            "holdout_errors": errors, "tokens_fit": int(fit.numel()),
+            "tokens_holdout": int(hold.numel()), "rotation": rot, "factors": factors,
+            "symmetric": symmetric, "ridge": self.ridge, "token_weights": self.token_weights,
+            "warnings": warnings}
+        if scale is not None:
+            report["scale"] = {"min": float(scale.min()), "max": float(scale.max()),
+                               "mean": float(scale.mean())}
+        return report

@@ -1,0 +1,233 @@
+"""Choose the deployed form of each linear patch that estimate_patch inserted.
+
+Strategies (each applies to every patch in the graph):
+
+- "dense": one matmul by P. A factored LinearPatch (hadamard -> channel_scale(s) -> hadamard) is
+  multiplied out, P = H diag(s) H computed in float64 and stored in the patch's dtype. Exact in
+  float64 (storage rounding of P only). Costs d^2 multiply-adds per token; every backend has it.
+- "fwht": the factored form, x P = ((x H) * s) H^T with H^T = H: two fast Hadamard transforms and
+  a channel scale, O(d log d). A dense patch is converted only when it is exactly a LinearPatch:
+  H symmetric (Sylvester or Paley II orders; Paley I and Williamson bases are not, and the
+  `hadamard` op cannot apply H^T) and D = H P H diagonal to 1e-10 of its largest entry, s = diag D.
+  Anything else (a least-squares patch, a P rounded to float32) is refused with the reason, so
+  the strategy is exact in float64 whenever it succeeds.
+- "auto": keep factored patches factored and convert the dense ones that "fwht" can convert
+  exactly; never fails, always exact.
+- "fold": ReplaceMe's fold (Shopkhoev et al. 2025, "ReplaceMe: Network Simplification via Layer
+  Pruning and Linear Transformations"): remove the patch and fold a d x d map T into the
+  down_proj of the layer before the cut. The patched stream is (y + m) P, with y the stream after
+  that layer's attention and m its MLP output; only m passes through a linear, so T is the ridge
+  least-squares fit of y + m T to (y + m) P on the calibration tokens (per-token relative error,
+  ridge towards T = P, as estimate_patch fits), and down_proj's weight becomes T^T W (its bias
+  b T). Lossy: the report gives the fit's errors beside those of dropping the patch. It needs
+  the pruned model (the stream the patch reads must feed nothing else) and a down_proj that
+  writes the stream directly (not through Gemma's post norm); the patch must sit after a layer,
+  not on the embedding.
+
+Not implemented: the "rotated" strategy (P collapsing to a channel scale in a residual stream
+already rotated by the same H), for want of a rotation pass to test it against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any, Literal
+
+import torch
+
+from ..ir.core import Module, Node, Value
+from ..ir.hadamard import factorize, hadamard_matrix
+from .base import PassBase, PassContext, PassError, PassResult
+from .estimate_patch import (Patch, emit_patch, find_patches, remove_patch, ridge_lstsq,
+                             stream_errors)
+from .prune_layers import capture
+from .registry import register_pass
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("dense", "fwht", "fold", "auto")
+DIAGONAL_RTOL = 1e-10
+
+
+@register_pass
+@dataclasses.dataclass(frozen=True)
+class FusePatchPass(PassBase):
+    """Turn every patch into the deployed form: dense, fwht (factored), auto or fold.
+
+    Settings: `strategy`, `ridge` (the fold's least-squares regulariser, relative to the mean
+    diagonal of M^T M).
+    """
+
+    name = "fuse_patch"
+
+    strategy: Literal["dense", "fwht", "fold", "auto"] = "auto"
+    ridge: float = 1e-2
+
+    @property
+    def exact(self) -> bool:  # type: ignore[override]
+        return self.strategy != "fold"
+
+    def call(self, module: Module, ctx: PassContext) -> PassResult:
+        if self.strategy not in STRATEGIES:
+            raise PassError(f"{self.name}: strategy {self.strategy!r}; accepted: "
+                            f"{', '.join(STRATEGIES)}")
+        if not self.ridge >= 0:
+            raise PassError(f"{self.name}: ridge = {self.ridge}; it must be >= 0")
+        patches = find_patches(module.graph)
+        for p in patches:
+            if p.form == "other":
+                raise PassError(f"{self.name}: patch %{p.y.name} is "
+                                f"{' -> '.join(n.op for n in p.nodes)}; accepted forms: one "
+                                "matmul, or hadamard -> channel_scale -> hadamard")
+        done: list[dict[str, Any]] = []
+        # one patch at a time, re-reading the graph: a rewrite replaces the patch's values, and
+        # the next patch may read them (two patches in a row); names are kept, so they identify
+        handled: set[str] = set()
+        while True:
+            p = next((q for q in find_patches(module.graph) if q.y.name not in handled), None)
+            if p is None:
+                break
+            handled.add(p.y.name)
+            if self.strategy == "dense":
+                entry = _to_dense(module, p, self.name)
+            elif self.strategy == "fold":
+                entry = _fold(module, ctx, p, self.ridge, self.name)
+            else:
+                entry = _to_factored(module, p, self.name, strict=self.strategy == "fwht")
+            done.append(entry)
+        changed = [e for e in done if e["changed"]]
+        if changed:
+            logger.info("fuse_patch: %s", ", ".join(f"{e['patch']} {e['from']} -> {e['to']}"
+                                                    for e in changed))
+        return PassResult(module, bool(changed), {"strategy": self.strategy, "patches": done})
+
+
+def _replace(module: Module, p: Patch, new_out: Value) -> None:
+    g = module.graph
+    name = p.y.name
+    p.y.replace_all_uses_with(new_out)
+    g.outputs = [new_out if v is p.y else v for v in g.outputs]
+    remove_patch(module, p)
+    g.rename(new_out, name)
+
+
+def _to_dense(module: Module, p: Patch, pass_name: str) -> dict[str, Any]:
+    entry = {"patch": p.y.name, "from": p.form, "to": "dense", "changed": p.form != "dense"}
+    if p.form == "dense":
+        return entry
+    dtype = module.weights[p.nodes[1].inputs[1].const].dtype  # type: ignore[union-attr]
+    out = emit_patch(module, p.x, matrix=p.matrix(module), dtype=dtype, base=p.y.name,
+                     origin=pass_name, after=p.nodes[-1])
+    _replace(module, p, out)
+    return entry
+
+
+def _to_factored(module: Module, p: Patch, pass_name: str, *, strict: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {"patch": p.y.name, "from": p.form, "to": p.form, "changed": False}
+    if p.form == "factored":
+        return entry
+    scale, why = _diagonal_in_hadamard(module, p)
+    if scale is None:
+        if strict:
+            raise PassError(f"{pass_name}: strategy 'fwht' cannot turn patch %{p.y.name} into "
+                            f"Hadamard transforms and a channel scale: {why}; use strategy "
+                            "'dense' or 'auto' (which keeps such a patch dense)")
+        entry["kept_dense"] = why
+        return entry
+    dtype = module.weights[p.nodes[0].inputs[1].const].dtype  # type: ignore[union-attr]
+    out = emit_patch(module, p.x, scale=scale, dtype=dtype, base=p.y.name, origin=pass_name,
+                     after=p.nodes[-1])
+    _replace(module, p, out)
+    entry.update(to="factored", changed=True)
+    return entry
+
+
+def _diagonal_in_hadamard(module: Module, p: Patch) -> tuple[torch.Tensor | None, str]:
+    """(s, "") when the dense patch is exactly H diag(s) H for the symmetric Hadamard H of its
+    order, else (None, the reason)."""
+    w = p.nodes[0].inputs[1]
+    assert w is not None
+    d = w.shape[0]
+    assert isinstance(d, int)
+    if w.shape[0] != w.shape[1]:
+        return None, f"it is {list(w.shape)}, not square"
+    if factorize(d) is None:
+        return None, f"order {d} has no Hadamard construction"
+    h = hadamard_matrix(d)
+    if not torch.equal(h, h.T):
+        return None, (f"the Hadamard matrix of order {d} (base {factorize(d)[0]}) is not "
+                      "symmetric, so H^T has no online transform")
+    diag = h @ p.matrix(module) @ h
+    s = diag.diagonal().clone()
+    off = (diag - torch.diag(s)).abs().max()
+    top = diag.abs().max().clamp_min(1e-300)
+    if off > DIAGONAL_RTOL * top:
+        return None, (f"H P H is not diagonal (largest off-diagonal entry {float(off / top):.2g} "
+                      f"of the largest entry, allowed {DIAGONAL_RTOL:g}): it is not a LinearPatch "
+                      "(a least-squares patch), or its P was rounded below float64")
+    return s, ""
+
+
+def _fold(module: Module, ctx: PassContext, p: Patch, ridge: float,
+          pass_name: str) -> dict[str, Any]:
+    g = module.graph
+    x = p.x
+    if p.dangling(g):
+        raise PassError(f"{pass_name}: patch %{p.y.name} is not wired in yet; strategy 'fold' "
+                        "needs the pruned model (run prune_layers first)")
+    others = [u for u in x.users() if u is not p.nodes[0]]
+    if others:
+        raise PassError(f"{pass_name}: the stream %{x.name} that patch %{p.y.name} reads also "
+                        f"feeds {others[0].op} ({others[0].role or 'no role'}); 'fold' can only "
+                        "change a stream that nothing but the patch reads")
+    add = x.producer
+    if add is None or add.op != "add" or add.role != "mlp.residual":
+        what = "a graph input" if add is None else f"{add.op} ({add.role or 'no role'})"
+        raise PassError(f"{pass_name}: patch %{p.y.name} reads %{x.name}, made by {what}; 'fold' "
+                        "needs the MLP residual add of the layer before the cut (a block "
+                        "starting at layer 0 has none)")
+    down, m_index = _down_proj(add)
+    if down is None:
+        kinds = ", ".join(f"{v.producer.op} ({v.producer.role})" for v in add.inputs
+                          if v is not None and v.producer is not None)
+        raise PassError(f"{pass_name}: the residual add before patch %{p.y.name} adds "
+                        f"{kinds}; 'fold' needs an mlp.down_proj linear writing the stream "
+                        "directly (a post norm between them is not linear)")
+    y, m = add.inputs[1 - m_index], add.inputs[m_index]
+    assert y is not None and m is not None
+    ys, ms, xs = (t.to(torch.float64) for t in capture(module, ctx, [y, m, x], pass_name))
+    target = xs @ p.matrix(module)
+    # per-token relative error of the patched stream, ridge towards T = P (see ridge_lstsq)
+    w = 1.0 / target.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+    t = ridge_lstsq(ms * w, (target - ys) * w, ridge, pass_name, prior=p.matrix(module),
+                    token_weights=False)
+    errors = {"fold": stream_errors(ys + ms @ t, target), "unpatched": stream_errors(xs, target)}
+    w = down.inputs[1]
+    assert w is not None
+    wt = module.weight(w)
+    module.set_weight(w, (t.T @ wt.to(torch.float64)).to(wt.dtype))
+    b = down.inputs[2] if len(down.inputs) > 2 else None
+    if b is not None:
+        bt = module.weight(b)
+        module.set_weight(b, (bt.to(torch.float64) @ t).to(bt.dtype))
+    name = p.y.name
+    p.y.replace_all_uses_with(x)
+    g.outputs = [x if v is p.y else v for v in g.outputs]
+    dropped = remove_patch(module, p)
+    logger.info("fuse_patch: folded %s into layer %s down_proj, relative error %.3g", name,
+                down.layer, errors["fold"]["rel_mse"])
+    return {"patch": name, "from": p.form, "to": f"layers.{down.layer}.mlp.down_proj",
+            "changed": True, "calibration_errors": errors, "dropped_weights": dropped}
+
+
+def _down_proj(add: Node) -> tuple[Node | None, int]:
+    """The mlp.down_proj linear feeding `add` only, with constant weights, and its input index."""
+    for i, v in enumerate(add.inputs):
+        node = v.producer if v is not None else None
+        if node is None or node.op != "linear" or node.role != "mlp.down_proj":
+            continue
+        consts = [c for c in node.inputs[1:] if c is not None]
+        if len(v.uses) == 1 and all(c.is_const and len(c.uses) == 1 for c in consts):
+            return node, i
+    return None, -1
