@@ -3,10 +3,13 @@
 The files are written into a hidden temporary sibling of the target (same filesystem, so renames
 are atomic), hashed and fsynced, the manifest is written last, and only then does the directory
 take the target's name. A previous artefact at the target stays whole until the new one is
-complete: it is renamed aside, the new one renamed in, and the old one deleted. An exclusive lock
-on a sibling lock file (flock, released by the kernel if the process dies) serialises two compiles
-into one target. A crash between the two renames leaves the old artefact aside under a hidden name;
-the next write into that target restores it before it starts.
+complete: on Linux the two directories are exchanged in one atomic renameat2(RENAME_EXCHANGE), so
+the target always holds a whole artefact, the old or the new, even if the process is killed; then
+the old one is deleted. Elsewhere it is renamed aside, the new one renamed in, and the old one
+deleted. An exclusive lock on a sibling lock file (flock, released by the kernel if the process
+dies) serialises two compiles into one target. What a killed writer leaves, the next write into
+that target cleans up before it starts: its hidden temporary directory is deleted and an old
+artefact left aside between the two renames of the fallback is restored. The lock file stays.
 
 The format itself (manifest name, hashing, accepted paths) is defined once in runtime/manifest.py,
 which the reader uses too.
@@ -15,8 +18,11 @@ which the reader uses too.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
+import errno
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -161,6 +167,12 @@ def _swap_in(tmp: Path, out: Path) -> None:
         os.rename(tmp, out)
         _fsync_dir(out.parent)
         return
+    if _exchange(tmp, out):
+        # one atomic step: `out` is the new artefact and `tmp` holds the previous one, which a
+        # crash before this rmtree leaves for the next write's _recover to delete
+        _fsync_dir(out.parent)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = out.parent / f".{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
     os.rename(out, old)
     try:
@@ -170,6 +182,29 @@ def _swap_in(tmp: Path, out: Path) -> None:
         raise
     _fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 with RENAME_EXCHANGE, glibc >= 2.28); False
+    where the platform or the filesystem cannot, and the caller falls back to two renames."""
+    renameat2 = getattr(_libc(), "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 def _fsync_dir(path: Path) -> None:

@@ -127,15 +127,29 @@ def _load_model(path: Path, folder: Path, **kwargs: Any):
     import torch
     from transformers import AutoModelForCausalLM
 
+    # mismatched sizes are loaded (ignore_mismatched_sizes) only to be refused below with the
+    # shapes named; transformers' multi-line LOAD REPORT is held back, since every fact in it is
+    # re-stated here as one error line or one warning
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    report_logger.addFilter(_drop_load_report)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             str(folder), dtype=torch.float32, local_files_only=True, output_loading_info=True,
-            **kwargs)
+            ignore_mismatched_sizes=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad checkpoint: one line
         if "gguf_file" in kwargs:
             _check_gguf_readable(path)
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         raise FrontendError(f"transformers cannot load {path}: {type(e).__name__}: {first}") from e
+    finally:
+        report_logger.removeFilter(_drop_load_report)
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        shown = "; ".join(f"{k} is {list(ckpt)} in the checkpoint but {list(want)} by the config"
+                          for k, ckpt, want in mismatched[:3])
+        more = f" (and {len(mismatched) - 3} more)" if len(mismatched) > 3 else ""
+        raise FrontendError(f"{path}: the weights do not fit the config's sizes: {shown}{more}; "
+                            "config.json and the weights must describe the same model")
     # transformers fills weights the checkpoint lacks with random values and only logs it; an
     # imported model must be the checkpoint, so a missing weight is an error here
     missing = sorted(info.get("missing_keys") or ())
@@ -148,6 +162,13 @@ def _load_model(path: Path, folder: Path, **kwargs: Any):
         logger.warning("%s: ignoring %d weights the model does not use: %s", path, len(unexpected),
                        unexpected[:6])
     return model.eval()
+
+
+def _drop_load_report(record: logging.LogRecord) -> bool:
+    """Keep the report only when it explains a conversion error, which transformers then raises
+    pointing at it."""
+    msg = str(record.msg)
+    return "LOAD REPORT" not in msg or "CONVERSION" in msg
 
 
 def _check_gguf_readable(path: Path) -> None:
@@ -180,15 +201,22 @@ def _check_config(path: Path) -> None:
                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     text = cfg.get("text_config") if model_type == "gemma3" else cfg
     text = text if isinstance(text, dict) else {}
-    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+    for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "intermediate_size", "head_dim"):
         value = text.get(field)
-        if value is not None and (not isinstance(value, int) or value <= 0):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                  or value <= 0):
             raise FrontendError(f"{cfg_file}: {field} = {value!r}; it must be a positive integer")
     hidden, heads = text.get("hidden_size"), text.get("num_attention_heads")
     if isinstance(hidden, int) and isinstance(heads, int) and not text.get("head_dim") \
             and hidden % heads:
         raise FrontendError(f"{cfg_file}: num_attention_heads {heads} does not divide hidden_size "
                             f"{hidden} (and no head_dim is given)")
+    kv = text.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and heads % kv:
+        raise FrontendError(f"{cfg_file}: num_key_value_heads {kv} does not divide "
+                            f"num_attention_heads {heads}; each key/value head serves a whole "
+                            "group of query heads")
 
 
 def _check_safetensors(file: Path) -> None:

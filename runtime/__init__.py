@@ -1,12 +1,34 @@
 """Run an artefact: `load(path)` checks it and returns an `Artefact` with `logits()`,
-`generate()`, `generate_ids()` and `stream()`. numpy, onnxruntime and tokenizers only (no torch),
-so an edge device needs nothing else."""
+`generate()`, `generate_ids()` and `stream()`. numpy, the backend's runtime (onnxruntime, or TVM's
+for a TVM artefact) and tokenizers only (no torch), so an edge device needs nothing else."""
+
+from pathlib import Path
+from typing import Any
 
 from ..errors import ArtefactError, InputError
-from .artefact import Artefact, Generation, KVCache, load
+from .artefact import Artefact, Generation, KVCache
+from .artefact import load as _load_onnx
 from .manifest import read_manifest, verify_artefact
 from .sampling import Sampling
 from .tokenizer import load_tokenizer
 
 __all__ = ["Artefact", "ArtefactError", "Generation", "InputError", "KVCache", "Sampling", "load",
            "load_tokenizer", "read_manifest", "verify_artefact"]
+
+TVM_OPTIONS = ("expected_manifest_sha256", "threads", "device")
+
+
+def load(path: str | Path, **options: Any) -> Artefact:
+    """Check and open the artefact at `path` with the runtime its manifest names: "onnx"
+    (runtime/artefact.py: expected_manifest_sha256, providers, graph_optimization, threads) or
+    "tvm" (runtime/tvm_runtime.py: expected_manifest_sha256, threads, device)."""
+    backend = read_manifest(path).get("backend")
+    if backend == "tvm":
+        unknown = sorted(set(options) - set(TVM_OPTIONS))
+        if unknown:
+            raise InputError(f"load options {unknown} do not apply to a TVM artefact; accepted: "
+                             f"{', '.join(TVM_OPTIONS)}")
+        from .tvm_runtime import load as load_tvm
+
+        return load_tvm(path, **options)
+    return _load_onnx(path, **options)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -59,30 +60,122 @@ def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
     model = check_relpath(manifest["onnx"].get("model"))
     if model not in manifest["files"]:
         raise ArtefactError(f"artefact {path}: the model file {model!r} is not among its files")
-    options = _session_options(manifest.get("session") or {}, graph_optimization, threads)
-    chosen = _providers(manifest.get("session") or {}, providers)
+    session_cfg = _session_section(path, manifest)
+    options = _session_options(session_cfg, graph_optimization, threads)
+    chosen = _providers(session_cfg, providers)
     try:
         session = ort.InferenceSession(str(path / model), options, providers=chosen)
     except Exception as e:  # onnxruntime raises its own exception types per failure
         raise ArtefactError(f"artefact {path}: ONNX Runtime cannot load {model}: {e}") from None
+    _check_sections(path, manifest, session)
     return Artefact(path, manifest, session)
+
+
+def _check_sections(path: Path, manifest: dict, session: ort.InferenceSession) -> None:
+    """The config and io sections hold what Artefact reads, of the right types, and the io names
+    are the model's own inputs and outputs: a manifest edited by hand (its hashes cover the other
+    files, not itself unless pinned) fails here with its defect named, not later with a KeyError
+    or an ONNX Runtime error in the middle of a generation."""
+    def bad(what: str) -> ArtefactError:
+        return ArtefactError(f"artefact {path}: the manifest's {what}")
+
+    def is_id(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+    cfg, io = manifest["config"], manifest["io"]
+    for key in ("max_position", "vocab_size"):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool) or cfg[key] < 1:
+            raise bad(f"config.{key} is {cfg.get(key)!r}; expected a positive integer")
+    if cfg.get("bos_token_id") is not None and not is_id(cfg["bos_token_id"]):
+        raise bad(f"config.bos_token_id is {cfg['bos_token_id']!r}; expected a token id or null")
+    eos = cfg.get("eos_token_ids")
+    if eos is not None and not (isinstance(eos, list) and all(map(is_id, eos))):
+        raise bad(f"config.eos_token_ids is {eos!r}; expected a list of token ids or null")
+    tok = manifest.get("tokenizer")
+    if tok is not None and not (isinstance(tok, dict) and isinstance(tok.get("kind"), str)
+                                and isinstance(tok.get("files"), list)
+                                and all(isinstance(f, str) for f in tok["files"])):
+        raise bad(f"tokenizer section is {tok!r:.80}; expected null or a table with a 'kind' "
+                  "name and a list of 'files'")
+    shapes = {i.name: i.shape for i in session.get_inputs()}
+    names = {"inputs": set(shapes), "outputs": {o.name for o in session.get_outputs()}}
+
+    def check_name(where: str, value: Any, kind: str) -> None:
+        if not isinstance(value, str) or value not in names[kind]:
+            known = sorted(names[kind])
+            more = f", ... ({len(known)} in all)" if len(known) > 4 else ""
+            raise bad(f"{where} is {value!r}; the model's {kind} are {', '.join(known[:4])}{more}")
+
+    for key, kind in (("input_ids", "inputs"), ("position_ids", "inputs"), ("logits", "outputs")):
+        check_name(f"io.{key}", io.get(key), kind)
+    layers = io.get("past")
+    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+        raise bad("io.past is not a list of per-layer tables")
+    for i, layer in enumerate(layers):
+        for key, kind in (("key", "inputs"), ("value", "inputs"), ("present_key", "outputs"),
+                          ("present_value", "outputs")):
+            check_name(f"io.past[{i}].{key}", layer.get(key), kind)
+        for key, axis in (("kv_heads", 1), ("head_dim", 3)):
+            value = layer.get(key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise bad(f"io.past[{i}].{key} is {value!r}; expected a positive integer")
+            for kv in ("key", "value"):
+                shape = shapes[layer[kv]]
+                if len(shape) != 4 or (isinstance(shape[axis], int) and shape[axis] != value):
+                    raise bad(f"io.past[{i}].{key} is {value}, but the model's {layer[kv]} has "
+                              f"shape {shape}")
+    fed = {io["input_ids"], io["position_ids"]} | {x[k] for x in layers for k in ("key", "value")}
+    if fed != names["inputs"]:
+        raise bad(f"io section feeds {sorted(fed)}, but the model's inputs are "
+                  f"{sorted(names['inputs'])}")
+
+
+def _session_section(path: Path, manifest: dict) -> dict[str, Any]:
+    """The manifest's session defaults, checked. Thread counts above this machine's CPU count are
+    lowered to it: an artefact built on a large server still runs well on a small device, and an
+    untrusted one cannot make the runtime start threads by the thousand."""
+    cfg = manifest.get("session") or {}
+    if not isinstance(cfg, dict):
+        raise ArtefactError(f"artefact {path}: the manifest's session section is not a table")
+    level = cfg.get("graph_optimization", "all")
+    if not isinstance(level, str) or level not in LEVELS:
+        raise ArtefactError(f"artefact {path}: the manifest's session.graph_optimization is "
+                            f"{level!r}; accepted: {', '.join(LEVELS)}")
+    out: dict[str, Any] = {"graph_optimization": level}
+    cpus = os.cpu_count() or 1
+    for key, default in (("intra_op_num_threads", 0), ("inter_op_num_threads", 1)):
+        value = cfg.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ArtefactError(f"artefact {path}: the manifest's session.{key} is {value!r}; "
+                                "expected an integer >= 0")
+        out[key] = min(value, cpus)
+    wanted = cfg.get("providers") or ["CPUExecutionProvider"]
+    if not isinstance(wanted, list) or not all(isinstance(p, str) for p in wanted):
+        raise ArtefactError(f"artefact {path}: the manifest's session.providers is {wanted!r}; "
+                            "expected a list of ONNX Runtime execution provider names")
+    out["providers"] = wanted
+    return out
 
 
 def _session_options(cfg: dict, graph_optimization: bool | str | None,
                      threads: int | None) -> ort.SessionOptions:
-    level = cfg.get("graph_optimization", "all") if graph_optimization is None else \
-        {True: "all", False: "disable"}.get(graph_optimization, graph_optimization)
-    if level not in LEVELS:
+    if graph_optimization is None:
+        level = cfg.get("graph_optimization", "all")
+    elif isinstance(graph_optimization, bool):
+        level = "all" if graph_optimization else "disable"
+    else:
+        level = graph_optimization
+    if not isinstance(level, str) or level not in LEVELS:
         raise InputError(f"graph_optimization={graph_optimization!r}; accepted: True, False, "
                          f"{', '.join(LEVELS)}")
     threads = cfg.get("intra_op_num_threads", 0) if threads is None else threads
-    if not isinstance(threads, int) or threads < 0:
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
         raise InputError(f"threads={threads!r}; expected an integer >= 0 (0: ONNX Runtime "
                          "chooses)")
     so = ort.SessionOptions()
     so.graph_optimization_level = LEVELS[level]
     so.intra_op_num_threads = threads
-    so.inter_op_num_threads = int(cfg.get("inter_op_num_threads", 1))
+    so.inter_op_num_threads = cfg.get("inter_op_num_threads", 1)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     return so
 
@@ -90,12 +183,15 @@ def _session_options(cfg: dict, graph_optimization: bool | str | None,
 def _providers(cfg: dict, providers: Sequence[str] | None) -> list[str]:
     available = ort.get_available_providers()
     if providers is not None:
+        if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
+            raise InputError(f"providers={providers!r}; expected a list of execution provider "
+                             f"names from {available}")
         missing = [p for p in providers if p not in available]
         if missing or not providers:
             raise InputError(f"providers {list(providers)}: not available {missing}; this "
                              f"onnxruntime has {available}")
         return list(providers)
-    wanted = list(cfg.get("providers") or ["CPUExecutionProvider"])
+    wanted = list(cfg["providers"])
     chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
     if chosen != wanted:
         log.warning("execution providers %s are not available; running on %s",

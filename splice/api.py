@@ -14,7 +14,9 @@ from .recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-TARGETS = {"cpu": ("onnx", "cpu")}
+# backend -> the targets it builds for (the ONNX backend's CUDA artefacts wait for a GPU runner;
+# the TVM backend compiles cuda without one, and cross-compiles aarch64 Linux)
+TARGETS = {"onnx": ("cpu",), "tvm": ("cpu", "cuda", "aarch64")}
 
 
 def resolve_recipe(recipe: Recipe | str | Path | None) -> Recipe:
@@ -55,32 +57,61 @@ def run_passes(module, recipe: Recipe, *, calibration=None, instruments=(), seed
     return PassManager(recipe.build(), instruments=list(instruments)).run(module, ctx)
 
 
+def _check_nothing_pending(module) -> None:
+    """A patch that estimate_patch fitted is put to work by prune_layers; one still waiting at
+    the end of the recipe would be exported as dead code while the layers it was fitted to
+    replace stay, which is never what a recipe meant."""
+    outputs = set(map(id, module.graph.outputs))
+    waiting = [n.outputs[0].name for n in module.graph.nodes if n.role == "patch"
+               and not n.outputs[0].uses and id(n.outputs[0]) not in outputs]
+    if waiting:
+        block = module.config.extra.get("prune_block")
+        where = f" for layers {block[0]}..{block[0] + block[1] - 1}" if block else ""
+        raise InputError(f"the recipe fits a patch ({', '.join(waiting)}){where} but no "
+                         "prune_layers pass removes the layers it replaces; put prune_layers "
+                         "after estimate_patch (select_layers, estimate_patch, prune_layers, "
+                         "fuse_patch)")
+
+
 def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", target: str = "cpu",
             out: str | Path = "artefact", *, calibration: Any = None, instruments=(),
-            seed: int | None = None, load: bool = True):
+            seed: int | None = None, load: bool = True, memory_limit: int | float | None = None,
+            backend: str = "onnx"):
     """Compile `model` with `recipe` for `target` into the artefact directory `out`.
 
     model: anything frontend.load_model accepts (a path, "smollm2-135m", a transformers model, an
-    ir.Module). Calibration data is explicit: token batches, a list of ids, or text. Returns the
+    ir.Module). backend: "onnx" (ONNX Runtime) or "tvm" (a compiled library; targets cpu, cuda,
+    aarch64). Calibration data is explicit: token batches, a list of ids, or text. Returns the
     loaded artefact (splice.runtime.Artefact), or its path when `load` is False. The artefact is
     written to a temporary directory and renamed into place, so a failure leaves `out` as it was.
+    Before loading, the memory the compile needs is estimated (splice/memory.py) and checked
+    against `memory_limit` bytes (None: what the machine has available).
     """
     from .frontend import load_model
 
-    if target not in TARGETS:
-        raise InputError(f"unknown target {target!r}; supported: {', '.join(TARGETS)}")
+    if backend not in TARGETS:
+        raise InputError(f"unknown backend {backend!r}; supported: {', '.join(TARGETS)}")
+    if target not in TARGETS[backend]:
+        raise InputError(f"the {backend} backend has no target {target!r}; supported: "
+                         f"{', '.join(TARGETS[backend])}")
     recipe = resolve_recipe(recipe)  # a bad recipe fails here, before the model is loaded
+    from .memory import check_memory
+
+    check_memory(model, recipe, memory_limit)
     t0 = time.perf_counter()
     module = load_model(model)
     t_import = time.perf_counter() - t0
     calib = calibration_batches(module, calibration, seq_len=recipe.calibration_seq_len,
                                 max_batches=recipe.calibration_samples or 16)
     module, report = run_passes(module, recipe, calibration=calib, instruments=instruments, seed=seed)
-    backend, device = TARGETS[target]
-    from .backends.onnx import export
+    _check_nothing_pending(module)
+    if backend == "tvm":
+        from .backends.tvm import export
+    else:
+        from .backends.onnx import export
 
     t1 = time.perf_counter()
-    path = export(module, Path(out), target=device, recipe=recipe.to_dict(),
+    path = export(module, Path(out), target=target, recipe=recipe.to_dict(),
                   report={"import_s": round(t_import, 3), "passes": report})
     log.info("compiled %s in %.1f s (import %.1f s, lowering %.1f s)", path,
              time.perf_counter() - t0, t_import, time.perf_counter() - t1)

@@ -1,7 +1,9 @@
-"""The `splice` command line: compile, run, eval, inspect, passes.
+"""The `splice` command line: compile, run, eval, inspect, passes, debug, bisect.
 
 Exit codes: 0 success, 2 bad input (one line naming the problem and what is accepted), 1 an
 internal failure (a bug: the message says so; --debug shows the traceback for either).
+`splice debug` also returns 1 when a pass or the lowering check failed (its report says where),
+`splice bisect` returns 3 when no pass crosses the tolerance (see splice/debug/commands.py).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -19,9 +22,13 @@ log = logging.getLogger("splice")
 
 EXAMPLES = """examples:
   splice compile smollm2-135m --recipe fold_norms --target cpu --out out/smollm2
+  splice compile smollm2-135m --backend tvm --target cpu --out out/smollm2-tvm
   splice run out/smollm2 "Once upon a time" --max-new-tokens 32
   splice eval out/smollm2 --text wikitext2_test.txt --max-tokens 16384
   splice inspect out/smollm2
+  splice inspect smollm2-135m --calib wikitext2_valid_tokenized.txt --tokens 2048
+  splice debug smollm2-135m --recipe fold_norms --out out/debug --calib tinystories_val.txt
+  splice bisect model.bin --recipe my.toml --metric kl --tolerance 0.01 --out out/bisect
   splice passes
 """
 
@@ -34,8 +41,13 @@ def cmd_compile(a: argparse.Namespace) -> int:
     from .api import compile
 
     t0 = time.perf_counter()
-    path = compile(a.model, a.recipe, a.target, a.out, calibration=a.calib,
-                   instruments=_instruments(a), seed=a.seed, load=False)
+    # --calib names a file: a Path, so that a missing one is reported as such (a str that is not
+    # a file would be taken as the calibration text itself)
+    path = compile(a.model, a.recipe, a.target, a.out,
+                   calibration=Path(a.calib) if a.calib is not None else None,
+                   instruments=_instruments(a), seed=a.seed, load=False,
+                   memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9,
+                   backend=a.backend)
     manifest = json.loads((path / "manifest.json").read_text())
     _print_report(manifest.get("report", {}))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -119,10 +131,14 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
-    if _is_artefact(a.model):
-        from .runtime.artefact import read_manifest
+    if a.calib is not None:
+        from .debug.commands import check_inspect_calib
 
-        m = read_manifest(Path(a.model))
+        check_inspect_calib(a)
+    if _is_artefact(a.model):
+        from .runtime.manifest import verify_artefact
+
+        m = verify_artefact(Path(a.model))   # describe only what the hashes vouch for
         cfg = m.get("config", {})
         print(f"artefact {a.model}: backend {m.get('backend')} target {m.get('target')} "
               f"format {m.get('format_version')}")
@@ -140,6 +156,10 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     print("ops: " + ", ".join(f"{k} {v}" for k, v in module.graph.op_counts().items()))
     if a.graph:
         print(module.graph)
+    if a.calib is not None:
+        from .debug.commands import print_activation_stats
+
+        print_activation_stats(module, a.calib, a.tokens)
     return 0
 
 
@@ -168,11 +188,17 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an artefact directory")
     c.add_argument("model", metavar="MODEL", help=model_help)
     c.add_argument("--recipe", default="fold_norms", help="a built-in recipe name or a .toml file")
-    c.add_argument("--target", default="cpu", help="cpu")
+    c.add_argument("--backend", default="onnx", choices=("onnx", "tvm"),
+                   help="onnx (ONNX Runtime) or tvm (a compiled library)")
+    c.add_argument("--target", default="cpu",
+                   help="cpu; with --backend tvm also cuda, or aarch64 (cross-compiled)")
     c.add_argument("--out", required=True, help="artefact directory (replaced atomically)")
     c.add_argument("--calib", help="calibration text file (for passes that need it)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every modifying pass")
     c.add_argument("--seed", type=int, default=None, help="overrides the recipe's seed")
+    c.add_argument("--memory-limit", type=float, default=None, metavar="GB",
+                   help="memory the compile may use (default: what is available now); a compile "
+                        "estimated to need more is refused before loading")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with an artefact")
@@ -199,35 +225,105 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="describe an artefact or a model")
     i.add_argument("model", metavar="ARTEFACT|MODEL")
     i.add_argument("--graph", action="store_true", help="print the IR text")
+    i.add_argument("--calib", help="text file: print per-layer activation statistics on it")
+    i.add_argument("--tokens", type=int, default=2048, help="calibration tokens for --calib")
     i.set_defaults(fn=cmd_inspect)
 
     s = sub.add_parser("passes", help="list the registered passes and their settings")
     s.set_defaults(fn=cmd_passes)
+
+    from .debug.commands import add_arguments as add_debug_commands
+
+    add_debug_commands(sub, model_help)
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    a = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO if a.verbose
-                        else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+def _no_progress_bars() -> None:
+    """Hugging Face's weight-loading progress bars are off unless -v or --debug, so that a failing
+    command's stderr is its one error line. transformers copies the hub's switch when it is
+    imported, hence both calls."""
     try:
+        from huggingface_hub.utils import disable_progress_bars
+    except ImportError:     # a runtime-only install has no Hugging Face libraries to quiet
+        return
+    disable_progress_bars()
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:
+        hf_logging.disable_progress_bar()
+
+
+_sigint_seen = False
+
+
+def _on_sigint(signum, frame) -> None:
+    """Python's own SIGINT behaviour (raise KeyboardInterrupt), remembering that it happened."""
+    global _sigint_seen
+    _sigint_seen = True
+    signal.default_int_handler(signum, frame)
+
+
+def _interrupted(e: BaseException) -> bool:
+    """Whether `e` comes from a Ctrl-C. A C extension interrupted while it is imported turns the
+    KeyboardInterrupt into its own error, with the cause dropped (numpy: "ImportError: cannot
+    load module more than once per process", onnxruntime: "ImportError: initialization failed",
+    or a RecursionError later), so a SIGINT seen during the command counts too; otherwise the
+    cause/context chain is searched, as a frontend may wrap what it caught."""
+    if _sigint_seen:
+        return True
+    seen: set[int] = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _report_interrupt() -> int:
+    print("splice: interrupted", file=sys.stderr)
+    return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    global _sigint_seen
+    a = argparse.Namespace(debug=False)
+    _sigint_seen = False
+    previous = None
+    try:
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:   # an ignored one stays so
+            previous = signal.signal(signal.SIGINT, _on_sigint)
+    except ValueError:      # not the main thread (an embedding caller): leave signals alone
+        pass
+    # one try around everything, argument parsing included: Ctrl-C at any moment is an
+    # interruption (exit 130), never a traceback
+    try:
+        a = build_parser().parse_args(argv)
+        logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO if a.verbose
+                            else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        if not (a.verbose or a.debug):
+            _no_progress_bars()
         return a.fn(a)
     except InputError as e:
+        if _interrupted(e):
+            return _report_interrupt()
         if a.debug:
             raise
         msg = " ".join(str(e).split())
         print(f"splice: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("splice: interrupted", file=sys.stderr)
-        return 130
+        return _report_interrupt()
     except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 1
+        if _interrupted(e):
+            return _report_interrupt()
         if a.debug:
             raise
         print(f"splice: internal error: {type(e).__name__}: {e} (a bug in splice; rerun with "
               "--debug for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,13 @@ class Recipe:
                 raise PassError(f"recipe file {str(path)!r} does not exist"
                                 + ("" if path.suffix else "; built-in recipes: "
                                    + ", ".join(BUILTIN_RECIPES)))
-            text, where, stem = path.read_text(encoding="utf-8"), str(path), path.stem
+            try:
+                text, where, stem = path.read_text(encoding="utf-8"), str(path), path.stem
+            except UnicodeDecodeError as e:
+                raise PassError(f"recipe file {str(path)!r} is not UTF-8 text ({e.reason} at byte "
+                                f"{e.start}); a recipe is a TOML file") from None
+            except OSError as e:
+                raise PassError(f"recipe file {str(path)!r} cannot be read ({e.strerror})") from None
         else:
             text, where, stem = source, "recipe text", "recipe"
         try:
@@ -227,4 +233,24 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
     "none": lambda: Recipe("none", (), "no passes: the imported model as is"),
     "fold_norms": lambda: Recipe("fold_norms", (("fold_norms", {}),),
                                  "fold every pre-norm's scale into the following linears (exact)"),
+    "rotate": lambda: Recipe("rotate", (("fold_norms", {}), ("rotate", {})),
+                             "fold the pre-norms, then QuaRot's Hadamard rotations R1, R2 and R4 "
+                             "(exact; Gemma needs absorb_post_norm first, or rotate r1 = false)"),
+    "w4_rtn": lambda: Recipe("w4_rtn", (("fold_norms", {}), ("quantize_weights", {
+        "method": "rtn", "bits": 4, "group_size": 128})),
+        "fold norms, then int4 weights, groups of 128, round to nearest (no calibration)"),
+    "w4_gptq": lambda: Recipe("w4_gptq", (("fold_norms", {}), ("quantize_weights", {
+        "method": "gptq", "bits": 4, "group_size": 128, "symmetric": False})),
+        "fold norms, then int4 asymmetric weights, groups of 128, GPTQ on 128 x 512 calibration "
+        "tokens", calibration_samples=128, calibration_seq_len=512),
+    "w8": lambda: Recipe("w8", (("quantize_weights", {"method": "rtn", "bits": 8,
+                                                      "group_size": 0}),),
+                         "int8 weights per output channel, round to nearest"),
+    "prune4_patch": lambda: Recipe(
+        "prune4_patch",
+        (("select_layers", {"n": 4}), ("estimate_patch", {}), ("prune_layers", {}),
+         ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {})),
+        "prune the 4 least important contiguous layers (cosine), bridge the cut with the better "
+        "of LinearPatch and a ridge least-squares patch, then fold norms",
+        calibration_samples=16, calibration_seq_len=512),
 }

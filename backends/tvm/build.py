@@ -1,0 +1,94 @@
+"""Targets and the build: Relax module -> scheduled -> a VM executable -> an exported library.
+
+Targets. "cpu" is llvm for this machine's CPU (its `-mcpu`, as LLVM detects it, and the cores
+the parallel loops split over); "cuda" is an NVIDIA GPU (sm_80 by default, llvm host code);
+"aarch64" is llvm for 64-bit ARM Linux, cross-compiled and linked with Debian's
+aarch64-linux-gnu-gcc. The manifest records the target's full description so the runtime can
+refuse to load code compiled for a CPU it is not running on.
+
+The pipeline is TVM's default for the target kind (library dispatch, legalisation, dataflow
+lowering, memory planning, VM lowering) with two changes: no FuseOps/FuseTIR, because the
+lowering already emits fused kernels (linear + bias + residual) and keeps every other kernel
+whole, and our schedule rules (schedule.py) in place of the default ones, applied after reshapes
+have become views (a scheduled reshape kernel is no longer recognised as one, and copies).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import tvm
+from tvm import relax
+from tvm.s_tir import dlight as dl
+from tvm.target import codegen
+
+from ...errors import InputError
+from .schedule import cpu_rules, gpu_rules
+
+log = logging.getLogger(__name__)
+
+TARGETS = ("cpu", "cuda", "aarch64")
+CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
+AARCH64_TRIPLE = "aarch64-linux-gnu"
+
+
+def make_target(target: str, *, threads: int = 2, mcpu: str | None = None,
+                cuda_arch: str = "sm_80") -> tvm.target.Target:
+    """The tvm Target for a splice target name (see TARGETS)."""
+    if target == "cpu":
+        return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or codegen.llvm_get_system_cpu(),
+                                  "num-cores": threads})
+    if target == "aarch64":
+        return tvm.target.Target({"kind": "llvm", "mtriple": AARCH64_TRIPLE,
+                                  "mcpu": mcpu or "generic", "mattr": ["+neon"],
+                                  "num-cores": threads})
+    if target == "cuda":
+        return tvm.target.Target({"kind": "cuda", "arch": cuda_arch},
+                                 host={"kind": "llvm"})
+    raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
+
+
+def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's pipeline for the target kind, without operator fusion, with our schedules."""
+    rules = gpu_rules() if target.kind.name == "cuda" else cpu_rules()
+    passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
+              relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+              # reshapes become views before anything schedules their copy kernels
+              relax.transform.RewriteDataflowReshape(), relax.transform.DeadCodeElimination(),
+              dl.ApplyDefaultSchedule(*rules), relax.transform.ToNonDataflow(),
+              relax.transform.RemovePurityChecking(), relax.transform.CallTIRRewrite(),
+              relax.transform.StaticPlanBlockMemory()]
+    if target.kind.name == "cuda":
+        passes.append(relax.transform.RewriteCUDAGraph())
+    passes += [relax.transform.LowerAllocTensor(), relax.transform.KillAfterLastUse(),
+               relax.transform.LowerRuntimeBuiltin(), relax.transform.ComputePrimValue(),
+               relax.transform.VMShapeLower(), relax.transform.AttachGlobalSymbol()]
+
+    @tvm.transform.module_pass(opt_level=0, name="SplicePipeline")
+    def _pipeline(mod: tvm.ir.IRModule, _ctx: tvm.transform.PassContext) -> tvm.ir.IRModule:
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+    return _pipeline
+
+
+def build(mod: tvm.ir.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+    """Schedule and compile the Relax module for `target`."""
+    t0 = time.perf_counter()
+    ex = tvm.compile(mod, target, relax_pipeline=pipeline(target))
+    log.info("TVM build for %s took %.1f s", target.kind.name, time.perf_counter() - t0)
+    return ex
+
+
+def export_library(ex: relax.VMExecutable, path: Path, target_name: str) -> None:
+    """Write the executable as a shared library; cross targets link with their toolchain."""
+    cc = CROSS_CC.get(target_name)
+    if cc is None:
+        ex.export_library(str(path))
+        return
+    if shutil.which(cc) is None:
+        raise InputError(f"cross-compiling for {target_name} needs {cc} on PATH (Debian: apt-get "
+                         "install gcc-aarch64-linux-gnu, or `make cross`)")
+    ex.export_library(str(path), cc=cc)

@@ -1,0 +1,107 @@
+"""The TVM backend's entry: an ir.Module -> an artefact directory that runtime.load runs.
+
+The artefact holds model.so (the Relax VM executable with every kernel, `export_library`),
+params.safetensors (the weights in the layouts the kernels read, lower.Param), the tokenizer files
+and a manifest: the model config, the decoder's I/O names (the ONNX backend's `io` section, so the
+runtimes share their generation code), the parameter list in argument order, and the target (kind,
+architecture, the CPU features the code was compiled to use) so that a runtime refuses a library
+its machine cannot run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import tvm
+from tvm.target import codegen
+
+from ...errors import InputError
+from ...ir.core import Module
+from ..artefact import write_artefact
+from ..onnx.export import _tokenizer_files
+from ..onnx.lower import splice_version
+from .attention import KEY_TILE
+from .build import TARGETS, build, export_library, make_target
+from .lower import lower
+
+log = logging.getLogger(__name__)
+
+LIBRARY = "model.so"
+PARAMS = "params.safetensors"
+# LLVM feature name -> /proc/cpuinfo flag, for the vector extensions kernels may use
+CPU_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+             "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq",
+             "avx512vl": "avx512vl", "avx512cd": "avx512cd", "avx512vnni": "avx512_vnni",
+             "avx512bf16": "avx512_bf16", "avx512vbmi": "avx512vbmi", "avxvnni": "avx_vnni"}
+
+
+def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
+           recipe: dict | None = None, report: list | dict | None = None, threads: int = 2,
+           mcpu: str | None = None, prefill_chunk: int = 256) -> Path:
+    """Lower, schedule and build `module` for `target` ("cpu", "cuda" or "aarch64") and write the
+    artefact into `out_dir` atomically. `threads`: the cores the CPU kernels are split over (and
+    the runtime's default pool size); `mcpu`: an LLVM CPU name (default: this machine's)."""
+    if target not in TARGETS:
+        raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise InputError(f"TVM backend: threads={threads!r}; expected a positive integer")
+    if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+        raise InputError(f"TVM backend: prefill_chunk={prefill_chunk!r}; expected a positive "
+                         "integer")
+    t0 = time.perf_counter()
+    lowered = lower(module, packed=target != "cuda")
+    tgt = make_target(target, threads=threads, mcpu=mcpu)
+    t1 = time.perf_counter()
+    ex = build(lowered.mod, tgt)
+    t2 = time.perf_counter()
+
+    def write_params(dest: Path) -> None:
+        from safetensors.numpy import save_file
+
+        save_file({p.name: p.array(module) for p in lowered.params}, str(dest))
+
+    files: dict[str, Any] = {LIBRARY: lambda dest: export_library(ex, dest, target),
+                             PARAMS: write_params}
+    tokenizer = _tokenizer_files(module, files) if module.tokenizer is not None else None
+    from ..onnx.export import decoder_io
+
+    fields = {
+        "backend": "tvm",
+        "target": target,
+        "created_by": f"splice {splice_version()} with TVM {tvm.__version__}",
+        "config": module.config.to_json(),
+        "io": decoder_io(module.graph),
+        "tvm": {
+            "library": LIBRARY, "params": PARAMS, "functions": ["prefill", "decode"],
+            "param_list": [{"name": p.name, "source": p.source, "layout": p.layout,
+                            "shape": list(p.shape), "dtype": p.dtype} for p in lowered.params],
+            "cache": {"key": ["batch", "kv_heads", "head_dim", "capacity"],
+                      "value": ["batch", "kv_heads", "capacity", "head_dim"],
+                      "capacity_multiple": KEY_TILE, "update": "in place"},
+            "target": str(tgt), "target_kind": tgt.kind.name, **_machine(target, tgt),
+            "threads": threads, "prefill_chunk": prefill_chunk,
+            "tuning": None,
+        },
+        "tokenizer": tokenizer,
+        "recipe": recipe,
+        "report": {**(report if isinstance(report, dict) else {"passes": report}),
+                   "lower_s": round(t1 - t0, 3), "build_s": round(t2 - t1, 3)},
+    }
+    path = write_artefact(out_dir, files, fields)
+    log.info("TVM artefact %s: lowering %.1f s, build %.1f s, total %.1f s", path, t1 - t0,
+             t2 - t1, time.perf_counter() - t0)
+    return path
+
+
+def _machine(target: str, tgt: tvm.target.Target) -> dict[str, Any]:
+    """The architecture and the CPU features the runtime checks before loading."""
+    if tgt.kind.name != "llvm":
+        return {"arch": "x86_64"}
+    if target == "aarch64":
+        return {"arch": "aarch64", "cpu_features": []}
+    features = codegen.llvm_get_cpu_features(tgt)
+    return {"arch": "x86_64",
+            "cpu_features": sorted(CPU_FLAGS[f] for f in features if f in CPU_FLAGS)}

@@ -1,0 +1,219 @@
+"""One lowering rule per IR op: (Lowering, _Function, Node) -> a Relax value per output.
+
+Each rule emits the op's kernel (kernels.py, attention.py, quant.py) through `_Function.te`,
+which tags it with its kind for schedule.py. Two fusions happen here rather than in a generic
+pass, because they are the decoder's and cheap to recognise: a linear whose only use is the
+residual `add` computes the add in its epilogue, and every rotary node of a step shares one
+cos/sin table per (positions, frequencies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+from tvm import relax, tirx
+from tvm.relax import TensorType
+
+from ...ir.core import Node
+from . import attention as A
+from . import kernels as K
+from .lower import ROW_TILE, Lowering, LoweringError, _Function, cache_shape, describe, \
+    hadamard_factors
+from .quant import qembedding_kernel, qlinear_kernel, quantize_kernel
+
+
+def _linear(low: Lowering, fn: _Function, node: Node):
+    x = fn.value(node, 0)
+    packed = low.packed
+    w = fn.value(node, 1, "packed" if packed else "plain")
+    bias = fn.value(node, 2) if len(node.inputs) > 2 else None
+    out = int(node.inputs[1].shape[0])
+    return _emit_linear(low, fn, node, x, w, bias, out, packed)
+
+
+def _flat(fn: _Function, x):
+    """x [..., k] as rows [n, k] (a view, no copy): product kernels see one row axis, so their
+    row tiles never straddle batch boundaries (TVM's region analysis over a fused symbolic
+    batch x seq axis writes back whole tiles of the wrong rows)."""
+    shape = list(x.ty.shape.values)
+    if len(shape) == 2:
+        return x, shape
+    rows = shape[0]
+    for d in shape[1:-1]:
+        rows = rows * d
+    return fn.bb.emit(relax.op.reshape(x, [rows, shape[-1]])), shape
+
+
+def _unflat(fn: _Function, y, shape: list, out: int):
+    if len(shape) == 2:
+        return y
+    return fn.bb.emit(relax.op.reshape(y, [*shape[:-1], out]))
+
+
+def _emit_linear(low, fn, node, x, w, bias, out, packed):
+    fused = low.fusable_residual(fn, node)
+    residual = None
+    if fused is not None:
+        fn.skip.add(id(fused[0]))
+        residual = _flat(fn, fused[1])[0]
+    x2, shape = _flat(fn, x)
+    y = fn.te(K.linear, x2, w, bias, residual, out=out, packed=packed,
+              row_tile=ROW_TILE if fn.rows == "many" else 0,
+              kind="linear_packed" if packed else "linear")
+    y = _unflat(fn, y, shape, out)
+    if fused is not None:
+        fn.env[id(fused[0].outputs[0])] = y
+    return [y]
+
+
+def _matmul(low: Lowering, fn: _Function, node: Node):
+    w = node.inputs[1]
+    if w.is_const:
+        layout = "packed_t" if low.packed else "plain"
+        x, wt = fn.value(node, 0), fn.value(node, 1, layout)
+        if not low.packed:
+            return [fn.te(K.matmul, x, wt, kind="matmul")]
+        return _emit_linear(low, fn, node, x, wt, None, int(w.shape[1]), True)
+    return [fn.te(K.matmul, fn.value(node, 0), fn.value(node, 1), kind="matmul")]
+
+
+def _qlinear(low: Lowering, fn: _Function, node: Node):
+    a = node.attrs
+    x = fn.value(node, 0)
+    w, s = fn.value(node, 1, "q_weight"), fn.value(node, 2, "q_scales")
+    zp = fn.value(node, 3, "q_zeros") if len(node.inputs) > 3 else None
+    bias = fn.value(node, 4) if len(node.inputs) > 4 else None
+    fused = low.fusable_residual(fn, node)
+    residual = None
+    if fused is not None:
+        fn.skip.add(id(fused[0]))
+        residual = _flat(fn, fused[1])[0]
+    x2, shape = _flat(fn, x)
+    y = fn.te(qlinear_kernel, x2, w, s, zp, bias, residual, bits=a["bits"],
+              group_size=a["group_size"], symmetric=a["symmetric"],
+              row_tile=ROW_TILE if fn.rows == "many" and low.packed else 0, kind="qlinear")
+    y = _unflat(fn, y, shape, a["out_features"])
+    if fused is not None:
+        fn.env[id(fused[0].outputs[0])] = y
+    return [y]
+
+
+def _embedding(low: Lowering, fn: _Function, node: Node):
+    table = node.inputs[1]
+    if not table.is_const:
+        raise LoweringError(f"{describe(node)}: the table must be a constant weight")
+    layout = low._layouts(node, 1, table)[0]
+    return [fn.te(K.embedding, fn.value(node, 0), fn.value(node, 1, layout),
+                  scale=node.attrs["scale"], packed=layout == "packed", kind="embedding")]
+
+
+def _rms_norm(low: Lowering, fn: _Function, node: Node):
+    a = node.attrs
+    w = fn.value(node, 1) if len(node.inputs) > 1 else None
+    return [fn.te(K.rms_norm, fn.value(node, 0), w, eps=a["eps"], offset=a["offset"],
+                  group=a["group"], kind="rms_norm")]
+
+
+def _binary(op: str):
+    def rule(low: Lowering, fn: _Function, node: Node):
+        return [fn.te(K.binary, fn.value(node, 0), fn.value(node, 1), op, kind="elementwise")]
+    return rule
+
+
+def _unary(low: Lowering, fn: _Function, node: Node):
+    return [fn.te(K.unary, fn.value(node, 0), node.op, kind="elementwise", **node.attrs)]
+
+
+def _channel_scale(low: Lowering, fn: _Function, node: Node):
+    return [fn.te(K.channel_scale, fn.value(node, 0), fn.value(node, 1), kind="elementwise")]
+
+
+def _rotary(low: Lowering, fn: _Function, node: Node):
+    a = node.attrs
+    key = ("rope", id(node.inputs[1]), node.inputs[2].name, a["scale"])
+    if key not in fn.memo:
+        fn.memo[key] = fn.te(K.rope_table, fn.value(node, 1), fn.value(node, 2),
+                             scale=a["scale"], dtype="float32", kind="elementwise")
+    return [fn.te(K.rotary, fn.value(node, 0), fn.memo[key], head_dim=a["head_dim"],
+                  rotary_dim=a["rotary_dim"], interleaved=a["interleaved"], kind="elementwise")]
+
+
+def _attention(low: Lowering, fn: _Function, node: Node):
+    a = node.attrs
+    slots = []
+    for i in (3, 4):
+        v = node.inputs[i]
+        if id(v) not in low.cache_inputs:
+            raise LoweringError(f"{describe(node)}: past input %{v.name} is not a cache input "
+                                "(past.{i}.key / past.{i}.value of the decoder graph)")
+        slots.append(low.cache_inputs[id(v)])
+    for v, want in zip(node.outputs[1:], slots):
+        name = "present_key" if want % 2 == 0 else "present_value"
+        expected = low.cache[want // 2][name]
+        if v.name != expected or any(u for u in v.uses):
+            raise LoweringError(f"{describe(node)}: its present output %{v.name} must be the graph "
+                                f"output {expected!r} and nothing else's input")
+    caches = []
+    kv, hd = a["num_kv_heads"], a["head_dim"]
+    for slot, src in zip(slots, (1, 2)):
+        keys = slot % 2 == 0
+        gv = fn.memo.get(("kv_append", kv, hd, keys))
+        if gv is None:
+            gv = fn.memo[("kv_append", kv, hd, keys)] = fn.bb.add_func(
+                A.kv_append_func(kv, hd, "float32", transposed=keys), "kv_append")
+        out_ty = TensorType(cache_shape(fn.batch, kv, hd, fn.capacity, slot % 2), "float32")
+        caches.append(fn.bb.emit(relax.call_tir_inplace(
+            gv, relax.Tuple([fn.cache(slot), fn.value(node, src), relax.prim_value(fn.past)]),
+            0, out_ty)))
+    y = fn.te(A.attention, fn.value(node, 0), caches[0], caches[1], fn.past,
+              num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
+              scale=a["scale"], causal=a["causal"], softcap=a["softcap"],
+              sliding_window=a["sliding_window"], kind="attention")
+    return [y, None, None]
+
+
+def _hadamard(low: Lowering, fn: _Function, node: Node):
+    a = node.attrs
+    width = a["block"] or a["size"]
+    x = fn.value(node, 0)
+    shape = list(x.ty.shape.values)
+    factors = hadamard_factors(width)
+    runs = [*shape[:-1], tirx.IntImm("int64", int(shape[-1]) // width)]
+    y = fn.bb.emit(relax.op.reshape(x, [*runs, *factors]))
+    lead = len(runs)
+    for j, f in enumerate(factors):
+        last = j == len(factors) - 1
+        y = fn.te(K.hadamard_stage, y, fn.param(None, f"hadamard_signs:{f}"), lead + j,
+                  1.0 / np.sqrt(width) if last else 1.0, a["scale"] if last else 1.0,
+                  kind="elementwise")
+    return [fn.bb.emit(relax.op.reshape(y, shape))]
+
+
+def _qembedding(low: Lowering, fn: _Function, node: Node):
+    a = node.attrs
+    w, s = fn.value(node, 1, "q_weight"), fn.value(node, 2, "q_scales")
+    zp = fn.value(node, 3, "q_zeros") if len(node.inputs) > 3 else None
+    return [fn.te(qembedding_kernel, fn.value(node, 0), w, s, zp, bits=a["bits"],
+                  group_size=a["group_size"], symmetric=a["symmetric"],
+                  embedding_dim=a["embedding_dim"], scale=a["scale"], kind="embedding")]
+
+
+def _quantize(low: Lowering, fn: _Function, node: Node):
+    a = node.attrs
+    s = fn.value(node, 1) if len(node.inputs) > 1 else None
+    z = fn.value(node, 2) if len(node.inputs) > 2 else None
+    return [fn.te(quantize_kernel, fn.value(node, 0), s, z, mode=a["mode"], bits=a["bits"],
+                  symmetric=a["symmetric"], group=a["group"], clip_ratio=a["clip_ratio"],
+                  kind="quantize")]
+
+
+RULES: dict[str, Callable] = {
+    "embedding": _embedding, "rms_norm": _rms_norm, "linear": _linear, "matmul": _matmul,
+    "qlinear": _qlinear, "add": _binary("add"), "mul": _binary("mul"),
+    "channel_scale": _channel_scale, "silu": _unary, "gelu": _unary, "softcap": _unary,
+    "rotary": _rotary, "attention": _attention, "hadamard": _hadamard,
+    "qembedding": _qembedding, "quantize": _quantize,
+}
+
+

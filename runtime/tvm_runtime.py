@@ -1,0 +1,292 @@
+"""Run a TVM artefact: the exported library (prefill and decode in TVM's Relax VM), its
+parameters from safetensors, and a KV cache of fixed-capacity tensors that the library updates in
+place. numpy, TVM's runtime and safetensors only; splice's own modules never import torch (the
+tvm_ffi package imports torch itself when it happens to be installed, and runs without it).
+
+Native code is checked before it is mapped: the library's bytes are read once, hashed, compared
+with the manifest, written to a private temporary file and loaded from there, so the code that
+runs is the code that was hashed even if the artefact directory changes meanwhile. An llvm
+library for another architecture or for CPU features this machine lacks is refused up front
+rather than crashing on its first instruction.
+
+Generation (sampling, streaming, stop tokens, timings) is the ONNX runtime's `Artefact`; this
+module supplies `logits()` and the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import ArtefactError, InputError
+from .artefact import Artefact
+from .manifest import check_relpath, verify_artefact
+
+log = logging.getLogger(__name__)
+
+INITIAL_CAPACITY = 256  # cache positions allocated first; doubled whenever a step needs more
+MACHINES = {"x86_64": ("x86_64", "amd64"), "aarch64": ("aarch64", "arm64")}
+
+
+def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
+         threads: int | None = None, device: str | None = None) -> TVMArtefact:
+    """Check and open the TVM artefact at `path`. threads: worker threads of TVM's pool (None:
+    the manifest's). device: "cpu" or "cuda" (None: from the manifest's target)."""
+    import tvm
+
+    path = Path(path)
+    manifest = verify_artefact(path, expected_manifest_sha256=expected_manifest_sha256)
+    if manifest.get("backend") != "tvm":
+        raise ArtefactError(f"artefact {path}: backend {manifest.get('backend')!r}; this runtime "
+                            "runs 'tvm' artefacts")
+    section = manifest.get("tvm")
+    for key, kind in (("config", dict), ("io", dict), ("tvm", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ArtefactError(f"artefact {path}: the manifest has no {key!r} section")
+    _check_machine(path, section)
+    threads = section.get("threads", 1) if threads is None else threads
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise InputError(f"threads={threads!r}; expected a positive integer")
+    _configure_threads(tvm, min(threads, os.cpu_count() or 1))
+    kind = device or ("cuda" if section.get("target_kind") == "cuda" else "cpu")
+    if kind not in ("cpu", "cuda"):
+        raise InputError(f"device={device!r}; accepted: 'cpu', 'cuda'")
+    dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
+    lib = _load_library(tvm, path, manifest, check_relpath(section.get("library")))
+    vm = tvm.runtime.vm.VirtualMachine(lib, dev)
+    params = _load_params(tvm, path, manifest, section, dev)
+    return TVMArtefact(path, manifest, vm, params, dev)
+
+
+def _check_machine(path: Path, section: dict) -> None:
+    """Refuse llvm code built for another architecture, or needing CPU features this host lacks
+    (an AVX-512 library on an AVX2 machine would die with SIGILL, not an error)."""
+    if section.get("target_kind") != "llvm":
+        return
+    arch = section.get("arch")
+    here = platform.machine().lower()
+    if arch not in MACHINES or here not in MACHINES[arch]:
+        raise ArtefactError(f"artefact {path} was compiled for {arch!r}; this machine is {here!r}")
+    needed = set(section.get("cpu_features") or ())
+    if needed and arch == "x86_64":
+        flags = _cpu_flags()
+        missing = sorted(f for f in needed if flags and f not in flags)
+        if missing:
+            raise ArtefactError(f"artefact {path} needs CPU features {missing} that this CPU "
+                                "lacks; recompile it here (splice compile --backend tvm)")
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _configure_threads(tvm: Any, threads: int) -> None:
+    """TVM sizes its pool from TVM_NUM_THREADS or half the logical CPUs; config_threadpool with
+    an explicit CPU list resizes it (mode -3: the threads share all cores, unpinned, which is
+    what a machine shared with other processes wants)."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        list(range(os.cpu_count() or 1))
+    tvm.get_global_func("runtime.config_threadpool")(-3, threads, [str(c) for c in
+                                                                   cpus[:threads]])
+
+
+def _load_library(tvm: Any, path: Path, manifest: dict, rel: str) -> Any:
+    if rel not in manifest["files"]:
+        raise ArtefactError(f"artefact {path}: the library {rel!r} is not among its files")
+    data = (path / rel).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != manifest["files"][rel]:
+        raise ArtefactError(f"artefact {path}: library {rel!r} has sha256 {digest}, not the "
+                            f"manifest's {manifest['files'][rel]}; refusing to load native code")
+    with tempfile.TemporaryDirectory(prefix="splice-tvm-") as tmp:
+        private = Path(tmp) / "lib.so"
+        fd = os.open(private, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o500)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        try:
+            return tvm.runtime.load_module(str(private))
+        except Exception as e:  # tvm raises its own error types for a library it cannot open
+            raise ArtefactError(f"artefact {path}: TVM cannot load {rel}: {e}") from None
+
+
+def _load_params(tvm: Any, path: Path, manifest: dict, section: dict, dev: Any) -> list:
+    from safetensors.numpy import load_file
+
+    rel = check_relpath(section.get("params"))
+    if rel not in manifest["files"]:
+        raise ArtefactError(f"artefact {path}: the parameter file {rel!r} is not among its files")
+    arrays = load_file(str(path / rel))
+    out = []
+    for spec in section.get("param_list") or ():
+        name = spec.get("name") if isinstance(spec, dict) else None
+        a = arrays.get(name)
+        if a is None or list(a.shape) != list(spec.get("shape", ())) or str(a.dtype) != \
+                spec.get("dtype"):
+            got = "missing" if a is None else f"{a.dtype}{list(a.shape)}"
+            raise ArtefactError(f"artefact {path}: parameter {name!r} is {got}; the manifest "
+                                f"lists {spec.get('dtype')}{spec.get('shape')}")
+        out.append(tvm.runtime.tensor(a, dev))
+    return out
+
+
+class _Store:
+    """The cache tensors (per layer a key [batch, kv_heads, head_dim, capacity], transposed, and
+    a value [batch, kv_heads, capacity, head_dim]) and how many positions hold data. Several
+    KVCache views share one store; the one whose length equals the store's may append in place,
+    any other forks a copy first."""
+
+    def __init__(self, tensors: list, length: int, capacity: int):
+        self.tensors, self.length, self.capacity = tensors, length, capacity
+
+
+class KVCache:
+    """The cache after `length` tokens; pass it back to `TVMArtefact.logits`. `numpy()` copies
+    out the filled positions under the decoder's names (past.{i}.key / .value)."""
+
+    __slots__ = ("store", "length", "batch", "names")
+
+    def __init__(self, store: _Store, length: int, batch: int, names: list[str]):
+        self.store, self.length, self.batch, self.names = store, length, batch, names
+
+    def numpy(self) -> dict[str, np.ndarray]:
+        """The filled positions of every cache tensor in the IR's layout, [batch, kv_heads,
+        length, head_dim]."""
+        return {n: _positions(t.numpy(), i % 2 == 0, self.length)
+                for i, (n, t) in enumerate(zip(self.names, self.store.tensors))}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.numpy()[name]
+
+    def __repr__(self) -> str:
+        return (f"KVCache(layers={len(self.names) // 2}, batch={self.batch}, length={self.length}, "
+                f"capacity={self.store.capacity})")
+
+
+def _positions(a: np.ndarray, keys: bool, length: int) -> np.ndarray:
+    """The first `length` positions of a stored cache tensor, as [batch, kv, length, hd]."""
+    return a[:, :, :, :length].transpose(0, 1, 3, 2) if keys else a[:, :, :length]
+
+
+class TVMArtefact(Artefact):
+    """A loaded TVM artefact: `logits()` runs prefill (several tokens) or decode (one) in the VM;
+    generation and the tokenizer are the shared `Artefact`'s."""
+
+    def __init__(self, path: Path, manifest: dict, vm: Any, params: list, device: Any):
+        super().__init__(path, manifest, session=None)
+        import tvm
+
+        self._tvm, self.vm, self.device = tvm, vm, device
+        self._params = params
+        self._names = [layer[kv] for layer in self._layers for kv in ("key", "value")]
+        self._shapes = [(layer["kv_heads"], layer["head_dim"]) for layer in self._layers
+                        for _ in (0, 1)]
+        section = manifest["tvm"]
+        self.prefill_chunk = int(section.get("prefill_chunk", 256))
+        self._tile = int((section.get("cache") or {}).get("capacity_multiple", 1))
+        self._prefill, self._decode = vm["prefill"], vm["decode"]
+
+    def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, KVCache]:
+        """Logits [batch, seq, vocab] for `ids` ([seq] or [batch, seq]) after the cache `past`
+        (None: an empty one), and the cache that includes them. Long inputs run in chunks of
+        `prefill_chunk` tokens, which bounds the attention's working memory."""
+        ids = np.asarray(ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"ids: expected integers shaped [seq] or [batch, seq] with seq >= 1, "
+                             f"got {ids.dtype} {list(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            bad = int(ids.min() if ids.min() < 0 else ids.max())
+            raise InputError(f"token id {bad} is out of range; the vocabulary has ids "
+                             f"0..{self.vocab_size - 1}")
+        b, s = ids.shape
+        store, length = self._writable(past, b, s)
+        out = []
+        for start in range(0, s, self.prefill_chunk):
+            chunk = np.ascontiguousarray(ids[:, start:start + self.prefill_chunk], np.int64)
+            n = chunk.shape[1]
+            pos = np.ascontiguousarray(np.broadcast_to(
+                np.arange(length, length + n, dtype=np.int64), (b, n)))
+            fn = self._decode if n == 1 else self._prefill
+            res = fn(self._tvm.runtime.tensor(chunk, self.device),
+                     self._tvm.runtime.tensor(pos, self.device),
+                     self._tvm.runtime.ShapeTuple([length]), store.tensors, self._params)
+            out.append(res.numpy())
+            length += n
+            store.length = length
+        logits = out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+        return logits, KVCache(store, length, b, self._names)
+
+    def _writable(self, past: Any, batch: int, new: int) -> tuple[_Store, int]:
+        """A store that can take `new` more positions after the cache's: the cache's own when it
+        is the latest view of it and has room, else a copy (forked or grown)."""
+        if past is None:
+            return self._alloc(batch, new, None, 0), 0
+        if isinstance(past, KVCache):
+            if past.batch != batch:
+                raise InputError(f"the cache holds batch {past.batch}, the ids batch {batch}")
+            length = past.length
+            if length + new > self.max_position:
+                raise InputError(f"{length} cached + {new} new tokens = {length + new} exceed "
+                                 f"the model's context of {self.max_position} tokens")
+            store = past.store
+            if store.length == length and length + new <= store.capacity:
+                return store, length
+            old = [_positions(t.numpy(), i % 2 == 0, length)
+                   for i, t in enumerate(store.tensors)]
+            return self._alloc(batch, length + new, old, store.capacity), length
+        arrays = self._check_past(past, batch)
+        length = arrays[0].shape[2]
+        if length + new > self.max_position:
+            raise InputError(f"{length} cached + {new} new tokens = {length + new} exceed the "
+                             f"model's context of {self.max_position} tokens")
+        return self._alloc(batch, length + new, arrays, 0), length
+
+    def _check_past(self, past: Any, batch: int) -> list[np.ndarray]:
+        arrays, length = [], None
+        for name, (kv, hd) in zip(self._names, self._shapes):
+            a = past.get(name) if isinstance(past, dict) else None
+            if a is None:
+                raise InputError(f"past: no {name!r}; expected a KVCache or a dict with "
+                                 f"{len(self._names)} arrays past.{{i}}.key/value")
+            a = np.asarray(a, dtype=np.float32)
+            if a.ndim != 4 or a.shape[:2] != (batch, kv) or a.shape[3] != hd or (
+                    length is not None and a.shape[2] != length):
+                raise InputError(f"past {name!r} has shape {list(a.shape)}; expected [{batch}, "
+                                 f"{kv}, past, {hd}] with one past length for all layers")
+            length = a.shape[2]
+            arrays.append(a)
+        return arrays
+
+    def _alloc(self, batch: int, needed: int, old: list[np.ndarray] | None,
+               old_capacity: int) -> _Store:
+        """A new store for `needed` positions holding `old` (IR layout, [b, kv, length, hd]):
+        capacity doubles from INITIAL_CAPACITY, capped at the context, and is a whole number of
+        the attention's key tiles (a padded tile must read inside the cache)."""
+        capacity = min(max(needed, 2 * old_capacity, INITIAL_CAPACITY), self.max_position)
+        capacity = -(-capacity // self._tile) * self._tile
+        length = 0 if old is None else old[0].shape[2]
+        tensors = []
+        for i, (kv, hd) in enumerate(self._shapes):
+            a = np.zeros((batch, kv, capacity, hd), np.float32)
+            if old is not None:
+                a[:, :, :length] = old[i]
+            if i % 2 == 0:
+                a = np.ascontiguousarray(a.transpose(0, 1, 3, 2))
+            tensors.append(self._tvm.runtime.tensor(a, self.device))
+        return _Store(tensors, length, capacity)
