@@ -80,6 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"artefact {path}: {size / 1e6:.1f} MB, compiled in {t_compile:.1f} s")
 
+    print("== rotate (QuaRot R1+R2+R4) on the folded model: the float64 numeric check")
+    from .passes.manager import PassManager
+    from .passes.rotate import RotatePass
+
+    _, rot_report = PassManager([RotatePass()], instruments=[
+        TimingInstrument(), NumericCheckInstrument(pinned)]).run(module.clone())
+    _print_report({"passes": rot_report})
+
     print("== generate (greedy, streaming)")
     art = load(path)
     sys.stdout.write(a.prompt)
