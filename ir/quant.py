@@ -4,7 +4,8 @@ Format (exactly ONNX Runtime's com.microsoft MatMulNBits layout, so the ONNX bac
 tensors through untouched). A weight W [N = out_features, K = in_features] is cut along K into
 n_blocks = ceil(K / group_size) groups (the last one partial when group_size does not divide K, as
 MatMulNBits allows: SmolLM2's K = 576 in groups of 128 is 4 full groups and one of 64); each group
-of each row has a float32 scale and an integer zero point z, and holds codes q in [0, 2^bits - 1]
+of each row has a float32 scale and a zero point z (integer; float for 4-bit min-max, below), and
+holds codes q in [0, 2^bits - 1]
 
     W[n, k] ~= (q[n, k] - z[n, k // group_size]) * scale[n, k // group_size]
 
@@ -34,6 +35,10 @@ the stored (codes, scale) pair is exactly what was optimised):
   groups the groups are static (their parameters fixed from the unquantized weight before any
   update, in the original column order), because MatMulNBits has no portable g_idx: groups stay
   contiguous runs of K, which the packed layout requires.
+
+Activations: `fake_quantize` is the `quantize` op's semantics (dynamic per token or per group of
+channels, static per tensor or per channel), `static_params` turns a calibrated range into its
+scale and zero point.
 """
 
 from __future__ import annotations

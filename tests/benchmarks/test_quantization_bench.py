@@ -13,15 +13,14 @@ def test_quantization_quick_runs():
     text, figures = run(quick=True)
     rows = figures["rows"]
     assert list(rows) == ["float32", "W8 per-channel RTN", "W4 g32 RTN", "W4 g32 GPTQ",
-                          "W4 per-channel RTN", "W4 g32 RTN, unfolded",
-                          "W4 g32 RTN float-zero, unfolded",
-                          "W4 g32 float-zero + int8 tied table, unfolded"]
+                          "W4 g32 RTN after fold_norms", "W4 per-channel RTN",
+                          "W4 g32 RTN float-zero", "W4 g32 float-zero + int8 tied table"]
     assert "Weight quantization: stories260K" in text and "accuracy_level" in text
     base = rows["float32"]["ppl"]
     assert abs(rows["W8 per-channel RTN"]["ppl"] / base - 1) < 0.02
     assert rows["W4 g32 RTN"]["size_mb"] < rows["float32"]["size_mb"]
-    assert rows["W4 g32 float-zero + int8 tied table, unfolded"]["size_mb"] < \
-        rows["W4 g32 RTN float-zero, unfolded"]["size_mb"]
+    assert rows["W4 g32 float-zero + int8 tied table"]["size_mb"] < \
+        rows["W4 g32 RTN float-zero"]["size_mb"]
     gptq = rows["W4 g32 GPTQ"]
     assert gptq["mean_rel_error"] < gptq["mean_rtn_rel_error"]
     assert 0 < figures["accuracy_level"]["top1_agreement"] <= 1

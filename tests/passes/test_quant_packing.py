@@ -127,6 +127,7 @@ def test_ort_matmulnbits_equals_float64_dequantized_product(bits, group, symmetr
     proto = onnx.load(str(path))
     node = next(nd for nd in proto.graph.node if nd.op_type == "MatMulNBits")
     assert node.domain == MS_DOMAIN
+    assert {o.domain: o.version for o in proto.opset_import} == {"": 21, MS_DOMAIN: 1}
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
     assert attrs == {"K": k, "N": n, "bits": bits, "block_size": group or 64, "accuracy_level": 0}
     init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}

@@ -242,6 +242,21 @@ def test_numeric_onnx_runtime_runs_the_quantized_graph(tmp_path):
         assert np.abs(logits - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 
+def test_builtin_recipes():
+    from splice.recipe import Recipe
+
+    w4 = Recipe.named("w4_gptq")
+    (p,) = w4.passes
+    assert (p.method, p.bits, p.group_size, p.symmetric) == ("gptq", 4, 128, False)
+    assert (w4.calibration_samples, w4.calibration_seq_len) == (128, 512)
+    assert Recipe.named("w4_rtn").passes[0].method == "rtn"
+    (w8,) = Recipe.named("w8").passes
+    assert (w8.bits, w8.group_size) == (8, 0)
+    module = tiny_model("llama")
+    out, report = PassManager(Recipe.named("w8").build()).run(module)
+    assert report[0]["modified"] and out.graph.op_counts()["qlinear"] == 14
+
+
 # -- negative ----------------------------------------------------------------------------------
 
 def test_negative_unsupported_bits_and_settings():
