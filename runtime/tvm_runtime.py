@@ -32,6 +32,8 @@ from .manifest import check_relpath, verify_artefact
 log = logging.getLogger(__name__)
 
 INITIAL_CAPACITY = 256  # cache positions allocated first; doubled whenever a step needs more
+KEY_LAYOUT = ["batch", "kv_heads", "head_dim", "capacity"]  # keys transposed (attention.py)
+VALUE_LAYOUT = ["batch", "kv_heads", "capacity", "head_dim"]
 MACHINES = {"x86_64": ("x86_64", "amd64"), "aarch64": ("aarch64", "arm64")}
 
 
@@ -50,6 +52,10 @@ def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
     for key, kind in (("config", dict), ("io", dict), ("tvm", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ArtefactError(f"artefact {path}: the manifest has no {key!r} section")
+    cache = section.get("cache") or {}
+    if cache.get("key") != KEY_LAYOUT or cache.get("value") != VALUE_LAYOUT:
+        raise ArtefactError(f"artefact {path}: KV cache layout {cache!r:.120}; this runtime reads "
+                            f"keys {KEY_LAYOUT} and values {VALUE_LAYOUT}; recompile the artefact")
     _check_machine(path, section)
     threads = section.get("threads", 1) if threads is None else threads
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:

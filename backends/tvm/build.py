@@ -51,9 +51,12 @@ def make_target(target: str, *, threads: int = 2, mcpu: str | None = None,
     raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
 
 
-def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's pipeline for the target kind, without operator fusion, with our schedules."""
-    rules = gpu_rules() if target.kind.name == "cuda" else cpu_rules()
+def pipeline(target: tvm.target.Target, *, schedule: bool = True) -> tvm.transform.Pass:
+    """TVM's pipeline for the target kind, without operator fusion, with our schedules.
+    schedule=False leaves the CPU kernels as the lowering wrote them (plain loop nests; tests
+    compare both, so a schedule cannot hide a lowering bug, nor a lowering bug a schedule's);
+    GPU kernels always need their thread bindings."""
+    rules = gpu_rules() if target.kind.name == "cuda" else cpu_rules() if schedule else []
     passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
               relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               # reshapes become views before anything schedules their copy kernels
@@ -74,10 +77,11 @@ def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
     return _pipeline
 
 
-def build(mod: tvm.ir.IRModule, target: tvm.target.Target) -> relax.VMExecutable:
+def build(mod: tvm.ir.IRModule, target: tvm.target.Target, *,
+          schedule: bool = True) -> relax.VMExecutable:
     """Schedule and compile the Relax module for `target`."""
     t0 = time.perf_counter()
-    ex = tvm.compile(mod, target, relax_pipeline=pipeline(target))
+    ex = tvm.compile(mod, target, relax_pipeline=pipeline(target, schedule=schedule))
     log.info("TVM build for %s took %.1f s", target.kind.name, time.perf_counter() - t0)
     return ex
 

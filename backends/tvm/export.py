@@ -40,10 +40,11 @@ CPU_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f1
 
 def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
            recipe: dict | None = None, report: list | dict | None = None, threads: int = 2,
-           mcpu: str | None = None, prefill_chunk: int = 256) -> Path:
+           mcpu: str | None = None, prefill_chunk: int = 256, schedule: bool = True) -> Path:
     """Lower, schedule and build `module` for `target` ("cpu", "cuda" or "aarch64") and write the
     artefact into `out_dir` atomically. `threads`: the cores the CPU kernels are split over (and
-    the runtime's default pool size); `mcpu`: an LLVM CPU name (default: this machine's)."""
+    the runtime's default pool size); `mcpu`: an LLVM CPU name (default: this machine's);
+    `schedule`: False builds the CPU kernels unscheduled (for tests; ~20x slower)."""
     if target not in TARGETS:
         raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -55,7 +56,7 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     lowered = lower(module, packed=target != "cuda")
     tgt = make_target(target, threads=threads, mcpu=mcpu)
     t1 = time.perf_counter()
-    ex = build(lowered.mod, tgt)
+    ex = build(lowered.mod, tgt, schedule=schedule)
     t2 = time.perf_counter()
 
     def write_params(dest: Path) -> None:
@@ -82,7 +83,7 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
                       "value": ["batch", "kv_heads", "capacity", "head_dim"],
                       "capacity_multiple": KEY_TILE, "update": "in place"},
             "target": str(tgt), "target_kind": tgt.kind.name, **_machine(target, tgt),
-            "threads": threads, "prefill_chunk": prefill_chunk,
+            "threads": threads, "prefill_chunk": prefill_chunk, "scheduled": schedule,
             "tuning": None,
         },
         "tokenizer": tokenizer,

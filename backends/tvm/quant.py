@@ -7,15 +7,14 @@ bits / 8)] or implicit (symmetric). Each weight is rebuilt as (q - z) * scale, t
 float32 arithmetic (so a dequantized weight is bit-identical to the interpreter's), and used at
 once; the float32 matrix never exists in memory.
 
-Decode (a few rows): the GEMV streams each output row's bytes once. For int4 the input is first
-split into even and odd channels (x_even[g, i] = x[g*gs + 2i], tiny), so that one 16-byte load of
-codes meets two contiguous 16-lane vectors of x, low nibbles with the even channels and high
-nibbles with the odd ones; the reduction is split over 16 lanes (rfactor) and summed across lanes
-once per output.
-
-Prefill (many rows): each task dequantizes a block of 32 output channels into the packed float
-layout of kernels.linear (a few tens of KB, L2-resident) and runs the float GEMM micro-kernel over
-every row tile against it, so a weight is decoded once per prefill rather than once per row.
+The product streams each output row's bytes once per tile of input rows. For int4 the input is
+first split into even and odd channels (x_split[g, 0, i] = x[g*gs + 2i], x_split[g, 1, i] =
+x[g*gs + 2i + 1]; tiny), so that one 16-byte load of codes meets two contiguous 16-lane vectors
+of x, the low nibbles with the even channels and the high ones with the odd; int8 bytes meet x
+directly. The reduction is split over 16 lanes (rfactor) and summed across lanes once per output.
+Decode runs tiles of one row; prefill tiles of 4, so each decoded vector of weights feeds four
+rows (a dequantize-to-float pass ahead of a float GEMM was 3x slower: its stores into the
+packed layout are scatters).
 """
 
 from __future__ import annotations
@@ -68,52 +67,48 @@ class _Format:
 
 def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
                    bias: te.Tensor | None, residual: te.Tensor | None, *, bits: int,
-                   group_size: int, symmetric: bool, row_tile: int = 0) -> te.Tensor:
-    """y = x @ dequant(W).T (+ bias) (+ residual) for x [rows, in] over the MatMulNBits tensors;
-    `row_tile` > 0 selects the prefill form (module docstring). A partial last block (in not a
-    multiple of group_size) contributes only its first in % group_size codes."""
+                   group_size: int, symmetric: bool, row_tile: int = 1) -> te.Tensor:
+    """y = x @ dequant(W).T (+ bias) (+ residual) for x [rows, in] over the MatMulNBits tensors.
+
+    The product runs over [row tiles, row_tile, out] (rows past the end re-read the last row;
+    the epilogue keeps the real ones), reducing over (block, nibble, byte) so that 16 consecutive
+    bytes of a row are one vector load: int4 reads x split into even and odd channels (module
+    docstring). A partial last block (in not a multiple of group_size) takes the plain form."""
     n_out, blocks = int(w.shape[0]), int(w.shape[1])
     k_in = int(x.shape[-1])
     rows = x.shape[0]
     dt = x.dtype
     fmt = _Format(w, s, zp, bits=bits, group_size=group_size, symmetric=symmetric, dtype=dt)
+    tile = max(row_tile, 1)
+    tiles = tirx.floordiv(rows - 1, tile) + 1  # this form matches the epilogue's region analysis
 
-    if row_tile:
-        width = pack_rows(n_out) * LANES
-        wp = te.compute((width // LANES, k_in, LANES), lambda o, k, i: fmt.weight(
-            tirx.min(o * LANES + i, n_out - 1), k), name="dequant")
-        k = te.reduce_axis((0, k_in), name="k")
-        y = te.compute((tirx.floordiv(rows - 1, row_tile) + 1, row_tile, width),
-                       lambda o, i, n: te.sum(x[tirx.min(o * row_tile + i, rows - 1), k]
-                                              * wp[n // LANES, k, n % LANES], axis=k),
-                       name="matmul")
+    def row(o, r):
+        return tirx.min(o * tile + r, rows - 1) if tile > 1 else o
 
-        def product(m, n):
-            return y[m // row_tile, m % row_tile, n]
-    elif bits == 4 and k_in == blocks * group_size:
+    def dequant(n, g, q):
+        return (q.astype(dt) - fmt.zero(n, g)) * s[n, g].astype(dt)
+
+    if k_in == blocks * group_size and bits == 4:
         half = group_size // 2
         xs = te.compute((rows, blocks, 2, half),
                         lambda m, g, t, i: x[m, g * group_size + 2 * i + t], name="split")
         g, t, i = (te.reduce_axis((0, blocks), name="g"), te.reduce_axis((0, 2), name="t"),
                    te.reduce_axis((0, half), name="i"))
-        y = te.compute((rows, n_out), lambda m, n: te.sum(
-            xs[m, g, t, i] * ((_nibble(w[n, g, i], t).astype(dt) - fmt.zero(n, g))
-                              * s[n, g].astype(dt)), axis=[g, t, i]), name="matmul")
-
-        def product(m, n):
-            return y[m, n]
+        y = te.compute((tiles, tile, n_out), lambda o, r, n: te.sum(
+            xs[row(o, r), g, t, i] * dequant(n, g, _nibble(w[n, g, i], t)), axis=[g, t, i]),
+            name="matmul")
+    elif k_in == blocks * group_size:
+        g, i = te.reduce_axis((0, blocks), name="g"), te.reduce_axis((0, group_size), name="i")
+        y = te.compute((tiles, tile, n_out), lambda o, r, n: te.sum(
+            x[row(o, r), g * group_size + i] * dequant(n, g, w[n, g, i]), axis=[g, i]),
+            name="matmul")
     else:
         k = te.reduce_axis((0, k_in), name="k")
-        y = te.compute((rows, n_out), lambda m, n: te.sum(x[m, k] * fmt.weight(n, k), axis=k),
-                       name="matmul")
-
-        def product(m, n):
-            return y[m, n]
-    if bias is None and residual is None and not row_tile:
-        return y
+        y = te.compute((tiles, tile, n_out), lambda o, r, n: te.sum(
+            x[row(o, r), k] * fmt.weight(n, k), axis=k), name="matmul")
 
     def fepi(m, n):
-        v = product(m, n)
+        v = y[m // tile, m % tile, n]
         if bias is not None:
             v = v + bias[n]
         if residual is not None:

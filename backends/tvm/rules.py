@@ -92,7 +92,7 @@ def _qlinear(low: Lowering, fn: _Function, node: Node):
     x2, shape = _flat(fn, x)
     y = fn.te(qlinear_kernel, x2, w, s, zp, bias, residual, bits=a["bits"],
               group_size=a["group_size"], symmetric=a["symmetric"],
-              row_tile=ROW_TILE if fn.rows == "many" and low.packed else 0, kind="qlinear")
+              row_tile=ROW_TILE if fn.rows == "many" and low.packed else 1, kind="qlinear")
     y = _unflat(fn, y, shape, a["out_features"])
     if fused is not None:
         fn.env[id(fused[0].outputs[0])] = y

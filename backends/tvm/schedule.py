@@ -1,32 +1,38 @@
 """Schedules: how each kernel of lower.py runs on the CPU (llvm) and on NVIDIA GPUs (cuda).
 
-CPU. TVM 0.27's dlight has two CPU rules, `cpu.GEMV` and `cpu.Reduction`. Neither fits what
-this backend emits: GEMV vectorises the spatial axis of an inner-reduction product (gathers on
-our packed weights), and Reduction keeps the normalised row in a second pass. So the CPU rules are
-our own, written as dlight `ScheduleRule`s and applied with dlight's `ApplyDefaultSchedule`
-pass; each kernel carries its kind (`splice.kernel`) and whether it runs on few rows (decode)
-or many (prefill) (`splice.rows`), set by the lowering, so a rule never has to guess what a
-PrimFunc is from its loop nest:
+CPU. TVM 0.27's dlight has two CPU rules, `cpu.GEMV` and `cpu.Reduction`. Reduction is used
+where it applies (below); GEMV does not fit the products: it tiles an inner-reduction [N, K] GEMV
+and vectorises its spatial axis, which on our packed weights would gather, and it has no GEMM or
+dequantizing form. So the product and attention rules are our own, written as a dlight
+`ScheduleRule` and applied, with dlight's, by dlight's `ApplyDefaultSchedule` pass. Each kernel
+carries its kind (`splice.kernel`) and whether it runs on few rows (decode) or many (prefill)
+(`splice.rows`), set by the lowering, so our rules never guess what a PrimFunc is from its loop
+nest:
 
-- linear (packed weights): decode streams each packed row once with 4 x 16 outputs held in
-  vector registers (four independent FMA chains), parallel over output blocks; prefill is a
-  register-blocked GEMM, 4 rows x 32 outputs (8 accumulators, two weight vectors per k step), the
-  product of the two parallel axes split over the cores. Bias and the residual add are computed
-  in the accumulator write-back.
-- qlinear: see quant_schedule in this module: per packed byte column, 16 lanes of codes at a time.
-- rms_norm: the row's sum of squares computed under the row loop, the normalisation vectorised.
-- attention: one parallel task per (batch, head, query): scores, softmax and the weighted sum of
-  values for that row are computed under it (no intermediate leaves the task).
-- everything else (element-wise, rotary, gathers, Hadamard stages, the cache append): spatial
-  loops fused, the last one vectorised where its extent allows, parallel when rows are many.
+- linear (packed weights): decode streams each packed row once with up to 4 x 16 outputs held in
+  vector registers (independent FMA chains), parallel over output blocks; prefill is a
+  register-blocked GEMM over whole row tiles (4 rows x up to 3 vector blocks = 12 accumulators,
+  one broadcast and three loads per k), parallel over (output blocks x row tiles). Bias and the
+  residual add are computed in the accumulator write-back.
+- qlinear (quant.py): per output and tile of rows (1 in decode, 4 in prefill), the reduction
+  split over 16 lanes of codes (rfactor), partial sums in registers, lanes summed at the end.
+- rms_norm, Hadamard stages, dynamic fake quantization: dlight's `cpu.Reduction` (the row's
+  reduction and the injective block that uses it under one parallel row loop, the injective part
+  vectorised); a decode step's single-row norm gets the same without the parallel loop.
+- attention (attention.py): one parallel task per (batch, head, query) computing its whole row:
+  scores against 16 keys per vector FMA (keys are stored transposed), mask and exp vectorised over
+  the key tile, the weighted sum of values vectorised over head_dim.
+- everything else (element-wise, rotary, gathers, the cache append, whatever dlight's Reduction
+  declines): spatial loops fused, the last one vectorised where its extent allows, parallel when
+  rows are many.
 
-MetaSchedule was the alternative: it tunes each of these kernels per shape, but on a shared
-two-core machine a useful search is tens of minutes per model, and the hand schedules above
-already stream weights at memory bandwidth in decode and reach a large fraction of peak in
-prefill (benchmarks/tvm_bench.py measures both).
+MetaSchedule was the alternative: it tunes each kernel per shape, but on a shared two-core
+machine a useful search is tens of minutes per model, and these rules already stream decode
+weights at memory bandwidth and run prefill GEMMs at a large fraction of peak; a compile is
+lowering plus LLVM code generation (seconds), with no tuning database to keep.
 
 GPU: dlight's rules (Matmul, GEMV, LowBatchGEMV, Reduction, GeneralReduction, RMSNorm, Fallback)
-on the plain-layout kernels, which is how MLC-LLM schedules the same shapes.
+on the plain-layout kernels, the way MLC-LLM schedules the same shapes.
 """
 
 from __future__ import annotations
@@ -89,24 +95,34 @@ def _vector_split(sch: s_tir.Schedule, loop, lanes: int = VEC):
 
 
 class CPURule(dl.ScheduleRule):
-    """The llvm schedules of this backend's kernels (module docstring), by `splice.kernel`."""
+    """The llvm schedules of this backend's products and attention (module docstring), by
+    `splice.kernel`; None for other kernels, which the next rules take."""
 
     def apply(self, func, target: Target, tunable: bool):
         if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
             return None
         kind, rows = _kind(func)
-        sch = s_tir.Schedule(func)
         many = rows == "many"
-        if kind == "linear_packed":
-            _linear(sch, many)
-        elif kind == "qlinear":
-            _qlinear(sch, many)
-        elif kind == "rms_norm":
-            _rms_norm(sch, many)
-        elif kind == "attention":
-            _attention(sch, many)
-        else:
-            _generic(sch, many)
+        schedule = {"linear_packed": _linear, "qlinear": _qlinear, "attention": _attention}.get(
+            kind)
+        if kind == "rms_norm" and not many:
+            schedule = _rms_norm  # one row: dlight's Reduction would launch a 1-task parallel loop
+        if schedule is None:
+            return None
+        sch = s_tir.Schedule(func)
+        schedule(sch, many)
+        return sch
+
+
+class CPUFallback(dl.ScheduleRule):
+    """Every other kernel: spatial loops fused, the innermost vectorised where its extent allows,
+    parallel when rows are many (module docstring)."""
+
+    def apply(self, func, target: Target, tunable: bool):
+        if not isinstance(func, tirx.PrimFunc) or target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        _generic(sch, _kind(func)[1] == "many")
         return sch
 
 
@@ -140,11 +156,10 @@ def _linear(sch: s_tir.Schedule, many: bool) -> None:
     sch.reverse_compute_inline(epi)
 
 
-def _gemm_tiles(sch: s_tir.Schedule, dequant=None) -> None:
+def _gemm_tiles(sch: s_tir.Schedule) -> None:
     """The prefill GEMM over [row tiles, tile, n] (kernels.linear's row_tile form): a tile of
-    rows x up to 3 vector blocks of outputs accumulated in registers, over k. Parallel over
-    (output blocks x row tiles), or over output blocks alone when a dequant stage fills the
-    block's float weights first (decoded once, reused by every row tile)."""
+    rows x up to 3 vector blocks of outputs accumulated in registers, over k, parallel over
+    (output blocks x row tiles)."""
     mm = sch.get_sblock("matmul")
     epi = sch.get_sblock("epilogue")
     mo, mi, n, k = sch.get_loops(mm)
@@ -155,11 +170,7 @@ def _gemm_tiles(sch: s_tir.Schedule, dequant=None) -> None:
     sch.reorder(noo, mo, k, mi, noi, ni)
     acc = sch.cache_write(mm, 0, ACC_SCOPE)
     sch.reverse_compute_at(acc, mo)
-    if dequant is not None:
-        sch.compute_at(dequant, noo, preserve_unit_loops=True)
-        sch.parallel(noo)
-    else:
-        sch.parallel(sch.fuse(noo, mo))
+    sch.parallel(sch.fuse(noo, mo))
     sch.unroll(mi)
     sch.unroll(noi)
     sch.vectorize(ni)
@@ -170,44 +181,41 @@ def _gemm_tiles(sch: s_tir.Schedule, dequant=None) -> None:
 
 
 def _qlinear(sch: s_tir.Schedule, many: bool) -> None:
-    """quant.py's two forms: prefill dequantizes a block of outputs per task and runs the
-    float micro-kernel; decode splits each row's reduction over VEC lanes (rfactor)."""
-    if many:
-        _gemm_tiles(sch, dequant=sch.get_sblock("dequant"))
-        return
+    """quant.py's product over [row tiles, tile, out]: per output (parallel) and row tile, the
+    reduction over (block, nibble, byte) with 16 bytes a vector (rfactor), the tile's partial
+    sums in registers, summed across lanes at the end."""
     mm = sch.get_sblock("matmul")
-    epi = sch.get_sblock("epilogue") if _has_block(sch, "epilogue") else None
-    loops = sch.get_loops(mm)
-    m, n, inner = loops[0], loops[1], loops[-1]
-    if _extent(sch, inner) % VEC:
-        sch.reorder(n, m)
+    epi = sch.get_sblock("epilogue")
+    o, r, n, *red = sch.get_loops(mm)
+    if _extent(sch, red[-1]) % VEC:
+        sch.reorder(n, o, r)
         sch.parallel(n)
+        _generic_block(sch, epi, many)
         return
-    _, lanes = sch.split(inner, [None, VEC])
-    rf = sch.rfactor(lanes, 0)
-    fm, fn, _ = sch.get_loops(mm)
-    sch.reorder(fn, fm)
-    sch.parallel(fn)
-    sch.compute_at(rf, fm, preserve_unit_loops=True)
+    io, lane = sch.split(red[-1], [None, VEC])
+    sch.reorder(n, o, *red[:-1], io, r, lane)
+    # partial sums [tile, row, out, lane], the lanes contiguous; used only under (out, tile),
+    # the buffer compacts to one tile's [row, lane] there, a stack array (cf. ACC_SCOPE)
+    rf = sch.rfactor(lane, 3)
+    sch.parallel(n)
     rf_loops = sch.get_loops(rf)
+    sch.unroll(rf_loops[-2])
+    sch.vectorize(rf_loops[-1])  # before decompose_reduction: TVM refuses it afterwards
     init = sch.decompose_reduction(rf, rf_loops[2])
-    _try(sch.vectorize, sch.get_loops(init)[-1])
-    _try(sch.vectorize, sch.get_loops(rf)[-1])
-    if epi is not None:
-        sch.reverse_compute_at(epi, fm)
+    sch.vectorize(sch.get_loops(init)[-1])
     if _has_block(sch, "split"):
-        _generic_block(sch, sch.get_sblock("split"), False)
+        _generic_block(sch, sch.get_sblock("split"), many)
+    _generic_block(sch, epi, many)
 
 
 def _rms_norm(sch: s_tir.Schedule, many: bool) -> None:
+    """A decode step's norm: the sum of squares under the row loop, the scaling vectorised."""
     norm = sch.get_sblock("norm")
     ss = sch.get_sblock("sumsq")
     loops = sch.get_loops(norm)
     row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
     sch.compute_at(ss, row)
     _vector_split(sch, loops[-1])
-    if many:
-        sch.parallel(row)
 
 
 def _attention(sch: s_tir.Schedule, many: bool) -> None:
@@ -224,20 +232,21 @@ def _attention(sch: s_tir.Schedule, many: bool) -> None:
         sch.compute_at(sch.get_sblock(name), task, preserve_unit_loops=True)
     sch.parallel(task)
     _try(sch.vectorize, d)
+    # vectorise before decompose_reduction: TVM refuses it on the update block afterwards
     score = sch.get_sblock("score")
     jo, ji, dd = sch.get_loops(score)[-3:]
     sch.reorder(jo, dd, ji)
+    _try(sch.vectorize, ji)
     init = sch.decompose_reduction(score, dd)
     _try(sch.vectorize, sch.get_loops(init)[-1])
-    _try(sch.vectorize, ji)
     for name in ("masked", "exp"):
         _try(sch.vectorize, sch.get_loops(sch.get_sblock(name))[-1])
     w = sch.get_sblock("weighted")
     dd, wo, wi = sch.get_loops(w)[-3:]
     sch.reorder(wo, wi, dd)
+    _try(sch.vectorize, dd)
     init = sch.decompose_reduction(w, wo)
     _try(sch.vectorize, sch.get_loops(init)[-1])
-    _try(sch.vectorize, dd)
 
 
 def _try(primitive, *args) -> None:
@@ -251,30 +260,21 @@ def _try(primitive, *args) -> None:
 
 
 def _generic_block(sch: s_tir.Schedule, block, many: bool) -> None:
-    """Fuse the spatial loops, vectorise the innermost where possible, parallel when many."""
-    info = {iv.var: iv.iter_type for iv in sch.get(block).iter_vars}
+    """Fuse the spatial loops, vectorise the innermost where possible, parallel when many.
+    A reduction keeps its reduction loops serial under the fused spatial ones."""
     loops = sch.get_loops(block)
-    kinds = []
-    for iv in sch.get(block).iter_vars:
-        kinds.append(iv.iter_type)
+    kinds = [iv.iter_type for iv in sch.get(block).iter_vars]
+    if len(kinds) != len(loops):
+        return  # loops already restructured (split or fused): leave them
     spatial = [lp for lp, kind in zip(loops, kinds) if kind == tirx.IterVar.DataPar]
-    del info
-    if len(spatial) != len(loops) - sum(1 for k in kinds if k != tirx.IterVar.DataPar) \
-            or len(kinds) != len(loops):
+    if not spatial or spatial != loops[:len(spatial)]:
         return
-    if not spatial:
-        return
-    pure = len(spatial) == len(loops)
-    if pure:
-        last = spatial[-1]
-        outer_rest = spatial[:-1]
-        outer, _ = _vector_split(sch, last)
-        keep = [lp for lp in [*outer_rest, outer] if lp is not None]
-    else:
-        keep = spatial
+    keep = spatial
+    if len(spatial) == len(loops):
+        outer, _ = _vector_split(sch, spatial[-1])
+        keep = [lp for lp in [*spatial[:-1], outer] if lp is not None]
     if many and keep:
-        fused = sch.fuse(*keep) if len(keep) > 1 else keep[0]
-        sch.parallel(fused)
+        sch.parallel(sch.fuse(*keep) if len(keep) > 1 else keep[0])
 
 
 def _generic(sch: s_tir.Schedule, many: bool) -> None:
@@ -286,7 +286,10 @@ def _generic(sch: s_tir.Schedule, many: bool) -> None:
 
 
 def cpu_rules() -> list[dl.ScheduleRule]:
-    return [CPURule()]
+    """Ours for products and attention, dlight's CPU Reduction where it applies (rms_norm in
+    prefill, Hadamard stages, dynamic fake quantization: a reduction and the injective block that
+    uses it, under one parallel row loop), the fallback for the rest."""
+    return [CPURule(), dl.cpu.Reduction(), CPUFallback()]
 
 
 def gpu_rules() -> list[dl.ScheduleRule]:

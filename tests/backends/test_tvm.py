@@ -1,0 +1,261 @@
+"""TVM backend: the exported library's logits and KV cache equal the reference interpreter's for a
+prefill and 32 cached decode steps, on stories260K and on tiny random models covering every op and
+attribute the lowering handles (quantized ones included), through the artefact and its runtime;
+with the kernels scheduled and, for two models, unscheduled (so a schedule cannot hide a lowering
+bug). Also: the library reloads in a fresh process without torch, a changed library is refused,
+the cache forks and grows, the CLI compiles, cuda and aarch64 libraries build."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip install 'splice[tvm]')")
+
+from splice.backends.tvm import RULES, LoweringError, export, lower  # noqa: E402
+from splice.errors import ArtefactError, InputError  # noqa: E402
+from splice.ir import OPS, past_from_present, run_logits, verify  # noqa: E402
+from splice.runtime import load  # noqa: E402
+from splice.runtime import tvm_runtime  # noqa: E402
+
+from tests.tiny import VARIANTS, add_extra_ops, tiny_module  # noqa: E402
+
+TOL = 1e-4
+PROMPT = 12
+DECODE = 32
+STORIES = "/work/shared/models/stories260K/stories260K.bin"
+
+
+def quantized(**settings):
+    def make():
+        from splice.passes.base import PassContext
+        from splice.passes.quantize_activations import QuantizeActivationsPass
+        from splice.passes.quantize_weights import QuantizeWeightsPass
+
+        module = tiny_module(seed=3, intermediate_size=80, qkv_bias=True, tie_embeddings=True)
+        act = settings.get("activations")
+        weights = {k: v for k, v in settings.items() if k != "activations"}
+        module = QuantizeWeightsPass(**weights).call(module, PassContext()).module
+        if act is not None:
+            module = QuantizeActivationsPass(**act).call(module, PassContext()).module
+        return module
+    return make
+
+
+# tests/tiny.py's variants, merged so that fewer builds cover every attribute
+MODELS = {
+    "gemma2": lambda: tiny_module(seed=3, **VARIANTS["gemma2"]),
+    "window_partial_interleaved": lambda: tiny_module(
+        seed=3, **VARIANTS["mha_window"], **VARIANTS["partial_interleaved"]),
+    "qknorm_bias_gelu_kv1": lambda: tiny_module(
+        seed=3, **VARIANTS["qwen3_qknorm_tied"], **VARIANTS["qwen2_bias_gelu"]),
+    "extra_ops": lambda: add_extra_ops(tiny_module(seed=4, intermediate_size=256)),
+    "w4_g32_lmhead8": quantized(bits=4, group_size=32, lm_head="int8"),
+    "w4_floatzero_g16": quantized(bits=4, group_size=16, float_zero_points=True),
+    "w8_sym_emb8_a8": quantized(bits=8, group_size=0, symmetric=True, embeddings="int8",
+                                lm_head="int8", activations={"symmetric": False}),
+}
+
+
+def reference_trajectory(module, ids: torch.Tensor, steps: int):
+    out = run_logits(module, ids)
+    traj = [(ids.numpy(), out)]
+    for _ in range(steps):
+        tok = out["logits"][:, -1:].argmax(-1)
+        out = run_logits(module, tok, past=past_from_present(out))
+        traj.append((tok.numpy(), out))
+    return traj
+
+
+def compare(artefact, traj) -> float:
+    """Run the trajectory's inputs through the artefact with its own cache; the largest
+    difference from the reference over logits and present KV."""
+    worst, cache = 0.0, None
+    for ids, ref in traj:
+        logits, cache = artefact.logits(ids, cache)
+        worst = max(worst, float(np.abs(logits - ref["logits"].numpy()).max()))
+        mine = cache.numpy()
+        for name, value in past_from_present(ref).items():
+            assert mine[name].shape == tuple(value.shape), name
+            worst = max(worst, float(np.abs(mine[name] - value.numpy()).max()))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(model name, scheduled) -> (module, artefact path, reference trajectory), built once."""
+    cache = {}
+
+    def get(name: str, scheduled: bool = True):
+        key = (name, scheduled)
+        if key not in cache:
+            if name == "stories260K":
+                from splice.frontend import load_model
+
+                module = load_model(STORIES)
+            else:
+                module = MODELS[name]()
+            verify(module)
+            path = export(module, tmp_path_factory.mktemp(name) / "art", schedule=scheduled)
+            ids = torch.randint(0, module.config.vocab_size, (1, PROMPT),
+                                generator=torch.Generator().manual_seed(5))
+            cache[key] = (module, path, reference_trajectory(module, ids, DECODE))
+        return cache[key]
+    return get
+
+
+@pytest.mark.parametrize("name", [*MODELS])
+def test_prefill_and_32_decode_steps_match_interpreter(built, name):
+    module, path, traj = built(name)
+    assert compare(load(path), traj) <= TOL
+
+
+@pytest.mark.parametrize("name", ["gemma2"])
+def test_unscheduled_kernels_match_too(built, name):
+    _, path, traj = built(name, scheduled=False)
+    assert json.loads((path / "manifest.json").read_text())["tvm"]["scheduled"] is False
+    assert compare(load(path), traj) <= TOL
+
+
+def test_stories260k_matches_interpreter(built):
+    _, path, traj = built("stories260K")
+    artefact = load(path)
+    assert compare(artefact, traj) <= TOL
+    assert artefact.generate("Once upon a time", max_new_tokens=8)
+
+
+def test_batch_of_two_with_cache(built):
+    module, path, _ = built("gemma2")
+    ids = torch.randint(0, module.config.vocab_size, (2, 9),
+                        generator=torch.Generator().manual_seed(6))
+    assert compare(load(path), reference_trajectory(module, ids, 4)) <= TOL
+
+
+def test_chunked_prefill_and_cache_growth(built, monkeypatch):
+    """A prompt run in chunks, then decode steps in a cache that starts small and is reallocated
+    twice, give the logits of one pass over the whole sequence."""
+    module, path, _ = built("window_partial_interleaved")
+    ids = torch.randint(0, module.config.vocab_size, (1, 40),
+                        generator=torch.Generator().manual_seed(7))
+    ref = run_logits(module, ids)["logits"].numpy()
+    monkeypatch.setattr(tvm_runtime, "INITIAL_CAPACITY", 8)
+    artefact = load(path)
+    artefact.prefill_chunk = 7
+    logits, cache = artefact.logits(ids[:, :10].numpy())
+    worst = float(np.abs(logits - ref[:, :10]).max())
+    capacities = {cache.store.capacity}
+    for t in range(10, 40):
+        logits, cache = artefact.logits(ids[:, t:t + 1].numpy(), cache)
+        worst = max(worst, float(np.abs(logits[:, 0] - ref[:, t]).max()))
+        capacities.add(cache.store.capacity)
+    assert worst <= TOL
+    assert sorted(capacities) == [16, 32, 64]
+
+
+def test_a_reused_cache_forks_instead_of_being_overwritten(built):
+    module, path, traj = built("gemma2")
+    artefact = load(path)
+    _, c0 = artefact.logits(traj[0][0])
+    a, c1 = artefact.logits(np.array([[1]]), c0)
+    b, c2 = artefact.logits(np.array([[2]]), c0)  # c0 again: must not clobber c1
+    again, _ = artefact.logits(np.array([[3]]), c1)
+    ref = run_logits(module, torch.tensor([[3]]),
+                     past={k: torch.tensor(v) for k, v in c1.numpy().items()})["logits"]
+    assert np.abs(again - ref.numpy()).max() <= TOL
+    assert np.abs(a - b).max() > 1e-3
+
+
+def test_reloads_in_a_fresh_process_without_torch(built):
+    _, path, traj = built("qknorm_bias_gelu_kv1")
+    ids = traj[0][0].tolist()
+    code = ("import sys, json; sys.modules['torch'] = None\n"
+            "from splice.runtime import load\n"
+            f"a = load({str(path)!r})\n"
+            f"logits, cache = a.logits({ids!r})\n"
+            "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+            "print(json.dumps(logits[0, -1].tolist()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    fresh = np.array(json.loads(out.stdout.strip().splitlines()[-1]))
+    here, _ = load(path).logits(traj[0][0])
+    assert np.abs(fresh - here[0, -1]).max() == 0.0
+
+
+def test_a_changed_library_is_refused(built, tmp_path):
+    _, path, _ = built("gemma2")
+    copy = tmp_path / "art"
+    shutil.copytree(path, copy)
+    lib = copy / "model.so"
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    with pytest.raises(ArtefactError, match="model.so"):
+        load(copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    with pytest.raises(ArtefactError, match="refusing to load native code"):
+        tvm_runtime._load_library(tvm, copy, manifest, "model.so")
+
+
+def test_a_library_for_another_cpu_is_refused(tmp_path):
+    section = {"target_kind": "llvm", "arch": "x86_64", "cpu_features": ["avx2", "no_such_isa"]}
+    if tvm_runtime._cpu_flags():
+        with pytest.raises(ArtefactError, match="no_such_isa"):
+            tvm_runtime._check_machine(tmp_path, section)
+    with pytest.raises(ArtefactError, match="compiled for 'sparc'"):
+        tvm_runtime._check_machine(tmp_path, {"target_kind": "llvm", "arch": "sparc"})
+
+
+def test_every_ir_op_has_a_rule():
+    assert set(OPS) <= set(RULES), sorted(set(OPS) - set(RULES))
+
+
+def test_op_without_rule_names_the_op_role_and_layer(monkeypatch):
+    from splice.backends.tvm import rules
+
+    monkeypatch.delitem(rules.RULES, "rotary")
+    with pytest.raises(LoweringError, match=r"rotary node \(role 'attn.q_rotary', layer 0\)"):
+        lower(tiny_module())
+
+
+def test_bad_target_and_threads_are_named():
+    with pytest.raises(InputError, match="unknown target 'tpu'.*cpu, cuda, aarch64"):
+        export(tiny_module(), "unused", target="tpu")
+    with pytest.raises(InputError, match="threads=0"):
+        export(tiny_module(), "unused", threads=0)
+
+
+def test_cli_compiles_with_the_tvm_backend(tmp_path):
+    from splice.cli import main
+
+    out = tmp_path / "art"
+    assert main(["compile", STORIES, "--backend", "tvm", "--recipe", "none", "--out",
+                 str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backend"] == "tvm" and manifest["tvm"]["target_kind"] == "llvm"
+    assert load(out).generate("Once", max_new_tokens=4)
+
+
+def test_cuda_library_builds_without_a_gpu(tmp_path):
+    path = export(tiny_module(num_layers=1), tmp_path / "cuda", target="cuda")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["tvm"]["target_kind"] == "cuda"
+    assert not any(p["layout"] == "packed" for p in manifest["tvm"]["param_list"])
+    assert (path / "model.so").stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("aarch64-linux-gnu-gcc") is None,
+                    reason="aarch64-linux-gnu-gcc not installed (make cross)")
+def test_aarch64_cross_compiled_library_is_an_aarch64_elf(tmp_path):
+    path = export(tiny_module(num_layers=1), tmp_path / "arm", target="aarch64")
+    head = (path / "model.so").read_bytes()[:20]
+    assert head[:4] == b"\x7fELF" and head[4] == 2  # 64-bit
+    assert int.from_bytes(head[18:20], "little") == 183  # EM_AARCH64
+    with pytest.raises(ArtefactError, match="compiled for 'aarch64'"):
+        load(path)
