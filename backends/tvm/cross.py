@@ -48,6 +48,11 @@ RUNTIME_SOURCES = ("device_api.cc", "cpu_device_api.cc", "tensor.cc", "module.cc
                    "vm/builtin.cc", "vm/executable.cc", "vm/bytecode.cc")
 
 
+# included by the runtime sources the wheel ships, but not shipped with them
+SUPPORT_HEADERS = ("include/tvm/support/io.h", "include/tvm/support/serializer.h",
+                   "src/support/bytes_io.h", "src/support/utils.h", "src/support/base64.h")
+
+
 def available() -> str | None:
     """None when the cross toolchain and qemu are here, else what is missing."""
     missing = [t for t in (CXX, QEMU) if shutil.which(t) is None]
@@ -67,24 +72,52 @@ def _runner_source() -> Path:
     return Path(str(resources.files("splice.backends.tvm").joinpath("edge_runner.cc")))
 
 
-def build_runner(cache_dir: str | Path | None = None, *, jobs: int = 2) -> Path:
-    """The aarch64 runner executable, built once per TVM version and runner source."""
+def _root(cache_dir: str | Path | None) -> Path:
+    import tvm
+
+    key = hashlib.sha256(f"{tvm.__version__}|{_runner_source().read_bytes()!r}".encode())
+    base = Path(cache_dir) if cache_dir else \
+        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "splice" / "tvm-aarch64"
+    return base / key.hexdigest()[:16]
+
+
+def cached_runner(cache_dir: str | Path | None = None) -> Path | None:
+    """The runner if it is already built for this TVM version and runner source, else None."""
+    runner = _root(cache_dir) / "edge_runner"
+    return runner if runner.is_file() else None
+
+
+def build_runner(tvm_source: str | Path, cache_dir: str | Path | None = None, *,
+                 jobs: int = 2) -> Path:
+    """The aarch64 runner executable, built once per TVM version and runner source (the cache
+    is $XDG_CACHE_HOME/splice/tvm-aarch64, or `cache_dir`).
+
+    `tvm_source` is a TVM source tree of the installed version (or any directory holding the
+    same paths): the wheel ships the runtime's .cc files but not five headers they include,
+    SUPPORT_HEADERS, which are taken from there."""
     problem = available()
     if problem:
         raise InputError(f"cannot build the aarch64 runner: {problem}")
+    tvm_source = Path(tvm_source)
+    missing = [h for h in SUPPORT_HEADERS if not (tvm_source / h).is_file()]
+    if missing:
+        raise InputError(f"tvm_source {tvm_source} lacks {missing}; give a TVM source tree of "
+                         "the installed version (the apache-tvm wheel does not ship them)")
     tvm_dir, ffi_dir = _packages()
     source = _runner_source()
-    import tvm
-
-    key = hashlib.sha256(f"{tvm.__version__}|{source.read_bytes()!r}".encode()).hexdigest()[:16]
-    root = Path(cache_dir or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-                / "splice" / "tvm-aarch64") / key
+    root = _root(cache_dir)
     runner = root / "edge_runner"
     if runner.is_file():
         return runner
     (root / "obj").mkdir(parents=True, exist_ok=True)
-    includes = [tvm_dir / "include", ffi_dir / "include", ffi_dir / "include" / "dlpack" / "include",
-                tvm_dir / "src", tvm_dir / "src" / "runtime", ffi_dir / "src"]
+    # "../support/x.h" from src/runtime and "../../support/x.h" from src/runtime/vm resolve
+    # against these two (possibly empty) directories of the source tree
+    relative = [tvm_source / "src" / "runtime", tvm_source / "src" / "runtime" / "vm"]
+    for d in relative:
+        d.mkdir(parents=True, exist_ok=True)
+    includes = [tvm_dir / "include", tvm_source / "include", ffi_dir / "include",
+                ffi_dir / "include" / "dlpack" / "include", tvm_dir / "src",
+                tvm_dir / "src" / "runtime", ffi_dir / "src", *relative]
     for extra in ffi_dir.glob("3rdparty/*/include"):
         includes.append(extra)
     flags = ["-std=c++17", "-O2", "-fPIC", "-DNDEBUG", "-DTVM_FFI_USE_LIBBACKTRACE=0",

@@ -71,7 +71,7 @@ def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | Non
     """y = x @ dequant(W).T (+ bias) (+ residual) for x [rows, in] over the MatMulNBits tensors.
 
     The product runs over [row tiles, row_tile, out] (rows past the end re-read the last row;
-    the epilogue keeps the real ones), reducing over (block, nibble, byte) so that 16 consecutive
+    the epilogue keeps the real ones), or [rows, out] when row_tile is 1, reducing over (block, nibble, byte) so that 16 consecutive
     bytes of a row are one vector load: int4 reads x split into even and odd channels (module
     docstring). A partial last block (in not a multiple of group_size) takes the plain form."""
     n_out, blocks = int(w.shape[0]), int(w.shape[1])
@@ -80,10 +80,11 @@ def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | Non
     dt = x.dtype
     fmt = _Format(w, s, zp, bits=bits, group_size=group_size, symmetric=symmetric, dtype=dt)
     tile = max(row_tile, 1)
-    tiles = tirx.floordiv(rows - 1, tile) + 1  # this form matches the epilogue's region analysis
+    # one row per tile (decode): the product is [rows, out] itself
+    tiled = (tirx.floordiv(rows - 1, tile) + 1, tile) if tile > 1 else (rows,)
 
-    def row(o, r):
-        return tirx.min(o * tile + r, rows - 1) if tile > 1 else o
+    def row(*t):
+        return tirx.min(t[0] * tile + t[1], rows - 1) if tile > 1 else t[0]
 
     def dequant(n, g, q):
         return (q.astype(dt) - fmt.zero(n, g)) * s[n, g].astype(dt)
@@ -94,21 +95,23 @@ def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | Non
                         lambda m, g, t, i: x[m, g * group_size + 2 * i + t], name="split")
         g, t, i = (te.reduce_axis((0, blocks), name="g"), te.reduce_axis((0, 2), name="t"),
                    te.reduce_axis((0, half), name="i"))
-        y = te.compute((tiles, tile, n_out), lambda o, r, n: te.sum(
-            xs[row(o, r), g, t, i] * dequant(n, g, _nibble(w[n, g, i], t)), axis=[g, t, i]),
-            name="matmul")
+        y = te.compute((*tiled, n_out), lambda *o: te.sum(
+            xs[row(*o[:-1]), g, t, i] * dequant(o[-1], g, _nibble(w[o[-1], g, i], t)),
+            axis=[g, t, i]), name="matmul")
     elif k_in == blocks * group_size:
         g, i = te.reduce_axis((0, blocks), name="g"), te.reduce_axis((0, group_size), name="i")
-        y = te.compute((tiles, tile, n_out), lambda o, r, n: te.sum(
-            x[row(o, r), g * group_size + i] * dequant(n, g, w[n, g, i]), axis=[g, i]),
-            name="matmul")
+        y = te.compute((*tiled, n_out), lambda *o: te.sum(
+            x[row(*o[:-1]), g * group_size + i] * dequant(o[-1], g, w[o[-1], g, i]),
+            axis=[g, i]), name="matmul")
     else:
         k = te.reduce_axis((0, k_in), name="k")
-        y = te.compute((tiles, tile, n_out), lambda o, r, n: te.sum(
-            x[row(o, r), k] * fmt.weight(n, k), axis=k), name="matmul")
+        y = te.compute((*tiled, n_out), lambda *o: te.sum(
+            x[row(*o[:-1]), k] * fmt.weight(o[-1], k), axis=k), name="matmul")
+    if tile == 1 and bias is None and residual is None:
+        return y
 
     def fepi(m, n):
-        v = y[m // tile, m % tile, n]
+        v = y[m // tile, m % tile, n] if tile > 1 else y[m, n]
         if bias is not None:
             v = v + bias[n]
         if residual is not None:

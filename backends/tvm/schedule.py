@@ -181,31 +181,48 @@ def _gemm_tiles(sch: s_tir.Schedule) -> None:
 
 
 def _qlinear(sch: s_tir.Schedule, many: bool) -> None:
-    """quant.py's product over [row tiles, tile, out]: per output (parallel) and row tile, the
-    reduction over (block, nibble, byte) with 16 bytes a vector (rfactor), the tile's partial
-    sums in registers, summed across lanes at the end."""
+    """quant.py's product over [rows, out] (decode) or [row tiles, tile, out] (prefill): per
+    output (parallel) and tile, the reduction over (block, nibble, byte) with 16 bytes a vector
+    (rfactor), the tile's partial sums in registers, summed across lanes at the end."""
     mm = sch.get_sblock("matmul")
-    epi = sch.get_sblock("epilogue")
-    o, r, n, *red = sch.get_loops(mm)
+    epi = sch.get_sblock("epilogue") if _has_block(sch, "epilogue") else None
+    tiled = len(sch.get(mm).iter_vars) - sum(
+        1 for iv in sch.get(mm).iter_vars if iv.iter_type != tirx.IterVar.DataPar) == 3
+    loops = sch.get_loops(mm)
+    spatial, red = (loops[:3], loops[3:]) if tiled else (loops[:2], loops[2:])
     if _extent(sch, red[-1]) % VEC:
-        sch.reorder(n, o, r)
-        sch.parallel(n)
-        _generic_block(sch, epi, many)
-        return
-    io, lane = sch.split(red[-1], [None, VEC])
-    sch.reorder(n, o, *red[:-1], io, r, lane)
-    # partial sums [tile, row, out, lane], the lanes contiguous; used only under (out, tile),
-    # the buffer compacts to one tile's [row, lane] there, a stack array (cf. ACC_SCOPE)
-    rf = sch.rfactor(lane, 3)
-    sch.parallel(n)
-    rf_loops = sch.get_loops(rf)
-    sch.unroll(rf_loops[-2])
-    sch.vectorize(rf_loops[-1])  # before decompose_reduction: TVM refuses it afterwards
-    init = sch.decompose_reduction(rf, rf_loops[2])
-    sch.vectorize(sch.get_loops(init)[-1])
+        sch.reorder(spatial[-1], *spatial[:-1])
+        sch.parallel(spatial[-1])
+    else:
+        io, lane = sch.split(red[-1], [None, VEC])
+        # partial sums [..., out, lane], the lanes contiguous; used only under (out, tile), the
+        # buffer compacts to one tile's [row, lane] there, a stack array (cf. ACC_SCOPE)
+        rf = sch.rfactor(lane, len(spatial))
+        *outer, fn, flane = sch.get_loops(mm)
+        sch.reorder(fn, *outer, flane)
+        sch.parallel(fn)
+        sch.compute_at(rf, outer[0], preserve_unit_loops=True)
+        # compute_at makes one loop per block variable, in their order (lane, the spatial ones,
+        # the reductions): reductions first, then the tile's rows (unrolled), lanes (a vector)
+        rf_loops = sch.get_loops(rf)[2:]
+        lane_l, sp_l, red_l = rf_loops[0], rf_loops[1:1 + len(spatial)], rf_loops[1 + len(spatial):]
+        inner = [sp_l[1]] if tiled else []
+        sch.reorder(*[lp for lp in sp_l if lp not in inner], *red_l, *inner, lane_l)
+        if tiled:
+            sch.unroll(inner[0])
+        if _has_block(sch, "split"):
+            # int4 (block, nibble, byte): move the nibble loop inside the byte loop and unroll it,
+            # so both nibbles come from one load of 16 bytes
+            g_l, t_l, io_l = red_l
+            sch.reorder(io_l, t_l)
+            sch.unroll(t_l)
+        sch.vectorize(lane_l)  # before decompose_reduction: TVM refuses it afterwards
+        init = sch.decompose_reduction(rf, red_l[0])
+        sch.vectorize(sch.get_loops(init)[-1])
     if _has_block(sch, "split"):
         _generic_block(sch, sch.get_sblock("split"), many)
-    _generic_block(sch, epi, many)
+    if epi is not None:
+        _generic_block(sch, epi, many)
 
 
 def _rms_norm(sch: s_tir.Schedule, many: bool) -> None:
