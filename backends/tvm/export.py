@@ -40,10 +40,12 @@ CPU_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f1
 
 def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
            recipe: dict | None = None, report: list | dict | None = None, threads: int = 2,
-           mcpu: str | None = None, prefill_chunk: int = 256, schedule: bool = True) -> Path:
+           mcpu: str | None = None, prefill_chunk: int = 256, schedule: bool = True,
+           cuda_arch: str = "sm_80") -> Path:
     """Lower, schedule and build `module` for `target` ("cpu", "cuda" or "aarch64") and write the
     artefact into `out_dir` atomically. `threads`: the cores the CPU kernels are split over (and
     the runtime's default pool size); `mcpu`: an LLVM CPU name (default: this machine's);
+    `cuda_arch`: the GPU architecture cuda code is compiled for ("sm_90" for an H100);
     `schedule`: False builds the CPU kernels unscheduled (for tests; ~20x slower)."""
     if target not in TARGETS:
         raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
@@ -54,7 +56,10 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
                          "integer")
     t0 = time.perf_counter()
     lowered = lower(module, packed=target != "cuda")
-    tgt = make_target(target, threads=threads, mcpu=mcpu)
+    if not (isinstance(cuda_arch, str) and cuda_arch[:3] == "sm_" and cuda_arch[3:].isdigit()):
+        raise InputError(f"TVM backend: cuda_arch={cuda_arch!r}; expected 'sm_' and the compute "
+                         "capability's digits, such as 'sm_80' or 'sm_90'")
+    tgt = make_target(target, threads=threads, mcpu=mcpu, cuda_arch=cuda_arch)
     t1 = time.perf_counter()
     ex = build(lowered.mod, tgt, schedule=schedule)
     t2 = time.perf_counter()

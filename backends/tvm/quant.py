@@ -7,14 +7,30 @@ bits / 8)] or implicit (symmetric). Each weight is rebuilt as (q - z) * scale, t
 float32 arithmetic (so a dequantized weight is bit-identical to the interpreter's), and used at
 once; the float32 matrix never exists in memory.
 
-The product streams each output row's bytes once per tile of input rows. For int4 the input is
-first split into even and odd channels (x_split[g, 0, i] = x[g*gs + 2i], x_split[g, 1, i] =
-x[g*gs + 2i + 1]; tiny), so that one 16-byte load of codes meets two contiguous 16-lane vectors
-of x, the low nibbles with the even channels and the high ones with the odd; int8 bytes meet x
-directly. The reduction is split over 16 lanes (rfactor) and summed across lanes once per output.
-Decode runs tiles of one row; prefill tiles of 4, so each decoded vector of weights feeds four
-rows (a dequantize-to-float pass ahead of a float GEMM was 3x slower: its stores into the
-packed layout are scatters).
+The CPU product (_streamed) streams each output row's bytes once per tile of input rows. For
+int4 the input is first split into even and odd channels (x_split[g, 0, i] = x[g*gs + 2i],
+x_split[g, 1, i] = x[g*gs + 2i + 1]; tiny, once per call), so that one 16-byte load of codes
+meets two contiguous 16-lane vectors of x, the low nibbles with the even channels and the high
+ones with the odd; int8 bytes meet x directly. Per block the unpacking is int32 vector work
+(zero-extend, mask, shift, minus the zero point), then one int-to-float conversion and one
+multiply by the block's broadcast scale per nibble, and one FMA per row of the tile; the lanes
+are summed once per output, pairwise. Decode runs one row and 4 outputs per task (4
+independent accumulator chains: with one, each step waits on the FMA latency); prefill tiles of
+Q_ROW_TILE rows, so each unpacked vector of codes feeds every row of the tile. Against the
+previous form, which rebuilt each weight in float with int64 unpacking and split the reduction
+over lanes with rfactor, SmolLM2-135M int4 went from 0.27x to 1.40x ONNX Runtime's
+MatMulNBits (accuracy level 4) in decode and from 0.88x to 1.09x in prefill (benchmarks/
+tvm_bench.py, two threads, same run). With one thread each, decode measured ~0.9x: MatMulNBits
+at that level quantizes x to int8 and uses int8 dot products, more work per instruction than
+float FMAs, at the cost of its accuracy. A dequantize-to-float pass ahead of a float GEMM was 3x
+slower: its stores into the packed layout are scatters.
+
+The other classic formulation, accumulating sum_j q_j x_j per block and correcting with
+s * zero * sum_j x_j afterwards, saves the subtraction and a multiply per vector but needs a
+scalar correction per (row, output, block); it was not measured against this form.
+
+On the GPU the product is the plain dequantizing form (dequantize block + matmul) that dlight's
+GEMV and Matmul rules schedule, as MLC-LLM's are.
 """
 
 from __future__ import annotations
@@ -22,8 +38,10 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from ...ir.core import Node
-from .kernels import LANES, pack_rows
 
+# prefill rows per tile of the streamed product: each unpacked vector of codes feeds 8 rows, and
+# the 8 independent accumulator chains cover the FMA latency (measured 1.2x faster than 4)
+Q_ROW_TILE = 8
 LAYOUTS = {1: "q_weight", 2: "q_scales", 3: "q_zeros"}
 
 
@@ -33,7 +51,12 @@ def qlinear_param_layouts(node: Node, i: int) -> str:
 
 
 def _nibble(byte, which):
-    return (byte.astype("int32") >> (which.astype("int32") * 4)) & 15
+    """Nibble `which` (0 low, 1 high) of a code byte, as int32: a select rather than a shift by
+    an int64 index, which would promote the unpacking to int64 lanes (half the vector width)."""
+    b = byte.astype("int32")
+    if isinstance(which, int):
+        return (b >> 4) if which else (b & 15)
+    return tirx.Select(which.astype("int32") == 0, b & 15, b >> 4)
 
 
 class _Format:
@@ -67,51 +90,115 @@ class _Format:
 
 def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
                    bias: te.Tensor | None, residual: te.Tensor | None, *, bits: int,
-                   group_size: int, symmetric: bool, row_tile: int = 1) -> te.Tensor:
+                   group_size: int, symmetric: bool, row_tile: int = 1,
+                   streamed: bool = True) -> te.Tensor:
     """y = x @ dequant(W).T (+ bias) (+ residual) for x [rows, in] over the MatMulNBits tensors.
 
-    The product runs over [row tiles, row_tile, out] (rows past the end re-read the last row;
-    the epilogue keeps the real ones), or [rows, out] when row_tile is 1, reducing over (block, nibble, byte) so that 16 consecutive
-    bytes of a row are one vector load: int4 reads x split into even and odd channels (module
-    docstring). A partial last block (in not a multiple of group_size) takes the plain form."""
-    n_out, blocks = int(w.shape[0]), int(w.shape[1])
+    streamed (the CPU's form, when `in` is whole blocks): _streamed, over [row tiles, row_tile,
+    out] or [rows, out] when row_tile is 1 (rows past the end re-read the last row; the
+    epilogue keeps the real ones). Otherwise the plain form: one reduction over `in` of x times
+    the weight rebuilt per element (the CPU's fallback for a partial last block) or, for the
+    GPU (streamed False), a dequantize block feeding the product, the form dlight's GPU rules
+    recognise."""
+    n_out = int(w.shape[0])
     k_in = int(x.shape[-1])
     rows = x.shape[0]
-    dt = x.dtype
-    fmt = _Format(w, s, zp, bits=bits, group_size=group_size, symmetric=symmetric, dtype=dt)
+    fmt = _Format(w, s, zp, bits=bits, group_size=group_size, symmetric=symmetric, dtype=x.dtype)
     tile = max(row_tile, 1)
+    blocks = int(w.shape[1])
+    if k_in == blocks * group_size and streamed:
+        return _streamed(x, w, s, zp, bias, residual, bits=bits, blocks=blocks,
+                         group_size=group_size, symmetric=symmetric, tile=tile)
     # one row per tile (decode): the product is [rows, out] itself
     tiled = (tirx.floordiv(rows - 1, tile) + 1, tile) if tile > 1 else (rows,)
 
     def row(*t):
         return tirx.min(t[0] * tile + t[1], rows - 1) if tile > 1 else t[0]
 
-    def dequant(n, g, q):
-        return (q.astype(dt) - fmt.zero(n, g)) * s[n, g].astype(dt)
-
-    if k_in == blocks * group_size and bits == 4:
-        half = group_size // 2
-        xs = te.compute((rows, blocks, 2, half),
-                        lambda m, g, t, i: x[m, g * group_size + 2 * i + t], name="split")
-        g, t, i = (te.reduce_axis((0, blocks), name="g"), te.reduce_axis((0, 2), name="t"),
-                   te.reduce_axis((0, half), name="i"))
-        y = te.compute((*tiled, n_out), lambda *o: te.sum(
-            xs[row(*o[:-1]), g, t, i] * dequant(o[-1], g, _nibble(w[o[-1], g, i], t)),
-            axis=[g, t, i]), name="matmul")
-    elif k_in == blocks * group_size:
-        g, i = te.reduce_axis((0, blocks), name="g"), te.reduce_axis((0, group_size), name="i")
-        y = te.compute((*tiled, n_out), lambda *o: te.sum(
-            x[row(*o[:-1]), g * group_size + i] * dequant(o[-1], g, w[o[-1], g, i]),
-            axis=[g, i]), name="matmul")
-    else:
-        k = te.reduce_axis((0, k_in), name="k")
+    k = te.reduce_axis((0, k_in), name="k")
+    if streamed:
         y = te.compute((*tiled, n_out), lambda *o: te.sum(
             x[row(*o[:-1]), k] * fmt.weight(o[-1], k), axis=k), name="matmul")
+    else:
+        # the GPU's: the dequantization a block of its own, which dlight's GEMV (one row) and
+        # Matmul (a symbolic number of rows) take as the product's prologue, as in MLC-LLM
+        deq = te.compute((n_out, k_in), lambda n, kk: fmt.weight(n, kk), name="dequantize")
+        y = te.compute((*tiled, n_out), lambda *o: te.sum(
+            x[row(*o[:-1]), k] * deq[o[-1], k], axis=k), name="matmul")
     if tile == 1 and bias is None and residual is None:
         return y
 
     def fepi(m, n):
         v = y[m // tile, m % tile, n] if tile > 1 else y[m, n]
+        if bias is not None:
+            v = v + bias[n]
+        if residual is not None:
+            v = residual[m, n] + v
+        return v
+    return te.compute((rows, n_out), fepi, name="epilogue")
+
+
+def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
+              bias: te.Tensor | None, residual: te.Tensor | None, *, bits: int, blocks: int,
+              group_size: int, symmetric: bool, tile: int) -> te.Tensor:
+    """The CPU product: one vector of partial sums per output and row, the bytes of a block as
+    its lanes.
+
+    part[.., n, i] = sum_g sum_t x[.., channel(g, t, i)] * (float(code(n, g, i, t) - z) * s_g):
+    the code minus the zero point is an int32 operation on a whole vector of unpacked codes
+    (both are integers; a float zero point is subtracted in float), times the block's scale, a
+    broadcast; the weight so rebuilt is the reference's dequantized weight bit for bit, and the
+    only difference from the reference is the order of the sum. With a tile of rows, each
+    unpacked vector of codes meets every row of the tile (LLVM shares the unpacking across the
+    unrolled rows). The lanes are summed once per output at the end (qsum)."""
+    rows, n_out, dt = x.shape[0], int(w.shape[0]), x.dtype
+    width = int(w.shape[2])  # bytes per block: group_size / 2 (int4) or group_size (int8)
+    tiled = (tirx.floordiv(rows - 1, tile) + 1, tile) if tile > 1 else (rows,)
+
+    def row(t):
+        return tirx.min(t[0] * tile + t[1], rows - 1) if tile > 1 else t[0]
+
+    def zero(n, g):
+        if symmetric:
+            return tirx.const(1 << (bits - 1), "int32")
+        if zp.dtype != "uint8":
+            return None
+        if bits == 8:
+            return zp[n, g].astype("int32")
+        return _nibble(zp[n, g // 2], g % 2)
+
+    def weight(n, g, code):
+        z = zero(n, g)
+        q = (code - z).astype(dt) if z is not None else code.astype(dt) - zp[n, g].astype(dt)
+        return q * s[n, g].astype(dt)
+
+    g = te.reduce_axis((0, blocks), name="g")
+    if bits == 4:
+        # the nibble is a reduction axis too, so that each is one FMA into the accumulator
+        t = te.reduce_axis((0, 2), name="t")
+        xs = te.compute((rows, blocks, 2, width),
+                        lambda m, gg, tt, i: x[m, gg * group_size + 2 * i + tt], name="split")
+        part = te.compute((*tiled, n_out, width), lambda *o: te.sum(
+            xs[row(o[:-2]), g, t, o[-1]] * weight(o[-2], g, _nibble(w[o[-2], g, o[-1]], t)),
+            axis=[g, t]), name="qpart")
+    else:
+        part = te.compute((*tiled, n_out, width), lambda *o: te.sum(
+            x[row(o[:-2]), g * group_size + o[-1]]
+            * weight(o[-2], g, w[o[-2], g, o[-1]].astype("int32")), axis=g), name="qpart")
+
+    def tree(o, lo: int, n: int):
+        """The lanes lo..lo+n-1 summed pairwise: depth log2(n), where a reduction would be a
+        chain of n dependent adds (LLVM may not reassociate float sums)."""
+        if n == 1:
+            return part[(*o, lo)]
+        half = n // 2
+        return tree(o, lo, half) + tree(o, lo + half, n - half)
+    total = te.compute((*tiled, n_out), lambda *o: tree(o, 0, width), name="qsum")
+    if tile == 1 and bias is None and residual is None:
+        return total
+
+    def fepi(m, n):
+        v = total[m // tile, m % tile, n] if tile > 1 else total[m, n]
         if bias is not None:
             v = v + bias[n]
         if residual is not None:

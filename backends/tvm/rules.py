@@ -20,7 +20,7 @@ from . import attention as A
 from . import kernels as K
 from .lower import ROW_TILE, Lowering, LoweringError, _Function, cache_shape, describe, \
     hadamard_factors
-from .quant import qembedding_kernel, qlinear_kernel, quantize_kernel
+from .quant import Q_ROW_TILE, qembedding_kernel, qlinear_kernel, quantize_kernel
 
 
 def _linear(low: Lowering, fn: _Function, node: Node):
@@ -92,7 +92,8 @@ def _qlinear(low: Lowering, fn: _Function, node: Node):
     x2, shape = _flat(fn, x)
     y = fn.te(qlinear_kernel, x2, w, s, zp, bias, residual, bits=a["bits"],
               group_size=a["group_size"], symmetric=a["symmetric"],
-              row_tile=ROW_TILE if fn.rows == "many" and low.packed else 1, kind="qlinear")
+              row_tile=Q_ROW_TILE if fn.rows == "many" and low.packed else 1,
+              streamed=low.packed, kind="qlinear")
     y = _unflat(fn, y, shape, a["out_features"])
     if fused is not None:
         fn.env[id(fused[0].outputs[0])] = y

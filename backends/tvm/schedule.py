@@ -14,8 +14,9 @@ nest:
   register-blocked GEMM over whole row tiles (4 rows x up to 3 vector blocks = 12 accumulators,
   one broadcast and three loads per k), parallel over (output blocks x row tiles). Bias and the
   residual add are computed in the accumulator write-back.
-- qlinear (quant.py): per output and tile of rows (1 in decode, 4 in prefill), the reduction
-  split over 16 lanes of codes (rfactor), partial sums in registers, lanes summed at the end.
+- qlinear (quant.py): per output (parallel) and tile of rows (1 in decode, 8 in prefill), the
+  loop over blocks with one vector of partial sums per row, the block's bytes as lanes, codes
+  unpacked in int32 vectors and shared by the tile's unrolled rows; lanes summed at the end.
 - rms_norm, Hadamard stages, dynamic fake quantization: dlight's `cpu.Reduction` (the row's
   reduction and the injective block that uses it under one parallel row loop, the injective part
   vectorised); a decode step's single-row norm gets the same without the parallel loop.
@@ -29,7 +30,8 @@ nest:
 MetaSchedule was the alternative: it tunes each kernel per shape, but on a shared two-core
 machine a useful search is tens of minutes per model, and these rules already stream decode
 weights at memory bandwidth and run prefill GEMMs at a large fraction of peak; a compile is
-lowering plus LLVM code generation (seconds), with no tuning database to keep.
+lowering plus LLVM code generation (seconds), with no tuning database to keep (so the issue's
+"tuning database saved in the artefact and reused" has nothing to hold: there is no tuning).
 
 GPU: dlight's rules (Matmul, GEMV, LowBatchGEMV, Reduction, GeneralReduction, RMSNorm, Fallback)
 on the plain-layout kernels, the way MLC-LLM schedules the same shapes.
@@ -180,10 +182,53 @@ def _gemm_tiles(sch: s_tir.Schedule) -> None:
     _generic_block(sch, epi, True)
 
 
+def _qstreamed(sch: s_tir.Schedule, many: bool) -> None:
+    """quant.py's streamed product: per (tile of rows, output) in prefill, per (row, 4 outputs)
+    in decode, parallel, the block loop over the task's vectors of partial sums (rows or
+    outputs unrolled, the block's bytes a vector), then the lanes' sum."""
+    total = sch.get_sblock("qsum")
+    loops = sch.get_loops(total)
+    if len(loops) == 3:  # [row tiles, tile, out]
+        o, r, n = loops
+        sch.reorder(o, n, r)
+        task = sch.fuse(o, n)
+        anchor = task
+    else:  # [rows, out]: 4 outputs a task, 4 independent accumulator chains (one would wait
+        # on the FMA latency at every step)
+        m, n = loops
+        width = next((b for b in (4, 2) if (_extent(sch, n) or 1) % b == 0), 1)
+        task, ni = sch.split(n, [None, width])
+        sch.reorder(task, m, ni)
+        anchor = m
+    sch.parallel(task)
+    part = sch.get_sblock("qpart")
+    sch.compute_at(part, anchor, preserve_unit_loops=True)
+    n_red = sum(1 for iv in sch.get(part).iter_vars if iv.iter_type != tirx.IterVar.DataPar)
+    *outer, i = sch.get_loops(part)[:-n_red]
+    red = sch.get_loops(part)[-n_red:]  # the blocks, then (int4) the nibble
+    tile_rows = [lp for lp in outer[1:] if _extent(sch, lp) not in (None, 1)]
+    sch.reorder(*red, *tile_rows, i)
+    for lp in [*red[1:], *tile_rows]:
+        sch.unroll(lp)
+    vo, vi = _vector_split(sch, i)
+    if vo is not None and vi is not None:
+        sch.unroll(vo)
+    init = sch.decompose_reduction(part, red[0])
+    _try(sch.vectorize, sch.get_loops(init)[-1])
+    if _has_block(sch, "split"):
+        _generic_block(sch, sch.get_sblock("split"), many)
+    if _has_block(sch, "epilogue"):
+        _generic_block(sch, sch.get_sblock("epilogue"), many)
+
+
 def _qlinear(sch: s_tir.Schedule, many: bool) -> None:
-    """quant.py's product over [rows, out] (decode) or [row tiles, tile, out] (prefill): per
-    output (parallel) and tile, the reduction over (block, nibble, byte) with 16 bytes a vector
-    (rfactor), the tile's partial sums in registers, summed across lanes at the end."""
+    """quant.py's products: the streamed form (_qstreamed), or the plain one (a partial last
+    block) over [rows, out] or [row tiles, tile, out]: per output (parallel) and tile, the
+    reduction split over 16 lanes (rfactor), the tile's partial sums in registers, summed across
+    lanes at the end."""
+    if _has_block(sch, "qpart"):
+        _qstreamed(sch, many)
+        return
     mm = sch.get_sblock("matmul")
     epi = sch.get_sblock("epilogue") if _has_block(sch, "epilogue") else None
     tiled = len(sch.get(mm).iter_vars) - sum(
@@ -210,17 +255,9 @@ def _qlinear(sch: s_tir.Schedule, many: bool) -> None:
         sch.reorder(*[lp for lp in sp_l if lp not in inner], *red_l, *inner, lane_l)
         if tiled:
             sch.unroll(inner[0])
-        if _has_block(sch, "split"):
-            # int4 (block, nibble, byte): move the nibble loop inside the byte loop and unroll it,
-            # so both nibbles come from one load of 16 bytes
-            g_l, t_l, io_l = red_l
-            sch.reorder(io_l, t_l)
-            sch.unroll(t_l)
         sch.vectorize(lane_l)  # before decompose_reduction: TVM refuses it afterwards
         init = sch.decompose_reduction(rf, red_l[0])
         sch.vectorize(sch.get_loops(init)[-1])
-    if _has_block(sch, "split"):
-        _generic_block(sch, sch.get_sblock("split"), many)
     if epi is not None:
         _generic_block(sch, epi, many)
 
