@@ -11,7 +11,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from collections.abc import Iterable, Iterator, Sequence
+import math
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -309,12 +310,16 @@ class Tokenizer:
 
 
 class Module:
-    """A graph, the weights its constants name, the model config and the tokenizer."""
+    """A graph, the weights its constants name, the model config and the tokenizer.
+
+    `weights` is a dict, or any MutableMapping that behaves like one: frontend.lazy.LazyWeights
+    reads each weight from disk when asked (layer-by-layer compiles of models larger than
+    memory), so code that walks all weights should ask for one at a time."""
 
     __slots__ = ("graph", "weights", "config", "tokenizer")
 
-    def __init__(self, graph: Graph, weights: dict[str, torch.Tensor], config: ModelConfig,
-                 tokenizer: Tokenizer | None = None):
+    def __init__(self, graph: Graph, weights: MutableMapping[str, torch.Tensor],
+                 config: ModelConfig, tokenizer: Tokenizer | None = None):
         self.graph = graph
         self.weights = weights
         self.config = config
@@ -348,6 +353,9 @@ class Module:
         return dead
 
     def num_parameters(self) -> int:
+        shape = getattr(self.weights, "shape", None)  # a lazy store answers without reading
+        if callable(shape):
+            return sum(math.prod(shape(k)) for k in self.weights)
         return sum(t.numel() for t in self.weights.values())
 
     def clone(self) -> Module:

@@ -16,6 +16,7 @@ import torch
 
 from ..errors import InputError
 from ..ir.core import Module
+from .reduce import Reducer
 
 
 @dataclasses.dataclass
@@ -29,12 +30,19 @@ class PassResult:
 @dataclasses.dataclass
 class PassContext:
     """What a pass run may read: calibration batches (token ids [batch, seq], int64), the random
-    seed, the working precision for calibration arithmetic."""
+    seed, the working precision for calibration arithmetic, and the reducer that combines
+    calibration statistics over processes (passes/reduce.py; identity in one process, where
+    `calibration` is this process's share of the batches when several run)."""
 
     calibration: torch.Tensor | None = None
     seed: int = 0
     precision: torch.dtype = torch.float64
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    reducer: Reducer = dataclasses.field(default_factory=Reducer)
+
+    def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """`tensor` combined over the processes sharing the calibration set (sum, max or min)."""
+        return self.reducer(tensor, op)
 
     def require_calibration(self, pass_name: str, min_tokens: int = 1) -> torch.Tensor:
         calib = self.calibration

@@ -2,7 +2,8 @@
 
 After estimate_patch and before prune_layers, the module still holds the whole model (the
 teacher) and the patch waits on the stream entering the block. This pass trains only the patch —
-the d x d matrix of a dense patch, or the d channel scales s of a factored LinearPatch — so that
+the d x d matrix of a dense patch, or the d channel scales s of a factored or signed LinearPatch
+(signs and Hadamard matrices fixed, so a signed patch still collapses under rotate) — so that
 the model with the block bypassed through the patch (the student) matches the teacher's next-token
 distribution: KL(teacher || student) over the teacher's top-k tokens (the teacher renormalised
 over them, the student's full log-softmax gathered there), as LinearPatch's memory-light
@@ -128,11 +129,16 @@ class _Student:
                          and id(v) not in made]
         self.weights: dict[str, torch.Tensor] = {}
         self.h = hadamard_matrix(param.shape[0], dtype=torch.float32) \
-            if patch.form == "factored" else None
+            if patch.form in ("factored", "signed") else None
+        self.sigma = patch.signs(module).to(torch.float32) if patch.form == "signed" else None
 
     def matrix(self) -> torch.Tensor:
+        if self.patch.form == "scale":
+            return torch.diag(self.param)
         if self.h is None:
             return self.param
+        if self.sigma is not None:
+            return ((self.sigma[:, None] * self.h * self.param) @ self.h) * self.sigma
         return (self.h * self.param) @ self.h
 
     def logits(self, feeds: dict[int, torch.Tensor], x_in: torch.Tensor) -> torch.Tensor:
@@ -163,7 +169,7 @@ def _kl(logits: torch.Tensor, top_vals: torch.Tensor, top_idx: torch.Tensor) -> 
 def _train(module: Module, ctx: PassContext, s: DistillPatchPass, patch: Patch, x_out: Value,
            ids: torch.Tensor) -> dict[str, Any]:
     g = module.graph
-    init = (patch.scale(module) if patch.form == "factored" else patch.matrix(module))
+    init = patch.matrix(module) if patch.form == "dense" else patch.scale(module)
     param = torch.nn.Parameter(init.to(torch.float32).clone())
     student = _Student(module, patch, x_out, param)
     teacher = Interpreter(module, torch.float32)
@@ -205,7 +211,7 @@ def _train(module: Module, ctx: PassContext, s: DistillPatchPass, patch: Patch, 
     kl_after = held_out_kl()
     changed = kl_after < kl_before
     if changed:
-        target = patch.nodes[1].inputs[1] if patch.form == "factored" else patch.nodes[0].inputs[1]
+        target = patch.nodes[0].inputs[1] if patch.form == "dense" else patch.scale_value()
         assert target is not None
         module.set_weight(target, param.detach().to(module.weight(target).dtype))
     logger.info("distill_patch: held-out KL %.4g -> %.4g over %d steps%s", kl_before, kl_after,

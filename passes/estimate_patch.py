@@ -32,6 +32,24 @@ The patch's form (all nodes role "patch", origin "estimate_patch"):
 - LinearPatch with a non-symmetric Hadamard (Paley I or Williamson bases, where H^T != H and
   the hadamard op cannot apply H^T) or with a random orthogonal rotation: matmul by P.
 - Least squares: matmul by T.
+- LinearPatch in the R1 basis (`basis = "r1"`): measured in Q = random_hadamard(d, basis_seed)
+  = diag(sigma) H instead of H. Any signed Hadamard matrix is an orthonormal Hadamard matrix, so
+  this is the paper's method with another H (the same outlier spreading, the same parameter
+  count): P = Q diag(s) Q^T, s_c = mean |x_out Q|_c / mean |x_in Q|_c, emitted as the "signed"
+  chain channel_scale(sigma) -> hadamard -> channel_scale(s) -> hadamard -> channel_scale(sigma)
+  (x P = ((((x * sigma) H) * s) H) * sigma, H symmetric; one sigma weight read twice). Its point:
+  when rotate's R1 later rotates the residual stream by Q1 = random_hadamard(d, seed) with the
+  same seed, the patch becomes Q1^T P Q1 = diag(s) exactly (Q1 = Q, Q^T Q = I), and rotate
+  replaces the chain by one channel_scale(s): d parameters and d multiplies per token. basis_seed
+  must be rotate's `seed` (0 by default for both; rotate draws R1's signs from its own setting,
+  not from ctx.seed). The basis is recorded in the report and in
+  config.extra["patch_basis"][patch name] = {"basis", "size", "seed"}. It needs a symmetric
+  Hadamard matrix of order d (Sylvester or Paley II orders; no random-orthogonal fallback), else
+  the pass raises; least squares ignores the basis.
+Across processes (torch.distributed; passes/reduce.py) each holds a share of the calibration
+batches: the tokens are numbered over all processes, the seeded fit/hold-out split is drawn over
+that numbering, and the sums behind s (sums of |x Q|), the normal equations X^T X and X^T Y and
+the hold-out errors are all-reduced, so every process fits the one-process patch (to rounding).
 Orders with no Hadamard construction (2 mod 4, e.g. 30) fall back to a seeded Haar-random
 orthogonal rotation (ir.hadamard.random_orthogonal(d, ctx.seed)), with a warning in the report.
 """
@@ -56,6 +74,8 @@ from .registry import register_pass
 logger = logging.getLogger(__name__)
 
 KINDS = ("linearpatch", "lstsq", "auto")
+BASES = ("hadamard", "r1")
+SIGNED_OPS = ["channel_scale", "hadamard", "channel_scale", "hadamard", "channel_scale"]
 
 
 # -- patches in the graph ----------------------------------------------------------------------
@@ -63,7 +83,10 @@ KINDS = ("linearpatch", "lstsq", "auto")
 @dataclasses.dataclass
 class Patch:
     """A chain of role "patch" nodes from stream value `x` to `y`, in form "factored"
-    (hadamard, channel_scale, hadamard), "dense" (one matmul) or "other"."""
+    (hadamard, channel_scale, hadamard), "signed" (channel_scale(sigma), hadamard,
+    channel_scale(s), hadamard, channel_scale(sigma): LinearPatch in a signed Hadamard basis),
+    "scale" (one channel_scale: what a signed patch becomes in a model rotated by the same signed
+    Hadamard matrix), "dense" (one matmul) or "other"."""
 
     nodes: list[Node]
     x: Value
@@ -80,11 +103,31 @@ class Patch:
         if self.form == "factored":
             h = hadamard_matrix(self.nodes[0].attrs["size"])
             return (h * self.scale(module)) @ h.T
+        if self.form == "signed":  # diag(sigma) H diag(s) H diag(sigma), H symmetric
+            h = hadamard_matrix(self.nodes[1].attrs["size"])
+            sigma = self.signs(module)
+            return ((sigma[:, None] * h * self.scale(module)) @ h) * sigma
+        if self.form == "scale":
+            return torch.diag(self.scale(module))
         raise PassError(f"patch %{self.y.name} has an unknown form "
                         f"({' -> '.join(n.op for n in self.nodes)})")
 
+    def scale_value(self) -> Value:
+        """The constant holding s (the channel scales) of a factored, signed or scale patch."""
+        index = {"factored": 1, "signed": 2, "scale": 0}.get(self.form)
+        if index is None:
+            raise PassError(f"patch %{self.y.name} ({self.form}) has no channel scale")
+        v = self.nodes[index].inputs[1]
+        assert v is not None
+        return v
+
     def scale(self, module: Module) -> torch.Tensor:
-        return module.weight(self.nodes[1].inputs[1]).to(torch.float64)
+        return module.weight(self.scale_value()).to(torch.float64)
+
+    def signs(self, module: Module) -> torch.Tensor:
+        """sigma of a signed patch, in float64."""
+        assert self.form == "signed"
+        return module.weight(self.nodes[0].inputs[1]).to(torch.float64)
 
 
 def find_patches(graph: Graph) -> list[Patch]:
@@ -104,6 +147,14 @@ def find_patches(graph: Graph) -> list[Patch]:
 
 
 def _chain_ending_at(node: Node) -> list[Node]:
+    if node.op == "channel_scale":
+        chain = [node]
+        while len(chain) < 5:
+            p = _patch_producer(chain[0])
+            if p is None or p.op != ("hadamard" if len(chain) % 2 else "channel_scale"):
+                break
+            chain.insert(0, p)
+        return chain if len(chain) == 5 and _form(chain) == "signed" else [node]
     if node.op == "hadamard":
         scale = _patch_producer(node)
         first = _patch_producer(scale) if scale is not None and scale.op == "channel_scale" \
@@ -124,14 +175,25 @@ def _patch_producer(node: Node) -> Node | None:
 
 def _form(chain: list[Node]) -> str:
     ops = [n.op for n in chain]
-    if ops == ["matmul"] and chain[0].inputs[1] is not None and chain[0].inputs[1].is_const:
+
+    def const(node: Node) -> bool:
+        return node.inputs[1] is not None and node.inputs[1].is_const
+
+    def plain(*hs: Node) -> bool:
+        a = hs[0].attrs
+        return all(h.attrs == a for h in hs) and all(
+            a[k] == v for k, v in {"block": 0, "group": 0, "scale": 1.0}.items())
+
+    if ops == ["matmul"] and const(chain[0]):
         return "dense"
-    if ops == ["hadamard", "channel_scale", "hadamard"] and chain[1].inputs[1] is not None \
-            and chain[1].inputs[1].is_const:
-        plain = {"block": 0, "group": 0, "scale": 1.0}
-        a, b = chain[0].attrs, chain[2].attrs
-        if a == b and all(a[k] == v for k, v in plain.items()):
-            return "factored"
+    if ops == ["channel_scale"] and const(chain[0]):
+        return "scale"
+    if ops == ["hadamard", "channel_scale", "hadamard"] and const(chain[1]) \
+            and plain(chain[0], chain[2]):
+        return "factored"
+    if ops == SIGNED_OPS and all(const(n) for n in chain[::2]) \
+            and chain[0].inputs[1] is chain[4].inputs[1] and plain(chain[1], chain[3]):
+        return "signed"
     return "other"
 
 
@@ -158,24 +220,32 @@ def storage_dtype(module: Module) -> torch.dtype:
 
 
 def emit_patch(module: Module, x: Value, *, matrix: torch.Tensor | None = None,
-               scale: torch.Tensor | None = None, dtype: torch.dtype, base: str, origin: str,
-               before: Node | None = None, after: Node | None = None) -> Value:
-    """Insert a patch on `x`: the factored Hadamard form for `scale`, a matmul for `matrix`,
-    its weight stored in `dtype`; returns the patch output (named `base`)."""
+               scale: torch.Tensor | None = None, signs: torch.Tensor | None = None,
+               dtype: torch.dtype, base: str, origin: str, before: Node | None = None,
+               after: Node | None = None) -> Value:
+    """Insert a patch on `x`: the factored Hadamard form for `scale` (the signed form when
+    `signs` is given too), a matmul for `matrix`, its weights stored in `dtype`; returns the
+    patch output (named `base`)."""
     g = module.graph
     d = x.shape[-1]
     place: dict[str, Any] = {"before": before} if before is not None else {"after": after}
     meta = {"role": "patch", "origin": origin}
+
+    def add(op: str, inputs: list[Value], attrs: dict | None, name: str) -> Value:
+        node = emit(g, op, inputs, attrs, name=name, **meta, **place)
+        _advance(place, node)
+        return node.output
+
     if scale is not None:
+        sigma = module.add_weight(base + ".signs", signs.to(dtype)) if signs is not None else None
         s = module.add_weight(base + ".scale", scale.to(dtype))
-        nodes = [emit(g, "hadamard", [x], {"size": d}, name=base + ".rotate", **meta, **place)]
-        _advance(place, nodes[-1])
-        nodes.append(emit(g, "channel_scale", [nodes[-1].output, s], name=base + ".scaled",
-                          **meta, **place))
-        _advance(place, nodes[-1])
-        nodes.append(emit(g, "hadamard", [nodes[-1].output], {"size": d}, name=base, **meta,
-                          **place))
-        return nodes[-1].output
+        y = x if sigma is None else add("channel_scale", [x, sigma], None, base + ".signed")
+        y = add("hadamard", [y], {"size": d}, base + ".rotate")
+        y = add("channel_scale", [y, s], None, base + ".scaled")
+        if sigma is None:
+            return add("hadamard", [y], {"size": d}, base)
+        y = add("hadamard", [y], {"size": d}, base + ".unrotate")
+        return add("channel_scale", [y, sigma], None, base)
     assert matrix is not None
     w = module.add_weight(base + ".weight", matrix.to(dtype))
     return emit(g, "matmul", [x, w], name=base, **meta, **place).output
@@ -197,15 +267,21 @@ def rotation(d: int, seed: int) -> tuple[torch.Tensor, str, list[int] | None]:
     return random_orthogonal(d, seed), "random_orthogonal", None
 
 
-def linearpatch_scale(x_in: torch.Tensor, x_out: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """s_c = mean_t |(x_out Q)_tc| / mean_t |(x_in Q)_tc|; 1 for a channel that is always 0."""
-    num = (x_out @ q).abs().mean(0)
-    den = (x_in @ q).abs().mean(0)
+def linearpatch_scale(x_in: torch.Tensor, x_out: torch.Tensor, q: torch.Tensor,
+                      reduce=None) -> torch.Tensor:
+    """s_c = mean_t |(x_out Q)_tc| / mean_t |(x_in Q)_tc|; 1 for a channel that is always 0.
+    The two means share their count, so s is the ratio of the sums, and `reduce` (a sum over
+    processes holding shares of the tokens; PassContext.reduce) combines the sums."""
+    num = (x_out @ q).abs().sum(0)
+    den = (x_in @ q).abs().sum(0)
+    if reduce is not None:
+        num, den = reduce(num), reduce(den)
     return torch.where(den > 0, num / torch.where(den > 0, den, 1.0), torch.ones_like(den))
 
 
 def ridge_lstsq(x: torch.Tensor, y: torch.Tensor, ridge: float, pass_name: str, *,
-                prior: torch.Tensor | None = None, token_weights: bool = True) -> torch.Tensor:
+                prior: torch.Tensor | None = None, token_weights: bool = True,
+                reduce=None) -> torch.Tensor:
     """argmin_T sum_t w_t ||x_t T - y_t||^2 + lambda ||T - T0||^2, in float64.
 
     The prior T0 (identity by default: no patch) is what heavy regularisation falls back to.
@@ -215,33 +291,42 @@ def ridge_lstsq(x: torch.Tensor, y: torch.Tensor, ridge: float, pass_name: str, 
     against 45 towards identity). `token_weights` sets w_t = 1 / ||y_t||^2, the per-token
     relative error, which the next RMS norm sees, so the few attention-sink tokens whose norm is
     hundreds of times the median do not dominate the fit (42 against 45 on that block).
-    lambda = ridge * the mean diagonal of the weighted X^T X, so the setting is scale-free."""
+    lambda = ridge * the mean diagonal of the weighted X^T X, so the setting is scale-free.
+    The normal equations X^T X and X^T Y are sums over tokens: `reduce` (PassContext.reduce)
+    combines them over processes holding shares of the tokens before the solve."""
     if token_weights:
         w = 1.0 / y.norm(dim=-1, keepdim=True).clamp_min(1e-30)
         x, y = x * w, y * w
-    a = x.T @ x
+    a, xty = x.T @ x, x.T @ y
+    if reduce is not None:
+        a, xty = reduce(a), reduce(xty)
     eye = torch.eye(a.shape[0], dtype=a.dtype)
     lam = ridge * float(a.diagonal().mean())
     t0 = eye if prior is None else prior.to(a.dtype)
     try:
-        return torch.linalg.solve(a + lam * eye, x.T @ y + lam * t0)
+        return torch.linalg.solve(a + lam * eye, xty + lam * t0)
     except torch.linalg.LinAlgError:
         raise PassError(f"{pass_name}: the least-squares system is singular (ridge = {ridge}); "
                         "use ridge > 0 or more calibration tokens") from None
 
 
-def stream_errors(x: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+def stream_errors(x: torch.Tensor, y: torch.Tensor, reduce=None) -> dict[str, float]:
     """How far the patched stream x is from the true y, per token t: the mean relative squared
     error ||x_t - y_t||^2 / ||y_t||^2 ("token_rel", what kind = auto compares), the mean cosine
     distance, and the relative squared error over all tokens ("rel_mse", dominated by the
-    massive-activation tokens)."""
-    if x.shape[0] == 0:
-        return {"token_rel": math.nan, "cosine": math.nan, "rel_mse": math.nan}
+    massive-activation tokens). Computed from sums over tokens, which `reduce`
+    (PassContext.reduce) combines over processes holding shares of the tokens."""
     yy = y.pow(2).sum(-1).clamp_min(1e-300)
     cos = torch.nn.functional.cosine_similarity(x, y, dim=-1, eps=1e-12)
-    return {"token_rel": float(((x - y).pow(2).sum(-1) / yy).mean()),
-            "cosine": float((1.0 - cos).mean()),
-            "rel_mse": float((x - y).pow(2).sum() / yy.sum())}
+    sq = (x - y).pow(2).sum(-1)
+    sums = torch.stack([(sq / yy).sum(), (1.0 - cos).sum(), sq.sum(), yy.sum(),
+                        torch.tensor(float(x.shape[0]), dtype=yy.dtype)]).to(torch.float64)
+    if reduce is not None:
+        sums = reduce(sums)
+    tok_rel, cosine, sq_all, yy_all, n = (float(v) for v in sums)
+    if n == 0:
+        return {"token_rel": math.nan, "cosine": math.nan, "rel_mse": math.nan}
+    return {"token_rel": tok_rel / n, "cosine": cosine / n, "rel_mse": sq_all / yy_all}
 
 
 # -- the pass ----------------------------------------------------------------------------------
@@ -255,7 +340,9 @@ class EstimatePatchPass(PassBase):
     (least-squares regulariser towards the identity, relative to the mean diagonal of X^T X),
     `token_weights` (least squares on per-token relative error), `holdout` (share of the
     calibration tokens kept out of the fit to compare the two), `start`/`n`/`allow_first` (the
-    block, when not the one select_layers recorded; see prune_layers).
+    block, when not the one select_layers recorded; see prune_layers), `basis` ("hadamard": H;
+    "r1": rotate's R1 matrix random_hadamard(d, basis_seed), so that rotate with seed =
+    basis_seed collapses the patch to a channel scale).
     """
 
     name = "estimate_patch"
@@ -268,10 +355,17 @@ class EstimatePatchPass(PassBase):
     start: int = -1
     n: int = -1
     allow_first: bool = False
+    basis: Literal["hadamard", "r1"] = "hadamard"
+    basis_seed: int = 0
 
     def _check(self) -> None:
         if self.kind not in KINDS:
             raise PassError(f"{self.name}: kind {self.kind!r}; accepted: {', '.join(KINDS)}")
+        if self.basis not in BASES:
+            raise PassError(f"{self.name}: basis {self.basis!r}; accepted: {', '.join(BASES)}")
+        if isinstance(self.basis_seed, bool) or not isinstance(self.basis_seed, int):
+            raise PassError(f"{self.name}: basis_seed = {self.basis_seed!r}; it must be an "
+                            "integer (rotate's seed)")
         if not self.ridge >= 0 or math.isinf(self.ridge):
             raise PassError(f"{self.name}: ridge = {self.ridge}; it must be a finite number >= 0")
         if not 0 <= self.holdout < 1:
@@ -300,6 +394,11 @@ class EstimatePatchPass(PassBase):
         stale = [p for p in find_patches(g) if p.dangling(g) and p.x is not x_in]
         for p in stale:
             remove_patch(module, p)
+        recorded_bases = module.config.extra.get("patch_basis", {})
+        if any(p.y.name in recorded_bases for p in stale):
+            kept = {k: v for k, v in recorded_bases.items() if k not in {p.y.name for p in stale}}
+            module.config = module.config.replace(extra={**module.config.extra,
+                                                         "patch_basis": kept})
         if dangling_patch(g, x_in) is not None:
             return PassResult(module, modified or bool(stale), {
                 "block": [start, start + n], "skipped": "a patch already waits on this block"})
@@ -311,7 +410,13 @@ class EstimatePatchPass(PassBase):
                   x_out: Value) -> dict[str, Any]:
         d = x_in.shape[-1]
         assert isinstance(d, int)
-        total = int(check_calibration(module, ctx, self.name).numel())
+        # tokens are numbered over all processes (rank r holds [offset, offset + mine)); the
+        # fit/hold-out split is drawn over that numbering, so it is the one-process split
+        mine = int(check_calibration(module, ctx, self.name).numel())
+        counts = torch.zeros(ctx.reducer.world_size, dtype=torch.int64)
+        counts[ctx.reducer.rank] = mine
+        counts = ctx.reduce(counts)
+        total, offset = int(counts.sum()), int(counts[:ctx.reducer.rank].sum())
         n_hold = int(round(total * self.holdout))
         if total - n_hold < d or (self.holdout > 0 and n_hold < 1):
             need = max(d + 1, math.ceil(d / (1 - self.holdout)) + 1)
@@ -321,7 +426,11 @@ class EstimatePatchPass(PassBase):
         xi, xo = (t.to(torch.float64) for t in capture(module, ctx, [x_in, x_out], self.name))
         gen = torch.Generator().manual_seed(ctx.seed)
         perm = torch.randperm(total, generator=gen)
-        fit, hold = perm[n_hold:], perm[:n_hold]
+        fit_all, hold_all = perm[n_hold:], perm[:n_hold]
+
+        def local(idx: torch.Tensor) -> torch.Tensor:
+            return idx[(idx >= offset) & (idx < offset + mine)] - offset
+        fit, hold = local(fit_all), local(hold_all)
         warnings = []
         q, rot, factors = rotation(d, ctx.seed)
         if rot != "hadamard":
@@ -331,16 +440,30 @@ class EstimatePatchPass(PassBase):
                             "transform: the patch stays a dense matmul")
             logger.warning("estimate_patch: %s", warnings[-1])
         symmetric = rot == "hadamard" and bool(torch.equal(q, q.T))
+        signs = None
+        if self.basis == "r1" and self.kind != "lstsq":
+            if not symmetric:
+                why = ("has no Hadamard construction" if rot != "hadamard" else
+                       f"has a non-symmetric Hadamard matrix (base {factors[0]})")  # type: ignore
+                raise PassError(f"{self.name}: basis 'r1' needs a symmetric Hadamard matrix of the "
+                                f"hidden size (Sylvester or Paley II orders), and {d} {why}; use "
+                                "basis 'hadamard' (or kind 'lstsq')")
+            from .rotate import random_signs  # rotate imports this module
+
+            signs = random_signs(d, self.basis_seed)
+            q = signs[:, None] * q  # random_hadamard(d, basis_seed): R1's Q1
         candidates: dict[str, torch.Tensor] = {}
         scale = None
         if self.kind in ("linearpatch", "auto"):
-            scale = linearpatch_scale(xi[fit], xo[fit], q)
+            scale = linearpatch_scale(xi[fit], xo[fit], q, reduce=ctx.reduce)
             candidates["linearpatch"] = (q * scale) @ q.T
         if self.kind in ("lstsq", "auto"):
             candidates["lstsq"] = ridge_lstsq(xi[fit], xo[fit], self.ridge, self.name,
-                                              token_weights=self.token_weights)
-        errors = {"none": stream_errors(xi[hold], xo[hold])}
-        errors.update({k: stream_errors(xi[hold] @ m, xo[hold]) for k, m in candidates.items()})
+                                              token_weights=self.token_weights,
+                                              reduce=ctx.reduce)
+        errors = {"none": stream_errors(xi[hold], xo[hold], ctx.reduce)}
+        errors.update({k: stream_errors(xi[hold] @ m, xo[hold], ctx.reduce)
+                       for k, m in candidates.items()})
         if self.kind == "auto":
             chosen = min(candidates, key=lambda k: (errors[k]["token_rel"], k))
         else:
@@ -349,9 +472,9 @@ class EstimatePatchPass(PassBase):
         base = module.graph.free_name(f"patch.{start}")
         if chosen == "linearpatch" and symmetric:
             assert scale is not None
-            out = emit_patch(module, x_in, scale=scale, dtype=storage_dtype(module), base=base,
-                             origin=self.name, before=anchor)
-            form = "factored"
+            out = emit_patch(module, x_in, scale=scale, signs=signs, dtype=storage_dtype(module),
+                             base=base, origin=self.name, before=anchor)
+            form = "factored" if signs is None else "signed"
         else:
             out = emit_patch(module, x_in, matrix=candidates[chosen], dtype=storage_dtype(module),
                              base=base, origin=self.name, before=anchor)
@@ -361,10 +484,17 @@ class EstimatePatchPass(PassBase):
                     {k: round(v["token_rel"], 5) for k, v in errors.items()})
         report: dict[str, Any] = {
             "block": [start, start + n], "kind": chosen, "form": form, "patch": out.name,
-            "holdout_errors": errors, "tokens_fit": int(fit.numel()),
-            "tokens_holdout": int(hold.numel()), "rotation": rot, "factors": factors,
+            "holdout_errors": errors, "tokens_fit": int(fit_all.numel()),
+            "tokens_holdout": int(hold_all.numel()), "rotation": rot, "factors": factors,
             "symmetric": symmetric, "ridge": self.ridge, "token_weights": self.token_weights,
             "warnings": warnings}
+        if chosen == "linearpatch":
+            report["basis"] = {"basis": self.basis if signs is not None else rot, "size": d,
+                               **({"seed": self.basis_seed} if signs is not None else {})}
+        if form == "signed":
+            record = {**module.config.extra.get("patch_basis", {}), out.name: report["basis"]}
+            module.config = module.config.replace(extra={**module.config.extra,
+                                                         "patch_basis": record})
         if scale is not None:
             report["scale"] = {"min": float(scale.min()), "max": float(scale.max()),
                                "mean": float(scale.mean())}

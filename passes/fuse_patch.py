@@ -3,7 +3,8 @@
 Strategies (each applies to every patch in the graph):
 
 - "dense": one matmul by P. A factored LinearPatch (hadamard -> channel_scale(s) -> hadamard) is
-  multiplied out, P = H diag(s) H computed in float64 and stored in the patch's dtype. Exact in
+  multiplied out, P = H diag(s) H computed in float64 and stored in the patch's dtype; so is a
+  signed one (P = diag(sigma) H diag(s) H diag(sigma)) and a channel scale (P = diag(s)). Exact in
   float64 (storage rounding of P only). Costs d^2 multiply-adds per token; every backend has it.
 - "fwht": the factored form, x P = ((x H) * s) H^T with H^T = H: two fast Hadamard transforms and
   a channel scale, O(d log d). A dense patch is converted only when it is exactly a LinearPatch:
@@ -11,8 +12,9 @@ Strategies (each applies to every patch in the graph):
   `hadamard` op cannot apply H^T) and D = H P H diagonal to 1e-10 of its largest entry, s = diag D.
   Anything else (a least-squares patch, a P rounded to float32) is refused with the reason, so
   the strategy is exact in float64 whenever it succeeds.
-- "auto": keep factored patches factored and convert the dense ones that "fwht" can convert
-  exactly; never fails, always exact.
+  Signed patches (estimate_patch basis "r1") and channel scales are kept as they are.
+- "auto": keep factored, signed and channel-scale patches and convert the dense ones that "fwht"
+  can convert exactly; never fails, always exact.
 - "fold": ReplaceMe's fold (Shopkhoev et al. 2025, "ReplaceMe: Network Simplification via Layer
   Pruning and Linear Transformations"): remove the patch and fold a d x d map T into the
   down_proj of the layer before the cut. The patched stream is (y + m) P, with y the stream after
@@ -24,8 +26,14 @@ Strategies (each applies to every patch in the graph):
   writes the stream directly (not through Gemma's post norm); the patch must sit after a layer,
   not on the embedding.
 
-Not implemented: the "rotated" strategy (P collapsing to a channel scale in a residual stream
-already rotated by the same H), for want of a rotation pass to test it against.
+Strategy (c) of the LinearPatch issue, P collapsing to a channel scale in a model whose residual
+stream is Hadamard-rotated with the same matrix, happens in rotate, not here: estimate_patch with
+basis "r1" measures s in rotate's R1 basis Q1 and emits the signed form, this pass keeps it
+("auto"/"fwht"), and rotate turns Q1^T P Q1 = diag(s) into one channel_scale (exact by
+construction: no fit, no rounding of P) through `r1_basis_patches` and `to_channel_scale` below. There is no "rotated" strategy: before rotate no
+channel-scale form of P exists in the unrotated stream, and after it the patch already is one; a
+check that a rotated dense P is diagonal would only hold when P is stored in float64 (in float32
+its off-diagonal rounding is ~1e-8 of the diagonal), which is why the signed form exists.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..ir.core import Module, Node, Value
+from ..ir.core import Module, Node, Value, emit
 from ..ir.hadamard import factorize, hadamard_matrix
 from .base import PassBase, PassContext, PassError, PassResult
 from .estimate_patch import (Patch, emit_patch, find_patches, remove_patch, ridge_lstsq,
@@ -47,6 +55,7 @@ from .registry import register_pass
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("dense", "fwht", "fold", "auto")
+KEPT_FORMS = ("factored", "signed", "scale")  # what "fwht" and "auto" leave as they are
 DIAGONAL_RTOL = 1e-10
 
 
@@ -79,7 +88,8 @@ class FusePatchPass(PassBase):
             if p.form == "other":
                 raise PassError(f"{self.name}: patch %{p.y.name} is "
                                 f"{' -> '.join(n.op for n in p.nodes)}; accepted forms: one "
-                                "matmul, or hadamard -> channel_scale -> hadamard")
+                                "matmul, one channel_scale, hadamard -> channel_scale -> "
+                                "hadamard, or that between two channel_scale(sigma)")
         done: list[dict[str, Any]] = []
         # one patch at a time, re-reading the graph: a rewrite replaces the patch's values, and
         # the next patch may read them (two patches in a row); names are kept, so they identify
@@ -116,7 +126,7 @@ def _to_dense(module: Module, p: Patch, pass_name: str) -> dict[str, Any]:
     entry = {"patch": p.y.name, "from": p.form, "to": "dense", "changed": p.form != "dense"}
     if p.form == "dense":
         return entry
-    dtype = module.weights[p.nodes[1].inputs[1].const].dtype  # type: ignore[union-attr]
+    dtype = module.weights[p.scale_value().const].dtype  # type: ignore[arg-type]
     out = emit_patch(module, p.x, matrix=p.matrix(module), dtype=dtype, base=p.y.name,
                      origin=pass_name, after=p.nodes[-1])
     _replace(module, p, out)
@@ -125,7 +135,7 @@ def _to_dense(module: Module, p: Patch, pass_name: str) -> dict[str, Any]:
 
 def _to_factored(module: Module, p: Patch, pass_name: str, *, strict: bool) -> dict[str, Any]:
     entry: dict[str, Any] = {"patch": p.y.name, "from": p.form, "to": p.form, "changed": False}
-    if p.form == "factored":
+    if p.form in KEPT_FORMS:
         return entry
     scale, why = _diagonal_in_hadamard(module, p)
     if scale is None:
@@ -231,3 +241,39 @@ def _down_proj(add: Node) -> tuple[Node | None, int]:
         if len(v.uses) == 1 and all(c.is_const and len(c.uses) == 1 for c in consts):
             return node, i
     return None, -1
+
+
+# -- strategy (c): a signed patch in a stream rotated by the same matrix (called by rotate) ------
+
+def r1_basis_patches(module: Module, n: int, block: int, signs: torch.Tensor,
+                     seed: int) -> tuple[dict[int, Patch], dict[int, str]]:
+    """For rotate's R1 (order n, `block` 0 for a full Hadamard, `signs` drawn from `seed`): the
+    signed patches in exactly its basis, by first node, and why each other signed patch is not.
+    The signs are compared exactly: a collapse is exact only for Q = Q1."""
+    collapsible: dict[int, Patch] = {}
+    refused: dict[int, str] = {}
+    recorded = module.config.extra.get("patch_basis", {})
+    for p in find_patches(module.graph):
+        if p.form != "signed":
+            continue
+        size = p.nodes[1].attrs["size"]
+        if block or size != n:
+            refused[id(p.nodes[0])] = (f"a signed patch of order {size}, R1 is "
+                                       + (f"block-diagonal ({block})" if block else f"of order {n}"))
+        elif not torch.equal(p.signs(module), signs):
+            was = recorded.get(p.y.name, {}).get("seed")
+            refused[id(p.nodes[0])] = (
+                "a signed patch whose signs are not R1's ("
+                + (f"estimate_patch basis_seed {was}" if was is not None else "other signs")
+                + f", rotate seed {seed}); give estimate_patch basis_seed = rotate's seed")
+        else:
+            collapsible[id(p.nodes[0])] = p
+    return collapsible, refused
+
+
+def to_channel_scale(module: Module, p: Patch, origin: str) -> None:
+    """Replace a signed chain whose basis the stream now is in by channel_scale(s), keeping the
+    patch's name and its s weight: Q1^T (Q1 diag(s) Q1^T) Q1 = diag(s)."""
+    out = emit(module.graph, "channel_scale", [p.x, p.scale_value()], name=p.y.name + ".r1",
+               role="patch", origin=origin, after=p.nodes[-1]).output
+    _replace(module, p, out)

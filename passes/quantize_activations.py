@@ -79,7 +79,8 @@ class QuantizeActivationsPass(PassBase):
         if self.mode != "dynamic_per_token":
             calib = ctx.require_calibration(self.name)
             ranges = calibrate_ranges(module, [x for x, _ in targets.values()], calib,
-                                      per_channel=self.mode == "static_per_channel")
+                                      per_channel=self.mode == "static_per_channel",
+                                      reduce=ctx.reduce)
         for key, (x, users) in targets.items():
             first = users[0]
             inputs: list[Value | None] = [x]
@@ -106,10 +107,12 @@ class QuantizeActivationsPass(PassBase):
 
 def calibrate_ranges(module: Module, values: list[Value], calib: torch.Tensor, *,
                      per_channel: bool, dtype: torch.dtype = torch.float32,
-                     group: int = 0) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+                     group: int = 0, reduce=None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """(min, max) of each value over all calibration tokens: per channel ([C]), per run of
     `group` channels (each run's min/max spread back over its channels), or per tensor (0-d).
-    Runs the reference interpreter with a hook that reduces each value as it is produced."""
+    Runs the reference interpreter with a hook that reduces each value as it is produced.
+    `reduce(tensor, op)` (PassContext.reduce) combines the ranges over processes that each ran
+    a share of the calibration tokens (a min and a max: exact, whatever the split)."""
     wanted = {id(v): v for v in values}
     lo: dict[int, torch.Tensor] = {}
     hi: dict[int, torch.Tensor] = {}
@@ -138,4 +141,6 @@ def calibrate_ranges(module: Module, values: list[Value], calib: torch.Tensor, *
     if missing:
         raise PassError(f"calibration did not compute {missing[:3]}: they are not produced by any "
                         "node (graph inputs or constants cannot be calibrated)")
+    if reduce is not None:
+        return {k: (reduce(lo[k], "min"), reduce(hi[k], "max")) for k in lo}
     return {k: (lo[k], hi[k]) for k in lo}

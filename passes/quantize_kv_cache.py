@@ -82,7 +82,7 @@ class QuantizeKVCachePass(PassBase):
                 raise PassError(f"pass {self.name!r}: attentions with different head dims "
                                 f"{sorted(set(hd.values()))}; static_per_head needs one")
             ranges = calibrate_ranges(module, values, calib, per_channel=True,
-                                      group=next(iter(hd.values())))
+                                      group=next(iter(hd.values())), reduce=ctx.reduce)
         for att, i in todo:
             v = att.inputs[i]
             kind = "key" if i == 1 else "value"

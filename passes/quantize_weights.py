@@ -16,6 +16,9 @@ Methods:
   embeddings (embeddings = "int8") are RTN-quantized into a `qembedding`. Linears that
   read the same value (q/k/v, gate/up) share one Hessian. Within a layer all linears are quantized
   from the same forward pass (the reference code's default, not its "true sequential" option).
+  Across processes (torch.distributed, passes/reduce.py) each holds a share of the calibration
+  batches; the X^T X sums and the token count are all-reduced before the solver, so every process
+  quantizes from the whole set's Hessian.
 
 Per linear the report gives the relative output error ||X W^T - X Wq^T|| / ||X W^T|| on the
 calibration inputs (computed from X^T X), and for GPTQ also RTN's error on the same inputs, so the
@@ -169,8 +172,8 @@ class QuantizeWeightsPass(PassBase):
         if calib is not None:
             if calib.dim() == 1:
                 calib = calib[None]
-            report["calibration_tokens"] = int(calib.numel())
-            results = self._calibrated(module, targets, calib, ctx.precision, report)
+            report["calibration_tokens"] = int(ctx.reduce(torch.tensor(calib.numel())))
+            results = self._calibrated(module, targets, calib, ctx, report)
         else:
             results = {}
             for node, bits, group in targets:
@@ -212,27 +215,19 @@ class QuantizeWeightsPass(PassBase):
 
     # -- calibrated quantization -------------------------------------------------------------------
     def _calibrated(self, module: Module, targets: list[tuple[Node, int, int]],
-                    calib: torch.Tensor, dtype: torch.dtype, report: dict) -> dict[int, Any]:
+                    calib: torch.Tensor, ctx: PassContext, report: dict) -> dict[int, Any]:
+        dtype = ctx.precision
         runner = StageRunner(module, calib, dtype)
         by_node = {id(n): (n, bits, group) for n, bits, group in targets}
         todo = {runner.stage_of[key] for key in by_node}
         results: dict[int, quant.QuantizedWeight] = {}
-        tokens = int(calib.numel())
+        tokens = report["calibration_tokens"]  # over all processes
         for s in range(max(todo) + 1):
             if s not in todo:
                 runner.run(s)
                 continue
             here = [by_node[id(n)] for n in runner.stages[s] if id(n) in by_node]
-            xtx: dict[int, torch.Tensor] = {}
-
-            def observe(node: Node, x: torch.Tensor) -> None:
-                # one chunk's X^T X in the working precision, the sum over chunks in float64
-                if id(node) in by_node:
-                    x2 = x.reshape(-1, x.shape[-1])
-                    part = (x2.T @ x2).to(torch.float64)
-                    key = id(node.inputs[0])
-                    xtx[key] = xtx[key] + part if key in xtx else part
-            runner.run(s, observe=observe, commit=False)
+            xtx = stage_hessians(runner, s, set(by_node), ctx.reduce)
             override = {}
             for node, bits, group in here:
                 h = xtx[id(node.inputs[0])]
@@ -362,6 +357,24 @@ class QuantizeWeightsPass(PassBase):
             report["layers"][label(node)] = {"shared_with_lm_head": shared is not None
                                              and t.dtype == torch.float32}
         return before, after
+
+
+def stage_hessians(runner: StageRunner, s: int, wanted: set[int],
+                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, torch.Tensor]:
+    """X^T X of the inputs of stage s's wanted linears (node ids) over this process's calibration
+    chunks, by input value id (linears reading one value share it), combined over processes by
+    `reduce` (a sum: X^T X over a split token set is the sum of the parts' X^T X)."""
+    xtx: dict[int, torch.Tensor] = {}
+
+    def observe(node: Node, x: torch.Tensor) -> None:
+        # one chunk's X^T X in the working precision, the sum over chunks in float64
+        if id(node) in wanted:
+            x2 = x.reshape(-1, x.shape[-1])
+            part = (x2.T @ x2).to(torch.float64)
+            key = id(node.inputs[0])
+            xtx[key] = xtx[key] + part if key in xtx else part
+    runner.run(s, observe=observe, commit=False)
+    return {k: reduce(v) for k, v in xtx.items()}
 
 
 class StageRunner:

@@ -13,8 +13,15 @@ W' = Q^T W, b' = b Q (output side).
   side and every linear writing it (o_proj, down_proj) on its output side. The stream's readers must
   be weightless RMS norms, which commute with Q1 (rms(x Q) = rms(x)): run fold_norms first. A tied
   lm_head reads the same E Q1 as the embedding, so it stays tied. A dense linear patch on the
-  stream (x @ P after prune_layers + fuse_patch "dense") becomes Q1^T P Q1; a factored one
-  (hadamard -> channel_scale -> hadamard) is refused, naming fuse_patch. Sandwich post-norms
+  stream (x @ P after prune_layers + fuse_patch "dense") becomes Q1^T P Q1. A signed LinearPatch
+  (estimate_patch basis "r1": P = Q diag(s) Q^T as channel_scale(sigma) -> hadamard ->
+  channel_scale(s) -> hadamard -> channel_scale(sigma)) whose Q is exactly Q1 (same order, a full
+  Hadamard, stored sigma equal to random_signs(hidden, seed)) becomes Q1^T P Q1 = diag(s): the
+  chain is replaced by one channel_scale(s) (role "patch", origin "rotate"). Always exact in
+  exact arithmetic, and it adds no rounding of its own whatever the dtype (s is reused as stored,
+  nothing is fitted or multiplied out); a float64 test checks the logits to 1e-12. It is recorded
+  in the report and in config.extra["rotation"]["r1"]["patches_to_channel_scale"]. Any other factored patch (the plain-H form, or signs of another
+  seed) is refused, naming fuse_patch. Sandwich post-norms
   (Gemma 2/3) sit between o_proj/down_proj and the stream: rmsnorm(o Q) = rmsnorm(o) Q, but a
   per-channel gamma does not commute with Q, so R1 refuses them unless their scale is uniform;
   run absorb_post_norm first, or leave r1 off (R2, R3 and R4 still apply).
@@ -52,6 +59,8 @@ import torch
 from ..ir.core import IRError, Module, Node, Value, emit
 from ..ir.hadamard import factorize, hadamard_matrix, largest_block, supported_bases
 from .base import PassBase, PassContext, PassError, PassResult
+from .estimate_patch import Patch
+from .fuse_patch import r1_basis_patches, to_channel_scale
 from .registry import register_pass
 
 logger = logging.getLogger(__name__)
@@ -169,6 +178,7 @@ class _Stream:
     readers: list[Node]   # linears taking Q on their input side
     writers: list[Node]   # linears taking Q on their output side
     through: list[Node]   # stream-to-stream matmuls (a dense linear patch): both sides
+    collapse: list[Patch]  # signed LinearPatches in R1's basis: become channel_scale(s)
 
 
 def _gamma_uniform(module: Module, norm: Node) -> bool:
@@ -206,15 +216,19 @@ def _writer(module: Module, value: Value, add: Node) -> Node:
     return p
 
 
-def residual_stream(module: Module) -> _Stream:
+def residual_stream(module: Module, collapsible: dict[int, Patch] | None = None,
+                    refused: dict[int, str] | None = None) -> _Stream:
     """Trace the stream from the embedding through the residual adds, classifying every node that
-    touches it; anything R1 cannot rotate raises a PassError naming the node."""
+    touches it; anything R1 cannot rotate raises a PassError naming the node. `collapsible` maps
+    the first node of each signed patch in R1's basis to it (the stream goes on from its output);
+    `refused` gives, by first node, why another patch cannot pass (added to the error)."""
+    collapsible, refused = collapsible or {}, refused or {}
     g = module.graph
     embeds = g.find(op="embedding")
     if len(embeds) != 1:
         raise PassError(f"rotate (r1): the residual stream starts at one embedding node; this "
                         f"graph has {len(embeds)}")
-    s = _Stream(embeddings=embeds, readers=[], writers=[], through=[])
+    s = _Stream(embeddings=embeds, readers=[], writers=[], through=[], collapse=[])
     stream = {id(embeds[0].output)}
     reached: set[int] = set()
     for node in g.nodes:
@@ -247,10 +261,15 @@ def residual_stream(module: Module) -> _Stream:
                 and node.inputs[1].shape[0] == node.inputs[1].shape[1]:
             s.through.append(node)  # a dense LinearPatch x @ P: the stream continues rotated
             stream.add(id(node.output))
+        elif id(node) in collapsible and ins == [0]:
+            s.collapse.append(collapsible[id(node)])  # its inner nodes read no stream value
+            stream.add(id(collapsible[id(node)].y))
         elif node.role == "patch":
+            why = f" ({refused[id(node)]})" if id(node) in refused else ""
             raise PassError(f"rotate (r1): the linear patch {_label(node)} ({node.op}) is in its "
                             "factored form, which a rotated stream cannot pass through; put "
-                            "fuse_patch with strategy = \"dense\" (or \"fold\") before rotate")
+                            "fuse_patch with strategy = \"dense\" (or \"fold\") before rotate"
+                            + why)
         else:
             raise PassError(f"rotate (r1): {node.op} {_label(node)} reads the residual stream; R1 "
                             "handles a stream updated by add and read by weightless rms_norm, "
@@ -351,7 +370,7 @@ class RotatePass(PassBase):
         records: dict[str, dict[str, Any]] = {}
         inserts: list[Callable[[], None]] = []
         if "r1" in todo:
-            records["r1"] = self._plan_r1(module, plan, report)
+            records["r1"] = self._plan_r1(module, plan, inserts, report)
         if "r2" in todo:
             records["r2"] = self._plan_r2(module, plan, report)
         if "r3" in todo:
@@ -370,12 +389,16 @@ class RotatePass(PassBase):
         return PassResult(module, bool(applied), report)
 
     # -- R1 --------------------------------------------------------------------------------------
-    def _plan_r1(self, module: Module, plan: _WeightPlan, report: dict) -> dict[str, Any]:
-        s = residual_stream(module)
-        table = s.embeddings[0].inputs[1]
-        n = int(table.shape[-1])
-        block = _hadamard_plan(n, self.allow_block, "the hidden size (r1)")
-        q = _Rotation(n, block, random_signs(n, self.seed))
+    def _plan_r1(self, module: Module, plan: _WeightPlan, inserts: list,
+                 report: dict) -> dict[str, Any]:
+        g = module.graph
+        embeds = g.find(op="embedding")
+        n = int(embeds[0].inputs[1].shape[-1]) if len(embeds) == 1 else 0
+        block = _hadamard_plan(n, self.allow_block, "the hidden size (r1)") if n else 0
+        signs = random_signs(n, self.seed)
+        collapsible, refused = r1_basis_patches(module, n, block, signs, self.seed)
+        s = residual_stream(module, collapsible, refused)
+        q = _Rotation(n, block, signs)
         self._note_block(report, "r1", n, block)
         plan.add(s.embeddings[0], 1, "r1.in", q.input_side)
         for node in s.readers:
@@ -387,8 +410,15 @@ class RotatePass(PassBase):
         for node in s.writers:
             if len(node.inputs) > 2 and node.inputs[2] is not None:
                 plan.add(node, 2, "r1.bias", q.output_side)
+        for p in s.collapse:
+            inserts.append(lambda p=p: to_channel_scale(module, p, self.name))
+        collapsed = [p.y.name for p in s.collapse]
+        if collapsed:
+            logger.info("rotate: r1 turns signed patch(es) %s into channel scales",
+                        ", ".join(collapsed))
         return {**q.record(), "seed": self.seed, "readers": len(s.readers),
-                "writers": len(s.writers)}
+                "writers": len(s.writers),
+                **({"patches_to_channel_scale": collapsed} if collapsed else {})}
 
     # -- R2 --------------------------------------------------------------------------------------
     def _plan_r2(self, module: Module, plan: _WeightPlan, report: dict) -> dict[str, Any]:

@@ -16,6 +16,8 @@ config.extra["prune_block"] = [start, n] for estimate_patch and prune_layers. Me
 Layer 0 is a candidate only with `allow_first`: the first layer turns token embeddings into the
 stream the rest expects and is almost never redundant, so choosing it is usually a mistake in the
 calibration data rather than a finding. Calibration runs in ctx.precision (float64 by default).
+Scores are sums over tokens divided by the token count; across processes (passes/reduce.py) the
+sums and counts are all-reduced, so every process picks the one-process block.
 
 Exactness: the module's function is untouched (only config.extra changes), so the pass is exact;
 `modified` is true only when the recorded block changes, so a second run changes nothing.
@@ -79,7 +81,8 @@ class SelectLayersPass(PassBase):
         return PassResult(module, modified, {
             "metric": self.metric, "n": self.n, "start": start, "block": [start, start + self.n],
             "score": scores[start], "scores": {s: scores[s] for s in starts},
-            "tokens": int(check_calibration(module, ctx, self.name).numel())})
+            "tokens": int(ctx.reduce(torch.tensor(check_calibration(module, ctx,
+                                                                   self.name).numel())))})
 
 
 def _distance_scores(module: Module, ctx: PassContext, n: int, starts: list[int], metric: str,
@@ -97,7 +100,9 @@ def _distance_scores(module: Module, ctx: PassContext, n: int, starts: list[int]
                 d = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
             total[s] += float(d.sum())
         tokens += xs[0].shape[0]
-    return {s: total[s] / tokens for s in starts}
+    # sums over this process's tokens; combined over processes (identity in one)
+    sums = ctx.reduce(torch.tensor([total[s] for s in starts] + [tokens], dtype=torch.float64))
+    return {s: float(sums[k]) / float(sums[-1]) for k, s in enumerate(starts)}
 
 
 def _ppl_scores(module: Module, ctx: PassContext, n: int, starts: list[int],
@@ -111,11 +116,15 @@ def _ppl_scores(module: Module, ctx: PassContext, n: int, starts: list[int],
     for s in starts:
         clone = module.clone()
         prune(clone, s, n, pass_name)
-        scores[s] = math.exp(_nll(clone, calib, ctx.precision, pass_name))
+        total, count = _nll(clone, calib, ctx.precision, pass_name)
+        sums = ctx.reduce(torch.tensor([total, count], dtype=torch.float64))
+        scores[s] = math.exp(float(sums[0]) / float(sums[1]))
     return scores
 
 
-def _nll(module: Module, calib: torch.Tensor, dtype: torch.dtype, pass_name: str) -> float:
+def _nll(module: Module, calib: torch.Tensor, dtype: torch.dtype,
+         pass_name: str) -> tuple[float, int]:
+    """(summed negative log-likelihood, predicted tokens) on this process's calibration rows."""
     interp = Interpreter(module, dtype)
     logits_name = module.graph.outputs[0].name
     total, count = 0.0, 0
@@ -127,4 +136,4 @@ def _nll(module: Module, calib: torch.Tensor, dtype: torch.dtype, pass_name: str
         logp = torch.log_softmax(logits[:, :-1].to(torch.float64), dim=-1)
         total -= float(logp.gather(-1, chunk[:, 1:, None]).sum())
         count += chunk[:, 1:].numel()
-    return total / count
+    return total, count
