@@ -5,9 +5,12 @@ numpy, onnxruntime and the tokenizers library only: no torch, so this runs on an
 
 The cache is kept as ONNX Runtime values between steps (`run_with_ort_values`): a step's present
 key/value tensors are fed straight back as the next step's past without a round trip through numpy.
-Only the logits are copied out. The graph concatenates past and new keys itself, so each step still
-copies the cache once inside ONNX Runtime; a preallocated shared buffer needs the contrib
-GroupQueryAttention lowering.
+Only the logits are copied out. A standard-ops graph concatenates past and new keys itself, so
+each step copies the cache once inside ONNX Runtime. A contrib graph whose attentions are all
+GroupQueryAttention (the manifest's io.share_buffer) takes an attention_mask and writes the new
+keys in place: generation then binds one max-length buffer per cache tensor as both past and
+present (IO binding), so a decode step copies nothing but its logits. `logits()` keeps the
+functional form (a new cache per call) for every artefact.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import onnxruntime as ort
 from ..errors import ArtefactError, InputError
 from .manifest import check_relpath, read_manifest, verify_artefact
 from .sampling import Sampler, Sampling
+from .shared_cache import SharedCache
 from .tokenizer import load_tokenizer
 
 __all__ = ["Artefact", "Generation", "KVCache", "load", "read_manifest"]
@@ -42,13 +46,15 @@ LEVELS = {
 
 def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
          providers: Sequence[str] | None = None, graph_optimization: bool | str | None = None,
-         threads: int | None = None) -> Artefact:
+         threads: int | None = None, spinning: bool | None = None) -> Artefact:
     """Check and open the artefact at `path`.
 
     expected_manifest_sha256 pins the manifest (and through its hashes every file). providers
     defaults to the manifest's, less those this onnxruntime lacks. graph_optimization: None for the
     manifest's level, True/False for all/none, or "disable", "basic", "extended", "all".
-    threads: intra-op threads (None: the manifest's)."""
+    threads: intra-op threads (None: the manifest's). spinning: whether idle intra-op threads
+    spin between ops (None: the manifest's; ONNX Runtime's default is on, which is fastest on
+    cores of one's own and slow where other processes want them)."""
     path = Path(path)
     manifest = verify_artefact(path, expected_manifest_sha256=expected_manifest_sha256)
     if manifest.get("backend") != "onnx":
@@ -61,7 +67,7 @@ def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
     if model not in manifest["files"]:
         raise ArtefactError(f"artefact {path}: the model file {model!r} is not among its files")
     session_cfg = _session_section(path, manifest)
-    options = _session_options(session_cfg, graph_optimization, threads)
+    options = _session_options(session_cfg, graph_optimization, threads, spinning)
     chosen = _providers(session_cfg, providers)
     try:
         session = ort.InferenceSession(str(path / model), options, providers=chosen)
@@ -125,6 +131,9 @@ def _check_sections(path: Path, manifest: dict, session: ort.InferenceSession) -
                     raise bad(f"io.past[{i}].{key} is {value}, but the model's {layer[kv]} has "
                               f"shape {shape}")
     fed = {io["input_ids"], io["position_ids"]} | {x[k] for x in layers for k in ("key", "value")}
+    if io.get("attention_mask") is not None:
+        check_name("io.attention_mask", io["attention_mask"], "inputs")
+        fed.add(io["attention_mask"])
     if fed != names["inputs"]:
         raise bad(f"io section feeds {sorted(fed)}, but the model's inputs are "
                   f"{sorted(names['inputs'])}")
@@ -154,11 +163,16 @@ def _session_section(path: Path, manifest: dict) -> dict[str, Any]:
         raise ArtefactError(f"artefact {path}: the manifest's session.providers is {wanted!r}; "
                             "expected a list of ONNX Runtime execution provider names")
     out["providers"] = wanted
+    spinning = cfg.get("allow_spinning", True)
+    if not isinstance(spinning, bool):
+        raise ArtefactError(f"artefact {path}: the manifest's session.allow_spinning is "
+                            f"{spinning!r}; expected true or false")
+    out["allow_spinning"] = spinning
     return out
 
 
 def _session_options(cfg: dict, graph_optimization: bool | str | None,
-                     threads: int | None) -> ort.SessionOptions:
+                     threads: int | None, spinning: bool | None = None) -> ort.SessionOptions:
     if graph_optimization is None:
         level = cfg.get("graph_optimization", "all")
     elif isinstance(graph_optimization, bool):
@@ -177,6 +191,10 @@ def _session_options(cfg: dict, graph_optimization: bool | str | None,
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = cfg.get("inter_op_num_threads", 1)
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    spinning = cfg.get("allow_spinning", True) if spinning is None else spinning
+    if not isinstance(spinning, bool):
+        raise InputError(f"spinning={spinning!r}; expected True, False or None (the manifest's)")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return so
 
 
@@ -260,6 +278,8 @@ class Artefact:
         self.last_stats: dict[str, Any] = {}
         io = manifest["io"]
         self._ids_name, self._pos_name = io["input_ids"], io["position_ids"]
+        self._mask_name = io.get("attention_mask")
+        self._share = bool(io.get("share_buffer")) and self._mask_name is not None
         self._layers = io["past"]
         self._outputs = [io["logits"]] + [n for layer in self._layers
                                           for n in (layer["present_key"], layer["present_value"])]
@@ -309,6 +329,9 @@ class Artefact:
             np.ascontiguousarray(ids, dtype=np.int64))
         pos = np.broadcast_to(np.arange(past_len, past_len + s, dtype=np.int64), (b, s))
         feeds[self._pos_name] = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(pos))
+        if self._mask_name is not None:
+            feeds[self._mask_name] = ort.OrtValue.ortvalue_from_numpy(
+                np.ones((b, past_len + s), np.int64))
         outs = self.session.run_with_ort_values(self._outputs, feeds)
         present = {self._feed_of[name]: v for name, v in zip(self._outputs[1:], outs[1:])}
         return outs[0].numpy(), KVCache(present, past_len + s, b)
@@ -379,26 +402,41 @@ class Artefact:
             raise InputError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 0")
         sampler = Sampler(sampling)
         stops = self.stop_ids() if stop_at_eos else set()
+        step = self._stepper(min(self.max_position, len(ids) + max_new_tokens))
         t = time.perf_counter()
-        logits, cache = self.logits(np.asarray([ids], dtype=np.int64))
+        logits, length = step(np.asarray([ids], dtype=np.int64))
         result.prefill_s = time.perf_counter() - t
-        for step in range(max_new_tokens):
+        for i in range(max_new_tokens):
             tok = sampler(logits[0, -1])
             if tok in stops:
                 result.stop = "eos"
                 return
             result.ids.append(tok)
             yield tok
-            if step == max_new_tokens - 1:
+            if i == max_new_tokens - 1:
                 break
-            if cache.length >= self.max_position:
+            if length >= self.max_position:
                 result.stop = "context"
                 return
             t = time.perf_counter()
-            logits, cache = self.logits(np.asarray([[tok]], dtype=np.int64), cache)
+            logits, length = step(np.asarray([[tok]], dtype=np.int64))
             result.decode_s += time.perf_counter() - t
             result.decode_steps += 1
         result.stop = "length"
+
+    def _stepper(self, capacity: int) -> Callable[[np.ndarray], tuple[np.ndarray, int]]:
+        """One generation's step function, ids [1, seq] -> (logits, cache length): in place in
+        shared max-length buffers of `capacity` tokens when the graph allows it, else through
+        `logits()`'s functional cache."""
+        if self._share:
+            return SharedCache(self, capacity).step
+        cache = None
+
+        def step(ids: np.ndarray) -> tuple[np.ndarray, int]:
+            nonlocal cache
+            logits, cache = self.logits(ids, cache)
+            return logits, cache.length
+        return step
 
     def generate_ids(self, prompt: str | Sequence[int] | np.ndarray, *, max_new_tokens: int = 128,
                      greedy: bool = True, temperature: float = 1.0, top_k: int = 0,

@@ -18,12 +18,16 @@ from ...errors import InputError
 from ...ir.core import Graph, Module
 from ..artefact import write_artefact
 from .genai import genai_config
+from .contrib import ATTENTION_MASK, OPS_MODES, rule_table
+from .quant import ACCURACY_LEVEL
 from .lower import DATA_FILE, MODEL_FILE, OPSET, LoweringError, lower, save, splice_version
 
 TARGETS = {
     "cpu": ["CPUExecutionProvider"],
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
 }
+# contrib ops on both: the CUDA provider has GroupQueryAttention, MatMulNBits and the fused norms
+DEFAULT_OPS = {"cpu": "contrib", "cuda": "contrib"}
 # where a tokenizer kind keeps the file the runtime reads
 TOKENIZER_MAIN = {"hf": "tokenizer.json", "llama2c": "tokenizer.bin"}
 GENAI_FILE = "genai_config.json"
@@ -31,22 +35,33 @@ GENAI_FILE = "genai_config.json"
 
 def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
            recipe: dict | None = None, report: list | dict | None = None,
-           threads: int = 2, graph_optimization: str = "all") -> Path:
+           threads: int = 2, graph_optimization: str = "all", ops: str | None = None,
+           accuracy_level: int = ACCURACY_LEVEL, spinning: bool = True) -> Path:
     """Lower `module` to ONNX and write the artefact into `out_dir` (atomically; see
     backends.artefact). `recipe` and `report` are recorded in the manifest as given. `threads`
-    and `graph_optimization` are the session defaults the runtime starts from."""
+    and `graph_optimization` are the session defaults the runtime starts from. `ops`: "contrib"
+    (ONNX Runtime's com.microsoft ops where faster: GroupQueryAttention, RotaryEmbedding,
+    SkipSimplifiedLayerNormalization, MatMulNBits; the default for every target here) or
+    "standard" (ONNX-domain ops only, for runtimes without them); `accuracy_level` is
+    MatMulNBits' compute precision in contrib mode (4: int8, 0: float32). Both are recorded in
+    the manifest's onnx section. `spinning`: whether ONNX Runtime's idle intra-op threads spin
+    (its default; fastest on dedicated cores, slow on cores shared with other processes)."""
     if target not in TARGETS:
         raise InputError(f"ONNX backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
+    ops = DEFAULT_OPS[target] if ops is None else ops
+    if ops not in OPS_MODES:
+        raise InputError(f"ONNX backend: ops={ops!r}; accepted: {', '.join(OPS_MODES)}")
     if not isinstance(threads, int) or threads < 1:
         raise InputError(f"ONNX backend: threads={threads!r}; expected a positive integer")
     if graph_optimization not in ("disable", "basic", "extended", "all"):
         raise InputError(f"ONNX backend: graph_optimization={graph_optimization!r}; accepted: "
                          "disable, basic, extended, all")
     io = decoder_io(module.graph)
-    model = lower(module)
+    model = lower(module, rules=rule_table(ops, accuracy_level=accuracy_level))
+    _cache_io(module, model, io)
+    genai = genai_config(module, io, MODEL_FILE, threads=threads, spinning=spinning)
     files: dict[str, Any] = {MODEL_FILE: lambda dest: save(model, dest.parent),
-                             GENAI_FILE: json.dumps(genai_config(module, io, MODEL_FILE),
-                                                    indent=2).encode()}
+                             GENAI_FILE: json.dumps(genai, indent=2).encode()}
     tokenizer = None
     if module.tokenizer is not None:
         tokenizer = _tokenizer_files(module, files)
@@ -57,15 +72,27 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
         "config": module.config.to_json(),
         "io": io,
         "onnx": {"model": MODEL_FILE, "external_data": DATA_FILE, "opset": OPSET,
-                 "dtype": "float32"},
+                 "dtype": "float32", "ops": ops,
+                 "accuracy_level": accuracy_level if ops == "contrib" else None},
         "session": {"providers": TARGETS[target], "intra_op_num_threads": threads,
                     "inter_op_num_threads": 1, "graph_optimization": graph_optimization,
-                    "execution_mode": "sequential"},
+                    "execution_mode": "sequential", "allow_spinning": bool(spinning)},
         "tokenizer": tokenizer,
         "recipe": recipe,
         "report": report,
     }
     return write_artefact(out_dir, files, fields)
+
+
+def _cache_io(module: Module, model: Any, io: dict[str, Any]) -> None:
+    """Record the attention_mask input GroupQueryAttention's lengths come from, and whether the
+    cache can be one max-length buffer shared by past and present: only when every attention is
+    a GQA (a standard-rule attention concatenates, so its present outgrows such a buffer)."""
+    names = {v.name for v in model.graph.inputs}
+    if ATTENTION_MASK in names:
+        io["attention_mask"] = ATTENTION_MASK
+    gqa = sum(n.op_type == "GroupQueryAttention" for n in model.graph)
+    io["share_buffer"] = bool(gqa) and gqa == len(module.graph.find(op="attention"))
 
 
 def _tokenizer_files(module: Module, files: dict[str, Any]) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 import torch
 
 from ...errors import InputError
@@ -79,6 +80,7 @@ class LoweringContext:
         self._names: set[str] = set()
         self._bound: set[int] = set()
         self._count = 0
+        self.extra_inputs: dict[str, ir.Value] = {}
 
     # -- names ---------------------------------------------------------------------------------
     def unique(self, base: str) -> str:
@@ -122,6 +124,18 @@ class LoweringContext:
             self._consts[key] = v
         return v
 
+    def graph_input(self, name: str, dtype: ir.DataType, shape: Sequence[int | str]) -> ir.Value:
+        """An input the ONNX graph needs beyond the IR's (GroupQueryAttention's attention_mask),
+        made once per name; `name` must not be an IR value's."""
+        v = self.extra_inputs.get(name)
+        if v is None:
+            if name in self._reserved or name in self._names:
+                raise LoweringError(f"extra graph input {name!r} clashes with a value's name")
+            self._names.add(name)
+            v = ir.Value(name=name, shape=ir.Shape(list(shape)), type=ir.TensorType(dtype))
+            self.extra_inputs[name] = v
+        return v
+
     def ints(self, *values: int) -> ir.Value:
         return self.const(list(values), np.int64)
 
@@ -136,15 +150,37 @@ class LoweringContext:
         v = self._weights.get(key)
         if v is not None:
             return v
-        arr = weight_array(self.module.weight(value))
-        if layout == "T":
-            arr = np.ascontiguousarray(arr.T)
-        elif layout:
-            if transform is None:
-                raise LoweringError(f"weight layout {layout!r} of %{value.name} has no transform")
-            arr = np.ascontiguousarray(transform(arr))
+        if layout and layout != "T" and transform is None:
+            raise LoweringError(f"weight layout {layout!r} of %{value.name} has no transform")
+
+        def array(t: torch.Tensor) -> np.ndarray:
+            arr = weight_array(t)
+            if layout == "T":
+                return np.ascontiguousarray(arr.T)
+            return np.ascontiguousarray(transform(arr)) if layout else arr
+
         name = value.const if not layout else self.unique(f"{value.const}.{layout}")
-        v = self.tape.initializer(ir.tensor(arr), name=name)
+        # a lazy weight store (frontend.lazy.LazyWeights) names an entry's on-disk reference
+        lazy = getattr(self.module.weights, "ref", None)
+        ref = lazy(value.const) if callable(lazy) else None
+        if ref is None:
+            tensor = ir.tensor(array(self.module.weight(value)))
+        else:
+            # a weight on disk (layer-by-layer compiles) stays there: ir.save reads it when it
+            # writes the external data, so no step holds the whole model. A transformed layout's
+            # shape and dtype come from running the transform once on a stand-in of the weight.
+            stand_in = torch.zeros((), dtype=ref.out_dtype)
+            shape, dtype = ref.out_shape, weight_array(stand_in).dtype
+            if layout == "T":
+                shape = shape[::-1]
+            elif layout:
+                probe = array(stand_in.expand(ref.out_shape))
+                shape, dtype = probe.shape, probe.dtype
+                del probe
+            tensor = ir.LazyTensor(lambda: ir.tensor(array(ref.load())),
+                                   dtype=ir.DataType.from_numpy(dtype), shape=ir.Shape(shape),
+                                   name=name)
+        v = self.tape.initializer(tensor, name=name)
         self._weights[key] = v
         return v
 
@@ -230,10 +266,13 @@ def lower(module: Module, *, rules: Mapping[str, Rule] | None = None) -> ir.Mode
     for domain, version in ctx.tape.used_opsets:
         if domain:
             opsets[domain] = version or 1
+    inputs += ctx.extra_inputs.values()
     graph = ir.Graph(inputs, outputs, nodes=ctx.tape.nodes, initializers=ctx.tape.initializers,
                      opset_imports=opsets, name=module.config.architecture or "splice")
     model = ir.Model(graph, ir_version=IR_VERSION, producer_name="splice",
                      producer_version=splice_version())
+    # rules that fuse leave the values their consumer no longer reads (fuse.py): drop them
+    RemoveUnusedNodesPass()(model)
     model.metadata_props["splice.architecture"] = module.config.architecture
     model.metadata_props["splice.source"] = module.config.source
     log.info("lowered %d IR nodes to %d ONNX nodes, %d initializers", len(g.nodes),

@@ -20,7 +20,10 @@ activations to int8 per block on the fly and uses the int8 dot-product kernels, 
 benchmarks/quantization.py): on random matrices level 4 is ~0.5% relative output error against
 level 0 (~2e-7); on SmolLM2-135M W4 g128 the logits move by about that much and WikiText-2
 perplexity by well under 1%, so level 4 is the default (`ACCURACY_LEVEL`); `qlinear_rules(0)`
-gives the float32-exact table that the equality tests use.
+gives the float32-exact table that the equality tests use. benchmarks/onnx_speed.py measures it on
+every run: SmolLM2-135M W4 g32 RTN, a 64-token WikiText-2 prompt, level 4 against level 0 moves
+the logits by 3.4% relative RMS (95% top-1 agreement), where W4 itself moves them by 40% against
+float32 (70% top-1): small beside the weight error, for the int8 kernels' speed.
 """
 
 from __future__ import annotations

@@ -47,6 +47,8 @@ def ort_step(sess, module, ids: np.ndarray, past: dict[str, np.ndarray] | None):
         if v.name.startswith("past."):
             feeds[v.name] = past[v.name] if past is not None else \
                 np.zeros((b, v.shape[1], 0, v.shape[3]), np.float32)
+    if "attention_mask" in {i.name for i in sess.get_inputs()}:  # contrib mode's GQA lengths
+        feeds["attention_mask"] = np.ones((b, past_len + s), np.int64)
     names = [o.name for o in sess.get_outputs()]
     out = dict(zip(names, sess.run(None, feeds)))
     return out["logits"], {"past." + k[8:]: v for k, v in out.items() if k.startswith("present.")}

@@ -1,0 +1,467 @@
+"""ONNX Runtime speed: splice's artefacts beside onnxruntime-genai's model builder, same run.
+
+SmolLM2-135M (the embedded GGUF, dequantized to float32), a 64-token prompt of WikiText-2 text,
+128 greedy tokens with no EOS stop, 2 threads. Rows:
+- splice ONNX float32 (contrib ops, and the standard-ops-only mode), int4 RTN groups of 32 and
+  128, and the full pipeline (prune 4 layers + patch, fold norms, rotate, W4 g128 RTN), each run
+  by splice's runtime; the int4 g32 artefact also by onnxruntime-genai, and by splice's runtime
+  with ONNX Runtime's thread spinning off. The int4 models give SmolLM2's tied table an int4 copy
+  for the lm_head (read every step, as the builder does) and an int8 one for the embedding
+  (gathered one row per token; the float table would add 113 MB on disk for no speed);
+- the builder's int4 and float32 models of the same checkpoint (saved as a Hugging Face directory,
+  `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4|fp32 -e cpu`), run by
+  onnxruntime-genai with the same thread count;
+- Hugging Face eager float32;
+- the memory-bandwidth limit of each ONNX model: the bytes of weights one decode step reads (every
+  initializer except tables only gathered from) divided by the read bandwidth numpy measures here
+  (summing a 1 GB array, best of several, one and two threads).
+
+Every engine runs in its own child process (so its peak resident memory, VmHWM, is its own), one
+after the other in alternating rounds; each figure is the best of the rounds. Quick mode builds a
+tiny random Llama in transformers instead (the same rows, seconds): it checks that the benchmark
+runs, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
+TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories_val.txt"
+THREADS = 2
+LM_HEAD = "int4"  # the tied lm_head's own packed copy: see the module docstring's figures
+
+
+# -- measurements ------------------------------------------------------------------------------
+def read_bandwidth(gb: float = 1.0, repeats: int = 5) -> float:
+    """Bytes/s of summing a `gb` GB float64 array, best of `repeats`, with one and two threads
+    (numpy releases the GIL in the reduction), whichever is faster."""
+    a = np.ones(int(gb * 1e9) // 8)
+    halves = np.array_split(a, THREADS)
+    best = 0.0
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+        out = [0.0] * len(halves)
+
+        def part(i: int) -> None:
+            out[i] = halves[i].sum()
+        threads = [threading.Thread(target=part, args=(i,)) for i in range(len(halves))]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        best = max(best, a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def weight_bytes_per_step(model_path: Path) -> int:
+    """Bytes of initializers one decode step reads: all of them, less tables that are only
+    gathered from (an embedding reads one row per token)."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    users: dict[str, list[tuple[str, int]]] = {}
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            users.setdefault(name, []).append((node.op_type, i))
+    total = 0
+    for t in proto.graph.initializer:
+        uses = users.get(t.name, [])
+        if uses and all(op in ("Gather", "GatherBlockQuantized") and i == 0 for op, i in uses):
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
+        else:
+            total += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+    return total
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
+
+
+# -- engines (each runs in a child process: python -m benchmarks.onnx_speed --worker ...) ------
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _run_splice(path: str, ids: list[int], new: int, spinning: bool | None = None) -> dict:
+    from splice.runtime import load
+
+    art = load(path, threads=THREADS, spinning=spinning)
+    art.generate_ids(ids[:8], max_new_tokens=4, stop_at_eos=False)  # warm-up
+    g = art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False)
+    return {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s, "tokens": g.ids}
+
+
+def _run_genai(path: str, ids: list[int], new: int, spinning: bool = True) -> dict:
+    import onnxruntime_genai as og
+
+    config = og.Config(path)
+    if not spinning:  # a session option genai_config.json accepts, overlaid on the file's
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "session.intra_op.allow_spinning": "0"}}}}))
+    model = og.Model(config)
+
+    def generate(prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+        params = og.GeneratorParams(model)
+        length = len(prompt) + n
+        params.set_search_options(max_length=length, min_length=length, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt)
+        t1 = time.perf_counter()
+        out = []
+        gen.generate_next_token()  # samples from the prompt's logits: no model run
+        out.append(int(gen.get_next_tokens()[0]))
+        t2 = time.perf_counter()
+        for _ in range(n - 1):
+            gen.generate_next_token()
+            out.append(int(gen.get_next_tokens()[0]))
+        t3 = time.perf_counter()
+        return t1 - t0, t3 - t2, out
+    generate(ids[:8], 4)
+    pre, dec, out = generate(ids, new)
+    return {"prefill_tok_s": len(ids) / pre, "decode_tok_s": (new - 1) / dec, "tokens": out}
+
+
+def _run_hf(path: str, ids: list[int], new: int) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM, DynamicCache
+
+    torch.set_num_threads(THREADS)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+    def generate(prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+        with torch.no_grad():
+            t0 = time.perf_counter()
+            out = hf(input_ids=torch.tensor([prompt]), past_key_values=DynamicCache(
+                config=hf.config), use_cache=True)
+            t1 = time.perf_counter()
+            tok = out.logits[:, -1:].argmax(-1)
+            toks = [int(tok)]
+            for _ in range(n - 1):
+                out = hf(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
+                tok = out.logits[:, -1:].argmax(-1)
+                toks.append(int(tok))
+            t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, toks
+    generate(ids[:8], 4)
+    pre, dec, out = generate(ids, new)
+    return {"prefill_tok_s": len(ids) / pre, "decode_tok_s": (new - 1) / dec, "tokens": out}
+
+
+WORKERS = {"splice": _run_splice, "genai": _run_genai, "hf": _run_hf,
+           "splice_nospin": lambda path, ids, new: _run_splice(path, ids, new, spinning=False),
+           "genai_nospin": lambda path, ids, new: _run_genai(path, ids, new, spinning=False)}
+
+
+def worker(argv: list[str]) -> None:
+    kind, path, ids_file, new = argv
+    ids = json.loads(Path(ids_file).read_text())
+    res = WORKERS[kind](path, ids, int(new))
+    res["peak_rss_mb"] = _peak_rss_mb()
+    sys.stdout.write("\nRESULT " + json.dumps(res) + "\n")
+
+
+def _child(kind: str, path: Path, ids_file: Path, new: int) -> dict:
+    r = subprocess.run([sys.executable, "-m", "benchmarks.onnx_speed", "--worker", kind,
+                        str(path), str(ids_file), str(new)], capture_output=True, text=True,
+                       cwd=REPO)
+    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
+    if r.returncode != 0 or not lines:
+        raise RuntimeError(f"{kind} engine on {path} failed:\n{r.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# -- building the models -----------------------------------------------------------------------
+def _hf_model(quick: bool, hf_dir: Path):
+    """The transformers model (float32) and its saved directory with the tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    if quick:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256,
+                          num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+                          max_position_embeddings=256, tie_word_embeddings=True,
+                          bos_token_id=1, eos_token_id=2)
+        hf, tok = LlamaForCausalLM(cfg).eval(), _word_tokenizer(cfg.vocab_size)
+    else:
+        from splice.frontend.hf import default_model_path
+
+        gguf = default_model_path()
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                  dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if not (hf_dir / "config.json").is_file():
+        if getattr(hf, "hf_quantizer", None) is not None:
+            # a GGUF load is marked quantized and refuses save_pretrained: the same float32
+            # weights in a fresh model of the same config save as plain safetensors
+            cfg = hf.config
+            if hasattr(cfg, "quantization_config"):
+                del cfg.quantization_config
+            fresh = type(hf)(cfg).eval()
+            fresh.load_state_dict(hf.state_dict())
+            hf = fresh
+        hf.save_pretrained(hf_dir)
+        if tok is not None:
+            tok.save_pretrained(hf_dir)
+    return hf, tok
+
+
+def _word_tokenizer(vocab: int):
+    """A word-level tokenizer over the tiny model's ids (the builder wants one to load)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="t0", bos_token="t1",
+                                   eos_token="t2")
+
+
+def _builder(hf_dir: Path, out: Path, precision: str) -> Path:
+    """onnxruntime-genai's builder output for `precision`, its sessions set to THREADS threads."""
+    if not (out / "genai_config.json").is_file():
+        with tempfile.TemporaryDirectory() as cache:
+            r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
+                                str(hf_dir), "-o", str(out), "-p", precision, "-e", "cpu", "-c",
+                                cache], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"builder -p {precision} failed:\n{r.stderr[-3000:]}")
+        cfg_path = out / "genai_config.json"
+        cfg = json.loads(cfg_path.read_text())
+        cfg["model"]["decoder"]["session_options"].update(intra_op_num_threads=THREADS,
+                                                          inter_op_num_threads=1)
+        cfg_path.write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]:
+    from splice.backends.onnx import export
+    from splice.passes.base import PassContext
+    from splice.passes.quantize_weights import QuantizeWeightsPass
+    from splice.recipe import Recipe
+    from splice.api import run_passes
+    from splice.ir.serialize import load_module, save_module
+
+    arts: dict[str, Path] = {}
+
+    def make(name: str, build, **kw) -> None:
+        path = work / name
+        if not (path / "manifest.json").is_file():
+            export(build(), path, threads=THREADS, **kw)
+        arts[name] = path
+
+    def w4(group: int, base=None):
+        # the tied table: an int4 copy for the lm_head (read every step), an int8 one gathered
+        # for the embedding (instead of the float table: a smaller artefact, the same speed)
+        return lambda: QuantizeWeightsPass(method="rtn", bits=4, group_size=group,
+                                           lm_head=LM_HEAD, embeddings="int8")(
+            base() if base else module.clone(), PassContext()).module
+
+    make("f32", lambda: module)
+    make("f32_standard", lambda: module, ops="standard")
+    make("int4_g32", w4(32))
+    make("int4_g32_acc0", w4(32), accuracy_level=0)
+    make("int4_g128", w4(128))
+    full = Recipe("prune4_patch_rotate_w4", (
+        *Recipe.named("prune4_patch").passes, ("rotate", {}),
+        ("quantize_weights", {"method": "rtn", "bits": 4, "group_size": 128,
+                              "lm_head": LM_HEAD, "embeddings": "int8"})))
+    saved = work / "full_module.splice"  # the calibrated passes are the slow part: keep them
+
+    def pipeline():
+        if saved.is_file():
+            return load_module(saved)
+        out = run_passes(module.clone(), full, calibration=calib)[0]
+        save_module(out, saved)
+        return out
+    make("full", w4(128, pipeline))  # a no-op on a module the recipe already quantized
+    return arts
+
+
+def _prompt(tok, quick: bool, n: int) -> list[int]:
+    if quick:
+        return [int(x) for x in np.random.default_rng(0).integers(3, 512, n)]
+    text = (WIKITEXT if WIKITEXT.is_file() else TINYSTORIES).read_text()[:20000]
+    ids = tok(text)["input_ids"][:n]
+    if len(ids) < n:
+        raise RuntimeError("not enough text for the prompt")
+    return ids
+
+
+def _calibration(module, tok, quick: bool):
+    import torch
+
+    if quick:
+        return torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(1))
+    from splice.api import calibration_batches
+
+    # calibrate on TinyStories, measure on WikiText-2: different texts. 4 x 512 tokens: enough
+    # for a working pruned model; this benchmark measures speed, not quality
+    ids = tok(TINYSTORIES.read_text()[:100000])["input_ids"]
+    return calibration_batches(module, ids, seq_len=512, max_batches=4)
+
+
+def run(quick: bool = False, work: str | Path | None = None, rounds: int | None = None
+        ) -> tuple[str, dict]:
+    """Build every model (kept in `work` when given, so a second run only times), then time the
+    engines in alternating rounds."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    from splice.frontend import load_model
+    from splice.runtime import load
+
+    prompt_len, new = (16, 8) if quick else (64, 128)
+    rounds = rounds or (1 if quick else 3)
+    tmp = None
+    if work is None:
+        tmp = tempfile.TemporaryDirectory()
+        work = tmp.name
+    work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        hf_dir = work / "hf"
+        hf, tok = _hf_model(quick, hf_dir)
+        module = load_model(hf) if quick else load_model("smollm2-135m")
+        del hf
+        ids = _prompt(tok, quick, prompt_len)
+        ids_file = work / "prompt.json"
+        ids_file.write_text(json.dumps(ids))
+        t0 = time.perf_counter()
+        arts = _splice_artefacts(module, work, _calibration(module, tok, quick), quick)
+        build_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        b4 = _builder(hf_dir, work / "builder_int4", "int4")
+        b32 = _builder(hf_dir, work / "builder_fp32", "fp32")
+        builder_s = time.perf_counter() - t0
+        engines = {
+            "splice ONNX int4 g32": ("splice", arts["int4_g32"]),
+            "builder int4 (onnxruntime-genai)": ("genai", b4),
+            "splice ONNX int4 g128": ("splice", arts["int4_g128"]),
+            "splice ONNX int4 g32, threads not spinning": ("splice_nospin", arts["int4_g32"]),
+            "builder int4 (onnxruntime-genai), threads not spinning": ("genai_nospin", b4),
+            "splice int4 g32 run by onnxruntime-genai": ("genai", arts["int4_g32"]),
+            "splice full pipeline (prune 4 + patch + rotate + W4 g128)": ("splice", arts["full"]),
+            "splice ONNX float32": ("splice", arts["f32"]),
+            "builder float32 (onnxruntime-genai)": ("genai", b32),
+            "splice ONNX float32, standard ops only": ("splice", arts["f32_standard"]),
+            "Hugging Face eager float32": ("hf", hf_dir),
+        }
+        best: dict[str, dict] = {}
+        for _ in range(rounds):
+            for name, (kind, path) in engines.items():
+                r = _child(kind, path, ids_file, new)
+                b = best.setdefault(name, dict(r))
+                for k in ("prefill_tok_s", "decode_tok_s"):
+                    b[k] = max(b[k], r[k])
+                b["peak_rss_mb"] = min(b["peak_rss_mb"], r["peak_rss_mb"])
+        bw = read_bandwidth(0.25 if quick else 1.0)
+        models = {"splice ONNX int4 g32": arts["int4_g32"] / "model.onnx",
+                  "splice ONNX int4 g128": arts["int4_g128"] / "model.onnx",
+                  "splice full pipeline (prune 4 + patch + rotate + W4 g128)":
+                      arts["full"] / "model.onnx",
+                  "splice ONNX float32": arts["f32"] / "model.onnx",
+                  "builder int4 (onnxruntime-genai)": b4 / "model.onnx",
+                  "builder float32 (onnxruntime-genai)": b32 / "model.onnx"}
+        dirs = {**{k: p for k, (_, p) in engines.items()}}
+        for name, row in best.items():
+            row["size_mb"] = dir_mb(dirs[name])
+            if name in models:
+                row["weight_mb_per_step"] = weight_bytes_per_step(models[name]) / 1e6
+                row["limit_tok_s"] = bw / (row["weight_mb_per_step"] * 1e6)
+        # what accuracy_level 4 (int8 activations) costs against 0 (float32 compute)
+        a4, a0 = load(arts["int4_g32"], threads=THREADS), load(arts["int4_g32_acc0"],
+                                                               threads=THREADS)
+        l4, l0 = a4.logits(np.asarray([ids]))[0], a0.logits(np.asarray([ids]))[0]
+        lf = load(arts["f32"], threads=THREADS).logits(np.asarray([ids]))[0]
+
+        def error(a: np.ndarray, b: np.ndarray) -> dict:
+            return {"max_abs_logit_diff": float(np.abs(a - b).max()),
+                    "rel_rms": float(np.sqrt(((a - b) ** 2).mean() / (b ** 2).mean())),
+                    "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}
+        acc = error(l4, l0)
+        w4_error = error(l0, lf)
+        res = {"model": "tiny random Llama" if quick else "SmolLM2-135M", "rounds": rounds,
+               "prompt_tokens": prompt_len, "new_tokens": new, "threads": THREADS,
+               "bandwidth_gb_s": bw / 1e9, "build_s": build_s, "builder_s": builder_s,
+               "accuracy_level_4_vs_0": acc, "int4_g32_vs_float32": w4_error, "speed": best,
+               "same_tokens_genai_vs_splice": best["splice int4 g32 run by onnxruntime-genai"][
+                   "tokens"] == best["splice ONNX int4 g32"]["tokens"]}
+        return markdown(res), res
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def markdown(res: dict) -> str:
+    sp = res["speed"]
+    lines = [f"## ONNX Runtime speed: {res['model']}", "",
+             f"Prompt {res['prompt_tokens']} tokens, {res['new_tokens']} greedy tokens (no EOS "
+             f"stop), {res['threads']} threads, every engine in its own process, best of "
+             f"{res['rounds']} alternating rounds. Read bandwidth (numpy): "
+             f"{res['bandwidth_gb_s']:.1f} GB/s.", "",
+             "| engine | prefill tok/s | decode tok/s | weights read / step MB | limit tok/s | "
+             "% of limit | size MB | peak RSS MB |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in sp.items():
+        lim = r.get("limit_tok_s")
+        limit = "" if lim is None else f"{lim:.0f} | {100 * r['decode_tok_s'] / lim:.0f}%"
+        weights = f"{r['weight_mb_per_step']:.1f}" if "weight_mb_per_step" in r else ""
+        lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {weights} | "
+                     f"{limit or ' | '} | {r['size_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+    b4 = sp["builder int4 (onnxruntime-genai)"]["decode_tok_s"]
+    nospin = (sp["splice ONNX int4 g32, threads not spinning"]["decode_tok_s"]
+              / sp["builder int4 (onnxruntime-genai), threads not spinning"]["decode_tok_s"])
+    acc = res["accuracy_level_4_vs_0"]
+    lines += ["", f"splice int4 g32 decode / builder int4 decode: "
+              f"{sp['splice ONNX int4 g32']['decode_tok_s'] / b4:.2f}x; g128: "
+              f"{sp['splice ONNX int4 g128']['decode_tok_s'] / b4:.2f}x; full pipeline: "
+              f"{sp['splice full pipeline (prune 4 + patch + rotate + W4 g128)']['decode_tok_s'] / b4:.2f}x; "
+              f"both with threads not spinning, int4 g32: {nospin:.2f}x.",
+              f"onnxruntime-genai and splice's runtime give the same greedy tokens for the g32 "
+              f"artefact: {res['same_tokens_genai_vs_splice']}.",
+              f"MatMulNBits accuracy_level 4 (int8 activations) against 0 (float32), int4 g32, "
+              f"prompt logits: max |diff| {acc['max_abs_logit_diff']:.3g}, relative RMS "
+              f"{acc['rel_rms']:.2g}, top-1 agreement {100 * acc['top1_agreement']:.0f}%; for "
+              f"scale, W4 g32 itself (accuracy_level 0) against float32: relative RMS "
+              f"{res['int4_g32_vs_float32']['rel_rms']:.2g}, top-1 agreement "
+              f"{100 * res['int4_g32_vs_float32']['top1_agreement']:.0f}%."]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        worker(sys.argv[2:])
+        sys.exit(0)
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.onnx_speed")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--work", default=None, help="keep the built models here and reuse them")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    text, figures = run(quick=a.quick, work=a.work, rounds=a.rounds)
+    if a.json:
+        Path(a.json).write_text(json.dumps(figures, indent=2, default=float))
+    print(text)

@@ -1,0 +1,29 @@
+"""The ONNX speed benchmark runs (quick mode: a tiny random Llama, every engine and row of the full
+protocol, seconds): a benchmark is not a test, so nothing here looks at speed; it checks that each
+row is produced with positive figures and that both runtimes agree on the greedy tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from benchmarks.run import main
+
+pytest.importorskip("onnxruntime_genai")
+
+
+def test_onnx_speed_quick(tmp_path):
+    out, raw = tmp_path / "B.md", tmp_path / "b.json"
+    assert main(["--quick", "--only", "onnx_speed", "--out", str(out), "--json", str(raw)]) == 0
+    text = out.read_text()
+    assert "ONNX Runtime speed: tiny random Llama" in text and "builder int4" in text
+    figures = json.loads(raw.read_text())["onnx_speed"]
+    speed = figures["speed"]
+    assert len(speed) == 11
+    for name, row in speed.items():
+        assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0, name
+        assert row["size_mb"] > 0, name
+    assert figures["same_tokens_genai_vs_splice"] is True
+    assert speed["splice ONNX int4 g32"]["weight_mb_per_step"] < \
+        speed["splice ONNX float32"]["weight_mb_per_step"]
+    assert 0 <= figures["accuracy_level_4_vs_0"]["rel_rms"] < 0.1
