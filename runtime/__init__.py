@@ -16,13 +16,23 @@ __all__ = ["Artefact", "ArtefactError", "Generation", "InputError", "KVCache", "
            "load_tokenizer", "read_manifest", "verify_artefact"]
 
 TVM_OPTIONS = ("expected_manifest_sha256", "threads", "device")
+NPU_OPTIONS = ("expected_manifest_sha256", "htp_arch", "source")
 
 
 def load(path: str | Path, **options: Any) -> Artefact:
     """Check and open the artefact at `path` with the runtime its manifest names: "onnx"
     (runtime/artefact.py: expected_manifest_sha256, providers, graph_optimization, threads) or
-    "tvm" (runtime/tvm_runtime.py: expected_manifest_sha256, threads, device)."""
+    "tvm" (runtime/tvm_runtime.py: expected_manifest_sha256, threads, device) or "npu"
+    (runtime/npu_runtime.py: expected_manifest_sha256, htp_arch, source)."""
     backend = read_manifest(path).get("backend")
+    if backend == "npu":
+        unknown = sorted(set(options) - set(NPU_OPTIONS))
+        if unknown:
+            raise InputError(f"load options {unknown} do not apply to an NPU artefact; accepted: "
+                             f"{', '.join(NPU_OPTIONS)}")
+        from .npu_runtime import load as load_npu
+
+        return load_npu(path, **options)
     if backend == "tvm":
         unknown = sorted(set(options) - set(TVM_OPTIONS))
         if unknown:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,23 @@ log = logging.getLogger(__name__)
 
 # backend -> the targets it builds for (the ONNX backend's CUDA artefacts wait for a GPU runner;
 # the TVM backend compiles cuda without one, and cross-compiles aarch64 Linux)
-TARGETS = {"onnx": ("cpu",), "tvm": ("cpu", "cuda", "aarch64")}
+TARGETS = {"onnx": ("cpu",), "tvm": ("cpu", "cuda", "aarch64"), "npu": ("npu",)}
 
 
 def resolve_recipe(recipe: Recipe | str | Path | None) -> Recipe:
     """A Recipe, the name of a built-in one, a .toml file, or None for no passes."""
     return Recipe.resolve("none" if recipe is None else recipe)
+
+
+def _is_file(text: str) -> bool:
+    """Whether a calibration string names a file (a long text is not a path: no OS accepts it
+    as one, and asking raises OSError)."""
+    if "\n" in text or len(text) > 4096:
+        return False
+    try:
+        return Path(text).is_file()
+    except OSError:
+        return False
 
 
 def calibration_batches(module, calibration: Any, *, seq_len: int = 512,
@@ -34,7 +46,7 @@ def calibration_batches(module, calibration: Any, *, seq_len: int = 512,
         return ids if ids.dim() == 2 else ids.reshape(1, -1)
     from .text import encode_text, read_text
 
-    if isinstance(calibration, Path) or (isinstance(calibration, str) and Path(calibration).is_file()):
+    if isinstance(calibration, Path) or (isinstance(calibration, str) and _is_file(calibration)):
         calibration = read_text(Path(calibration))
     if isinstance(calibration, str):
         ids = encode_text(module, calibration)
@@ -48,12 +60,23 @@ def calibration_batches(module, calibration: Any, *, seq_len: int = 512,
     return torch.tensor(ids[: n * seq_len], dtype=torch.int64).reshape(n, seq_len)
 
 
-def run_passes(module, recipe: Recipe, *, calibration=None, instruments=(), seed: int | None = None):
-    """Run the recipe's passes; returns (module, report). `seed` overrides the recipe's."""
+def run_passes(module, recipe: Recipe, *, calibration=None, instruments=(), seed: int | None = None,
+               reducer=None, layerwise_dir: str | Path | None = None):
+    """Run the recipe's passes; returns (module, report). `seed` overrides the recipe's.
+    `reducer` combines calibration statistics over processes (passes/reduce.py); with
+    `layerwise_dir` the passes run one decoder layer at a time (passes/layerwise.py), writing the
+    transformed weights there."""
     from .passes.base import PassContext
     from .passes.manager import PassManager
+    from .passes.reduce import Reducer
 
-    ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed)
+    ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed,
+                      reducer=reducer or Reducer())
+    if layerwise_dir is not None:
+        from .passes.layerwise import run_layerwise
+
+        return run_layerwise(module, recipe.build(), ctx, layerwise_dir,
+                             instruments=list(instruments))
     return PassManager(recipe.build(), instruments=list(instruments)).run(module, ctx)
 
 
@@ -76,7 +99,7 @@ def _check_nothing_pending(module) -> None:
 def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", target: str = "cpu",
             out: str | Path = "artefact", *, calibration: Any = None, instruments=(),
             seed: int | None = None, load: bool = True, memory_limit: int | float | None = None,
-            backend: str = "onnx"):
+            backend: str = "onnx", layerwise: bool = False, distributed: bool = False):
     """Compile `model` with `recipe` for `target` into the artefact directory `out`.
 
     model: anything frontend.load_model accepts (a path, "smollm2-135m", a transformers model, an
@@ -86,9 +109,15 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     written to a temporary directory and renamed into place, so a failure leaves `out` as it was.
     Before loading, the memory the compile needs is estimated (splice/memory.py) and checked
     against `memory_limit` bytes (None: what the machine has available).
+    layerwise: import a Hugging Face directory lazily and run the passes one decoder layer at a
+    time (passes/layerwise.py), for models larger than memory; the memory check is then skipped.
+    distributed: this process is one of several (torchrun): calibration is sharded across them,
+    statistics are all-reduced, and only rank 0 writes the artefact (others return None).
     """
     from .frontend import load_model
 
+    if target == "npu" and backend == "onnx":  # the NPU target has one backend: take it
+        backend = "npu"
     if backend not in TARGETS:
         raise InputError(f"unknown backend {backend!r}; supported: {', '.join(TARGETS)}")
     if target not in TARGETS[backend]:
@@ -97,24 +126,72 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     recipe = resolve_recipe(recipe)  # a bad recipe fails here, before the model is loaded
     from .memory import check_memory
 
-    check_memory(model, recipe, memory_limit)
+    if layerwise:
+        from .passes.layerwise import check_supported
+
+        check_supported(recipe.build())
+    else:
+        check_memory(model, recipe, memory_limit)
     t0 = time.perf_counter()
-    module = load_model(model)
+    if layerwise and isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():
+        from .frontend.lazy import load_hf_lazy
+
+        module = load_hf_lazy(model)
+    else:
+        module = load_model(model)
     t_import = time.perf_counter() - t0
     calib = calibration_batches(module, calibration, seq_len=recipe.calibration_seq_len,
                                 max_batches=recipe.calibration_samples or 16)
-    module, report = run_passes(module, recipe, calibration=calib, instruments=instruments, seed=seed)
+    reducer = None
+    if distributed:
+        from . import distributed as dist
+
+        reducer = dist.init()
+        calib = dist.shard(calib, reducer.rank, reducer.world_size)
+    scratch = None
+    if layerwise:  # beside the artefact: the transformed layers need that disk's room
+        Path(out).resolve().parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(prefix=".splice-layers-",
+                                              dir=Path(out).resolve().parent)
+    try:
+        return _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, target,
+                      out, t0, t_import, load)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
+
+
+def _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, target, out, t0,
+           t_import, load):
+    """compile() after the import: passes, then (on rank 0) the backend and loading."""
+    module, report = run_passes(module, recipe, calibration=calib, instruments=instruments,
+                                seed=seed, reducer=reducer,
+                                layerwise_dir=scratch.name if scratch is not None else None)
+    if reducer is not None and reducer.rank != 0:
+        from .distributed import barrier
+
+        barrier()  # rank 0 writes the artefact
+        return None
     _check_nothing_pending(module)
+    extra = {}
     if backend == "tvm":
         from .backends.tvm import export
+    elif backend == "npu":  # static activation scales: the calibration tokens go to the backend
+        from .backends.npu import export
+
+        extra["calibration"] = calib
     else:
         from .backends.onnx import export
 
     t1 = time.perf_counter()
     path = export(module, Path(out), target=target, recipe=recipe.to_dict(),
-                  report={"import_s": round(t_import, 3), "passes": report})
+                  report={"import_s": round(t_import, 3), "passes": report}, **extra)
     log.info("compiled %s in %.1f s (import %.1f s, lowering %.1f s)", path,
              time.perf_counter() - t0, t_import, time.perf_counter() - t1)
+    if reducer is not None:
+        from .distributed import barrier
+
+        barrier()
     if not load:
         return path
     from .runtime import load as load_artefact

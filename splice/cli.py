@@ -40,6 +40,8 @@ def _is_artefact(path: str) -> bool:
 def cmd_compile(a: argparse.Namespace) -> int:
     from .api import compile
 
+    from .distributed import launched_by_torchrun
+
     t0 = time.perf_counter()
     # --calib names a file: a Path, so that a missing one is reported as such (a str that is not
     # a file would be taken as the calibration text itself)
@@ -47,7 +49,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
                    calibration=Path(a.calib) if a.calib is not None else None,
                    instruments=_instruments(a), seed=a.seed, load=False,
                    memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9,
-                   backend=a.backend)
+                   backend=a.backend, layerwise=a.layerwise,
+                   distributed=launched_by_torchrun())
+    if path is None:  # a torchrun rank other than 0: rank 0 wrote the artefact
+        return 0
     manifest = json.loads((path / "manifest.json").read_text())
     _print_report(manifest.get("report", {}))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -188,10 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a model into an artefact directory")
     c.add_argument("model", metavar="MODEL", help=model_help)
     c.add_argument("--recipe", default="fold_norms", help="a built-in recipe name or a .toml file")
-    c.add_argument("--backend", default="onnx", choices=("onnx", "tvm"),
-                   help="onnx (ONNX Runtime) or tvm (a compiled library)")
+    c.add_argument("--backend", default="onnx", choices=("onnx", "tvm", "npu"),
+                   help="onnx (ONNX Runtime), tvm (a compiled library) or npu (Qualcomm HTP)")
     c.add_argument("--target", default="cpu",
-                   help="cpu; with --backend tvm also cuda, or aarch64 (cross-compiled)")
+                   help="cpu; with --backend tvm also cuda, or aarch64 (cross-compiled); npu "
+                        "(Qualcomm HTP through QNN, static QDQ graphs; needs --calib)")
     c.add_argument("--out", required=True, help="artefact directory (replaced atomically)")
     c.add_argument("--calib", help="calibration text file (for passes that need it)")
     c.add_argument("--dump-ir", metavar="DIR", help="write the IR after every modifying pass")
@@ -199,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                    help="memory the compile may use (default: what is available now); a compile "
                         "estimated to need more is refused before loading")
+    c.add_argument("--layerwise", action="store_true",
+                   help="read the weights lazily and run the passes one decoder layer at a time "
+                        "(models larger than memory; fold_norms, rotate, quantize_weights)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with an artefact")
@@ -309,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         if a.debug:
             raise
         msg = " ".join(str(e).split())
+        if getattr(e, "report_text", None):  # a report that explains the error (NPU pre-flight)
+            print(e.report_text, file=sys.stderr)
         print(f"splice: error: {msg}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

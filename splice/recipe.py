@@ -257,4 +257,27 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
         "prune the 4 least important contiguous layers (cosine), bridge the cut with the better "
         "of LinearPatch and a ridge least-squares patch, then fold norms",
         calibration_samples=16, calibration_seq_len=512),
+    # NPU (--target npu): the HTP wants symmetric per-channel weights; the backend quantizes every
+    # activation on static calibrated grids (16-bit, or 8-bit when static int8 nodes are present).
+    # Norms stay unfolded: the HTP's RmsNorm takes its scale, and folding it into the weights
+    # widens their per-channel ranges
+    "npu_w8a16": lambda: Recipe("npu_w8a16", (("quantize_weights", {
+        "method": "rtn", "bits": 8, "group_size": 0, "symmetric": True}),),
+        "NPU: int8 symmetric per-channel weights; the backend adds static 16-bit activations"),
+    "npu_w8a8": lambda: Recipe("npu_w8a8", (("quantize_weights", {
+        "method": "rtn", "bits": 8, "group_size": 0, "symmetric": True}), (
+        "quantize_activations", {"mode": "static_per_tensor", "bits": 8, "symmetric": True})),
+        "NPU: int8 per-channel weights, static int8 activations at the linears (calibrated); "
+        "the backend puts every other activation on 8-bit grids too",
+        calibration_samples=8, calibration_seq_len=256),
+    "prune4_patch_rotate": lambda: Recipe(
+        "prune4_patch_rotate",
+        (("select_layers", {"n": 4}),
+         ("estimate_patch", {"kind": "linearpatch", "basis": "r1", "basis_seed": 0}),
+         ("prune_layers", {}), ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {}),
+         ("rotate", {"seed": 0})),
+        "prune 4 layers, bridge the cut with LinearPatch measured in rotate's R1 Hadamard basis, "
+        "fold norms and rotate (QuaRot R1, R2, R4), which turns the patch into one channel scale "
+        "of d parameters, exactly",
+        calibration_samples=16, calibration_seq_len=512),
 }
