@@ -12,9 +12,13 @@ from tests.paths import needs_stories
 def test_quantization_quick_runs():
     text, figures = run(quick=True)
     rows = figures["rows"]
-    assert list(rows) == ["float32", "W8 per-channel RTN", "W4 g32 RTN", "W4 g32 GPTQ",
-                          "W4 g32 RTN after fold_norms", "W4 per-channel RTN",
-                          "W4 g32 RTN float-zero", "W4 g32 float-zero + int8 tied table"]
+    assert list(rows) == [
+        "float32", "W8 per-channel RTN", "W8 per-channel RTN + rotate", "W4 g32 RTN",
+        "W4 g32 RTN after fold_norms", "W4 g32 RTN + rotate", "W4 g32 GPTQ",
+        "W4 g32 GPTQ + rotate", "W4A8 (g32 GPTQ + rotate, int8 per-token activations)",
+        "W4A8KV8 (same + int8 KV cache per head)", "W4 per-channel RTN",
+        "W4 g32 RTN float-zero", "W4 g32 float-zero + int8 tied table",
+        "full pipeline: prune 1 + patch + rotate + GPTQ W4 g32 + A8"]
     assert "Weight quantization: stories260K" in text and "accuracy_level" in text
     base = rows["float32"]["ppl"]
     assert abs(rows["W8 per-channel RTN"]["ppl"] / base - 1) < 0.02
@@ -24,3 +28,8 @@ def test_quantization_quick_runs():
     gptq = rows["W4 g32 GPTQ"]
     assert gptq["mean_rel_error"] < gptq["mean_rtn_rel_error"]
     assert 0 < figures["accuracy_level"]["top1_agreement"] <= 1
+    # the rotation flattens the down_proj inputs' outliers (kurtosis ~40 -> ~4 on stories260K)
+    act = figures["activations"]
+    assert act["fold_norms + rotate"]["down_proj input"]["kurtosis_mean"] < \
+        act["fold_norms"]["down_proj input"]["kurtosis_mean"]
+    assert "Goal: W4 g32 GPTQ + rotate within 5%" in text
