@@ -91,14 +91,14 @@ def _configs(group: int, quick: bool) -> list[tuple[str, list[tuple[str, dict]],
         (f"W4 g{group} GPTQ + rotate{small}", [*rot, gptq],
          [(f"W4A8 (g{group} GPTQ + rotate{small}, int8 per-token activations)", [a8]),
           ("W4A8KV8 (same + int8 KV cache per head)", [a8, kv8])]),
+        (f"full pipeline: prune {n} + patch + rotate + GPTQ W4 g{group} + A8{small}",
+         [*prune, *rot, gptq, a8], []),
         ("W4 per-channel RTN", [(q, {"method": "rtn", "bits": 4, "group_size": 0})], []),
         *([] if group == 32 else [("W4 g32 RTN", [(q, {"method": "rtn", "bits": 4,
                                                         "group_size": 32})], [])]),
         ("W4 g32 RTN float-zero", [(q, fz)], []),
         ("W4 g32 float-zero + int8 tied table", [(q, {**fz, "embeddings": "int8",
                                                       "lm_head": "int8"})], []),
-        (f"full pipeline: prune {n} + patch + rotate + GPTQ W4 g{group} + A8{small}",
-         [*prune, *rot, gptq, a8], []),
     ]
 
 
@@ -112,13 +112,11 @@ def _calibration(module, text: str, samples: int, seq: int) -> torch.Tensor:
 
 
 def compile_variant(model: str, passes: list[tuple[str, dict]], out: Path, calib_text: str | None,
-                    samples: int, seq: int, level0: Path | None = None,
-                    extras: list | None = None) -> dict[str, Any]:
+                    samples: int, seq: int, extras: list | None = None) -> dict[str, Any]:
     """Import, run `passes` (float32 calibration activations), export to `out`; the pass reports.
-    With `level0`, also write the same model with MatMulNBits at accuracy_level 0 there. Each
+    Each
     (label, passes) of `extras` runs on a copy of the result and is exported to out.<k>."""
-    from splice.backends.onnx import RULES, export, lower, save
-    from splice.backends.onnx.quant import qlinear_rules
+    from splice.backends.onnx import export
     from splice.frontend import load_model
     from splice.passes.base import PassContext
     from splice.passes.manager import PassManager
@@ -131,8 +129,6 @@ def compile_variant(model: str, passes: list[tuple[str, dict]], out: Path, calib
     module, report = PassManager([make_pass(n, s) for n, s in passes]).run(module, ctx)
     passes_s = time.perf_counter() - t0
     export(module, out, report={"passes": report})
-    if level0 is not None:
-        save(lower(module, rules={**RULES, **qlinear_rules(0)}), level0)
     done = []
     for k, (_, more) in enumerate(extras or []):
         t1 = time.perf_counter()
@@ -143,13 +139,13 @@ def compile_variant(model: str, passes: list[tuple[str, dict]], out: Path, calib
 
 
 def _child_compile(model: str, passes: list, out: Path, calib_text: str, samples: int,
-                   seq: int, level0: Path | None, extras: list) -> dict[str, Any]:
+                   seq: int, extras: list) -> dict[str, Any]:
     """compile_variant in a child process: its own wall time and peak RSS."""
     text_file = out.parent / (out.name + ".calib.txt")
     text_file.write_text(calib_text)
     spec = json.dumps({"model": model, "passes": passes, "out": str(out), "calib": str(text_file),
                        "samples": samples, "seq": seq,
-                       "level0": str(level0) if level0 else None, "extras": extras})
+                       "extras": extras})
     t0 = time.perf_counter()
     log = out.parent / (out.name + ".log")  # progress, readable while it runs
     with open(log, "w") as err:
@@ -213,12 +209,28 @@ def _measure(art, out: Path, label: str, child: dict, ids: list[int], prompt: li
     return row
 
 
-def _accuracy_levels(art, level0: Path, row: dict, ids: list[int], prompt: list[int],
+def _with_accuracy_level(art_dir: Path, level: int) -> Path:
+    """The artefact's model.onnx with every MatMulNBits at `level` (weights shared: the copy
+    points at the artefact's external data)."""
+    import onnx
+
+    model = onnx.load(str(Path(art_dir) / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for a in node.attribute:
+                if a.name == "accuracy_level":
+                    a.i = level
+    path = Path(art_dir) / f"model.level{level}.onnx"
+    onnx.save(model, str(path))
+    return path
+
+
+def _accuracy_levels(art, row: dict, ids: list[int], prompt: list[int],
                      bos: int | None, cfg: dict) -> dict[str, Any]:
     """The GPTQ artefact at MatMulNBits accuracy_level 4 (int8 compute) against level 0."""
     from splice.runtime.artefact import Artefact
 
-    art0 = Artefact(art.path, art.manifest, _session(level0 / "model.onnx"))
+    art0 = Artefact(art.path, art.manifest, _session(_with_accuracy_level(art.path, 0)))
     window = np.asarray([([bos] if bos is not None else []) + ids[: cfg["window"]]])
     l4, l0 = art.logits(window)[0], art0.logits(window)[0]
     diff = np.abs(l4 - l0)
@@ -303,13 +315,12 @@ def run(quick: bool = False, workdir: str | Path | None = None,
             out = tmp / f"v{i}"
             gptq = any(s.get("method") == "gptq" for _, s in passes)
             first_gptq = gptq and "accuracy_level" not in res
-            level0 = tmp / f"v{i}.level0"
             n_calib = SMALL_CALIB[0] if "calib.)" in label else samples
             if resume and _done(out, extras):
                 child = _reuse(out, extras)
             elif gptq:
                 child = _child_compile(cfg["model"], passes, out, cfg["calib_text"], n_calib, seq,
-                                       level0 if first_gptq else None, extras)
+                                       extras)
             else:
                 child = compile_variant(cfg["model"], passes, out, None, samples, seq,
                                         extras=extras)
@@ -328,10 +339,11 @@ def run(quick: bool = False, workdir: str | Path | None = None,
                     row["gptq_peak_rss_mb"] = child["peak_rss_mb"]
                     row["gptq_calibration"] = f"{n_calib}x{seq}"
                 res["rows"][v_label] = row
-            if first_gptq and level0.is_dir():
+                print(json.dumps({v_label: row}, default=float), file=sys.stderr, flush=True)
+            if first_gptq:
                 res["gptq_layers"] = next(r for r in child["report"]
                                           if r["name"] == "quantize_weights")["report"]["layers"]
-                res["accuracy_level"] = _accuracy_levels(load(out, threads=2), level0, res["rows"][label],
+                res["accuracy_level"] = _accuracy_levels(load(out, threads=2), res["rows"][label],
                                                          ids, prompt, bos, cfg)
         res["activations"] = rotation_statistics(cfg)
     return markdown(res, cfg), res
@@ -415,7 +427,6 @@ def _child_main(spec: str) -> None:
     text = Path(s["calib"]).read_text()
     res = compile_variant(s["model"], [tuple(p) for p in s["passes"]], Path(s["out"]), text,
                           s["samples"], s["seq"],
-                          level0=Path(s["level0"]) if s["level0"] else None,
                           extras=s["extras"])
     res["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(res, default=float))

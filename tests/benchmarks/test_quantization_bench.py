@@ -16,9 +16,9 @@ def test_quantization_quick_runs():
         "float32", "W8 per-channel RTN", "W8 per-channel RTN + rotate", "W4 g32 RTN",
         "W4 g32 RTN after fold_norms", "W4 g32 RTN + rotate", "W4 g32 GPTQ",
         "W4 g32 GPTQ + rotate", "W4A8 (g32 GPTQ + rotate, int8 per-token activations)",
-        "W4A8KV8 (same + int8 KV cache per head)", "W4 per-channel RTN",
-        "W4 g32 RTN float-zero", "W4 g32 float-zero + int8 tied table",
-        "full pipeline: prune 1 + patch + rotate + GPTQ W4 g32 + A8"]
+        "W4A8KV8 (same + int8 KV cache per head)",
+        "full pipeline: prune 1 + patch + rotate + GPTQ W4 g32 + A8", "W4 per-channel RTN",
+        "W4 g32 RTN float-zero", "W4 g32 float-zero + int8 tied table"]
     assert "Weight quantization: stories260K" in text and "accuracy_level" in text
     base = rows["float32"]["ppl"]
     assert abs(rows["W8 per-channel RTN"]["ppl"] / base - 1) < 0.02
