@@ -306,10 +306,8 @@ class Artefact:
         return self._tokenizer
 
     # -- one forward step ----------------------------------------------------------------------
-    def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None
-               ) -> tuple[np.ndarray, KVCache]:
-        """Logits [batch, seq, vocab] for `ids` ([seq] or [batch, seq]) after the cache `past`
-        (None: an empty one), and the cache that includes them."""
+    def check_ids(self, ids: Any) -> np.ndarray:
+        """`ids` as [batch, seq] integers within the vocabulary, or a one-line InputError."""
         ids = np.asarray(ids)
         if ids.ndim == 1:
             ids = ids[None]
@@ -320,6 +318,13 @@ class Artefact:
             bad = int(ids.min() if ids.min() < 0 else ids.max())
             raise InputError(f"token id {bad} is out of range; the vocabulary has ids "
                              f"0..{self.vocab_size - 1}")
+        return ids
+
+    def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None
+               ) -> tuple[np.ndarray, KVCache]:
+        """Logits [batch, seq, vocab] for `ids` ([seq] or [batch, seq]) after the cache `past`
+        (None: an empty one), and the cache that includes them."""
+        ids = self.check_ids(ids)
         b, s = ids.shape
         feeds, past_len = self._past_feeds(past, b)
         if past_len + s > self.max_position:

@@ -210,16 +210,7 @@ class TVMArtefact(Artefact):
         """Logits [batch, seq, vocab] for `ids` ([seq] or [batch, seq]) after the cache `past`
         (None: an empty one), and the cache that includes them. Long inputs run in chunks of
         `prefill_chunk` tokens, which bounds the attention's working memory."""
-        ids = np.asarray(ids)
-        if ids.ndim == 1:
-            ids = ids[None]
-        if ids.ndim != 2 or ids.shape[1] == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(f"ids: expected integers shaped [seq] or [batch, seq] with seq >= 1, "
-                             f"got {ids.dtype} {list(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            bad = int(ids.min() if ids.min() < 0 else ids.max())
-            raise InputError(f"token id {bad} is out of range; the vocabulary has ids "
-                             f"0..{self.vocab_size - 1}")
+        ids = self.check_ids(ids)
         b, s = ids.shape
         store, length = self._writable(past, b, s)
         out = []
