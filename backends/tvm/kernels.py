@@ -74,6 +74,12 @@ def linear(x: te.Tensor, w: te.Tensor, bias: te.Tensor | None = None,
         def product(m, n):
             return y[m, n]
 
+    return epilogue(product, rows, out, bias, residual)
+
+
+def epilogue(product, rows, out, bias: te.Tensor | None, residual: te.Tensor | None) -> te.Tensor:
+    """[rows, out] from `product(m, n)` plus the bias and the residual: the block named
+    "epilogue" that the schedules inline into the product's loops."""
     def fepi(m, n):
         v = product(m, n)
         if bias is not None:

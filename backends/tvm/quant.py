@@ -38,6 +38,7 @@ from __future__ import annotations
 from tvm import te, tirx
 
 from ...ir.core import Node
+from .kernels import epilogue
 
 # prefill rows per tile of the streamed product: each unpacked vector of codes feeds 8 rows, and
 # the 8 independent accumulator chains cover the FMA latency (measured 1.2x faster than 4)
@@ -128,14 +129,8 @@ def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | Non
     if tile == 1 and bias is None and residual is None:
         return y
 
-    def fepi(m, n):
-        v = y[m // tile, m % tile, n] if tile > 1 else y[m, n]
-        if bias is not None:
-            v = v + bias[n]
-        if residual is not None:
-            v = residual[m, n] + v
-        return v
-    return te.compute((rows, n_out), fepi, name="epilogue")
+    return epilogue(lambda m, n: y[m // tile, m % tile, n] if tile > 1 else y[m, n],
+                    rows, n_out, bias, residual)
 
 
 def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
@@ -197,14 +192,8 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
     if tile == 1 and bias is None and residual is None:
         return total
 
-    def fepi(m, n):
-        v = total[m // tile, m % tile, n] if tile > 1 else total[m, n]
-        if bias is not None:
-            v = v + bias[n]
-        if residual is not None:
-            v = residual[m, n] + v
-        return v
-    return te.compute((rows, n_out), fepi, name="epilogue")
+    return epilogue(lambda m, n: total[m // tile, m % tile, n] if tile > 1 else total[m, n],
+                    rows, n_out, bias, residual)
 
 
 def qembedding_kernel(ids: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None, *,
