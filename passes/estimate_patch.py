@@ -70,6 +70,7 @@ from .base import PassBase, PassContext, PassError, PassResult
 from .prune_layers import (capture, check_calibration, dangling_patch, resolve_block, stream_in,
                            stream_out)
 from .registry import register_pass
+from .rotation import random_signs
 
 logger = logging.getLogger(__name__)
 
@@ -448,8 +449,6 @@ class EstimatePatchPass(PassBase):
                 raise PassError(f"{self.name}: basis 'r1' needs a symmetric Hadamard matrix of the "
                                 f"hidden size (Sylvester or Paley II orders), and {d} {why}; use "
                                 "basis 'hadamard' (or kind 'lstsq')")
-            from .rotate import random_signs  # rotate imports this module
-
             signs = random_signs(d, self.basis_seed)
             q = signs[:, None] * q  # random_hadamard(d, basis_seed): R1's Q1
         candidates: dict[str, torch.Tensor] = {}

@@ -39,8 +39,8 @@ W' = Q^T W, b' = b Q (output side).
 
 Exactness: exact in exact arithmetic (orthogonal matrices folded into weights, transforms inserted
 in inverse pairs). Every product is computed in float64 as small Kronecker-factor matmuls (no
-n x n matrix is formed; `apply_hadamard`), a chunk of rows at a time, and cast back to the
-weight's dtype once, so float32 weights only see rounding.
+n x n matrix is formed; `apply_hadamard` in rotation.py), a chunk of rows at a time, and cast back
+to the weight's dtype once, so float32 weights only see rounding.
 
 Idempotence: what was applied is recorded in config.extra["rotation"] (sizes, factors, seeds,
 blocks), and a rotation found there (or, for R3/R4, whose hadamard nodes are present) is not
@@ -57,18 +57,18 @@ from typing import Any
 import torch
 
 from ..ir.core import IRError, Module, Node, Value, emit
-from ..ir.hadamard import factorize, hadamard_matrix, largest_block, supported_bases
+from ..ir.hadamard import factorize, largest_block, supported_bases
 from .base import PassBase, PassContext, PassError, PassResult
 from .estimate_patch import Patch
 from .fuse_patch import r1_basis_patches, to_channel_scale
 from .registry import register_pass
+from .rotation import _Rotation, random_signs
 
 logger = logging.getLogger(__name__)
 
 STREAM_NORMS = ("attn_norm", "mlp_norm", "final_norm")
 R4_ROLE = "mlp.down_proj.hadamard"
 R3_ROLES = ("attn.q_hadamard", "attn.k_hadamard")
-CHUNK = 1 << 20  # elements of a weight rotated at once (8 MiB in float64)
 BLOCK_NOTE = ("a block-diagonal Hadamard spreads outliers only within each block of {b} "
               "channels, less than a full one of order {n}")
 
@@ -77,81 +77,6 @@ def _label(node: Node) -> str:
     if node.layer is not None:
         return f"layers.{node.layer}.{node.role or node.op}"
     return node.role or node.output.name
-
-
-def random_signs(n: int, seed: int) -> torch.Tensor:
-    """The signs s of `random_hadamard(n, seed)` = diag(s) @ H, drawn the same way, so the pass
-    can apply x @ Q = fwht(x * s) without forming Q (a test checks the two agree)."""
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 2, (n,), generator=g, dtype=torch.int64).to(torch.float64) * 2 - 1
-
-
-def kron_factors(n: int) -> list[int]:
-    """Kronecker factors of hadamard_matrix(n): factorize(n)'s [base, 2^k] with 2^k split into
-    near-equal powers of two of at most 64 (Sylvester's H_(2^(a+b)) = H_(2^a) (x) H_(2^b))."""
-    out: list[int] = []
-    for f in factorize(n) or []:
-        if f & (f - 1) == 0:
-            while f > 64:
-                hi = 1 << ((f.bit_length() - 1 + 1) // 2)
-                out.append(hi)
-                f //= hi
-        out.append(f)
-    return out
-
-
-def apply_hadamard(x: torch.Tensor, n: int) -> torch.Tensor:
-    """x @ hadamard_matrix(n) for x [rows, n]: one small matmul per Kronecker factor, cycling the
-    factor axes (x @ (A (x) B) = A^T X B). For weight-sized float64 x on one CPU thread this
-    is 1.3-1.5x faster than ir.hadamard.fwht's butterfly (measured at n = 576 and 1536) and
-    launches 2-3 BLAS calls instead of ~4 log2(n) elementwise kernels, which matters most when
-    the cores are oversubscribed; the two agree to float64 rounding (a test checks it against
-    the dense matrix)."""
-    rows = x.shape[0]
-    y = x
-    for f in reversed(kron_factors(n)):
-        h = hadamard_matrix(f, dtype=x.dtype)
-        y = (y.reshape(-1, f) @ h).reshape(rows, n // f, f).transpose(1, 2).reshape(rows, n)
-    return y
-
-
-@dataclasses.dataclass(frozen=True)
-class _Rotation:
-    """Right-multiplication by diag(signs) (I_group (x) H): `size` channels per group, H of order
-    `size` (block = 0) or block-diagonal of order-`block` blocks."""
-
-    size: int
-    block: int
-    signs: torch.Tensor | None
-    group: int = 0
-
-    def right(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ Q over the last dim (x in float64), a few rows at a time so that rotating a large
-        embedding table needs one extra copy of it, not several."""
-        width = self.block or self.size
-        signs = None
-        if self.signs is not None:
-            signs = self.signs.repeat(self.group) if self.group else self.signs
-        flat = x.reshape(-1, x.shape[-1])
-        out = torch.empty_like(flat)
-        step = max(1, CHUNK // flat.shape[1])
-        for i in range(0, flat.shape[0], step):
-            rows = flat[i:i + step] if signs is None else flat[i:i + step] * signs
-            out[i:i + step] = apply_hadamard(rows.reshape(-1, width), width).reshape(rows.shape)
-        return out.reshape(x.shape)
-
-    def input_side(self, w: torch.Tensor) -> torch.Tensor:
-        """W Q: a linear reading a rotated input (W is [out, in]); also an embedding table E Q."""
-        return self.right(w)
-
-    def output_side(self, w: torch.Tensor) -> torch.Tensor:
-        """Q^T W (W [out, in]); for a bias (1-D), b Q."""
-        return self.right(w) if w.dim() == 1 else self.right(w.T).T
-
-    def record(self) -> dict[str, Any]:
-        width = self.block or self.size
-        return {"size": self.size, "factors": factorize(width), "block": self.block,
-                **({"heads": self.group} if self.group else {})}
 
 
 def _hadamard_plan(n: int, allow_block: bool, what: str) -> int:
