@@ -140,10 +140,15 @@ def onnx_weights_equal(a: Path, b: Path) -> bool:
 
 
 def run(quick: bool = True, layers: int | None = None, gptq: bool = False,
-        distributed: bool = False, scratch: str | None = None) -> tuple[str, dict]:
+        distributed: bool = False, scratch: str | None = None,
+        rtn: bool = True) -> tuple[str, dict]:
     """Quick: the small model, layer by layer against in memory (RTN). Otherwise LLaMA-2-7B's
     shape (or `layers` of it) layer by layer. `gptq` adds a GPTQ compile on 4 x 64 tokens;
-    `distributed` adds GPTQ in 1 and in 2 processes (gloo) on the same checkpoint."""
+    `distributed` adds GPTQ in 1 and in 2 processes (gloo) on the same checkpoint; `rtn = False`
+    leaves out the RTN compile (full mode with gptq or distributed only)."""
+    if not rtn and (quick or not (gptq or distributed)):
+        raise ValueError("rtn = False needs full mode and gptq or distributed: there would be "
+                         "nothing to compile")
     shape = dict(QUICK if quick else LLAMA2_7B)
     if layers:
         shape["layers"] = layers
@@ -154,14 +159,17 @@ def run(quick: bool = True, layers: int | None = None, gptq: bool = False,
         t0 = time.perf_counter()
         figures["checkpoint_gb"] = round(write_random_llama(model, **shape) / 1e9, 2)
         figures["write_s"] = round(time.perf_counter() - t0, 1)
-        rtn = recipe_file(root / "rtn.toml", "rtn", 0, 0)
         nice = 0 if quick else 10
-        figures["layerwise_rtn"] = compile_child(model, root / "lw", rtn, layerwise=True, nice=nice)
-        figures["disk_peak_gb"] = round(figures["checkpoint_gb"]
-                                        + figures["layerwise_rtn"]["artefact_gb"], 2)
-        rows = [("layer by layer, RTN", figures["layerwise_rtn"])]
+        rows = []
+        if rtn:
+            recipe = recipe_file(root / "rtn.toml", "rtn", 0, 0)
+            figures["layerwise_rtn"] = compile_child(model, root / "lw", recipe, layerwise=True,
+                                                     nice=nice)
+            figures["disk_peak_gb"] = round(figures["checkpoint_gb"]
+                                            + figures["layerwise_rtn"]["artefact_gb"], 2)
+            rows.append(("layer by layer, RTN", figures["layerwise_rtn"]))
         if quick:
-            figures["in_memory_rtn"] = compile_child(model, root / "mem", rtn, layerwise=False)
+            figures["in_memory_rtn"] = compile_child(model, root / "mem", recipe, layerwise=False)
             figures["onnx_weights_equal"] = onnx_weights_equal(root / "lw", root / "mem")
             rows.append(("in memory, RTN", figures["in_memory_rtn"]))
         if gptq or distributed:
@@ -171,6 +179,8 @@ def run(quick: bool = True, layers: int | None = None, gptq: bool = False,
             figures["layerwise_gptq"] = compile_child(model, root / "lw_gptq", recipe,
                                                       layerwise=True, calib=calib, nice=nice)
             rows.append(("layer by layer, GPTQ (4 x 64 tokens)", figures["layerwise_gptq"]))
+            figures.setdefault("disk_peak_gb", round(
+                figures["checkpoint_gb"] + figures["layerwise_gptq"]["artefact_gb"], 2))
             if distributed:
                 figures["gptq_2proc"] = compile_child(model, root / "lw_gptq2", recipe,
                                                       layerwise=True, calib=calib, nproc=2,
@@ -206,11 +216,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gptq", action="store_true", help="also GPTQ on 4 x 64 tokens (full mode)")
     ap.add_argument("--distributed", action="store_true",
                     help="also GPTQ in 1 and 2 processes (gloo) on the same checkpoint")
+    ap.add_argument("--no-rtn", action="store_true",
+                    help="leave out the RTN compile (with --gptq or --distributed)")
     ap.add_argument("--scratch", default=None, help="directory for the checkpoint (big)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    text, figures = run(quick=a.quick, layers=a.layers, gptq=a.gptq,
-                        distributed=a.distributed, scratch=a.scratch)
+    try:
+        text, figures = run(quick=a.quick, layers=a.layers, gptq=a.gptq,
+                            distributed=a.distributed, scratch=a.scratch, rtn=not a.no_rtn)
+    except ValueError as e:
+        ap.error(str(e))
     print(text)
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2))
