@@ -27,3 +27,5 @@ def test_onnx_speed_quick(tmp_path):
     assert speed["splice ONNX int4 g32"]["weight_mb_per_step"] < \
         speed["splice ONNX float32"]["weight_mb_per_step"]
     assert 0 <= figures["accuracy_level_4_vs_0"]["rel_rms"] < 0.1
+    bw = figures["bandwidth_by_method_gb_s"]
+    assert bw["best"] == max(bw["numpy_sum"], bw["ort_gemv"]) == figures["bandwidth_gb_s"] > 0
