@@ -11,7 +11,9 @@ estimate_patch's "auto" picks on held-out calibration tokens.
   (511-token windows after BOS, as its SOURCE.md measures it) and calibrated on the second half.
 
 The last column distils the chosen patch (distill_patch: top-50 KL to the unpruned model, AdamW,
-cosine schedule) before pruning: always on stories260K, on SmolLM2 with --distill.
+cosine schedule) before pruning: always on stories260K, on SmolLM2 with --distill, which also
+gives SmolLM2's trade-off table on the n = 4 block: the least-squares patch on 4x the calibration
+(64 x 512 tokens), and distillation settings from short sequences to full 512-token rows.
 
 Perplexity runs through the ONNX artefact in float32. Calibration activations are taken
 in float32 (`PassContext.precision`, float64 by default, 6x slower on this CPU); the patch fits are
@@ -197,7 +199,8 @@ def _fusion_rows(module, ctx, eval_ids, window, bos, start: int, n: int,
 def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], window: int,
                    bos: int | None, blocks: list[tuple[int, int | None]],
                    distill: dict | None, fusion_n: int, prompt: list[int],
-                   distill_grid: list[dict] = ()) -> dict[str, Any]:
+                   distill_grid: list[dict] = (),
+                   calib_pool: torch.Tensor | None = None) -> dict[str, Any]:
     from splice.passes.base import PassContext
 
     ctx = PassContext(calibration=calib, seed=0, precision=torch.float32)
@@ -216,12 +219,17 @@ def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], 
                                                                  bos, start, fusion_n, prompt)}
     res["distill_tradeoff"] = []
     for settings in distill_grid:
+        settings = dict(settings)
+        rows = settings.pop("calib_rows", calib.shape[0])
+        c = PassContext(calibration=calib_pool[:rows * calib.shape[1]].reshape(rows, -1),
+                        seed=0, precision=torch.float32) if rows != calib.shape[0] else ctx
         t0 = time.perf_counter()
-        m, _, trained = _patched(module, ctx, "lstsq", start, fusion_n, settings)
-        res["distill_tradeoff"].append({**settings, "block": row["block"],
+        m, _, trained = _patched(module, c, "lstsq", start, fusion_n, settings or None)
+        res["distill_tradeoff"].append({**settings, "calib_rows": rows,
+                                        "calib_seq": calib.shape[1], "block": row["block"],
                                         "seconds": time.perf_counter() - t0,
                                         "ppl": _ppl(m, eval_ids, window, bos), **trained})
-        log.info("distill %s: %s", settings, res["distill_tradeoff"][-1])
+        log.info("patch %s: %s", settings, res["distill_tradeoff"][-1])
     return res
 
 
@@ -231,14 +239,21 @@ def _smollm2(distill: bool) -> dict[str, Any]:
 
     module = load_model("smollm2-135m")
     tok = module_tokenizer(module)
-    calib_ids = list(tok.encode(read_text(WIKI_CALIB)))[:16 * 512]
-    calib = torch.tensor(calib_ids, dtype=torch.int64).reshape(16, 512)
+    calib_ids = list(tok.encode(read_text(WIKI_CALIB)))
+    calib = torch.tensor(calib_ids[:16 * 512], dtype=torch.int64).reshape(16, 512)
+    pool = torch.tensor(calib_ids[:64 * 512], dtype=torch.int64)
     eval_ids = list(tok.encode(read_text(WIKI_TEST)))[:16384]
     prompt = list(tok.encode(read_text(WIKI_TEST)[20000:40000]))[:64]
-    grid = [dict(samples=32, seq_len=128, steps=50, batch=4, lr=1e-3),
-            dict(samples=64, seq_len=128, steps=150, batch=4, lr=1e-3)] if distill else []
+    # least squares alone on 4x the calibration, then distillation: short sequences (the first
+    # setting, fast but it does not carry over to 1024-token windows) and full 512-token rows
+    grid = [dict(calib_rows=64),
+            dict(samples=32, seq_len=128, steps=50, batch=4, lr=1e-3),
+            dict(calib_rows=64, samples=64, seq_len=512, steps=60, batch=2, lr=1e-4),
+            dict(calib_rows=64, samples=64, seq_len=512, steps=150, batch=2, lr=3e-4)] \
+        if distill else []
     return _model_section("SmolLM2-135M", module, calib, eval_ids, 1024, None,
-                          [(2, None), (4, None), (6, None), (4, 12)], None, 4, prompt, grid)
+                          [(2, None), (4, None), (6, None), (4, 12)], None, 4, prompt, grid,
+                          pool)
 
 
 def _stories(quick: bool) -> dict[str, Any]:
@@ -255,13 +270,15 @@ def _stories(quick: bool) -> dict[str, Any]:
     if quick:
         eval_ids = eval_ids[:8 * 511]
     calib = torch.tensor(calib_ids[:rows * seq], dtype=torch.int64).reshape(rows, seq)
+    pool = torch.tensor(calib_ids[:2 * rows * seq], dtype=torch.int64)
+    grid = [dict(calib_rows=2 * rows), dict(samples=8, seq_len=64, steps=5, batch=2, lr=1e-3)]
     bos = module.config.bos_token_id
     window = module.config.max_position - 1
     settings = dict(samples=16, seq_len=64, steps=20, batch=2) if quick else \
         dict(samples=64, seq_len=128, steps=200, batch=4, lr=1e-3)
     prompt = eval_ids[:32]
     return _model_section("stories260K", module, calib, eval_ids, window, bos, [(1, None)],
-                          settings, 1, prompt)
+                          settings, 1, prompt, grid, pool)
 
 
 def run(quick: bool = False, distill_smollm2: bool = False) -> tuple[str, dict]:
@@ -314,15 +331,22 @@ def markdown(figures: dict) -> str:
                          f"{r['decode_tok_s'] / ref_row['decode_tok_s'] - 1:+.1%} |")
         lines.append("")
         if s.get("distill_tradeoff"):
-            lines += ["distill_patch on the least-squares patch of that block (top-50 KL to the "
-                      "dense model, AdamW, cosine; sequences of 128 tokens cut from the "
-                      "calibration rows, one in eight held out):", "",
-                      "| samples | steps | batch | seconds | held-out KL before -> after | ppl |",
-                      "| --- | --- | --- | --- | --- | --- |"]
+            lines += ["The least-squares patch of that block by calibration size, and refined by "
+                      "distill_patch (top-50 KL to the dense model, AdamW, cosine; sequences cut "
+                      "from the calibration rows, one in eight held out):", "",
+                      "| calibration | distill: samples x seq_len | steps | batch | lr | seconds "
+                      "| held-out KL before -> after | ppl |",
+                      "| --- | --- | --- | --- | --- | --- | --- | --- |"]
             for d in s["distill_tradeoff"]:
-                lines.append(f"| {d['samples']} | {d['steps']} | {d['batch']} | "
-                             f"{d['seconds']:.0f} | {d['heldout_kl_before']:.4f} -> "
-                             f"{d['heldout_kl_after']:.4f} | {d['ppl']:.2f} |")
+                cal = f"{d['calib_rows']} x {d['calib_seq']}"
+                if "steps" not in d:
+                    lines.append(f"| {cal} | - | - | - | - | {d['seconds']:.0f} | - | "
+                                 f"{d['ppl']:.2f} |")
+                    continue
+                lines.append(f"| {cal} | {d['samples']} x {d['seq_len']} | {d['steps']} | "
+                             f"{d['batch']} | {d['lr']:g} | {d['seconds']:.0f} | "
+                             f"{d['heldout_kl_before']:.4f} -> {d['heldout_kl_after']:.4f} | "
+                             f"{d['ppl']:.2f} |")
             lines.append("")
     ref = figures["reference"]
     b0, b1 = ref["block"]

@@ -28,3 +28,8 @@ def test_prune_patch_quick_runs():
     assert rotated["patch_params"] == d
     assert all(r["decode_tok_s"] > 0 for r in forms.values())
     assert "deployed forms of the patch" in text
+    # the trade-off table: least squares on twice the calibration, then a short distillation
+    more, distilled = section["distill_tradeoff"]
+    assert more["calib_rows"] == 8 and "steps" not in more and more["ppl"] > 0
+    assert distilled["steps"] == 5 and distilled["ppl"] > 0
+    assert "| 8 x 256 | - |" in text
