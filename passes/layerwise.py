@@ -5,8 +5,8 @@ them) is compiled by `run_layerwise`, which never holds more than one decoder la
 the embedding and head where they take part, and the calibration stream at one layer boundary.
 
 Design: the existing passes run unchanged on one-layer sub-Modules. For layer i the driver
-builds a small but complete decoder graph and runs the recipe's passes on it with the ordinary
-PassManager:
+builds a small but complete decoder graph (passes/layer_parts.py cuts and stitches them) and
+runs the recipe's passes on it with the ordinary PassManager:
 
     input_ids -> [head] -> layer i (the model's own nodes, weights, names) -> [tail] -> logits
 
@@ -30,12 +30,25 @@ whole-model run sees, and its Hessians are equal bit for bit. After the pass the
 is run on X_i (the same StageRunner) to give X_(i+1), so later layers see earlier layers'
 quantization error, as GPTQ's sequential scheme wants.
 
+Tied embeddings (the head reads the embedding table E). The passes treat a table with two
+readers differently from one with one: fold_norms unties the head (lm_head.weight = E * gamma,
+and config.extra["tie_embeddings"] = False) instead of scaling E in place, rotate gives both
+readers one E Q1, quantize_weights packs E once for an int8 lm_head and a qembedding. So the
+last layer's sub-module, which holds the real head, gets a stub embedding that reads E itself:
+there E has an embedding and the head as readers, as in the model, and the head's weights and
+config.extra come out as in the whole model. No pass transforms E itself by way of the head, so
+layer 0's sub-module (the real embedding, a stub head) gives the model's E. Where both sub-modules
+still read E at the end (rotate without untying: a final norm of ones) both write it, and
+`_write_part` checks the two equal bit for bit; the packed table that the model shares between
+an int8 lm_head and the qembedding, layer 0 packs for itself, and the merge points the embedding
+at the head's copy after checking the two equal (layer_parts._head_shares). The calibrated pass
+sees the last layer's stub pointed at the stream table, and E again after it (unless the pass
+quantized the head and dropped E, which the model then reads from the embedding alone). The
+cost: E is transformed in two sub-modules (rotated twice, for one), the whole model does it once.
+
 Supported passes (others are refused with an InputError naming them): fold_norms, rotate and
 quantize_weights (RTN or GPTQ; at most one calibrated pass; with calibration its embeddings must
-stay "keep", since the whole-model pass calibrates on the float table it then replaces).
-Tied embeddings (a head that reads the embedding table) are refused for now: the head and the
-embedding then sit in different sub-modules, and fold_norms/rotate treat a shared table
-differently from two unshared ones. Passes
+stay "keep", since the whole-model pass calibrates on the float table it then replaces). Passes
 that look across layers (select_layers, estimate_patch, prune_layers, fuse_patch, distill_patch)
 or collect whole-model statistics in one interpreter run (quantize_activations,
 absorb_post_norm) are not supported layer by layer yet.
@@ -60,22 +73,17 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
-from ..frontend.lazy import LazyWeights, file_refs
-from ..ir.core import Graph, Module, Node, Value, emit
+from ..frontend.lazy import file_refs
+from ..ir.core import Module, Node, Value
 from ..ir.verify import verify_graph
 from .base import PassBase, PassContext
+from .layer_parts import (STUB_TABLE, LayerwiseError, boundary, consts, kept, layer_module, merge,
+                          split_stages, stream_source, tied_table)
 from .manager import PassManager
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED = ("fold_norms", "rotate", "quantize_weights")
-STUB_TABLE = "layerwise.stream"
-STUB_HEAD = "layerwise.head"
-
-
-class LayerwiseError(InputError):
-    """The recipe or the graph cannot be compiled layer by layer."""
 
 
 def calibrated(p: PassBase, ctx: PassContext) -> bool:
@@ -107,120 +115,6 @@ def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> int | None:
     return cal[0] if cal else None
 
 
-# -- the graph's parts -----------------------------------------------------------------------------
-
-def split_stages(graph: Graph) -> tuple[list[Node], list[list[Node]], list[Node]]:
-    """(nodes before the layers, each layer's nodes, nodes after); layers must be contiguous
-    and numbered 0..L-1 in order, as the canonical decoder builds them."""
-    pre: list[Node] = []
-    layers: list[list[Node]] = []
-    post: list[Node] = []
-    for node in graph.nodes:
-        if node.layer is None:
-            (post if layers else pre).append(node)
-        elif post or node.layer not in (len(layers) - 1, len(layers)):
-            raise LayerwiseError(f"layer-by-layer mode needs the decoder's layers in order, each "
-                                 f"contiguous; {node.op} of layer {node.layer} breaks that")
-        else:
-            if node.layer == len(layers):
-                layers.append([])
-            layers[-1].append(node)
-    if not layers:
-        raise LayerwiseError("layer-by-layer mode needs a decoder with layers; this graph has none")
-    return pre, layers, post
-
-
-def _boundary(inner: list[Node], graph: Graph, what: str) -> tuple[Value | None, Value | None]:
-    """(the one non-input value `inner` reads from before it, the one value it hands on after)."""
-    made = {id(v) for n in inner for v in n.outputs}
-    inputs = {id(v) for v in graph.inputs}
-    outs = {id(v) for v in graph.outputs}
-    ins = {id(v): v for n in inner for v in n.inputs
-           if v is not None and not v.is_const and id(v) not in made and id(v) not in inputs}
-    handed = {id(v): v for n in inner for v in n.outputs
-              if any(u not in inner for u in v.users()) and id(v) not in outs}
-    if len(ins) > 1 or len(handed) > 1:
-        raise LayerwiseError(f"{what} reads {len(ins)} and hands on {len(handed)} values; layer-"
-                             "by-layer mode needs one residual stream in and one out")
-    return next(iter(ins.values()), None), next(iter(handed.values()), None)
-
-
-def _copy(nodes: list[Node], g: Graph, vmap: dict[int, Value], weights: dict, source) -> None:
-    """Copy `nodes` into g (same ops, attributes, names, metadata), reading their constants'
-    weights from `source` into `weights`."""
-    for n in nodes:
-        ins: list[Value | None] = []
-        for v in n.inputs:
-            if v is None:
-                ins.append(None)
-            elif v.is_const:
-                if v.const not in weights:
-                    weights[v.const] = source[v.const]
-                ins.append(g.const(v.const, v.dtype, v.shape))
-            else:
-                ins.append(vmap[id(v)])
-        outs = []
-        for v in n.outputs:
-            g.claim_name(v.name)
-            outs.append(Value(v.name, v.dtype, v.shape))
-        node = Node(n.op, ins, outs, dict(n.attrs), layer=n.layer, role=n.role, origin=n.origin)
-        g.append(node)
-        for old, new in zip(n.outputs, outs):
-            vmap[id(old)] = new
-
-
-def _input(g: Graph, vmap: dict[int, Value], v: Value) -> None:
-    if id(v) not in vmap:
-        vmap[id(v)] = g.add_input(v.name, v.dtype, v.shape)
-
-
-def layer_module(module: Module, i: int, parts) -> Module:
-    """The sub-module of layer i: [head] -> layer i -> [tail], stubs where the model's own
-    head/tail belong to another layer (see the module docstring)."""
-    pre, layers, post = parts
-    graph = module.graph
-    g = Graph()
-    vmap: dict[int, Value] = {}
-    weights: dict[str, torch.Tensor] = {}
-    last = len(layers) - 1
-    by_name = {v.name: v for v in graph.inputs}
-    wanted = [by_name["input_ids"]] + [v for n in layers[i] for v in n.inputs
-                                       if v is not None and v in graph.inputs]
-    for v in wanted:
-        _input(g, vmap, v)
-    stream_in, stream_out = _boundary(layers[i], graph, f"layer {i}")
-    if stream_in is None or stream_out is None:
-        raise LayerwiseError(f"layer {i} does not read and write a residual stream")
-    hidden = stream_in.shape[-1]
-    if i == 0:
-        for v in graph.inputs:
-            if any(v in n.inputs for n in pre):
-                _input(g, vmap, v)
-        _copy(pre, g, vmap, weights, module.weights)
-    else:
-        weights[STUB_TABLE] = torch.zeros(1, hidden, dtype=torch.float32)
-        table = g.const(STUB_TABLE, "f32", (1, hidden))
-        stub = emit(g, "embedding", [vmap[id(by_name["input_ids"])], table], {"scale": 1.0},
-                    name="layerwise.stream_in", role="embed", origin="layerwise")
-        vmap[id(stream_in)] = stub.output
-    _copy(layers[i], g, vmap, weights, module.weights)
-    if i == last:
-        _copy(post, g, vmap, weights, module.weights)
-        outs = [vmap[id(v)] for v in graph.outputs if id(v) in vmap]
-    else:
-        x = vmap[id(stream_out)]
-        eps = float(module.config.extra.get("rms_eps", 1e-6))
-        n = emit(g, "rms_norm", [x], {"eps": eps, "offset": 0.0}, name="layerwise.norm",
-                 role="final_norm", origin="layerwise").output
-        weights[STUB_HEAD] = torch.zeros(1, hidden, dtype=torch.float32)
-        head = g.const(STUB_HEAD, "f32", (1, hidden))
-        logits = emit(g, "linear", [n, head], name="layerwise.logits", role="lm_head",
-                      origin="layerwise").output
-        outs = [logits] + [vmap[id(v)] for v in graph.outputs if id(v) in vmap]
-    g.outputs = outs
-    return Module(g, weights, module.config, module.tokenizer)
-
-
 # -- the driver ------------------------------------------------------------------------------------
 
 def _stream_through(sub: Module, ids: torch.Tensor, dtype: torch.dtype, out: Value) -> torch.Tensor:
@@ -237,7 +131,7 @@ def _stream_through(sub: Module, ids: torch.Tensor, dtype: torch.dtype, out: Val
 
 def _layer_out(sub: Module, i: int) -> Value:
     nodes = [n for n in sub.graph.nodes if n.layer == i]
-    return _boundary(nodes, sub.graph, f"layer {i}")[1]
+    return boundary(nodes, sub.graph, f"layer {i}")[1]
 
 
 class _Stream:
@@ -278,12 +172,7 @@ def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
     work.mkdir(parents=True, exist_ok=True)
     parts = split_stages(module.graph)
     pre, layers, post = parts
-    shared = {v.const for n in pre for v in n.inputs if v is not None and v.is_const} & \
-        {v.const for n in post for v in n.inputs if v is not None and v.is_const}
-    if shared and len(layers) > 1:
-        raise LayerwiseError(f"layer-by-layer mode: the head and the embedding share "
-                             f"{', '.join(sorted(shared))} (tied embeddings), which the passes "
-                             "treat as one weight; it is not supported yet: compile in memory")
+    tied = tied_table(pre, post) if len(layers) > 1 else None  # one part holds both ends
     calib = ctx.calibration
     if calib is not None and calib.dim() == 1:
         calib = calib[None]
@@ -298,7 +187,7 @@ def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
     after = [] if cal is None else passes[cal + 1:]
     t0 = time.perf_counter()
     for i in range(len(layers)):
-        sub = layer_module(module, i, parts)
+        sub = layer_module(module, i, parts, tied)
         plain = PassContext(calibration=None, seed=ctx.seed, precision=ctx.precision,
                             options=ctx.options, reducer=ctx.reducer)
         sub, rep = PassManager(before, instruments=instruments).run(sub, plain)
@@ -316,7 +205,7 @@ def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
         gc.collect()
         logger.info("layerwise: layer %d/%d done (%.1f s)", i + 1, len(layers),
                     time.perf_counter() - t0)
-    merged = _merge(module, subs, refs)
+    merged = merge(module, subs, refs)
     return merged, _merge_reports(passes, reports)
 
 
@@ -328,17 +217,18 @@ def _calibrated_step(sub: Module, i: int, step: int, p: PassBase, ctx: PassConte
     float64 stream its declared dtype is off, so the sub-module is verified after it is restored."""
     t0 = time.perf_counter()
     ids = calib
+    fed = None
     if i > 0:
         ids = torch.arange(calib.numel(), dtype=torch.int64).reshape(calib.shape)
-        sub.weights[STUB_TABLE] = stream.get()
+        fed = _feed_stream(sub, i, stream.get())
     sub_ctx = PassContext(calibration=ids, seed=ctx.seed, precision=ctx.precision,
                           options=ctx.options, reducer=ctx.reducer)
     result = p.call(sub, sub_ctx)
     sub = result.module
     if not last:
         stream.put(_stream_through(sub, ids, ctx.precision, _layer_out(sub, i)), i + 1)
-    if i > 0:
-        sub.weights[STUB_TABLE] = torch.zeros(1, sub.graph.consts[STUB_TABLE].shape[1])
+    if fed is not None:
+        _unfeed_stream(sub, *fed)
     verify_graph(sub.graph)
     from .manager import jsonable
 
@@ -347,81 +237,53 @@ def _calibrated_step(sub: Module, i: int, step: int, p: PassBase, ctx: PassConte
                           "time_s": round(time.perf_counter() - t0, 4), "report": result.report})
 
 
-def _kept(sub: Module, i: int, n_layers: int) -> list[Node]:
-    """The nodes of sub-module i that belong to the model: layer i's, plus the real head (i = 0)
-    and tail (last layer)."""
-    return [n for n in sub.graph.nodes if n.layer == i
-            or (n.layer is None and n.origin != "layerwise"
-                and ((i == 0 and _before_layer(sub, n)) or (i == n_layers - 1
-                                                            and not _before_layer(sub, n))))]
+def _feed_stream(sub: Module, i: int, x: torch.Tensor) -> tuple[Node, Value]:
+    """Make layer i's stub embedding look up the stream x (tokens as rows) in STUB_TABLE; returns
+    the stub and the table it read before (the tied table in the last layer's sub-module)."""
+    stub = stream_source(sub, i)
+    if stub is None or stub.op != "embedding" or stub.origin != "layerwise":
+        raise LayerwiseError(f"layer-by-layer mode: layer {i}'s stream no longer comes from its "
+                             "stub embedding, so the calibrated pass cannot be fed")
+    table = stub.inputs[1]
+    assert table is not None
+    if table.const != STUB_TABLE:
+        stub.replace_input(1, sub.graph.const(STUB_TABLE, "f32", (1, x.shape[-1])))
+    sub.weights[STUB_TABLE] = x
+    return stub, table
 
 
-def _before_layer(sub: Module, node: Node) -> bool:
-    first = next(k for k, n in enumerate(sub.graph.nodes) if n.layer is not None)
-    return sub.graph.nodes.index(node) < first
+def _unfeed_stream(sub: Module, stub: Node, table: Value) -> None:
+    """Undo _feed_stream: the stub reads its own table again, or a one-row zero STUB_TABLE where
+    the pass dropped the tied table (it quantized the head, the table's other reader)."""
+    g = sub.graph
+    if table.const != STUB_TABLE and g.consts.get(table.const or "") is table:
+        stub.replace_input(1, table)
+        g.remove_const(STUB_TABLE)
+        del sub.weights[STUB_TABLE]
+    else:
+        sub.weights[STUB_TABLE] = torch.zeros(1, g.consts[STUB_TABLE].shape[1])
 
 
 def _write_part(sub: Module, i: int, n_layers: int, work: Path, refs: dict) -> None:
     """Write the weights of sub-module i's kept nodes to one safetensors file; a weight another
-    part already wrote (rotary frequencies, a tied table) must be equal to it."""
+    part already wrote (rotary frequencies, a tied table) must be equal to it bit for bit."""
     from safetensors.torch import save_file
 
-    names = {v.const for n in _kept(sub, i, n_layers) for v in n.inputs
-             if v is not None and v.is_const}
     fresh = {}
-    for name in sorted(names):
+    for name in sorted(consts(kept(sub, i, n_layers))):
         t = sub.weights[name]
         if name in refs:
-            if not torch.equal(refs[name].load(), t):
-                raise LayerwiseError(f"layer-by-layer mode: weight {name} is shared between "
-                                     "layers but the passes transformed it differently")
+            old = refs[name].load()
+            if old.dtype != t.dtype or not torch.equal(old, t):
+                raise LayerwiseError(f"layer-by-layer mode: weight {name} (one weight in the "
+                                     f"whole model) came out of layer {i}'s sub-module different "
+                                     f"from what an earlier one wrote to {refs[name].path.name}; "
+                                     "compile in memory (layerwise=False)")
             continue
         fresh[name] = t.contiguous()
     path = work / f"part_{i:05d}.safetensors"
     save_file(fresh, str(path))
     refs.update(file_refs(path))
-
-
-def _merge(module: Module, subs: list[Module], refs: dict) -> Module:
-    """Stitch the parts' kept nodes into one graph over lazily read weights."""
-    g = Graph()
-    vmap: dict[int, Value] = {}
-    by_name: dict[str, Value] = {}
-    for v in module.graph.inputs:
-        by_name[v.name] = g.add_input(v.name, v.dtype, v.shape)
-    prev_out: Value | None = None
-    n = len(subs)
-    for i, sub in enumerate(subs):
-        for v in sub.graph.inputs:
-            vmap[id(v)] = by_name[v.name]
-        kept = _kept(sub, i, n)
-        layer_nodes = [k for k in kept if k.layer == i]
-        s_in, s_out = _boundary(layer_nodes, sub.graph, f"layer {i}")
-        if i > 0:
-            vmap[id(s_in)] = prev_out
-        for node in kept:
-            ins = []
-            for v in node.inputs:
-                if v is None:
-                    ins.append(None)
-                elif v.is_const:
-                    ins.append(g.const(v.const, v.dtype, v.shape))
-                else:
-                    ins.append(vmap[id(v)])
-            outs = []
-            for v in node.outputs:
-                g.claim_name(v.name)
-                outs.append(Value(v.name, v.dtype, v.shape))
-            g.append(Node(node.op, ins, outs, dict(node.attrs), layer=node.layer, role=node.role,
-                          origin=node.origin))
-            for old, new in zip(node.outputs, outs):
-                vmap[id(old)] = new
-        prev_out = vmap[id(s_out)]
-    names = {v.name: vmap[id(v)] for sub in subs for v in sub.graph.outputs if id(v) in vmap}
-    g.outputs = [names[v.name] for v in module.graph.outputs]
-    verify_graph(g)
-    weights = LazyWeights({name: refs[name] for name in g.consts})
-    return Module(g, weights, subs[-1].config, module.tokenizer)
 
 
 def _merge_reports(passes: Sequence[PassBase], reports: list[list[dict]]) -> list[dict]:

@@ -1,6 +1,7 @@
 """Layer-by-layer compilation (passes/layerwise.py) and lazy weights (frontend/lazy.py): the
-result equals the in-memory compile bit for bit, unsupported recipes are refused, and the peak
-memory of a mid-sized model stays within a stated bound where the in-memory path exceeds it."""
+result equals the in-memory compile bit for bit, tied embeddings included, unsupported recipes
+are refused, and the peak memory of a mid-sized model stays within a stated bound where the
+in-memory path exceeds it."""
 
 from __future__ import annotations
 
@@ -38,18 +39,21 @@ def calib(seed: int = 0) -> torch.Tensor:
 
 def same_module(a, b) -> None:
     """Same graph (constants may be declared in another order), same weights bit for bit, same
-    logits bit for bit."""
+    logits bit for bit, same tie_embeddings flag."""
     assert sorted(str(a.graph).splitlines()) == sorted(str(b.graph).splitlines())
     assert sorted(a.weights) == sorted(b.weights)
     for k in a.weights:
         assert torch.equal(a.weights[k], b.weights[k]), k
     ids = torch.randint(0, 258, (2, 9), generator=torch.Generator().manual_seed(7))
     assert torch.equal(run_logits(a, ids)["logits"], run_logits(b, ids)["logits"])
+    assert a.config.extra["tie_embeddings"] == b.config.extra["tie_embeddings"]
 
 
 @pytest.mark.parametrize("method,calibrated,extra", [
     ("rtn", False, {}), ("rtn", True, {}), ("gptq", True, {}), ("gptq", True, {"lm_head": "int8"})])
-@pytest.mark.parametrize("variant", [{}, {"num_layers": 3, "qkv_bias": True, "qk_norm": True}])
+@pytest.mark.parametrize("variant", [{}, {"num_layers": 3, "qkv_bias": True, "qk_norm": True},
+                                     {"tie_embeddings": True},
+                                     {"num_layers": 3, "qk_norm": True, "tie_embeddings": True}])
 def test_layer_by_layer_equals_in_memory_bit_for_bit(tmp_path, method, calibrated, extra, variant):
     r = recipe(method, **extra)
     ctx = PassContext(calibration=calib() if calibrated else None)
@@ -63,7 +67,55 @@ def test_layer_by_layer_equals_in_memory_bit_for_bit(tmp_path, method, calibrate
     assert set(report[2]["report"]["layers"]) == {str(i) for i in range(n)}
 
 
-def test_compile_layerwise_from_disk_equals_in_memory_onnx(tmp_path):
+def quant(**settings) -> tuple:
+    return ("quantize_weights", {"method": "rtn", "bits": 4, "group_size": GROUP, **settings})
+
+
+FOLD, ROTATE = ("fold_norms", {}), ("rotate", {})
+# (passes, calibrated, the final norm's gamma all ones, tie_embeddings after them in memory)
+TIED = {
+    "rtn": ((quant(),), False, False, True),
+    "gptq": ((quant(method="gptq"),), True, False, True),
+    # the calibrated pass quantizes the head, which drops E from the last sub-module
+    "gptq_int8_head": ((quant(method="gptq", lm_head="int8"),), True, False, True),
+    # the last sub-module's stub reads E again after the calibrated pass, so the fold unties
+    "gptq_then_fold": ((quant(method="gptq"), FOLD), True, False, False),
+    "fold": ((FOLD,), False, False, False),
+    "fold_no_untie": ((("fold_norms", {"untie": False}),), False, False, True),
+    # nothing unties: both ends keep E Q1, written by layer 0 and checked equal by the last
+    "rotate_gamma_ones": ((FOLD, ROTATE, quant()), False, True, True),
+    # one packed int8 table for the head and the qembedding (merged onto the head's)
+    "int8_head_and_embeddings": ((quant(lm_head="int8", embeddings="int8"),), False, False, True),
+    "rotate_int8_head_and_embeddings": ((FOLD, ROTATE, quant(lm_head="int8", embeddings="int8")),
+                                        False, False, False),
+    "int8_head_then_embeddings": ((quant(lm_head="int8"), quant(embeddings="int8")),
+                                  False, False, True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIED))
+def test_tied_embeddings_layer_by_layer_equal_in_memory_bit_for_bit(tmp_path, case):
+    """Tied embeddings through every way the passes treat the shared table: kept, untied by
+    fold_norms (or not, with untie=False or a final norm of ones), rotated, packed for the head
+    alone or for the head and the embedding together, quantized away by a calibrated pass."""
+    passes, calibrated, ones, tied_after = TIED[case]
+
+    def model():
+        m = tiny_module(num_layers=3, tie_embeddings=True)
+        if ones:
+            m.weights["final_norm.weight"] = torch.ones_like(m.weights["final_norm.weight"])
+        return m
+
+    r = Recipe("t", passes)
+    ctx = PassContext(calibration=calib() if calibrated else None)
+    whole, _ = PassManager(r.build()).run(model(), ctx)
+    layered, _ = run_layerwise(model(), r.build(), ctx, tmp_path)
+    same_module(whole, layered)
+    assert layered.config.extra["tie_embeddings"] is tied_after
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2"])  # untied; tied embeddings
+def test_compile_layerwise_from_disk_equals_in_memory_onnx(tmp_path, family):
     """A bf16, sharded HF checkpoint: splice.compile(layerwise=True) writes the same ONNX weights
     and runs to the same logits as the in-memory compile."""
     import onnx
@@ -71,7 +123,7 @@ def test_compile_layerwise_from_disk_equals_in_memory_onnx(tmp_path):
 
     from splice.runtime import load
 
-    tiny("qwen3").to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="30KB")
+    tiny(family).to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="30KB")
     r = recipe("gptq", group_size=32)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     a = splice.compile(tmp_path / "hf", r, out=tmp_path / "a", calibration=ids, load=False)
@@ -107,7 +159,7 @@ def test_lazy_import_names_a_missing_tensor(tmp_path):
         load_hf_lazy(tmp_path)
 
 
-def test_unsupported_passes_and_tied_heads_are_refused(tmp_path):
+def test_unsupported_passes_and_shared_packed_tables_are_refused(tmp_path):
     r = Recipe("p", (("select_layers", {"n": 1}), ("estimate_patch", {})))
     with pytest.raises(LayerwiseError, match="supports the passes fold_norms, rotate, "
                                              "quantize_weights; this recipe also has "
@@ -117,9 +169,27 @@ def test_unsupported_passes_and_tied_heads_are_refused(tmp_path):
                        ("quantize_weights", {"method": "gptq", "group_size": GROUP})))
     with pytest.raises(LayerwiseError, match="at most one calibrated pass"):
         run_layerwise(tiny_module(), two.build(), PassContext(calibration=calib()), tmp_path)
-    with pytest.raises(LayerwiseError, match="tied embeddings"):
-        run_layerwise(tiny_module(tie_embeddings=True), recipe().build(), PassContext(), tmp_path)
+    packed, _ = PassManager(Recipe("p", (quant(lm_head="int8", embeddings="int8"),)).build()).run(
+        tiny_module(tie_embeddings=True), PassContext())  # qembedding and head share lm_head.*
+    with pytest.raises(LayerwiseError, match="the head and the embedding share lm_head.qweight, "
+                                             "lm_head.qzeros, lm_head.scales; it handles a "
+                                             "shared float embedding table"):
+        run_layerwise(packed, recipe().build(), PassContext(), tmp_path)
     assert issubclass(LayerwiseError, InputError)
+
+
+def test_a_tied_table_transformed_differently_is_refused(tmp_path, monkeypatch):
+    """The check behind tied tables: were the last sub-module's stub embedding not to read E,
+    fold_norms there would scale E in place (the head its only reader) instead of untying, and
+    the two ends' E would differ; the write refuses that rather than merge either."""
+    import splice.passes.layerwise as layerwise
+
+    plain = layerwise.layer_module
+    monkeypatch.setattr(layerwise, "layer_module", lambda m, i, parts, tied: plain(m, i, parts))
+    with pytest.raises(LayerwiseError, match="weight embed.weight .one weight in the whole "
+                                             "model. came out of layer 1's sub-module different "
+                                             "from what an earlier one wrote to part_00000"):
+        run_layerwise(tiny_module(tie_embeddings=True), recipe().build(), PassContext(), tmp_path)
 
 
 # -- peak memory ---------------------------------------------------------------------------------
@@ -163,11 +233,18 @@ def test_peak_memory_of_layer_by_layer_mode_stays_bounded(tmp_path):
 
 def test_cli_layerwise_flag(tmp_path, capsys):
     from splice.cli import main
+    from splice.runtime import load
 
     tiny("qwen3").save_pretrained(tmp_path / "hf")
     assert main(["compile", str(tmp_path / "hf"), "--recipe", "rotate", "--out",
                  str(tmp_path / "out"), "--layerwise"]) == 0
     assert (tmp_path / "out" / "model.onnx").is_file()
+    tiny("llama").save_pretrained(tmp_path / "tied")  # tied embeddings
+    for out, flags in (("tied_mem", []), ("tied_lw", ["--layerwise"])):
+        assert main(["compile", str(tmp_path / "tied"), "--recipe", "rotate", "--out",
+                     str(tmp_path / out), *flags]) == 0
+    assert np.array_equal(load(tmp_path / "tied_mem").logits([1, 2, 3])[0],
+                          load(tmp_path / "tied_lw").logits([1, 2, 3])[0])
     assert main(["compile", str(tmp_path / "hf"), "--recipe", "prune4_patch", "--out",
                  str(tmp_path / "bad"), "--layerwise", "--calib", str(tmp_path / "hf" /
                                                                       "config.json")]) == 2
