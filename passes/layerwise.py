@@ -2,7 +2,8 @@
 
 A model larger than memory (frontend/lazy.py binds its weights to the graph without reading
 them) is compiled by `run_layerwise`, which never holds more than one decoder layer's weights,
-the embedding and head where they take part, and the calibration stream at one layer boundary.
+the embedding and head where they take part, and each calibrated pass's stream at one layer
+boundary.
 
 Design: the existing passes run unchanged on one-layer sub-Modules. For layer i the driver
 builds a small but complete decoder graph (passes/layer_parts.py cuts and stitches them) and
@@ -20,15 +21,22 @@ seed), R2's per head, R4's per down_proj, norm folding per norm, RTN per weight.
 global parts (the embedding with R1 on it, the final norm folded into the head) are transformed
 once, in the sub-modules of the first and last layer.
 
-Calibration. A calibrated pass (quantize_weights with GPTQ, or RTN given calibration tokens)
-needs layer i's inputs. The driver keeps the residual stream X_i [tokens, hidden] entering layer
-i (ctx.precision; in memory, or spilled to a .safetensors file per boundary with `spill=True`)
-and, for i > 0, runs the pass with the stub table replaced by X_i and the calibration ids
-replaced by arange(tokens) in the calibration's [batch, seq] shape: the stub embedding looks up
-exactly X_i, token by token, so the pass's StageRunner sees the chunks, positions and values the
-whole-model run sees, and its Hessians are equal bit for bit. After the pass the quantized layer
-is run on X_i (the same StageRunner) to give X_(i+1), so later layers see earlier layers'
-quantization error, as GPTQ's sequential scheme wants.
+Calibration. A calibrated pass (quantize_weights with GPTQ, or RTN given calibration tokens;
+quantize_activations in a static mode; quantize_kv_cache static_per_head) needs layer i's inputs.
+The driver keeps, for each calibrated pass, the residual stream X_i [tokens, hidden] entering
+layer i (in memory, or spilled to a .safetensors file per boundary with `spill=True`) and, for
+i > 0, runs the pass with the stub table replaced by X_i and the calibration ids replaced by
+arange(tokens) in the calibration's [batch, seq] shape: the stub embedding looks up exactly X_i,
+token by token, so the pass sees the chunks, positions and values the whole-model run sees, and
+its statistics are equal bit for bit. Each pass's stream is advanced through layer i as that
+pass's whole-model run computes it: quantize_weights runs its StageRunner in ctx.precision on
+the layer after the pass (GPTQ's sequential scheme: later layers see earlier layers'
+quantization error); the static ranges run the reference interpreter in float32 on the layer
+before the pass (calibrate_ranges calibrates every layer before it adds any quantize node, so
+no range sees an earlier layer's activation quantization). Every pass before the calibrated one
+has run on the layer, so a stream sees what the model holds when the pass runs: static ranges
+after GPTQ see the GPTQ-quantized layers, GPTQ after static ranges their quantize nodes. So
+any number of calibrated passes run layer by layer, in recipe order, each exact.
 
 Tied embeddings (the head reads the embedding table E). The passes treat a table with two
 readers differently from one with one: fold_norms unties the head (lm_head.weight = E * gamma,
@@ -41,17 +49,21 @@ layer 0's sub-module (the real embedding, a stub head) gives the model's E. Wher
 still read E at the end (rotate without untying: a final norm of ones) both write it, and
 `_write_part` checks the two equal bit for bit; the packed table that the model shares between
 an int8 lm_head and the qembedding, layer 0 packs for itself, and the merge points the embedding
-at the head's copy after checking the two equal (layer_parts._head_shares). The calibrated pass
+at the head's copy after checking the two equal (layer_parts._head_shares). A calibrated pass
 sees the last layer's stub pointed at the stream table, and E again after it (unless the pass
 quantized the head and dropped E, which the model then reads from the embedding alone). The
 cost: E is transformed in two sub-modules (rotated twice, for one), the whole model does it once.
 
-Supported passes (others are refused with an InputError naming them): fold_norms, rotate and
-quantize_weights (RTN or GPTQ; at most one calibrated pass; with calibration its embeddings must
-stay "keep", since the whole-model pass calibrates on the float table it then replaces). Passes
-that look across layers (select_layers, estimate_patch, prune_layers, fuse_patch, distill_patch)
-or collect whole-model statistics in one interpreter run (quantize_activations,
-absorb_post_norm) are not supported layer by layer yet.
+Supported passes (others are refused with an InputError naming them): fold_norms, rotate,
+quantize_weights (RTN or GPTQ; with calibration its embeddings must stay "keep", since the
+whole-model pass calibrates on the float table it then replaces), quantize_activations and
+quantize_kv_cache (every mode). The dynamic modes are per-node rewrites, run like fold_norms;
+they and the static ones put quantize nodes on layer i's linears and attention only (the stub
+head is no decoder linear, so its input stays float unless `roles` names lm_head; the stub's
+node is then dropped with the stub), and write the same config.extra record in every
+sub-module. Passes that look across layers (select_layers, estimate_patch, prune_layers,
+fuse_patch, distill_patch) or collect whole-model statistics in one interpreter run
+(absorb_post_norm) are not supported layer by layer yet.
 
 Output. Each layer's transformed weights are written to one safetensors file in `work_dir` and
 freed; the merged Module's weights are a LazyWeights over those files, and the ONNX backend
@@ -83,13 +95,25 @@ from .manager import PassManager
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = ("fold_norms", "rotate", "quantize_weights")
+SUPPORTED = ("fold_norms", "rotate", "quantize_weights", "quantize_activations",
+             "quantize_kv_cache")
 
 
 def calibrated(p: PassBase, ctx: PassContext) -> bool:
     """Whether pass `p` reads activations (and so needs the stream entering each layer)."""
-    return p.name == "quantize_weights" and (getattr(p, "method", "") == "gptq"
-                                             or ctx.calibration is not None)
+    if p.name == "quantize_weights":
+        return getattr(p, "method", "") == "gptq" or ctx.calibration is not None
+    if p.name == "quantize_activations":
+        return getattr(p, "mode", "") != "dynamic_per_token"
+    return p.name == "quantize_kv_cache" and getattr(p, "mode", "") == "static_per_head"
+
+
+def sequential(p: PassBase) -> bool:
+    """Whether calibrated pass `p` calibrates layer i on the earlier layers as it transformed
+    them (GPTQ's sequential scheme, in ctx.precision through a StageRunner), rather than on the
+    model as it found it (the static activation and KV-cache ranges: calibrate_ranges runs the
+    reference interpreter in float32, CALIB_ROWS sequences at a time, before adding a node)."""
+    return p.name == "quantize_weights"
 
 
 def check_supported(passes: Sequence[PassBase]) -> None:
@@ -101,18 +125,16 @@ def check_supported(passes: Sequence[PassBase]) -> None:
                              "(layerwise=False) on a machine that holds the model")
 
 
-def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> int | None:
-    """Refuse what layer-by-layer mode cannot run; the index of the calibrated pass, if any."""
+def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> list[int]:
+    """Refuse what layer-by-layer mode cannot run; the indices of the calibrated passes."""
     check_supported(passes)
     cal = [i for i, p in enumerate(passes) if calibrated(p, ctx)]
-    if len(cal) > 1:
-        raise LayerwiseError("layer-by-layer mode runs at most one calibrated pass "
-                             f"(quantize_weights with calibration); this recipe has {len(cal)}")
-    if cal and getattr(passes[cal[0]], "embeddings", "keep") != "keep":
-        raise LayerwiseError("layer-by-layer mode calibrates quantize_weights with embeddings = "
-                             "'keep' only; quantize the embeddings with RTN in a separate, "
-                             "uncalibrated quantize_weights pass")
-    return cal[0] if cal else None
+    for i in cal:
+        if getattr(passes[i], "embeddings", "keep") != "keep":
+            raise LayerwiseError("layer-by-layer mode calibrates quantize_weights with embeddings "
+                                 "= 'keep' only; quantize the embeddings with RTN in a separate, "
+                                 "uncalibrated quantize_weights pass")
+    return cal
 
 
 # -- the driver ------------------------------------------------------------------------------------
@@ -129,16 +151,29 @@ def _stream_through(sub: Module, ids: torch.Tensor, dtype: torch.dtype, out: Val
     return x.reshape(-1, x.shape[-1])
 
 
+def _stream_interpreted(sub: Module, ids: torch.Tensor, out: Value) -> torch.Tensor:
+    """Run `sub` as calibrate_ranges runs the whole model (the reference interpreter in float32,
+    CALIB_ROWS sequences at a time); the stream `out` [tokens, hidden]."""
+    from ..ir.interpreter import Interpreter, default_feeds
+    from .quantize_activations import CALIB_ROWS
+
+    interp = Interpreter(sub, torch.float32)
+    xs = [interp.run(default_feeds(sub, chunk, None, torch.float32), capture=[out.name])[out.name]
+          for chunk in ids.split(CALIB_ROWS)]
+    return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
+
+
 def _layer_out(sub: Module, i: int) -> Value:
     nodes = [n for n in sub.graph.nodes if n.layer == i]
     return boundary(nodes, sub.graph, f"layer {i}")[1]
 
 
 class _Stream:
-    """The calibration stream at one layer boundary, in memory or spilled to a file."""
+    """One calibrated pass's stream at one layer boundary, in memory or spilled to a file."""
 
-    def __init__(self, spill_dir: Path | None):
+    def __init__(self, spill_dir: Path | None, step: int = 0):
         self.spill_dir = spill_dir
+        self.step = step
         self._x: torch.Tensor | None = None
         self._file: Path | None = None
 
@@ -148,7 +183,7 @@ class _Stream:
             return
         from safetensors.torch import save_file
 
-        path = self.spill_dir / f"stream_{i:05d}.safetensors"
+        path = self.spill_dir / f"stream_{self.step:03d}_{i:05d}.safetensors"
         save_file({"x": x.contiguous()}, str(path))
         if self._file is not None:
             self._file.unlink(missing_ok=True)
@@ -174,30 +209,30 @@ def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
     pre, layers, post = parts
     tied = tied_table(pre, post) if len(layers) > 1 else None  # one part holds both ends
     calib = ctx.calibration
+    if cal:
+        calib = ctx.require_calibration(passes[cal[0]].name)
     if calib is not None and calib.dim() == 1:
         calib = calib[None]
-    if cal is not None:
-        calib = ctx.require_calibration(passes[cal].name)
-        calib = calib[None] if calib.dim() == 1 else calib
-    stream = _Stream(work if spill else None)
+    streams = {k: _Stream(work if spill else None, k) for k in cal}
     refs: dict = {}
     subs: list[Module] = []
     reports: list[list[dict]] = []
-    before = passes if cal is None else passes[:cal]
-    after = [] if cal is None else passes[cal + 1:]
+    plain = PassContext(calibration=None, seed=ctx.seed, precision=ctx.precision,
+                        options=ctx.options, reducer=ctx.reducer)
     t0 = time.perf_counter()
     for i in range(len(layers)):
         sub = layer_module(module, i, parts, tied)
-        plain = PassContext(calibration=None, seed=ctx.seed, precision=ctx.precision,
-                            options=ctx.options, reducer=ctx.reducer)
-        sub, rep = PassManager(before, instruments=instruments).run(sub, plain)
-        if cal is not None:
-            sub, entry = _calibrated_step(sub, i, cal, passes[cal], ctx, calib, stream,
-                                          last=i == len(layers) - 1)
-            rep.append(entry)
-        if after:
-            sub, more = PassManager(after, instruments=instruments).run(sub, plain)
-            rep += more
+        rep: list[dict] = []
+        start = 0
+        for k in cal + [len(passes)]:  # the plain passes up to each calibrated one, then it
+            if passes[start:k]:
+                sub, more = PassManager(passes[start:k], instruments=instruments).run(sub, plain)
+                rep += more
+            if k < len(passes):
+                sub, entry = _calibrated_step(sub, i, k, passes[k], ctx, calib, streams[k],
+                                              last=i == len(layers) - 1)
+                rep.append(entry)
+            start = k + 1
         _write_part(sub, i, len(layers), work, refs)
         sub.weights = {}
         subs.append(sub)
@@ -212,9 +247,10 @@ def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
 def _calibrated_step(sub: Module, i: int, step: int, p: PassBase, ctx: PassContext,
                      calib: torch.Tensor,
                      stream: _Stream, *, last: bool) -> tuple[Module, dict]:
-    """Run the calibrated pass on layer i's sub-module fed with the stream X_i, and advance the
-    stream to X_(i+1). Called directly (not through the manager): while the stub table holds the
-    float64 stream its declared dtype is off, so the sub-module is verified after it is restored."""
+    """Run the calibrated pass on layer i's sub-module fed with its stream X_i, and advance the
+    stream to X_(i+1): through the layer after the pass where the pass is `sequential`, else
+    before it. Called directly (not through the manager): while the stub table holds the stream
+    its declared dtype and shape are off, so the sub-module is verified after it is restored."""
     t0 = time.perf_counter()
     ids = calib
     fed = None
@@ -223,10 +259,15 @@ def _calibrated_step(sub: Module, i: int, step: int, p: PassBase, ctx: PassConte
         fed = _feed_stream(sub, i, stream.get())
     sub_ctx = PassContext(calibration=ids, seed=ctx.seed, precision=ctx.precision,
                           options=ctx.options, reducer=ctx.reducer)
+    ahead = None
+    if not last and not sequential(p):
+        ahead = _stream_interpreted(sub, ids, _layer_out(sub, i))
     result = p.call(sub, sub_ctx)
     sub = result.module
-    if not last:
-        stream.put(_stream_through(sub, ids, ctx.precision, _layer_out(sub, i)), i + 1)
+    if not last and sequential(p):
+        ahead = _stream_through(sub, ids, ctx.precision, _layer_out(sub, i))
+    if ahead is not None:
+        stream.put(ahead, i + 1)
     if fed is not None:
         _unfeed_stream(sub, *fed)
     verify_graph(sub.graph)

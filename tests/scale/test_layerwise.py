@@ -21,6 +21,7 @@ from splice.ir.interpreter import run_logits
 from splice.passes.base import PassContext
 from splice.passes.layerwise import LayerwiseError, run_layerwise
 from splice.passes.manager import PassManager
+from splice.passes.quantize_weights import DECODER_LINEARS
 from splice.recipe import Recipe
 from tests.frontend.test_hf import CONFIGS, tiny
 from tests.tiny import tiny_module
@@ -49,29 +50,59 @@ def same_module(a, b) -> None:
     assert a.config.extra["tie_embeddings"] == b.config.extra["tie_embeddings"]
 
 
-@pytest.mark.parametrize("method,calibrated,extra", [
-    ("rtn", False, {}), ("rtn", True, {}), ("gptq", True, {}), ("gptq", True, {"lm_head": "int8"})])
-@pytest.mark.parametrize("variant", [{}, {"num_layers": 3, "qkv_bias": True, "qk_norm": True},
-                                     {"tie_embeddings": True},
-                                     {"num_layers": 3, "qk_norm": True, "tie_embeddings": True}])
-def test_layer_by_layer_equals_in_memory_bit_for_bit(tmp_path, method, calibrated, extra, variant):
-    r = recipe(method, **extra)
-    ctx = PassContext(calibration=calib() if calibrated else None)
-    whole, _ = PassManager(r.build()).run(tiny_module(**variant), ctx)
-    layered, report = run_layerwise(tiny_module(**variant), r.build(), ctx, tmp_path)
-    same_module(whole, layered)
-    assert isinstance(layered.weights, LazyWeights)
-    assert [e["name"] for e in report] == ["fold_norms", "rotate", "quantize_weights"]
-    n = variant.get("num_layers", 2)
-    assert len(list(tmp_path.glob("part_*.safetensors"))) == n
-    assert set(report[2]["report"]["layers"]) == {str(i) for i in range(n)}
-
-
 def quant(**settings) -> tuple:
     return ("quantize_weights", {"method": "rtn", "bits": 4, "group_size": GROUP, **settings})
 
 
 FOLD, ROTATE = ("fold_norms", {}), ("rotate", {})
+GPTQ = quant(method="gptq")
+A8, KV8 = ("quantize_activations", {}), ("quantize_kv_cache", {})
+A8_TENSOR = ("quantize_activations", {"mode": "static_per_tensor"})
+A8_CHANNEL = ("quantize_activations", {"mode": "static_per_channel"})
+KV8_STATIC = ("quantize_kv_cache", {"mode": "static_per_head"})
+# (passes, calibrated); static ranges are calibrated on the model as the pass finds it (no
+# activation quantization of earlier layers), GPTQ sequentially on its own quantized layers
+RECIPES = {
+    "rtn": ((FOLD, ROTATE, quant()), False),
+    "rtn_calibrated": ((FOLD, ROTATE, quant()), True),
+    "gptq": ((FOLD, ROTATE, GPTQ), True),
+    "gptq_int8_head": ((FOLD, ROTATE, quant(method="gptq", lm_head="int8")), True),
+    "rtn_a8": ((FOLD, ROTATE, quant(), A8), False),
+    "rtn_a8_kv8": ((FOLD, ROTATE, quant(), A8, KV8), False),
+    "r3_rtn_a8_kv4": ((FOLD, ("rotate", {"r3": True}), quant(), A8,
+                       ("quantize_kv_cache", {"bits": 4})), False),
+    "rtn_static_a8": ((FOLD, ROTATE, quant(), A8_TENSOR), True),
+    # the stubs' heads get quantize nodes too, dropped with them
+    "rtn_static_a8_head": ((FOLD, ROTATE, quant(), ("quantize_activations", {
+        "mode": "static_per_tensor", "roles": DECODER_LINEARS + ("lm_head",)})), True),
+    # three calibrated passes, each with its own stream
+    "gptq_static_kv8_a8": ((FOLD, ROTATE, GPTQ, KV8_STATIC, A8_CHANNEL), True),
+    "static_a8_then_gptq": ((FOLD, ROTATE, A8_TENSOR, GPTQ), True),
+    # the second GPTQ calibrates on the layers the first quantized
+    "gptq_attn_then_mlp": ((FOLD, ROTATE, quant(method="gptq", roles=DECODER_LINEARS[:4]),
+                            quant(method="gptq", roles=DECODER_LINEARS[4:])), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RECIPES))
+@pytest.mark.parametrize("variant", [{}, {"num_layers": 3, "qkv_bias": True, "qk_norm": True},
+                                     {"tie_embeddings": True},
+                                     {"num_layers": 3, "qk_norm": True, "tie_embeddings": True}])
+def test_layer_by_layer_equals_in_memory_bit_for_bit(tmp_path, case, variant):
+    passes, calibrated = RECIPES[case]
+    r = Recipe("t", passes)
+    ctx = PassContext(calibration=calib() if calibrated else None)
+    whole, _ = PassManager(r.build()).run(tiny_module(**variant), ctx)
+    layered, report = run_layerwise(tiny_module(**variant), r.build(), ctx, tmp_path)
+    same_module(whole, layered)
+    assert layered.config.extra["quantization"] == whole.config.extra["quantization"]
+    assert isinstance(layered.weights, LazyWeights)
+    assert [e["name"] for e in report] == [name for name, _ in passes]
+    n = variant.get("num_layers", 2)
+    assert len(list(tmp_path.glob("part_*.safetensors"))) == n
+    assert all(set(e["report"]["layers"]) == {str(i) for i in range(n)} for e in report)
+
+
 # (passes, calibrated, the final norm's gamma all ones, tie_embeddings after them in memory)
 TIED = {
     "rtn": ((quant(),), False, False, True),
@@ -162,13 +193,16 @@ def test_lazy_import_names_a_missing_tensor(tmp_path):
 def test_unsupported_passes_and_shared_packed_tables_are_refused(tmp_path):
     r = Recipe("p", (("select_layers", {"n": 1}), ("estimate_patch", {})))
     with pytest.raises(LayerwiseError, match="supports the passes fold_norms, rotate, "
-                                             "quantize_weights; this recipe also has "
+                                             "quantize_weights, quantize_activations, "
+                                             "quantize_kv_cache; this recipe also has "
                                              "select_layers, estimate_patch"):
         run_layerwise(tiny_module(), r.build(), PassContext(calibration=calib()), tmp_path)
-    two = Recipe("q", (("quantize_weights", {"method": "gptq", "group_size": GROUP}),
-                       ("quantize_weights", {"method": "gptq", "group_size": GROUP})))
-    with pytest.raises(LayerwiseError, match="at most one calibrated pass"):
-        run_layerwise(tiny_module(), two.build(), PassContext(calibration=calib()), tmp_path)
+    embed = Recipe("e", (quant(method="gptq", embeddings="int8"),))
+    with pytest.raises(LayerwiseError, match="calibrates quantize_weights with embeddings = "
+                                             "'keep' only"):
+        run_layerwise(tiny_module(), embed.build(), PassContext(calibration=calib()), tmp_path)
+    with pytest.raises(InputError, match="quantize_activations needs at least 1 calibration"):
+        run_layerwise(tiny_module(), Recipe("s", (A8_TENSOR,)).build(), PassContext(), tmp_path)
     packed, _ = PassManager(Recipe("p", (quant(lm_head="int8", embeddings="int8"),)).build()).run(
         tiny_module(tie_embeddings=True), PassContext())  # qembedding and head share lm_head.*
     with pytest.raises(LayerwiseError, match="the head and the embedding share lm_head.qweight, "
@@ -252,11 +286,13 @@ def test_cli_layerwise_flag(tmp_path, capsys):
 
 
 def test_spilled_stream_gives_the_same_result(tmp_path):
-    """With spill=True the calibration stream between layers goes through a file per boundary
-    (only the current one kept); GPTQ then gives the in-memory result bit for bit."""
-    r = recipe("gptq")
-    ctx = PassContext(calibration=calib(2))
+    """With spill=True each calibrated pass's stream between layers goes through a file per
+    boundary (only the current one kept); GPTQ and the static ranges then give the in-memory
+    result bit for bit, here over 11 calibration rows (two interpreter runs of 8 and 3)."""
+    r = Recipe("t", (FOLD, ROTATE, GPTQ, KV8_STATIC, A8_CHANNEL))
+    ids = torch.randint(0, 258, (11, 9), generator=torch.Generator().manual_seed(2))
+    ctx = PassContext(calibration=ids)
     whole, _ = PassManager(r.build()).run(tiny_module(num_layers=3), ctx)
     layered, _ = run_layerwise(tiny_module(num_layers=3), r.build(), ctx, tmp_path, spill=True)
     same_module(whole, layered)
-    assert len(list(tmp_path.glob("stream_*.safetensors"))) == 1
+    assert len(list(tmp_path.glob("stream_*.safetensors"))) == 3
