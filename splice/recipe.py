@@ -247,6 +247,14 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
         "method": "gptq", "bits": 4, "group_size": 128, "symmetric": False}),),
         "int4 asymmetric weights, groups of 128, GPTQ on 128 x 512 calibration tokens",
         calibration_samples=128, calibration_seq_len=512),
+    # SmolLM2-135M, WikiText-2: 25.39 against float 22.88 (w4_gptq alone: see README)
+    "w4_gptq_rotate": lambda: Recipe("w4_gptq_rotate", (
+        ("fold_norms", {}), ("rotate", {}),
+        ("quantize_weights", {"method": "gptq", "bits": 4, "group_size": 128,
+                              "symmetric": False, "act_order": True, "clip_search": True})),
+        "fold norms, QuaRot rotations R1, R2, R4, then int4 asymmetric g128 GPTQ with act-order "
+        "(static groups) and the MSE clip search, on 128 x 512 calibration tokens",
+        calibration_samples=128, calibration_seq_len=512),
     "w8": lambda: Recipe("w8", (("quantize_weights", {"method": "rtn", "bits": 8,
                                                       "group_size": 0}),),
                          "int8 weights per output channel, round to nearest"),

@@ -3,6 +3,7 @@ solver's known cases, and the quantized graph through ONNX Runtime."""
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -250,6 +251,16 @@ def test_builtin_recipes():
     assert (p.method, p.bits, p.group_size, p.symmetric) == ("gptq", 4, 128, False)
     assert (w4.calibration_samples, w4.calibration_seq_len) == (128, 512)
     assert Recipe.named("w4_rtn").passes[0].method == "rtn"
+    rot = Recipe.named("w4_gptq_rotate")
+    assert [p.name for p in rot.passes] == ["fold_norms", "rotate", "quantize_weights"]
+    q = rot.passes[-1]
+    assert (q.method, q.act_order, q.clip_search, rot.calibration_samples) == ("gptq", True, True, 128)
+    module = tiny_model("llama")
+    calib = torch.randint(0, module.config.vocab_size, (2, 16))
+    passes = rot.build()  # the tiny model's linears are narrower than 128: groups of 16
+    passes[-1] = dataclasses.replace(passes[-1], group_size=16)
+    out, report = PassManager(passes).run(module, PassContext(calibration=calib))
+    assert out.graph.op_counts()["qlinear"] == 14 and out.graph.op_counts()["hadamard"] > 0
     (w8,) = Recipe.named("w8").passes
     assert (w8.bits, w8.group_size) == (8, 0)
     module = tiny_model("llama")
