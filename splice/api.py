@@ -99,7 +99,8 @@ def _check_nothing_pending(module) -> None:
 def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", target: str = "cpu",
             out: str | Path = "artefact", *, calibration: Any = None, instruments=(),
             seed: int | None = None, load: bool = True, memory_limit: int | float | None = None,
-            backend: str = "onnx", layerwise: bool = False, distributed: bool = False):
+            backend: str = "onnx", layerwise: bool = False, distributed: bool = False,
+            export_options: dict[str, Any] | None = None):
     """Compile `model` with `recipe` for `target` into the artefact directory `out`.
 
     model: anything frontend.load_model accepts (a path, "smollm2-135m", a transformers model, an
@@ -113,6 +114,9 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     time (passes/layerwise.py), for models larger than memory; the memory check is then skipped.
     distributed: this process is one of several (torchrun): calibration is sharded across them,
     statistics are all-reduced, and only rank 0 writes the artefact (others return None).
+    export_options: the backend's own export settings, e.g. for ONNX {"ops": "standard"} (no
+    contrib ops), {"accuracy_level": 0} (MatMulNBits in float32), {"threads": 4} (the session
+    default); an option the backend does not have is refused before the model is loaded.
     """
     from .frontend import load_model
 
@@ -124,6 +128,8 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
         raise InputError(f"the {backend} backend has no target {target!r}; supported: "
                          f"{', '.join(TARGETS[backend])}")
     recipe = resolve_recipe(recipe)  # a bad recipe fails here, before the model is loaded
+    export_options = dict(export_options or {})
+    _check_export_options(backend, export_options)
     from .memory import check_memory
 
     if layerwise:
@@ -155,14 +161,38 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
                                               dir=Path(out).resolve().parent)
     try:
         return _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, target,
-                      out, t0, t_import, load)
+                      out, t0, t_import, load, export_options)
     finally:
         if scratch is not None:
             scratch.cleanup()
 
 
+# export() arguments that compile() fills itself: not export options
+_FILLED = ("module", "out_dir", "target", "recipe", "report", "calibration")
+
+
+def _exporter(backend: str):
+    if backend == "tvm":
+        from .backends.tvm import export
+    elif backend == "npu":
+        from .backends.npu import export
+    else:
+        from .backends.onnx import export
+    return export
+
+
+def _check_export_options(backend: str, options: dict[str, Any]) -> None:
+    import inspect
+
+    accepted = [k for k in inspect.signature(_exporter(backend)).parameters if k not in _FILLED]
+    bad = sorted(set(options) - set(accepted))
+    if bad:
+        raise InputError(f"the {backend} backend has no export option {', '.join(bad)}; "
+                         f"accepted: {', '.join(accepted) or 'none'}")
+
+
 def _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, target, out, t0,
-           t_import, load):
+           t_import, load, export_options):
     """compile() after the import: passes, then (on rank 0) the backend and loading."""
     module, report = run_passes(module, recipe, calibration=calib, instruments=instruments,
                                 seed=seed, reducer=reducer,
@@ -173,15 +203,10 @@ def _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, 
         barrier()  # rank 0 writes the artefact
         return None
     _check_nothing_pending(module)
-    extra = {}
-    if backend == "tvm":
-        from .backends.tvm import export
-    elif backend == "npu":  # static activation scales: the calibration tokens go to the backend
-        from .backends.npu import export
-
+    export = _exporter(backend)
+    extra = dict(export_options)
+    if backend == "npu":  # static activation scales: the calibration tokens go to the backend
         extra["calibration"] = calib
-    else:
-        from .backends.onnx import export
 
     t1 = time.perf_counter()
     path = export(module, Path(out), target=target, recipe=recipe.to_dict(),

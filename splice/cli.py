@@ -37,6 +37,12 @@ def _is_artefact(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
+def _export_options(a: argparse.Namespace) -> dict:
+    """The backend options given on the command line (compile() refuses those the backend lacks)."""
+    given = {"ops": a.ops, "accuracy_level": a.accuracy_level, "threads": a.threads}
+    return {k: v for k, v in given.items() if v is not None}
+
+
 def cmd_compile(a: argparse.Namespace) -> int:
     from .api import compile
 
@@ -50,7 +56,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
                    instruments=_instruments(a), seed=a.seed, load=False,
                    memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9,
                    backend=a.backend, layerwise=a.layerwise,
-                   distributed=launched_by_torchrun())
+                   distributed=launched_by_torchrun(), export_options=_export_options(a))
     if path is None:  # a torchrun rank other than 0: rank 0 wrote the artefact
         return 0
     manifest = json.loads((path / "manifest.json").read_text())
@@ -205,6 +211,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                    help="memory the compile may use (default: what is available now); a compile "
                         "estimated to need more is refused before loading")
+    c.add_argument("--ops", choices=("contrib", "standard"), default=None,
+                   help="ONNX: ONNX Runtime's contrib ops (default) or standard ONNX ops only")
+    c.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
+                   help="ONNX: MatMulNBits compute precision (4: int8, the default; 0: float32)")
+    c.add_argument("--threads", type=int, default=None,
+                   help="ONNX, TVM: the artefact's default thread count")
     c.add_argument("--layerwise", action="store_true",
                    help="read the weights lazily and run the passes one decoder layer at a time "
                         "(models larger than memory; fold_norms, rotate, quantize_weights)")

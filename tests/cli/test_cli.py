@@ -85,7 +85,27 @@ def test_bad_inputs_exit_2_and_write_nothing(tmp_path: Path):
     toml.write_text('[[pass]]\nname = "frobnicate"\n')
     _bad(["compile", str(STORIES), "--recipe", str(toml), "--out", str(out)], "frobnicate", out)
     _bad(["compile", str(STORIES), "--target", "fpga", "--out", str(out)], "fpga", out)
+    _bad(["compile", str(STORIES), "--backend", "npu", "--target", "npu", "--ops", "standard",
+          "--out", str(out)], "the npu backend has no export option ops", out)
     _bad(["eval", str(STORIES), "--text", str(tmp_path / "none.txt")], "not found")
+
+
+@needs_stories
+def test_backend_options_reach_the_artefact(tmp_path: Path):
+    out = tmp_path / "std"
+    r = splice("compile", str(STORIES), "--recipe", "w8", "--ops", "standard", "--threads", "1",
+               "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["onnx"]["ops"] == "standard"
+    assert manifest["session"]["intra_op_num_threads"] == 1
+    import onnx
+
+    domains = {n.domain for n in onnx.load(str(out / "model.onnx"), load_external_data=False)
+               .graph.node}
+    assert "com.microsoft" not in domains
+    r = splice("run", str(out), "Once upon a time", "--max-new-tokens", "4", "--no-stream")
+    assert r.returncode == 0, r.stderr
 
 
 @needs_stories
