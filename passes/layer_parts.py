@@ -4,6 +4,8 @@ transformed sub-Modules' own nodes back into one graph over the weights they wro
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import InputError
@@ -71,28 +73,29 @@ def boundary(inner: list[Node], graph: Graph, what: str) -> tuple[Value | None, 
     return next(iter(ins.values()), None), next(iter(handed.values()), None)
 
 
-def _copy(nodes: list[Node], g: Graph, vmap: dict[int, Value], weights: dict, source) -> None:
-    """Copy `nodes` into g (same ops, attributes, names, metadata), reading their constants'
-    weights from `source` into `weights`."""
+def copy_nodes(nodes: list[Node], g: Graph, vmap: dict[int, Value],
+               const: Callable[[str], str] = lambda name: name) -> None:
+    """Append copies of `nodes` to g (same ops, attributes, names, metadata), their inputs mapped
+    through `vmap` and their constants renamed by `const`; vmap learns the copies' outputs."""
     for n in nodes:
-        ins: list[Value | None] = []
-        for v in n.inputs:
-            if v is None:
-                ins.append(None)
-            elif v.is_const:
-                if v.const not in weights:
-                    weights[v.const] = source[v.const]
-                ins.append(g.const(v.const, v.dtype, v.shape))
-            else:
-                ins.append(vmap[id(v)])
+        ins = [None if v is None else g.const(const(v.const), v.dtype, v.shape) if v.is_const
+               else vmap[id(v)] for v in n.inputs]
         outs = []
         for v in n.outputs:
             g.claim_name(v.name)
             outs.append(Value(v.name, v.dtype, v.shape))
-        node = Node(n.op, ins, outs, dict(n.attrs), layer=n.layer, role=n.role, origin=n.origin)
-        g.append(node)
+        g.append(Node(n.op, ins, outs, dict(n.attrs), layer=n.layer, role=n.role, origin=n.origin))
         for old, new in zip(n.outputs, outs):
             vmap[id(old)] = new
+
+
+def _copy(nodes: list[Node], g: Graph, vmap: dict[int, Value], weights: dict, source) -> None:
+    """copy_nodes, reading the constants' weights from `source` into `weights`."""
+    def take(name: str) -> str:
+        if name not in weights:
+            weights[name] = source[name]
+        return name
+    copy_nodes(nodes, g, vmap, take)
 
 
 def _input(g: Graph, vmap: dict[int, Value], v: Value) -> None:
@@ -192,23 +195,7 @@ def merge(module: Module, subs: list[Module], refs: dict) -> Module:
         s_in, s_out = boundary(layer_nodes, sub.graph, f"layer {i}")
         if i > 0:
             vmap[id(s_in)] = prev_out
-        for node in own:
-            ins = []
-            for v in node.inputs:
-                if v is None:
-                    ins.append(None)
-                elif v.is_const:
-                    ins.append(g.const(alias.get(v.const, v.const), v.dtype, v.shape))
-                else:
-                    ins.append(vmap[id(v)])
-            outs = []
-            for v in node.outputs:
-                g.claim_name(v.name)
-                outs.append(Value(v.name, v.dtype, v.shape))
-            g.append(Node(node.op, ins, outs, dict(node.attrs), layer=node.layer, role=node.role,
-                          origin=node.origin))
-            for old, new in zip(node.outputs, outs):
-                vmap[id(old)] = new
+        copy_nodes(own, g, vmap, lambda name: alias.get(name, name))
         prev_out = vmap[id(s_out)]
     names = {v.name: vmap[id(v)] for sub in subs for v in sub.graph.outputs if id(v) in vmap}
     g.outputs = [names[v.name] for v in module.graph.outputs]
