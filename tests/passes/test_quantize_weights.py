@@ -254,7 +254,8 @@ def test_builtin_recipes():
     rot = Recipe.named("w4_gptq_rotate")
     assert [p.name for p in rot.passes] == ["fold_norms", "rotate", "quantize_weights"]
     q = rot.passes[-1]
-    assert (q.method, q.act_order, q.clip_search, rot.calibration_samples) == ("gptq", True, True, 128)
+    assert (q.method, q.act_order, q.clip_search) == ("gptq", True, True)
+    assert rot.calibration_samples == 128
     module = tiny_model("llama")
     calib = torch.randint(0, module.config.vocab_size, (2, 16))
     passes = rot.build()  # the tiny model's linears are narrower than 128: groups of 16
