@@ -101,6 +101,9 @@ def _child(job: dict, out_path: str, err_path: str) -> None:
         os.dup2(out, 1)
         os.dup2(err, 2)
         os.chdir(job.get("cwd") or os.getcwd())
+        # Python's own Ctrl-C handler, as in a terminal: a server started in the background by a
+        # non-interactive shell inherits SIGINT ignored, and the children would shrug it off
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         if job.get("kill_in"):
             _inject_kill(job["kill_in"], int(job.get("kill_nth", 1)), int(job["signal"]),
                          bool(job.get("kill_after_call")))
