@@ -207,16 +207,10 @@ class NpuArtefact(Artefact):
     def logits(self, ids: Any, past: NpuCache | None = None) -> tuple[np.ndarray, NpuCache]:
         """Logits [1, seq, vocab] for `ids` ([seq] or [1, seq]) after `past` (None: empty), and
         the cache that includes them. Batch 1: the graphs are static."""
-        ids = np.asarray(ids)
-        if ids.ndim == 2 and ids.shape[0] == 1:
-            ids = ids[0]
-        if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(f"ids: expected integers shaped [seq] or [1, seq] with seq >= 1 (the "
-                             f"NPU graphs take batch 1), got {ids.dtype} {list(ids.shape)}")
-        if ids.min() < 0 or ids.max() >= self.vocab_size:
-            bad = int(ids.min() if ids.min() < 0 else ids.max())
-            raise InputError(f"token id {bad} is out of range; the vocabulary has ids "
-                             f"0..{self.vocab_size - 1}")
+        ids = self.check_ids(ids)
+        if ids.shape[0] != 1:
+            raise InputError(f"ids: the NPU graphs take batch 1, got batch {ids.shape[0]}")
+        ids = ids[0]
         cache = self.decoder.empty() if past is None else past.copy()
         return self.decoder.forward([int(t) for t in ids], cache)[None], cache
 
