@@ -15,8 +15,9 @@ from .tokenizer import load_tokenizer
 __all__ = ["Artefact", "ArtefactError", "Generation", "InputError", "KVCache", "Sampling", "load",
            "load_tokenizer", "read_manifest", "verify_artefact"]
 
-TVM_OPTIONS = ("expected_manifest_sha256", "threads", "device")
-NPU_OPTIONS = ("expected_manifest_sha256", "htp_arch", "source")
+# load options of the runtimes other than ONNX Runtime's, by the manifest's backend
+OPTIONS = {"npu": ("an NPU", ("expected_manifest_sha256", "htp_arch", "source")),
+           "tvm": ("a TVM", ("expected_manifest_sha256", "threads", "device"))}
 
 
 def load(path: str | Path, **options: Any) -> Artefact:
@@ -25,19 +26,16 @@ def load(path: str | Path, **options: Any) -> Artefact:
     "tvm" (runtime/tvm_runtime.py: expected_manifest_sha256, threads, device) or "npu"
     (runtime/npu_runtime.py: expected_manifest_sha256, htp_arch, source)."""
     backend = read_manifest(path).get("backend")
-    if backend == "npu":
-        unknown = sorted(set(options) - set(NPU_OPTIONS))
+    if backend in OPTIONS:
+        kind, accepted = OPTIONS[backend]
+        unknown = sorted(set(options) - set(accepted))
         if unknown:
-            raise InputError(f"load options {unknown} do not apply to an NPU artefact; accepted: "
-                             f"{', '.join(NPU_OPTIONS)}")
-        from .npu_runtime import load as load_npu
+            raise InputError(f"load options {unknown} do not apply to {kind} artefact; accepted: "
+                             f"{', '.join(accepted)}")
+        if backend == "npu":
+            from .npu_runtime import load as load_npu
 
-        return load_npu(path, **options)
-    if backend == "tvm":
-        unknown = sorted(set(options) - set(TVM_OPTIONS))
-        if unknown:
-            raise InputError(f"load options {unknown} do not apply to a TVM artefact; accepted: "
-                             f"{', '.join(TVM_OPTIONS)}")
+            return load_npu(path, **options)
         from .tvm_runtime import load as load_tvm
 
         return load_tvm(path, **options)

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 # constant ~5 output steps off ONNX Runtime CPU (measured on a one-MatMul QDQ graph); on v73 and
 # later it agrees to within a step
 DEFAULT_ARCH = "75"
-NPU_OPTIONS = ("expected_manifest_sha256", "htp_arch", "source")
 
 
 class NpuUnavailable(InputError):
