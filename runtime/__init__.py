@@ -26,7 +26,7 @@ def load(path: str | Path, **options: Any) -> Artefact:
     "tvm" (runtime/tvm_runtime.py: expected_manifest_sha256, threads, device) or "npu"
     (runtime/npu_runtime.py: expected_manifest_sha256, htp_arch, source)."""
     backend = read_manifest(path).get("backend")
-    if backend in OPTIONS:
+    if isinstance(backend, str) and backend in OPTIONS:  # anything else: ONNX's checks refuse it
         kind, accepted = OPTIONS[backend]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
