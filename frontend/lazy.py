@@ -24,18 +24,21 @@ rather than through a memory map (safetensors' `safe_open`): the bytes read are 
 tensor the caller owns, and no mapped file page stays charged to the process's resident set,
 so the peak memory a test measures is the memory the compile actually needs. A row range reads
 only those rows. Checkpoint keys that transformers renames while loading (a model whose
-parameter names differ from its checkpoint's) are refused with the missing key named. GGUF is
-not lazy: its tensors are quantized blocks that transformers dequantizes whole.
+parameter names differ from its checkpoint's) are refused with the missing key named. A GGUF
+file is bound lazily by frontend/lazy_gguf.py (`load_gguf_lazy`): its refs read and dequantize
+one GGUF tensor per access, and it shares `meta_model` and `bind_lazy` with this frontend.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Iterator, Mapping, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -135,6 +138,8 @@ class LazyWeights(MutableMapping):
                  tensors: dict[str, torch.Tensor] | None = None):
         self._refs: dict[str, TensorRef] = dict(refs or {})
         self._tensors: dict[str, torch.Tensor] = dict(tensors or {})
+        self._spill: Path | None = None
+        self._spill_min = 0
 
     def __getitem__(self, name: str) -> torch.Tensor:
         t = self._tensors.get(name)
@@ -143,8 +148,43 @@ class LazyWeights(MutableMapping):
         return self._refs[name].load()
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
-        self._refs.pop(name, None)
-        self._tensors[name] = tensor
+        old = self._refs.pop(name, None)
+        if old is not None and old.path.name.startswith(SPILL_PREFIX) \
+                and not any(r.path == old.path for r in self._refs.values()):
+            old.path.unlink(missing_ok=True)  # a spilled weight overwritten: its file goes
+        if self._spill is None or tensor.numel() * tensor.element_size() < self._spill_min:
+            self._tensors[name] = tensor
+            return
+        from safetensors.torch import save_file
+
+        path = self._spill / f"{SPILL_PREFIX}{next(_SPILLED):07d}.safetensors"
+        save_file({"w": tensor.contiguous()}, str(path))
+        self._tensors.pop(name, None)
+        self._refs[name] = file_refs(path)["w"]
+
+    def spill_to(self, folder: Path | None, min_bytes: int = 1 << 20) -> None:
+        """From now on write each assigned tensor of at least `min_bytes` to its own safetensors
+        file in `folder` and keep only its reference (None: keep assigned tensors in memory
+        again). A pass that rewrites weights of a model larger than memory (absorb_post_norm's
+        scaled linears, fuse_patch's folded down_proj) then holds one at a time. The folder must
+        outlive the mapping."""
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+        self._spill, self._spill_min = (Path(folder) if folder is not None else None), min_bytes
+
+    def move(self, old: str, new: str) -> None:
+        """Rename entry `old` to `new` without reading it."""
+        if old in self._tensors:
+            self._tensors[new] = self._tensors.pop(old)
+        else:
+            self._refs[new] = self._refs.pop(old)
+
+    def clone(self) -> LazyWeights:
+        """A copy: the same references (files are never written in place), the in-memory
+        tensors cloned, the same spill setting."""
+        c = LazyWeights(self._refs, {k: t.clone() for k, t in self._tensors.items()})
+        c._spill, c._spill_min = self._spill, self._spill_min
+        return c
 
     def __delitem__(self, name: str) -> None:
         if name in self._tensors:
@@ -175,6 +215,10 @@ class LazyWeights(MutableMapping):
 
     def resident_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors.values())
+
+
+SPILL_PREFIX = "spilled_"
+_SPILLED = itertools.count()  # spill file numbers, unique in the process (clones share folders)
 
 
 def lazy_ref(weights, name: str) -> TensorRef | None:
@@ -243,11 +287,9 @@ class _Recorder:
 def load_hf_lazy(path: str | Path) -> Module:
     """The canonical decoder of a Hugging Face directory with every weight left on disk (see
     the module docstring)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    from . import hf, hf_families
-    from .decoder import build_decoder
+    from . import hf
 
     path = Path(path)
     if not path.is_dir():
@@ -256,13 +298,45 @@ def load_hf_lazy(path: str | Path) -> Module:
     refs = checkpoint_refs(path)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # noqa: BLE001 - any config transformers rejects is a bad checkpoint
+        raise FrontendError(f"transformers cannot build {path}: {type(e).__name__}: "
+                            f"{_first_line(e)}") from e
+    model = meta_model(config, path)
+    files, chat_template = hf._dir_tokenizer(path)
+    return bind_lazy(model, refs, source=str(path),
+                     tokenizer=Tokenizer("hf", files) if files else None,
+                     chat_template=chat_template)
+
+
+# -- shared by the lazy frontends (this one and lazy_gguf.py) ------------------------------------
+
+def meta_model(config, source: str | Path):
+    """transformers' causal LM for `config` with its parameters on the meta device (buffers, such
+    as the rotary frequencies, real and on the CPU) and its embeddings tied as from_pretrained
+    ties them; whatever transformers rejects is a FrontendError naming `source`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.tie_weights()  # from_pretrained ties; on meta parameters from_config does not
     except Exception as e:  # noqa: BLE001 - any config transformers rejects is a bad checkpoint
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise FrontendError(f"transformers cannot build {path}: {type(e).__name__}: {first}") \
-            from e
+        raise FrontendError(f"transformers cannot build {source}: {type(e).__name__}: "
+                            f"{_first_line(e)}") from e
+    return model
+
+
+def bind_lazy(model, refs: Mapping[str, Any], *, source: str, tokenizer: Tokenizer | None,
+              chat_template: str | None) -> Module:
+    """The canonical decoder of `model` (from `meta_model`) with each canonical weight bound to
+    `refs[key]`, key being the name of the model parameter it is taken from (the checkpoint key,
+    as `model.named_parameters()` names it). A ref is a frozen dataclass with TensorRef's
+    interface: a `rows` field (replaced by the row range of a sliced weight), `out_shape`,
+    `out_dtype`, `load()` and `path`. Weights the converter makes up are held in memory."""
+    from . import hf_families
+    from .decoder import build_decoder
+
     spec, meta = hf_families.convert(model)
     model_type, _, core, lm_head = hf_families.text_parts(model)
     family = hf_families.FAMILIES[model_type]
@@ -283,29 +357,30 @@ def load_hf_lazy(path: str | Path) -> Module:
             key, rows = rec.keys[name]
             ref = refs.get(key)
             if ref is None:
-                raise FrontendError(f"{path} lacks tensor {key} (canonical {name}); the "
+                raise FrontendError(f"{source} lacks tensor {key} (canonical {name}); the "
                                     "checkpoint is incomplete or names it differently")
             ref = dataclasses.replace(ref, rows=rows)
             if ref.out_shape != tuple(t.shape):
-                raise FrontendError(f"{path}: {key} is {list(ref.out_shape)} in the checkpoint "
+                raise FrontendError(f"{source}: {key} is {list(ref.out_shape)} in the checkpoint "
                                     f"but {list(t.shape)} by the config")
             weights._refs[name] = ref
         elif not t.is_meta:
             weights[name] = t
         else:
             weights[name] = rec.tensors[name]
-    del model
-    files, chat_template = hf._dir_tokenizer(path)
     try:
-        module = build_decoder(spec, meta, origin="frontend.hf", source=str(path),
-                               tokenizer=Tokenizer("hf", files) if files else None,
-                               chat_template=chat_template)
+        module = build_decoder(spec, meta, origin="frontend.hf", source=source,
+                               tokenizer=tokenizer, chat_template=chat_template)
     except IRError as e:
-        raise FrontendError(f"{path}: {e}") from None
+        raise FrontendError(f"{source}: {e}") from None
     consts = module.graph.consts
     module.weights = LazyWeights({k: r for k, r in weights._refs.items() if k in consts},
                                  {k: t for k, t in weights._tensors.items()
                                   if k in module.graph.consts})
-    logger.info("%s: %d weights bound lazily, %.1f MB held in memory", path,
+    logger.info("%s: %d weights bound lazily, %.1f MB held in memory", source,
                 len(weights._refs), module.weights.resident_bytes() / 1e6)
     return module
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else ""

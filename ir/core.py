@@ -345,6 +345,24 @@ class Module:
         self.weights[name] = tensor
         return self.graph.const(name, DTYPE_OF_TORCH[tensor.dtype], tensor.shape)
 
+    def rename_weight(self, old: str, new: str) -> Value:
+        """Give weight `old` the free name `new`: a new constant that every user of the old one
+        reads. The tensor is moved, never read (a lazy store moves its on-disk reference)."""
+        g = self.graph
+        v = g.consts[old]
+        if new in self.weights or new in g._names:
+            raise IRError(f"cannot rename weight {old} to {new}: the name is taken")
+        move = getattr(self.weights, "move", None)  # frontend.lazy.LazyWeights
+        if callable(move):
+            move(old, new)
+        else:
+            self.weights[new] = self.weights.pop(old)
+        nv = g.const(new, v.dtype, v.shape)
+        for node, i in list(v.uses):
+            node.replace_input(i, nv)
+        g.remove_const(old)
+        return nv
+
     def drop_dead_weights(self) -> list[str]:
         dead = self.graph.dead_consts()
         for name in dead:
@@ -359,12 +377,14 @@ class Module:
         return sum(t.numel() for t in self.weights.values())
 
     def clone(self) -> Module:
-        """A deep copy: graph structure and weight tensors are both copied."""
+        """A deep copy: graph structure and weight tensors are both copied (weights still on
+        disk stay there, shared: their files are never written in place)."""
         from .printer import print_graph
         from .parser import parse_graph
 
         graph = parse_graph(print_graph(self.graph))
-        weights = {k: v.clone() for k, v in self.weights.items()}
+        own = getattr(self.weights, "clone", None)  # a lazy store copies its references
+        weights = own() if callable(own) else {k: v.clone() for k, v in self.weights.items()}
         return Module(graph, weights, self.config, copy.deepcopy(self.tokenizer))
 
     def config_json(self) -> str:

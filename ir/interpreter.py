@@ -54,12 +54,17 @@ class Interpreter:
         self._weights: dict[str, torch.Tensor] = {}
 
     def weight(self, v: Value) -> torch.Tensor:
+        """The constant's tensor in the run's dtype, kept for later runs; except a weight still
+        on disk (a lazy module, frontend/lazy.py), which is read at each node that uses it and
+        dropped after, so a run over a model larger than memory holds one weight at a time."""
         t = self._weights.get(v.name)
         if t is None:
             t = self.module.weight(v)
             if t.is_floating_point():
                 t = t.to(self.dtype)
-            self._weights[v.name] = t
+            on_disk = getattr(self.module.weights, "ref", None)
+            if not (callable(on_disk) and on_disk(v.const) is not None):
+                self._weights[v.name] = t
         return t
 
     def run(self, feeds: dict[str, torch.Tensor], *, capture: Iterable[str] | bool = (),

@@ -23,23 +23,44 @@ class LayerwiseError(InputError):
 
 def split_stages(graph: Graph) -> tuple[list[Node], list[list[Node]], list[Node]]:
     """(nodes before the layers, each layer's nodes, nodes after); layers must be contiguous
-    and numbered 0..L-1 in order, as the canonical decoder builds them."""
+    and numbered 0..L-1 in order, as the canonical decoder builds them. A patch between two
+    layers (the role "patch" chain that estimate_patch fits and prune_layers wires into the cut)
+    belongs to the layer after it: it transforms the stream that layer reads."""
     pre: list[Node] = []
     layers: list[list[Node]] = []
-    post: list[Node] = []
+    between: list[Node] = []  # layer-less nodes after a layer: a patch, or the tail
     for node in graph.nodes:
         if node.layer is None:
-            (post if layers else pre).append(node)
-        elif post or node.layer not in (len(layers) - 1, len(layers)):
-            raise LayerwiseError(f"layer-by-layer mode needs the decoder's layers in order, each "
-                                 f"contiguous; {node.op} of layer {node.layer} breaks that")
-        else:
-            if node.layer == len(layers):
-                layers.append([])
+            (between if layers else pre).append(node)
+        elif node.layer == len(layers) and all(is_patch(n) for n in between):
+            layers.append(between + [node])
+            between = []
+        elif node.layer == len(layers) - 1 and not between:
             layers[-1].append(node)
+        else:
+            raise LayerwiseError(f"layer-by-layer mode needs the decoder's layers in order, each "
+                                 f"contiguous, with nothing but a patch between two; {node.op} of "
+                                 f"layer {node.layer} breaks that")
     if not layers:
         raise LayerwiseError("layer-by-layer mode needs a decoder with layers; this graph has none")
-    return pre, layers, post
+    return pre, layers, between
+
+
+def is_patch(node: Node) -> bool:
+    """A node of a linear patch on the residual stream (estimate_patch's chain, or what
+    fuse_patch and rotate made of it)."""
+    return node.role == "patch" and node.layer is None and node.origin != "layerwise"
+
+
+def part_nodes(sub: Module, i: int) -> list[Node]:
+    """Layer i's part of its sub-module: the layer's nodes, after the patch that feeds it if any
+    (the nodes split_stages gives layer i)."""
+    nodes = sub.graph.nodes
+    first = next(k for k, n in enumerate(nodes) if n.layer == i)
+    start = first
+    while start > 0 and is_patch(nodes[start - 1]):
+        start -= 1
+    return nodes[start:first] + [n for n in nodes[first:] if n.layer == i]
 
 
 def consts(nodes: list[Node]) -> set[str]:
@@ -157,16 +178,17 @@ def layer_module(module: Module, i: int, parts, tied: str | None = None) -> Modu
 
 
 def stream_source(sub: Module, i: int) -> Node | None:
-    """The node making the stream that enters layer i: the embedding, or the stub standing for it
-    (after quantize_weights, possibly a qembedding in its place)."""
-    v = boundary([n for n in sub.graph.nodes if n.layer == i], sub.graph, f"layer {i}")[0]
+    """The node making the stream that enters layer i's part: the embedding, or the stub
+    standing for it (after quantize_weights, possibly a qembedding in its place)."""
+    v = boundary(part_nodes(sub, i), sub.graph, f"layer {i}")[0]
     return v.producer if v is not None else None
 
 
 def kept(sub: Module, i: int, n_layers: int) -> list[Node]:
-    """The nodes of sub-module i that belong to the model: layer i's, plus the real head (i = 0)
-    and tail (last layer)."""
-    return [n for n in sub.graph.nodes if n.layer == i
+    """The nodes of sub-module i that belong to the model: layer i's part, plus the real head
+    (i = 0) and tail (last layer)."""
+    part = {id(n) for n in part_nodes(sub, i)}
+    return [n for n in sub.graph.nodes if id(n) in part
             or (n.layer is None and n.origin != "layerwise"
                 and ((i == 0 and _before_layer(sub, n)) or (i == n_layers - 1
                                                             and not _before_layer(sub, n))))]
@@ -191,8 +213,7 @@ def merge(module: Module, subs: list[Module], refs: dict) -> Module:
         for v in sub.graph.inputs:
             vmap[id(v)] = by_name[v.name]
         own = kept(sub, i, n)
-        layer_nodes = [k for k in own if k.layer == i]
-        s_in, s_out = boundary(layer_nodes, sub.graph, f"layer {i}")
+        s_in, s_out = boundary(part_nodes(sub, i), sub.graph, f"layer {i}")
         if i > 0:
             vmap[id(s_in)] = prev_out
         copy_nodes(own, g, vmap, lambda name: alias.get(name, name))

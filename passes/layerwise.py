@@ -61,17 +61,32 @@ quantize_kv_cache (every mode). The dynamic modes are per-node rewrites, run lik
 they and the static ones put quantize nodes on layer i's linears and attention only (the stub
 head is no decoder linear, so its input stays float unless `roles` names lm_head; the stub's
 node is then dropped with the stub), and write the same config.extra record in every
-sub-module. Passes that look across layers (select_layers, estimate_patch, prune_layers,
-fuse_patch, distill_patch) or collect whole-model statistics in one interpreter run
-(absorb_post_norm) are not supported layer by layer yet.
+sub-module.
+
+Whole-model passes. select_layers, estimate_patch, prune_layers, fuse_patch and absorb_post_norm
+look across layers (a block's score compares streams n layers apart, a patch spans the cut,
+pruning renumbers every later layer), so they run on the whole module, first, before the
+per-layer passes (a recipe with one after a per-layer pass is refused). The module's weights
+stay where they are: on a lazy module (frontend/lazy.py) the reference interpreter reads each
+weight from disk at the node that uses it and drops it after (ir/interpreter.py), so their
+calibration runs stream the model from disk once per calibration chunk and hold one weight and
+one chunk's activations; prune_layers renames weights by moving their references; a weight a
+pass writes (a patch, fuse_patch's folded down_proj, absorb_post_norm's scaled linears) of at
+least SPILL_MIN_BYTES goes to its own file in work_dir (LazyWeights.spill_to). The same
+interpreter runs the same nodes on the same chunks as in memory, so their results are equal
+bit for bit. A patch left between two layers belongs to the layer after it
+(layer_parts.split_stages): its sub-module is stub -> patch -> layer i, so rotate rotates the
+patch (or collapses a signed one into a channel scale) as in the whole model. distill_patch
+is refused: it trains the patch through every later layer at each step.
 
 Output. Each layer's transformed weights are written to one safetensors file in `work_dir` and
 freed; the merged Module's weights are a LazyWeights over those files, and the ONNX backend
 streams them into its external-data file (backends/onnx/lower.py makes lazy initializers), so no
 step holds the whole model. The merged graph is the layer graphs stitched in order (the stub
 nodes dropped); a test checks it equals the whole-model compile bit for bit. The pass report is
-one entry per pass with each layer's report under "layers"; config.extra (rotation and
-quantization records) comes from the last layer's sub-module.
+one entry per pass (the whole-model passes' own), with each layer's report under "layers"
+for the per-layer passes; config.extra comes from the last layer's sub-module, but for the
+rotation record, whose counts are summed over the sub-modules (`_merged_rotation`).
 """
 
 from __future__ import annotations
@@ -85,18 +100,22 @@ from typing import Any
 
 import torch
 
-from ..frontend.lazy import file_refs
+from ..frontend.lazy import LazyWeights, file_refs
 from ..ir.core import Module, Node, Value
 from ..ir.verify import verify_graph
 from .base import PassBase, PassContext
 from .layer_parts import (STUB_TABLE, LayerwiseError, boundary, consts, kept, layer_module, merge,
-                          split_stages, stream_source, tied_table)
+                          part_nodes, split_stages, stream_source, tied_table)
 from .manager import PassManager
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED = ("fold_norms", "rotate", "quantize_weights", "quantize_activations",
+WHOLE_MODEL = ("select_layers", "estimate_patch", "prune_layers", "fuse_patch",
+               "absorb_post_norm")
+PER_LAYER = ("fold_norms", "rotate", "quantize_weights", "quantize_activations",
              "quantize_kv_cache")
+SUPPORTED = WHOLE_MODEL + PER_LAYER
+SPILL_MIN_BYTES = 1 << 20  # a whole-model pass's new weights from this size on go to disk
 
 
 def calibrated(p: PassBase, ctx: PassContext) -> bool:
@@ -117,12 +136,22 @@ def sequential(p: PassBase) -> bool:
 
 
 def check_supported(passes: Sequence[PassBase]) -> None:
-    """Refuse a recipe with passes layer-by-layer mode cannot run (before any model is loaded)."""
+    """Refuse a recipe with passes layer-by-layer mode cannot run, or in an order it cannot run
+    them (before any model is loaded)."""
     bad = [p.name for p in passes if p.name not in SUPPORTED]
     if bad:
+        why = (" (distill_patch trains the patch through every layer after the cut at each "
+               "step, so it needs them all at once)" if "distill_patch" in bad else "")
         raise LayerwiseError(f"layer-by-layer mode supports the passes {', '.join(SUPPORTED)}; "
-                             f"this recipe also has {', '.join(bad)}; compile it in memory "
+                             f"this recipe also has {', '.join(bad)}{why}; compile it in memory "
                              "(layerwise=False) on a machine that holds the model")
+    first = next((p.name for p in passes if p.name in PER_LAYER), None)
+    late = [p.name for p in passes[[p.name for p in passes].index(first):]
+            if p.name in WHOLE_MODEL] if first else []
+    if late:
+        raise LayerwiseError(f"layer-by-layer mode runs the whole-model passes "
+                             f"({', '.join(WHOLE_MODEL)}) first, then the per-layer ones; this "
+                             f"recipe has {', '.join(late)} after {first}: put it before")
 
 
 def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> list[int]:
@@ -164,8 +193,7 @@ def _stream_interpreted(sub: Module, ids: torch.Tensor, out: Value) -> torch.Ten
 
 
 def _layer_out(sub: Module, i: int) -> Value:
-    nodes = [n for n in sub.graph.nodes if n.layer == i]
-    return boundary(nodes, sub.graph, f"layer {i}")[1]
+    return boundary(part_nodes(sub, i), sub.graph, f"layer {i}")[1]
 
 
 class _Stream:
@@ -202,9 +230,15 @@ def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
     transformed weights go to safetensors files in `work_dir`, which must outlive the returned
     Module (its weights are read from there)."""
     passes = list(passes)
-    cal = check_recipe(passes, ctx)
+    check_supported(passes)
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    whole = [p for p in passes if p.name in WHOLE_MODEL]  # a prefix (check_supported)
+    passes = passes[len(whole):]
+    module, first = _run_whole_model(module, whole, ctx, work, instruments)
+    if not passes:
+        return module, first
+    cal = check_recipe(passes, ctx)
     parts = split_stages(module.graph)
     pre, layers, post = parts
     tied = tied_table(pre, post) if len(layers) > 1 else None  # one part holds both ends
@@ -241,7 +275,65 @@ def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
         logger.info("layerwise: layer %d/%d done (%.1f s)", i + 1, len(layers),
                     time.perf_counter() - t0)
     merged = merge(module, subs, refs)
-    return merged, _merge_reports(passes, reports)
+    rotation = _merged_rotation(module, subs)
+    if rotation is not None:
+        merged.config = merged.config.replace(extra={**merged.config.extra,
+                                                     "rotation": rotation})
+    return merged, first + _merge_reports(passes, reports, len(first))
+
+
+def _merged_rotation(module: Module, subs: list[Module]) -> dict[str, Any] | None:
+    """The whole model's config.extra["rotation"] from the sub-modules' records (the config
+    otherwise comes from the last one): a rotation applied here has the model's sizes, factors
+    and seeds in every sub-module, and its counts are sums over them (less the stub head that
+    each sub-module but the last adds to R1's readers), its collapsed patches all of theirs; a
+    rotation the model already had stays as it was."""
+    records = [sub.config.extra.get("rotation", {}) for sub in subs]
+    if not records[-1]:
+        return None
+    before = module.config.extra.get("rotation", {})
+    merged = {}
+    for key, last in records[-1].items():
+        if key in before:
+            merged[key] = before[key]
+            continue
+        parts = [r.get(key, {}) for r in records]
+        rec = dict(last)
+        for count in ("layers", "readers", "writers"):
+            if count in rec:
+                rec[count] = sum(p.get(count, 0) for p in parts)
+        if "readers" in rec:
+            rec["readers"] -= len(subs) - 1
+        collapsed = [name for p in parts for name in p.get("patches_to_channel_scale", [])]
+        if collapsed:
+            rec["patches_to_channel_scale"] = collapsed
+        merged[key] = rec
+    return merged
+
+
+def _run_whole_model(module: Module, passes: Sequence[PassBase], ctx: PassContext, work: Path,
+                     instruments) -> tuple[Module, list[dict[str, Any]]]:
+    """Run the whole-model passes on the whole module, weights still on disk where they are
+    lazy: the reference interpreter reads each weight at the node that uses it and drops it
+    after (ir/interpreter.py), and a weight a pass writes goes to its own file in `work`
+    (LazyWeights.spill_to), so memory holds one weight and one calibration chunk's activations.
+    Their results equal the in-memory run's bit for bit: the same interpreter runs the same
+    nodes on the same chunks, only the weights come from disk each time."""
+    if not passes:
+        return module, []
+    lazy = [module.weights] if isinstance(module.weights, LazyWeights) else []
+    for w in lazy:
+        w.spill_to(work / "whole_model", SPILL_MIN_BYTES)
+    t0 = time.perf_counter()
+    try:
+        module, report = PassManager(passes, instruments=instruments).run(module, ctx)
+    finally:
+        for w in lazy + [module.weights]:
+            if isinstance(w, LazyWeights):
+                w.spill_to(None)
+    logger.info("layerwise: whole-model passes %s done (%.1f s)",
+                ", ".join(p.name for p in passes), time.perf_counter() - t0)
+    return module, report
 
 
 def _calibrated_step(sub: Module, i: int, step: int, p: PassBase, ctx: PassContext,
@@ -327,13 +419,14 @@ def _write_part(sub: Module, i: int, n_layers: int, work: Path, refs: dict) -> N
     refs.update(file_refs(path))
 
 
-def _merge_reports(passes: Sequence[PassBase], reports: list[list[dict]]) -> list[dict]:
+def _merge_reports(passes: Sequence[PassBase], reports: list[list[dict]],
+                   first_step: int = 0) -> list[dict]:
     """One entry per pass: modified if any layer's run modified, times summed, each layer's own
     report under "layers"."""
     merged = []
     for k, p in enumerate(passes):
         runs = [rep[k] for rep in reports]
-        merged.append({"step": k, "name": p.name, "settings": runs[0].get("settings"),
+        merged.append({"step": first_step + k, "name": p.name, "settings": runs[0].get("settings"),
                        "modified": any(r.get("modified") for r in runs),
                        "time_s": round(sum(r.get("time_s", 0.0) for r in runs), 3),
                        "layerwise": True,

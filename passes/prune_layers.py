@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..ir.core import Graph, Module, Node, Value
+from ..ir.core import Graph, IRError, Module, Node, Value
 from ..ir.interpreter import Interpreter, default_feeds
 from .base import PassBase, PassContext, PassError, PassResult
 from .registry import register_pass
@@ -376,13 +376,8 @@ def _rename_value(g: Graph, v: Value, old: int, new: int) -> None:
 
 
 def _rename_weight(module: Module, old: str, new: str) -> None:
-    g = module.graph
-    v = g.consts[old]
-    tensor = module.weights[old]
-    nv = module.add_weight(new, tensor)
-    if nv.name != new:
-        raise PassError(f"prune_layers: cannot rename weight {old} to {new}: the name is taken")
-    for node, i in list(v.uses):
-        node.replace_input(i, nv)
-    g.remove_const(old)
-    del module.weights[old]
+    try:
+        module.rename_weight(old, new)  # moved, not read: a lazy model's weights stay on disk
+    except IRError:
+        raise PassError(f"prune_layers: cannot rename weight {old} to {new}: the name is taken") \
+            from None

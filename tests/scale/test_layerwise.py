@@ -41,11 +41,12 @@ def calib(seed: int = 0) -> torch.Tensor:
 def same_module(a, b) -> None:
     """Same graph (constants may be declared in another order), same weights bit for bit, same
     logits bit for bit, same tie_embeddings flag."""
+    vocab = a.config.vocab_size
     assert sorted(str(a.graph).splitlines()) == sorted(str(b.graph).splitlines())
     assert sorted(a.weights) == sorted(b.weights)
     for k in a.weights:
         assert torch.equal(a.weights[k], b.weights[k]), k
-    ids = torch.randint(0, 258, (2, 9), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(7))
     assert torch.equal(run_logits(a, ids)["logits"], run_logits(b, ids)["logits"])
     assert a.config.extra["tie_embeddings"] == b.config.extra["tie_embeddings"]
 
@@ -191,11 +192,13 @@ def test_lazy_import_names_a_missing_tensor(tmp_path):
 
 
 def test_unsupported_passes_and_shared_packed_tables_are_refused(tmp_path):
-    r = Recipe("p", (("select_layers", {"n": 1}), ("estimate_patch", {})))
-    with pytest.raises(LayerwiseError, match="supports the passes fold_norms, rotate, "
-                                             "quantize_weights, quantize_activations, "
-                                             "quantize_kv_cache; this recipe also has "
-                                             "select_layers, estimate_patch"):
+    r = Recipe("p", (("select_layers", {"n": 1}), ("estimate_patch", {}), ("distill_patch", {}),
+                     ("prune_layers", {})))
+    with pytest.raises(LayerwiseError, match="supports the passes select_layers, estimate_patch, "
+                                             "prune_layers, fuse_patch, absorb_post_norm, "
+                                             "fold_norms, rotate, quantize_weights, "
+                                             "quantize_activations, quantize_kv_cache; this "
+                                             "recipe also has distill_patch"):
         run_layerwise(tiny_module(), r.build(), PassContext(calibration=calib()), tmp_path)
     embed = Recipe("e", (quant(method="gptq", embeddings="int8"),))
     with pytest.raises(LayerwiseError, match="calibrates quantize_weights with embeddings = "
@@ -279,10 +282,12 @@ def test_cli_layerwise_flag(tmp_path, capsys):
                      str(tmp_path / out), *flags]) == 0
     assert np.array_equal(load(tmp_path / "tied_mem").logits([1, 2, 3])[0],
                           load(tmp_path / "tied_lw").logits([1, 2, 3])[0])
-    assert main(["compile", str(tmp_path / "hf"), "--recipe", "prune4_patch", "--out",
-                 str(tmp_path / "bad"), "--layerwise", "--calib", str(tmp_path / "hf" /
-                                                                      "config.json")]) == 2
-    assert "layer-by-layer mode supports the passes" in capsys.readouterr().err
+    (tmp_path / "late.toml").write_text('name = "late"\n[[pass]]\nname = "fold_norms"\n'
+                                        '[[pass]]\nname = "prune_layers"\nstart = 1\nn = 1\n')
+    assert main(["compile", str(tmp_path / "hf"), "--recipe", str(tmp_path / "late.toml"),
+                 "--out", str(tmp_path / "bad"), "--layerwise"]) == 2
+    assert "runs the whole-model passes" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_spilled_stream_gives_the_same_result(tmp_path):
