@@ -3,6 +3,7 @@
     python -m benchmarks.scale --quick       # a small random LLaMA: layer-by-layer vs in memory
     python -m benchmarks.scale               # LLaMA-2-7B's shape (bf16 on disk, ~13.5 GB)
     python -m benchmarks.scale --layers 16   # half of it, where time or disk is short
+    python -m benchmarks.scale --layers 6 --prune 2 --no-rtn   # whole-model passes at 7B width
 
 A random-weight LLaMA checkpoint (config.json + one safetensors shard per layer + index) is
 written to a scratch directory shard by shard, never held whole, then compiled in a child
@@ -31,6 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 LLAMA2_7B = dict(layers=32, hidden=4096, intermediate=11008, heads=32, vocab=32000)
 QUICK = dict(layers=4, hidden=256, intermediate=688, heads=4, vocab=512)
+PRUNE_CALIB = (12, 512)  # 6,144 tokens: a 4096 x 4096 patch fitted on 3/4 of them
 
 
 def write_random_llama(path: Path, *, layers: int, hidden: int, intermediate: int, heads: int,
@@ -91,10 +93,16 @@ def _byte_tokenizer(path: Path) -> None:
     tok.save(str(path / "tokenizer.json"))
 
 
-def recipe_file(path: Path, method: str, samples: int, seq_len: int) -> Path:
-    calib = f"[calibration]\nsamples = {samples}\nseq_len = {seq_len}\n\n" if method == "gptq" \
-        else ""
-    path.write_text(f'name = "scale_{method}"\n{calib}[[pass]]\nname = "fold_norms"\n\n'
+def recipe_file(path: Path, method: str, samples: int, seq_len: int, prune: int = 0) -> Path:
+    """fold_norms + rotate + W4 g128 (`method`), after `prune` layers pruned and patched
+    (select_layers by cosine, the better of LinearPatch and least squares, multiplied out so
+    that rotate rotates it) when prune > 0."""
+    calib = f"[calibration]\nsamples = {samples}\nseq_len = {seq_len}\n\n" \
+        if method == "gptq" or prune else ""
+    head = (f'[[pass]]\nname = "select_layers"\nn = {prune}\n\n[[pass]]\nname = '
+            '"estimate_patch"\n\n[[pass]]\nname = "prune_layers"\n\n[[pass]]\nname = '
+            '"fuse_patch"\nstrategy = "dense"\n\n') if prune else ""
+    path.write_text(f'name = "scale_{method}"\n{calib}{head}[[pass]]\nname = "fold_norms"\n\n'
                     '[[pass]]\nname = "rotate"\n\n[[pass]]\nname = "quantize_weights"\n'
                     f'method = "{method}"\nbits = 4\ngroup_size = 128\n')
     return path
@@ -141,12 +149,17 @@ def onnx_weights_equal(a: Path, b: Path) -> bool:
 
 def run(quick: bool = True, layers: int | None = None, gptq: bool = False,
         distributed: bool = False, scratch: str | None = None,
-        rtn: bool = True) -> tuple[str, dict]:
+        rtn: bool = True, prune: int | None = None) -> tuple[str, dict]:
     """Quick: the small model, layer by layer against in memory (RTN). Otherwise LLaMA-2-7B's
     shape (or `layers` of it) layer by layer. `gptq` adds a GPTQ compile on 4 x 64 tokens;
-    `distributed` adds GPTQ in 1 and in 2 processes (gloo) on the same checkpoint; `rtn = False`
-    leaves out the RTN compile (full mode with gptq or distributed only)."""
-    if not rtn and (quick or not (gptq or distributed)):
+    `distributed` adds GPTQ in 1 and in 2 processes (gloo) on the same checkpoint; `prune` adds
+    a compile that first prunes that many layers and patches the cut (the whole-model passes,
+    calibrated on PRUNE_CALIB tokens: a d x d patch needs more than d tokens; None: 1 in quick
+    mode, against the in-memory compile, else 0); `rtn = False` leaves out the RTN compile (full
+    mode with gptq, distributed or prune only)."""
+    if prune is None:
+        prune = 1 if quick else 0
+    if not rtn and (quick or not (gptq or distributed or prune)):
         raise ValueError("rtn = False needs full mode and gptq or distributed: there would be "
                          "nothing to compile")
     shape = dict(QUICK if quick else LLAMA2_7B)
@@ -172,9 +185,25 @@ def run(quick: bool = True, layers: int | None = None, gptq: bool = False,
             figures["in_memory_rtn"] = compile_child(model, root / "mem", recipe, layerwise=False)
             figures["onnx_weights_equal"] = onnx_weights_equal(root / "lw", root / "mem")
             rows.append(("in memory, RTN", figures["in_memory_rtn"]))
+        calib = root / "calib.txt"
+        calib.write_text(" ".join(f"w{i % 97} {i}" for i in range(40000)))
+        if prune:
+            samples, seq_len = PRUNE_CALIB
+            recipe = recipe_file(root / "prune.toml", "rtn", samples, seq_len, prune)
+            figures["layerwise_prune"] = compile_child(model, root / "lw_prune", recipe,
+                                                       layerwise=True, calib=calib, nice=nice)
+            rows.append((f"layer by layer, prune {prune} + patch, RTN ({samples} x {seq_len} "
+                         "tokens)", figures["layerwise_prune"]))
+            if quick:
+                figures["in_memory_prune"] = compile_child(model, root / "mem_prune", recipe,
+                                                           layerwise=False, calib=calib)
+                figures["prune_onnx_weights_equal"] = onnx_weights_equal(root / "lw_prune",
+                                                                         root / "mem_prune")
+                rows.append((f"in memory, prune {prune} + patch, RTN",
+                             figures["in_memory_prune"]))
+            figures.setdefault("disk_peak_gb", round(
+                figures["checkpoint_gb"] + figures["layerwise_prune"]["artefact_gb"], 2))
         if gptq or distributed:
-            calib = root / "calib.txt"
-            calib.write_text(" ".join(f"w{i % 97} {i}" for i in range(4000)))
             recipe = recipe_file(root / "gptq.toml", "gptq", 4, 64)
             figures["layerwise_gptq"] = compile_child(model, root / "lw_gptq", recipe,
                                                       layerwise=True, calib=calib, nice=nice)
@@ -202,6 +231,9 @@ def run(quick: bool = True, layers: int | None = None, gptq: bool = False,
     if "onnx_weights_equal" in figures:
         lines += ["", "ONNX weights of the two RTN compiles equal: "
                   f"{figures['onnx_weights_equal']}"]
+    if "prune_onnx_weights_equal" in figures:
+        lines += ["", "ONNX weights of the two prune + patch compiles equal: "
+                  f"{figures['prune_onnx_weights_equal']}"]
     if "gptq_2proc_speedup" in figures:
         lines += ["", f"GPTQ 2 processes vs 1: {figures['gptq_2proc_speedup']}x wall time; "
                   f"ONNX weights equal: {figures['gptq_2proc_weights_equal']} (equal to rounding "
@@ -217,13 +249,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--distributed", action="store_true",
                     help="also GPTQ in 1 and 2 processes (gloo) on the same checkpoint")
     ap.add_argument("--no-rtn", action="store_true",
-                    help="leave out the RTN compile (with --gptq or --distributed)")
+                    help="leave out the RTN compile (with --gptq, --distributed or --prune)")
+    ap.add_argument("--prune", type=int, default=0, metavar="N",
+                    help="also prune N layers + patch the cut, then rotate + RTN")
     ap.add_argument("--scratch", default=None, help="directory for the checkpoint (big)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
     try:
         text, figures = run(quick=a.quick, layers=a.layers, gptq=a.gptq,
-                            distributed=a.distributed, scratch=a.scratch, rtn=not a.no_rtn)
+                            distributed=a.distributed, scratch=a.scratch, rtn=not a.no_rtn,
+                            prune=a.prune)
     except ValueError as e:
         ap.error(str(e))
     print(text)

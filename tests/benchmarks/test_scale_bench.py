@@ -15,5 +15,6 @@ def test_scale_quick(tmp_path):
     assert "Scale: random LLaMA, 4 layers" in out.read_text()
     figures = json.loads(raw.read_text())["scale"]
     assert figures["onnx_weights_equal"] is True
+    assert figures["prune_onnx_weights_equal"] is True  # whole-model passes from disk
     for run in ("layerwise_rtn", "in_memory_rtn"):
         assert figures[run]["peak_rss_gb"] > 0 and figures[run]["artefact_gb"] > 0
