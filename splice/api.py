@@ -139,10 +139,16 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     else:
         check_memory(model, recipe, memory_limit)
     t0 = time.perf_counter()
+    from .frontend.lazy_gguf import gguf_source  # the default model's name, or a .gguf file
+
     if layerwise and isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():
         from .frontend.lazy import load_hf_lazy
 
         module = load_hf_lazy(model)
+    elif layerwise and (gguf_file := gguf_source(model)) is not None:
+        from .frontend.lazy_gguf import load_gguf_lazy
+
+        module = load_gguf_lazy(gguf_file)
     else:
         module = load_model(model)
     t_import = time.perf_counter() - t0
