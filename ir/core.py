@@ -367,7 +367,8 @@ class Module:
         dead = self.graph.dead_consts()
         for name in dead:
             self.graph.remove_const(name)
-            self.weights.pop(name, None)
+            if name in self.weights:
+                del self.weights[name]  # not pop(): a lazy store would read it first
         return dead
 
     def num_parameters(self) -> int:

@@ -68,7 +68,12 @@ class Interpreter:
         return t
 
     def run(self, feeds: dict[str, torch.Tensor], *, capture: Iterable[str] | bool = (),
-            hook: Callable | None = None) -> dict[str, torch.Tensor]:
+            hook: Callable | None = None,
+            outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+        """The graph outputs (only those named in `outputs`, when given) and the captured
+        values. Every other value is dropped after its last use, so a calibration run that
+        needs only the logits, or only captured values, does not keep each layer's present
+        KV cache to the end."""
         g = self.module.graph
         env: dict[int, torch.Tensor] = {}
         for v in g.inputs:
@@ -85,7 +90,8 @@ class Interpreter:
             for v in node.inputs:
                 if v is not None:
                     last_use[id(v)] = pos
-        outputs = {id(v) for v in g.outputs}
+        names = None if outputs is None else set(outputs)
+        wanted = {id(v) for v in g.outputs if names is None or v.name in names}
         with torch.no_grad():
             for pos, node in enumerate(g.nodes):
                 args = []
@@ -102,14 +108,15 @@ class Interpreter:
                     if replaced is not None:
                         outs = tuple(replaced)
                 for v, t in zip(node.outputs, outs):
-                    env[id(v)] = t
+                    if id(v) in last_use or id(v) in wanted:
+                        env[id(v)] = t
                     if keep_all or v.name in keep:
                         captured[v.name] = t
                 for v in node.inputs:
                     if v is not None and not v.is_const and last_use.get(id(v)) == pos \
-                            and id(v) not in outputs:
+                            and id(v) not in wanted:
                         env.pop(id(v), None)
-        result = {v.name: env[id(v)] for v in g.outputs}
+        result = {v.name: env[id(v)] for v in g.outputs if id(v) in wanted}
         result.update(captured)
         return result
 

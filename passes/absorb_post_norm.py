@@ -92,8 +92,12 @@ def _check_batch(module: Module, calib: torch.Tensor) -> torch.Tensor:
     return calib.to(torch.int64)
 
 
-def _logits(module: Module, out: dict[str, torch.Tensor]) -> torch.Tensor:
-    return out["logits"] if "logits" in out else out[module.graph.outputs[0].name]
+def _logits(module: Module, run: Interpreter, feeds: dict[str, torch.Tensor],
+            hook=None) -> torch.Tensor:
+    """The logits of one interpreter run (no other output kept)."""
+    names = [v.name for v in module.graph.outputs]
+    name = "logits" if "logits" in names else names[0]
+    return run.run(feeds, hook=hook, outputs=[name])[name]
 
 
 @register_pass
@@ -148,7 +152,7 @@ class AbsorbPostNormPass(PassBase):
                 rms[id(norm)] = torch.sqrt(o.pow(2).mean(-1) + norm.attrs["eps"]).flatten()
 
         feeds = default_feeds(module, calib, None, dtype)
-        before = _logits(module, Interpreter(module, dtype).run(feeds, hook=hook))
+        before = _logits(module, Interpreter(module, dtype), feeds, hook)
 
         g = module.graph
         dropped = []
@@ -190,7 +194,7 @@ class AbsorbPostNormPass(PassBase):
         report["dropped_weights"] = dropped
         report["calibration_tokens"] = int(calib.numel())
         if report["absorbed"]:
-            after = _logits(module, Interpreter(module, dtype).run(feeds))
+            after = _logits(module, Interpreter(module, dtype), feeds)
             stats = compare_logits(before, after, calib)
             report["calibration"] = stats
             if "ppl_ratio" in stats:

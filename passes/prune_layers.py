@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -175,11 +175,14 @@ def row_chunks(calib: torch.Tensor, chunk_tokens: int = 2048) -> Iterator[torch.
         yield calib[i:i + rows]
 
 
-def iter_calibration(module: Module, ctx: PassContext, values: Sequence[Value], pass_name: str,
-                     *, min_tokens: int = 1) -> Iterator[list[torch.Tensor]]:
+def walk_calibration(module: Module, ctx: PassContext, values: Sequence[Value], pass_name: str,
+                     visit: Callable[[int, torch.Tensor], None], *,
+                     min_tokens: int = 1) -> Iterator[None]:
     """Run the calibration batches through the reference interpreter in ctx.precision, chunk by
-    chunk, and yield the `values` of each chunk as [tokens, width] tensors. The run stops after
-    the last wanted value. Non-finite activations raise PassError naming the value."""
+    chunk, calling visit(k, x) with `values[k]` as a [tokens, width] tensor as soon as its node
+    computes it; yields after each chunk. Only what `visit` keeps stays in memory (the run keeps
+    no graph output), and a chunk's run stops after the last wanted value. Non-finite
+    activations raise PassError naming the value."""
     calib = check_calibration(module, ctx, pass_name, min_tokens)
     g = module.graph
     wanted = {id(v): k for k, v in enumerate(values)}
@@ -189,32 +192,43 @@ def iter_calibration(module: Module, ctx: PassContext, values: Sequence[Value], 
     stop = max((g.nodes.index(v.producer) for v in values), default=-1)  # type: ignore[arg-type]
     stop_node = g.nodes[stop]
     interp = Interpreter(module, ctx.precision)
+
+    def hook(node: Node, outs: tuple) -> None:
+        for v, t in zip(node.outputs, outs):
+            k = wanted.get(id(v))
+            if k is not None:
+                visit(k, _finite(v, t, pass_name).reshape(-1, t.shape[-1]))
+        if node is stop_node:
+            raise _Collected
+
     for chunk in row_chunks(calib):
-        got: list[torch.Tensor | None] = [None] * len(values)
-
-        def hook(node: Node, outs: tuple) -> None:
-            for v, t in zip(node.outputs, outs):
-                k = wanted.get(id(v))
-                if k is not None:
-                    got[k] = t
-            if node is stop_node:
-                raise _Collected
-
         try:
-            interp.run(default_feeds(module, chunk, None, ctx.precision), hook=hook)
+            interp.run(default_feeds(module, chunk, None, ctx.precision), hook=hook, outputs=())
         except _Collected:
             pass
-        out = []
-        for v, t in zip(values, got):
-            assert t is not None
-            if not torch.isfinite(t).all():
-                bad = "NaN" if torch.isnan(t).any() else "inf"
-                where = f" (layer {v.producer.layer})" if v.producer.layer is not None else ""
-                raise PassError(f"{pass_name}: calibration activation %{v.name}{where} holds "
-                                f"{bad}; the model or its calibration data is broken (check the "
-                                "weights and the token ids)")
-            out.append(t.reshape(-1, t.shape[-1]))
-        yield out
+        yield
+
+
+def _finite(v: Value, t: torch.Tensor, pass_name: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        bad = "NaN" if torch.isnan(t).any() else "inf"
+        where = f" (layer {v.producer.layer})" if v.producer and v.producer.layer is not None \
+            else ""
+        raise PassError(f"{pass_name}: calibration activation %{v.name}{where} holds {bad}; the "
+                        "model or its calibration data is broken (check the weights and the "
+                        "token ids)")
+    return t
+
+
+def iter_calibration(module: Module, ctx: PassContext, values: Sequence[Value], pass_name: str,
+                     *, min_tokens: int = 1) -> Iterator[list[torch.Tensor]]:
+    """`values` of each calibration chunk as [tokens, width] tensors (walk_calibration)."""
+    got: list[torch.Tensor | None] = [None] * len(values)
+    for _ in walk_calibration(module, ctx, values, pass_name, got.__setitem__,
+                              min_tokens=min_tokens):
+        out = list(got)
+        assert all(t is not None for t in out)
+        yield out  # type: ignore[misc]
 
 
 def capture(module: Module, ctx: PassContext, values: Sequence[Value], pass_name: str,

@@ -35,8 +35,8 @@ import torch
 from ..ir.core import Module
 from ..ir.interpreter import Interpreter, default_feeds
 from .base import PassBase, PassContext, PassError, PassResult
-from .prune_layers import (check_block_size, check_calibration, iter_calibration, num_layers,
-                           prune, row_chunks, stream_values)
+from .prune_layers import (check_block_size, check_calibration, num_layers, prune, row_chunks,
+                           stream_values, walk_calibration)
 from .registry import register_pass
 
 logger = logging.getLogger(__name__)
@@ -87,19 +87,29 @@ class SelectLayersPass(PassBase):
 
 def _distance_scores(module: Module, ctx: PassContext, n: int, starts: list[int], metric: str,
                      pass_name: str) -> dict[int, float]:
-    """Mean per-token distance between the stream entering block i and the stream leaving it."""
+    """Mean per-token distance between the stream entering block i and the stream leaving it.
+    The streams arrive in order as the calibration run computes them; only the last n + 1 are
+    kept, so memory does not grow with the depth."""
     streams = stream_values(module, pass_name)
     total = {s: 0.0 for s in starts}
     tokens = 0
-    for xs in iter_calibration(module, ctx, streams, pass_name):
-        for s in starts:
-            cos = torch.nn.functional.cosine_similarity(xs[s], xs[s + n], dim=-1, eps=1e-12)
+    window: dict[int, torch.Tensor] = {}
+
+    def visit(b: int, x: torch.Tensor) -> None:
+        window[b] = x
+        s = b - n
+        if s in total:
+            cos = torch.nn.functional.cosine_similarity(window[s], x, dim=-1, eps=1e-12)
             if metric == "cosine":
                 d = 1.0 - cos
             else:
                 d = torch.arccos(cos.clamp(-1.0, 1.0)) / math.pi
             total[s] += float(d.sum())
-        tokens += xs[0].shape[0]
+        window.pop(s, None)
+
+    for _ in walk_calibration(module, ctx, streams, pass_name, visit):
+        tokens += window[len(streams) - 1].shape[0]
+        window.clear()
     # sums over this process's tokens; combined over processes (identity in one)
     sums = ctx.reduce(torch.tensor([total[s] for s in starts] + [tokens], dtype=torch.float64))
     return {s: float(sums[k]) / float(sums[-1]) for k, s in enumerate(starts)}
@@ -129,7 +139,8 @@ def _nll(module: Module, calib: torch.Tensor, dtype: torch.dtype,
     logits_name = module.graph.outputs[0].name
     total, count = 0.0, 0
     for chunk in row_chunks(calib):
-        logits = interp.run(default_feeds(module, chunk, None, dtype))[logits_name]
+        logits = interp.run(default_feeds(module, chunk, None, dtype),
+                            outputs=[logits_name])[logits_name]
         if not torch.isfinite(logits).all():
             raise PassError(f"{pass_name}: the logits on the calibration data hold NaN or inf; "
                             "the model or its calibration data is broken")
