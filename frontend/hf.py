@@ -80,8 +80,8 @@ def load_hf(path: str | Path) -> Module:
                              chat_template=chat_template)
 
 
-def load_gguf(path: str | Path) -> Module:
-    """Load a .gguf file through transformers (dequantized to float32) with its tokenizer."""
+def check_gguf_file(path: str | Path) -> Path:
+    """`path` as a Path, refused unless it is an existing file that starts with GGUF's magic."""
     path = Path(path)
     if not path.exists():
         raise FrontendError(f"GGUF file {path} does not exist")
@@ -92,6 +92,12 @@ def load_gguf(path: str | Path) -> Module:
     if magic != b"GGUF":
         raise FrontendError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
                             if magic else f"GGUF file {path} is empty")
+    return path
+
+
+def load_gguf(path: str | Path) -> Module:
+    """Load a .gguf file through transformers (dequantized to float32) with its tokenizer."""
+    path = check_gguf_file(path)
     model = _load_model(path, path.parent, gguf_file=path.name)
     tok = None
     try:

@@ -73,8 +73,22 @@ def read_header(path: Path) -> tuple[int, dict]:
     return 8 + n, header
 
 
+class RowRange:
+    """The shape a reference reads: its `shape`, or the rows [row0, row1) of its first dim when
+    `rows` is set (TensorRef, lazy_gguf.GGUFTensorRef)."""
+
+    shape: tuple[int, ...]
+    rows: tuple[int, int] | None
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        if self.rows is None:
+            return self.shape
+        return (self.rows[1] - self.rows[0], *self.shape[1:])
+
+
 @dataclasses.dataclass(frozen=True)
-class TensorRef:
+class TensorRef(RowRange):
     """Where one weight lies: a safetensors file, the tensor's byte range and dtype, optionally a
     row range [row0, row1) of its first dim; `as_float32` casts floats on reading (the frontends'
     working dtype)."""
@@ -85,12 +99,6 @@ class TensorRef:
     shape: tuple[int, ...]
     rows: tuple[int, int] | None = None
     as_float32: bool = True
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        if self.rows is None:
-            return self.shape
-        return (self.rows[1] - self.rows[0], *self.shape[1:])
 
     @property
     def out_dtype(self) -> torch.dtype:

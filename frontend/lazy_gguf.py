@@ -56,7 +56,7 @@ import torch
 
 from ..errors import FrontendError
 from ..ir.core import Module
-from .lazy import _first_line, bind_lazy, meta_model
+from .lazy import RowRange, _first_line, bind_lazy, meta_model
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ __all__ = ["GGUFTensorRef", "gguf_source", "load_gguf_lazy"]
 
 
 @dataclasses.dataclass(frozen=True)
-class GGUFTensorRef:
+class GGUFTensorRef(RowRange):
     """One GGUF tensor: where its bytes lie, how gguf's reader types them (`raw_dtype`,
     `raw_shape`: float values, or uint8 quantization blocks per row), its ggml type, its shape
     once dequantized (`shape`, torch order), and transformers' processor for the architecture,
@@ -81,12 +81,6 @@ class GGUFTensorRef:
     shape: tuple[int, ...]
     processor: Any = dataclasses.field(repr=False)
     rows: tuple[int, int] | None = None
-
-    @property
-    def out_shape(self) -> tuple[int, ...]:
-        if self.rows is None:
-            return self.shape
-        return (self.rows[1] - self.rows[0], *self.shape[1:])
 
     @property
     def out_dtype(self) -> torch.dtype:
@@ -219,17 +213,10 @@ def _tensor_table(path: Path) -> tuple[str, dict[str, dict[str, Any]]]:
     import gguf
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, read_field
 
+    from .hf import check_gguf_file
     from .hf_families import FAMILIES
 
-    if not path.exists():
-        raise FrontendError(f"GGUF file {path} does not exist")
-    if not path.is_file():
-        raise FrontendError(f"{path} is not a file; expected a .gguf file")
-    with path.open("rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise FrontendError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
-                            if magic else f"GGUF file {path} is empty")
+    check_gguf_file(path)
     try:
         reader = gguf.GGUFReader(str(path))
         architecture = read_field(reader, "general.architecture")

@@ -150,22 +150,29 @@ def test_tied_embeddings_layer_by_layer_equal_in_memory_bit_for_bit(tmp_path, ca
 def test_compile_layerwise_from_disk_equals_in_memory_onnx(tmp_path, family):
     """A bf16, sharded HF checkpoint: splice.compile(layerwise=True) writes the same ONNX weights
     and runs to the same logits as the in-memory compile."""
-    import onnx
+    tiny(family).to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="30KB")
+    r = recipe("gptq", group_size=32)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    compiles_equal(tmp_path, r, ids)
+    assert not list(tmp_path.glob(".splice-layers-*"))  # the layer files are cleaned up
+
+
+def compiles_equal(tmp_path, r: Recipe, ids: torch.Tensor):
+    """Compile tmp_path/hf in memory and layer by layer: the same ONNX weights, the same logits;
+    returns the layer-by-layer artefact's path."""
+    from onnx import load as load_onnx
     from onnx import numpy_helper
 
     from splice.runtime import load
 
-    tiny(family).to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="30KB")
-    r = recipe("gptq", group_size=32)
-    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
     a = splice.compile(tmp_path / "hf", r, out=tmp_path / "a", calibration=ids, load=False)
     b = splice.compile(tmp_path / "hf", r, out=tmp_path / "b", calibration=ids, load=False,
                        layerwise=True)
     wa, wb = ({i.name: numpy_helper.to_array(i, base_dir=str(p))
-               for i in onnx.load(str(p / "model.onnx")).graph.initializer} for p in (a, b))
+               for i in load_onnx(str(p / "model.onnx")).graph.initializer} for p in (a, b))
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
     assert np.array_equal(load(a).logits([1, 2, 3])[0], load(b).logits([1, 2, 3])[0])
-    assert not list(tmp_path.glob(".splice-layers-*"))  # the layer files are cleaned up
+    return b
 
 
 @pytest.mark.parametrize("family", sorted(CONFIGS))
