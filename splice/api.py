@@ -110,8 +110,9 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     written to a temporary directory and renamed into place, so a failure leaves `out` as it was.
     Before loading, the memory the compile needs is estimated (splice/memory.py) and checked
     against `memory_limit` bytes (None: what the machine has available).
-    layerwise: import a Hugging Face directory lazily and run the passes one decoder layer at a
-    time (passes/layerwise.py), for models larger than memory; the memory check is then skipped.
+    layerwise: import a Hugging Face directory or a GGUF file lazily and run the passes one
+    decoder layer at a time, after the whole-model ones (passes/layerwise.py), for models larger
+    than memory; the memory check is then skipped.
     distributed: this process is one of several (torchrun): calibration is sharded across them,
     statistics are all-reduced, and only rank 0 writes the artefact (others return None).
     export_options: the backend's own export settings, e.g. for ONNX {"ops": "standard"} (no

@@ -218,8 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--threads", type=int, default=None,
                    help="ONNX, TVM: the artefact's default thread count")
     c.add_argument("--layerwise", action="store_true",
-                   help="read the weights lazily and run the passes one decoder layer at a time "
-                        "(models larger than memory; fold_norms, rotate, quantize_weights)")
+                   help="read the weights lazily (a Hugging Face directory or a .gguf file) "
+                        "and run the passes one decoder layer at a time, after the whole-model "
+                        "ones (models larger than memory; every pass but distill_patch)")
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with an artefact")
