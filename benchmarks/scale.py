@@ -250,8 +250,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also GPTQ in 1 and 2 processes (gloo) on the same checkpoint")
     ap.add_argument("--no-rtn", action="store_true",
                     help="leave out the RTN compile (with --gptq, --distributed or --prune)")
-    ap.add_argument("--prune", type=int, default=0, metavar="N",
-                    help="also prune N layers + patch the cut, then rotate + RTN")
+    ap.add_argument("--prune", type=int, default=None, metavar="N",
+                    help="also prune N layers + patch the cut, then rotate + RTN (default: 1 in "
+                         "quick mode, against the in-memory compile; else 0)")
     ap.add_argument("--scratch", default=None, help="directory for the checkpoint (big)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
