@@ -229,9 +229,19 @@ class QuantizeWeightsPass(PassBase):
             here = [by_node[id(n)] for n in runner.stages[s] if id(n) in by_node]
             xtx = stage_hessians(runner, s, set(by_node), ctx.reduce)
             override = {}
-            for node, bits, group in here:
+            for j, (node, bits, group) in enumerate(here):
                 h = xtx[id(node.inputs[0])]
-                qw, entry = self._quantize(module, node, bits, group, h, tokens, report)
+                world = ctx.reducer.world_size
+                if world == 1 or self.method != "gptq":
+                    qw, entry = self._quantize(module, node, bits, group, h, tokens, report)
+                else:  # the solves shared out: rank j % world solves linear j, the rest receive
+                    mine = j % world == ctx.reducer.rank
+                    solved = self._quantize(module, node, bits, group, h, tokens, report) \
+                        if mine else None
+                    qw, entry = _shared(solved, node, bits, group, self.symmetric,
+                                        self._float_zero(bits), ctx.reduce)
+                    if not mine:  # the solver's warnings, in this rank's report too
+                        self._damp_warnings(node, tokens, entry["damp"], report)
                 results[id(node)] = qw
                 report["layers"][label(node)] = entry
                 override[id(node)] = qw.dequantize(dtype)
@@ -251,23 +261,33 @@ class QuantizeWeightsPass(PassBase):
         rtn_err = quant.relative_output_error(w, rtn.dequantize(), xtx)
         if self.method == "rtn":
             return rtn, {"rel_error": rtn_err}
-        damp = self.damp
-        if tokens < k:
-            damp = max(damp, MIN_DAMP_FEW_TOKENS)
-            warning = (f"{label(node)}: {tokens} calibration tokens for {k} inputs: the Hessian is "
-                       f"singular; dampening raised to {damp}; give more calibration data")
-            if warning not in report["warnings"]:
-                report["warnings"].append(warning)
+        damp = self._damp(k, tokens)
         qw, info = quant.gptq(w, 2.0 * xtx / tokens, bits, group, symmetric=self.symmetric,
                               clip=self.clip_search, damp=damp, act_order=self.act_order,
                               block_size=self.block_size, float_zero=fz)
         err = quant.relative_output_error(w, qw.dequantize(), xtx)
-        if info.damp != damp:
-            report["warnings"].append(f"{label(node)}: Hessian not positive definite; dampening "
-                                      f"raised to {info.damp}")
+        self._damp_warnings(node, tokens, info.damp, report)
         entry = {"rel_error": err, "rtn_rel_error": rtn_err, "damp": info.damp,
                  "dead_inputs": info.dead_inputs}
         return qw, entry
+
+    def _damp(self, k: int, tokens: int) -> float:
+        """The dampening GPTQ starts from: raised when there are fewer tokens than inputs."""
+        return max(self.damp, MIN_DAMP_FEW_TOKENS) if tokens < k else self.damp
+
+    def _damp_warnings(self, node: Node, tokens: int, used: float, report: dict) -> None:
+        """Warn of a Hessian damped more than asked: for too few tokens, or (`used` above the
+        starting dampening) because it was not positive definite."""
+        k = node.inputs[1].shape[1]
+        damp = self._damp(k, tokens)
+        if tokens < k:
+            warning = (f"{label(node)}: {tokens} calibration tokens for {k} inputs: the Hessian is "
+                       f"singular; dampening raised to {damp}; give more calibration data")
+            if warning not in report["warnings"]:
+                report["warnings"].append(warning)
+        if used != damp:
+            report["warnings"].append(f"{label(node)}: Hessian not positive definite; dampening "
+                                      f"raised to {used}")
 
     # -- the rewrite -----------------------------------------------------------------------------
     def _rewrite(self, module: Module, targets: list[tuple[Node, int, int]],
@@ -357,6 +377,36 @@ class QuantizeWeightsPass(PassBase):
             report["layers"][label(node)] = {"shared_with_lm_head": shared is not None
                                              and t.dtype == torch.float32}
         return before, after
+
+
+def _shared(solved: tuple[quant.QuantizedWeight, dict[str, Any]] | None, node: Node, bits: int,
+            group: int, symmetric: bool, float_zero: bool,
+            reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[quant.QuantizedWeight,
+                                                                     dict[str, Any]]:
+    """One linear's GPTQ result on every rank: the rank that solved it (`solved`) contributes
+    its codes, scales, zero points and report numbers, the others zeros of the same shapes, and
+    one sum over the ranks (x + 0 = x, exactly) hands everyone the solver's result bit for bit.
+    So across processes each GPTQ solve runs once, not once per rank."""
+    n, k = node.inputs[1].shape
+    blocks = quant.check_format(bits, group, k, n)
+    keys = ("rel_error", "rtn_rel_error", "damp", "dead_inputs")
+    if solved is None:
+        codes = torch.zeros(n, k, dtype=torch.int32)
+        scales = torch.zeros(n, blocks, dtype=torch.float32)
+        zeros = torch.zeros(n, blocks, dtype=torch.float32 if float_zero else torch.int32)
+        numbers = torch.zeros(len(keys), dtype=torch.float64)
+    else:
+        qw, entry = solved
+        codes, scales = qw.codes.to(torch.int32), qw.scales
+        zeros = qw.zeros if float_zero else qw.zeros.to(torch.int32)
+        numbers = torch.tensor([float(entry[key]) for key in keys], dtype=torch.float64)
+    codes, scales, zeros, numbers = (reduce(t) for t in (codes, scales, zeros, numbers))
+    qw = quant.QuantizedWeight(codes.to(torch.uint8), scales,
+                               zeros if float_zero else zeros.to(torch.uint8), bits, group,
+                               symmetric, float_zero)
+    entry = dict(zip(keys, numbers.tolist()))
+    entry["dead_inputs"] = int(entry["dead_inputs"])
+    return qw, entry
 
 
 def stage_hessians(runner: StageRunner, s: int, wanted: set[int],

@@ -24,6 +24,7 @@ from tests.passes.models import token_batch
 
 WORLD = 2
 RTOL = 1e-10
+SOLVES = "gptq.solves"  # how many GPTQ solves this process ran
 
 
 def calibration() -> torch.Tensor:
@@ -41,8 +42,20 @@ def statistics(ctx: PassContext) -> dict[str, torch.Tensor]:
     wanted = {id(n) for n in runner.stages[stage] if n.op == "linear"}
     for k, h in enumerate(stage_hessians(runner, stage, wanted, ctx.reduce).values()):
         out[f"hessian.{k}"] = h
-    q = QuantizeWeightsPass(method="gptq", bits=4, group_size=16)(deep_model(layers=2), ctx)
+    from splice.ir import quant
+
+    solves = []
+    plain = quant.gptq
+    quant.gptq = lambda *a, **k: (solves.append(1), plain(*a, **k))[1]
+    try:
+        q = QuantizeWeightsPass(method="gptq", bits=4, group_size=16)(deep_model(layers=2), ctx)
+    finally:
+        quant.gptq = plain
     out["gptq.tokens"] = torch.tensor(float(q.report["calibration_tokens"]))
+    out[SOLVES] = torch.tensor(float(len(solves)))
+    for name in sorted(q.module.weights):
+        if name.endswith((".qweight", ".scales", ".qzeros")):  # every rank holds every result
+            out[f"gptq.{name}"] = q.module.weights[name].to(torch.float64)
     for kind in ("linearpatch", "lstsq"):
         m = deep_model(layers=4)
         before = set(m.weights)
@@ -93,7 +106,10 @@ def test_two_processes_equal_one_process_to_rounding(results):
     single, ranks = results
     assert set(single) == set(ranks[0]) == set(ranks[1])
     assert any(k.startswith("hessian.") for k in single) and "lstsq.patch.1" in "".join(single)
+    assert any(k.endswith(".qweight") for k in single)
     for name, ref in single.items():
+        if name == SOLVES:
+            continue
         for r, stats in enumerate(ranks):
             torch.testing.assert_close(stats[name], ref, rtol=RTOL, atol=1e-12,
                                        msg=lambda m: f"rank {r}, {name}: {m}")
@@ -124,3 +140,10 @@ def test_one_process_reducer_is_identity_and_checks_op():
         Reducer()(t, "mean")
     with pytest.raises(InputError, match="torch.distributed process group"):
         TorchDistributedReducer()
+
+
+def test_gptq_solves_are_shared_out_not_repeated(results):
+    """Each linear's GPTQ solve runs on one rank, which hands the result to the others."""
+    single, ranks = results
+    counts = [int(r[SOLVES]) for r in ranks]
+    assert sum(counts) == int(single[SOLVES]) and all(0 < c < int(single[SOLVES]) for c in counts)
