@@ -18,7 +18,9 @@ Methods:
   from the same forward pass (the reference code's default, not its "true sequential" option).
   Across processes (torch.distributed, passes/reduce.py) each holds a share of the calibration
   batches; the X^T X sums and the token count are all-reduced before the solver, so every process
-  quantizes from the whole set's Hessian.
+  quantizes from the whole set's Hessian. The solves themselves are shared out: rank j % world
+  solves a stage's j-th linear and one sum hands its result to the others (`_shared`), so with
+  N processes each runs about 1/N of the solver's work and all hold the same weights.
 
 Per linear the report gives the relative output error ||X W^T - X Wq^T|| / ||X W^T|| on the
 calibration inputs (computed from X^T X), and for GPTQ also RTN's error on the same inputs, so the

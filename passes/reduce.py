@@ -9,7 +9,9 @@ once, where it finishes accumulating; `Reducer` (one process) returns the tensor
 `TorchDistributedReducer` all-reduces it over the default torch.distributed process group (gloo
 on CPU; with nccl the tensor goes through the GPU). Every process then holds the same combined
 statistic and computes the same transform from it, so the ranks' modules stay identical and
-rank 0 alone writes the artefact (splice/distributed.py launches and shards).
+rank 0 alone writes the artefact (splice/distributed.py launches and shards). Where the
+transform is costly (GPTQ's solves) one rank computes each part and a sum in which the other
+ranks put zeros hands it to all (quantize_weights._shared).
 """
 
 from __future__ import annotations
