@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 import transformers as T
@@ -83,7 +82,7 @@ def test_a_patch_between_layers_belongs_to_the_layer_after_it():
     ctx = PassContext(calibration=calib())
     r = Recipe("t", (("estimate_patch", {"start": 1, "n": 1, "kind": "linearpatch"}), PRUNE))
     module, _ = PassManager(r.build()).run(tiny_module(num_layers=4), ctx)
-    pre, layers, post = split_stages(module.graph)
+    _, layers, post = split_stages(module.graph)
     assert [n.op for n in layers[1][:3]] == ["hadamard", "channel_scale", "hadamard"]
     assert all(n.layer is None and n.role == "patch" for n in layers[1][:3])
     assert all(n.layer == 1 for n in layers[1][3:]) and all(n.layer == 0 for n in layers[0])
@@ -100,7 +99,7 @@ def test_from_disk_equals_in_memory_and_spills_what_the_passes_write(tmp_path, m
     """A lazy bf16 checkpoint: the whole-model passes read it one weight at a time, the patch
     and the folded down_proj go to spill files (threshold lowered to 0 bytes here), and the
     result equals the eager import's compile bit for bit."""
-    import splice.passes.layerwise as layerwise
+    from splice.passes import layerwise
 
     monkeypatch.setattr(layerwise, "SPILL_MIN_BYTES", 0)
     hf_model().to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
