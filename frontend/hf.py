@@ -99,15 +99,20 @@ def load_gguf(path: str | Path) -> Module:
     """Load a .gguf file through transformers (dequantized to float32) with its tokenizer."""
     path = check_gguf_file(path)
     model = _load_model(path, path.parent, gguf_file=path.name)
-    tok = None
+    return from_transformers(model, gguf_tokenizer(path), source=str(path))
+
+
+def gguf_tokenizer(path: Path):
+    """transformers' tokenizer from a GGUF file's metadata, or None (with a warning) when the
+    file has none."""
     try:
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                            local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
+                                             local_files_only=True)
     except Exception as e:  # noqa: BLE001 - a GGUF without tokenizer metadata still imports
         logger.warning("%s: no tokenizer imported (%s: %s)", path, type(e).__name__, e)
-    return from_transformers(model, tok, source=str(path))
+        return None
 
 
 def default_model_path() -> Path:

@@ -317,14 +317,6 @@ def _check_dequantizable(path: Path, refs) -> None:
 def _tokenizer(path: Path):
     """(ir.Tokenizer or None, chat template) as `hf.load_gguf` gets them: transformers'
     tokenizer from the GGUF metadata, carried as its tokenizer.json."""
-    from .hf import _carry_tokenizer
+    from .hf import _carry_tokenizer, gguf_tokenizer
 
-    tok = None
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name,
-                                            local_files_only=True)
-    except Exception as e:  # noqa: BLE001 - a GGUF without tokenizer metadata still imports
-        logger.warning("%s: no tokenizer imported (%s: %s)", path, type(e).__name__, e)
-    return _carry_tokenizer(tok)
+    return _carry_tokenizer(gguf_tokenizer(path))
