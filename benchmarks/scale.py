@@ -102,9 +102,11 @@ def recipe_file(path: Path, method: str, samples: int, seq_len: int, prune: int 
     head = (f'[[pass]]\nname = "select_layers"\nn = {prune}\n\n[[pass]]\nname = '
             '"estimate_patch"\n\n[[pass]]\nname = "prune_layers"\n\n[[pass]]\nname = '
             '"fuse_patch"\nstrategy = "dense"\n\n') if prune else ""
+    # the calibration is the pruning passes': RTN is not to run it through every layer again
+    tail = "output_error = false\n" if method == "rtn" else ""
     path.write_text(f'name = "scale_{method}"\n{calib}{head}[[pass]]\nname = "fold_norms"\n\n'
                     '[[pass]]\nname = "rotate"\n\n[[pass]]\nname = "quantize_weights"\n'
-                    f'method = "{method}"\nbits = 4\ngroup_size = 128\n')
+                    f'method = "{method}"\nbits = 4\ngroup_size = 128\n{tail}')
     return path
 
 

@@ -121,7 +121,8 @@ SPILL_MIN_BYTES = 1 << 20  # a whole-model pass's new weights from this size on 
 def calibrated(p: PassBase, ctx: PassContext) -> bool:
     """Whether pass `p` reads activations (and so needs the stream entering each layer)."""
     if p.name == "quantize_weights":
-        return getattr(p, "method", "") == "gptq" or ctx.calibration is not None
+        return getattr(p, "method", "") == "gptq" or (ctx.calibration is not None
+                                                      and getattr(p, "output_error", True))
     if p.name == "quantize_activations":
         return getattr(p, "mode", "") != "dynamic_per_token"
     return p.name == "quantize_kv_cache" and getattr(p, "mode", "") == "static_per_head"

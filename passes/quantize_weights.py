@@ -2,7 +2,9 @@
 
 Methods:
 - "rtn": round to nearest, groupwise (optionally with an MSE search of the clip ratio per group).
-  Needs no calibration; with calibration tokens it also reports each linear's output error.
+  Needs no calibration; with calibration tokens it also reports each linear's output error
+  (unless output_error = false: that is a calibration run through every layer, which a recipe
+  calibrating only its pruning passes may not want to pay for on a large model).
 - "gptq": GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
   Pre-trained Transformers", ICLR 2023; the solver is splice.ir.quant.gptq). The Hessian of each
   linear, H = 2 X^T X / n, comes from its inputs on the calibration tokens, collected layer by
@@ -86,7 +88,8 @@ class QuantizeWeightsPass(PassBase):
     mean(diag H)); act_order (GPTQ columns by decreasing diag H, with static groups); block_size
     (GPTQ lazy-batch width); lm_head "keep" | "int8" | "int4"; embeddings "keep" | "int8" (RTN,
     a qembedding op; a tied int8 lm_head with the same groups shares its packed table); roles
-    (linear roles to quantize).
+    (linear roles to quantize); output_error (RTN given calibration tokens: measure each
+    linear's output error on them).
     """
 
     name = "quantize_weights"
@@ -104,6 +107,7 @@ class QuantizeWeightsPass(PassBase):
     lm_head: str = "keep"
     embeddings: str = "keep"
     roles: tuple[str, ...] = DECODER_LINEARS
+    output_error: bool = True
 
     def __post_init__(self) -> None:
         p = f"pass {self.name!r}:"
@@ -168,7 +172,7 @@ class QuantizeWeightsPass(PassBase):
         tables = self._tables(module)
         if not targets and not tables:
             return PassResult(module, False, report)
-        calib = ctx.calibration if targets else None
+        calib = ctx.calibration if targets and self.output_error else None
         if self.method == "gptq" and targets:
             calib = ctx.require_calibration(self.name)
         if calib is not None:

@@ -149,6 +149,19 @@ def test_numeric_logit_error_is_bounded_and_reported(bits, group, tol):
     assert len(report[0]["report"]["layers"]) == 7 * SPECS["llama"].num_layers
 
 
+def test_numeric_rtn_output_error_uses_calibration_unless_declined():
+    ctx = PassContext(calibration=calibration())
+    plain = QuantizeWeightsPass(group_size=16)(tiny_model("llama"))
+    measured = QuantizeWeightsPass(group_size=16)(tiny_model("llama"), ctx)
+    declined = QuantizeWeightsPass(group_size=16, output_error=False)(tiny_model("llama"), ctx)
+    for result in (measured, declined):
+        assert all(torch.equal(result.module.weights[k], plain.module.weights[k])
+                   for k in plain.module.weights)
+    assert all("rel_error" in e for e in measured.report["layers"].values())
+    assert declined.report["layers"] == plain.report["layers"]
+    assert "calibration_tokens" not in declined.report
+
+
 def test_numeric_int8_embedding_rows_dequantize_exactly():
     module = tiny_model("llama")
     table = module.weights["embed.weight"].clone()

@@ -66,6 +66,8 @@ KV8_STATIC = ("quantize_kv_cache", {"mode": "static_per_head"})
 RECIPES = {
     "rtn": ((FOLD, ROTATE, quant()), False),
     "rtn_calibrated": ((FOLD, ROTATE, quant()), True),
+    # calibration tokens given, RTN's output-error run declined: no stream, the same result
+    "rtn_calibration_unused": ((FOLD, ROTATE, quant(output_error=False)), True),
     "gptq": ((FOLD, ROTATE, GPTQ), True),
     "gptq_int8_head": ((FOLD, ROTATE, quant(method="gptq", lm_head="int8")), True),
     "rtn_a8": ((FOLD, ROTATE, quant(), A8), False),
@@ -265,7 +267,7 @@ def test_peak_memory_of_layer_by_layer_mode_stays_bounded(tmp_path):
     """8 layers x hidden 1024 (0.47 GB of float32 weights), rotate + RTN W4: layer by layer the
     peak stays under BOUND (libraries plus about one layer); the in-memory compile, which holds
     the float32 model more than once, exceeds it. Pruning 2 layers and patching the cut first
-    (4 x 512 calibration tokens, which RTN then uses too) stays under 1.5 GB."""
+    (4 x 512 calibration tokens for the whole-model passes) stays under it too."""
     from benchmarks.scale import recipe_file, write_random_llama
 
     write_random_llama(tmp_path / "model", **MID)
@@ -280,9 +282,7 @@ def test_peak_memory_of_layer_by_layer_mode_stays_bounded(tmp_path):
     (tmp_path / "calib.txt").write_text(" ".join(f"w{i % 97} {i}" for i in range(8000)))
     pruned = peak_bytes(tmp_path / "model", recipe_file(tmp_path / "p.toml", "rtn", 4, 512, 2),
                         tmp_path / "lw_prune", True, tmp_path / "calib.txt")
-    # with calibration tokens RTN also measures each linear's output error (X^T X per linear,
-    # float64 activations of 2,048 tokens through each sub-module): a bound of its own
-    assert pruned < 1.5e9, f"prune + patch layer by layer peaked at {pruned / 1e9:.2f} GB"
+    assert pruned < bound, f"prune + patch layer by layer peaked at {pruned / 1e9:.2f} GB"
 
 
 def test_cli_layerwise_flag(tmp_path, capsys):
