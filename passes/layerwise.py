@@ -146,13 +146,13 @@ def check_supported(passes: Sequence[PassBase]) -> None:
         raise LayerwiseError(f"layer-by-layer mode supports the passes {', '.join(SUPPORTED)}; "
                              f"this recipe also has {', '.join(bad)}{why}; compile it in memory "
                              "(layerwise=False) on a machine that holds the model")
-    first = next((p.name for p in passes if p.name in PER_LAYER), None)
-    late = [p.name for p in passes[[p.name for p in passes].index(first):]
-            if p.name in WHOLE_MODEL] if first else []
+    first = next((i for i, p in enumerate(passes) if p.name in PER_LAYER), len(passes))
+    late = [p.name for p in passes[first:] if p.name in WHOLE_MODEL]
     if late:
         raise LayerwiseError(f"layer-by-layer mode runs the whole-model passes "
                              f"({', '.join(WHOLE_MODEL)}) first, then the per-layer ones; this "
-                             f"recipe has {', '.join(late)} after {first}: put it before")
+                             f"recipe has {', '.join(late)} after {passes[first].name}: put it "
+                             "before")
 
 
 def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> list[int]:
