@@ -156,10 +156,7 @@ class LazyWeights(MutableMapping):
         return self._refs[name].load()
 
     def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
-        old = self._refs.pop(name, None)
-        if old is not None and old.path.name.startswith(SPILL_PREFIX) \
-                and not any(r.path == old.path for r in self._refs.values()):
-            old.path.unlink(missing_ok=True)  # a spilled weight overwritten: its file goes
+        self._refs.pop(name, None)  # a spilled file stays: a clone may still read it
         if self._spill is None or tensor.numel() * tensor.element_size() < self._spill_min:
             self._tensors[name] = tensor
             return
