@@ -109,15 +109,23 @@ class TensorRef(RowRange):
         row = math.prod(self.shape[1:]) * itemsize
         start = self.offset + (self.rows[0] * row if self.rows else 0)
         count = math.prod(self.out_shape) * itemsize
-        buf = bytearray(count)
-        with self.path.open("rb") as f:
-            f.seek(start)
-            if f.readinto(buf) != count:
-                raise FrontendError(f"{self.path} is truncated: a tensor needs bytes "
-                                    f"{start}..{start + count}")
+        buf = read_bytes(self.path, start, count, "a tensor")
         t = torch.frombuffer(buf, dtype=self.dtype) if count else torch.empty(0, dtype=self.dtype)
         t = t.reshape(self.out_shape)
         return t.to(torch.float32) if self.out_dtype != self.dtype else t
+
+
+def read_bytes(path: Path, start: int, count: int, what: str) -> bytearray:
+    """`count` bytes of `path` from `start`, with a positioned read into memory the caller owns
+    (no memory map, so no mapped page stays in the resident set); `what` names the reader's
+    object in the error for a file that ends too soon."""
+    buf = bytearray(count)
+    with path.open("rb") as f:
+        f.seek(start)
+        if f.readinto(buf) != count:
+            raise FrontendError(f"{path} is truncated: {what} needs bytes "
+                                f"{start}..{start + count}")
+    return buf
 
 
 def file_refs(path: Path, *, as_float32: bool = False) -> dict[str, TensorRef]:

@@ -56,7 +56,7 @@ import torch
 
 from ..errors import FrontendError
 from ..ir.core import Module
-from .lazy import RowRange, _first_line, bind_lazy, meta_model
+from .lazy import RowRange, _first_line, bind_lazy, meta_model, read_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -118,12 +118,7 @@ class GGUFTensorRef(RowRange):
                 and len(self.raw_shape) >= 2 and self.raw_shape[0] == self.shape[0])
 
     def _read(self, start: int, count: int, shape: tuple[int, ...]) -> np.ndarray:
-        buf = bytearray(count)
-        with self.path.open("rb") as f:
-            f.seek(start)
-            if f.readinto(buf) != count:
-                raise FrontendError(f"{self.path} is truncated: tensor {self.name} needs bytes "
-                                    f"{start}..{start + count}")
+        buf = read_bytes(self.path, start, count, f"tensor {self.name}")
         return np.frombuffer(buf, dtype=self.raw_dtype).reshape(shape)
 
     @staticmethod
