@@ -9,6 +9,7 @@ internal failure (a bug: the message says so; --debug shows the traceback for ei
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
@@ -44,6 +45,8 @@ def _export_options(a: argparse.Namespace) -> dict:
 
 
 def cmd_compile(a: argparse.Namespace) -> int:
+    with _sigint_deferred():  # a Ctrl-C inside onnx_ir's nanobind import would abort the process
+        import onnx_ir  # noqa: F401
     from .api import compile
 
     from .distributed import launched_by_torchrun
@@ -282,6 +285,27 @@ def _on_sigint(signum, frame) -> None:
     global _sigint_seen
     _sigint_seen = True
     signal.default_int_handler(signum, frame)
+
+
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C until the block ends, then raise it as KeyboardInterrupt. For imports of
+    native extensions that cannot take one: a nanobind module interrupted while it initialises
+    ends the process with std::terminate, not with an exception splice can report."""
+    held: list[int] = []
+    try:
+        before = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    except ValueError:  # not the main thread: signals are not ours to touch
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+    if held:
+        global _sigint_seen
+        _sigint_seen = True
+        raise KeyboardInterrupt
 
 
 def _interrupted(e: BaseException) -> bool:
