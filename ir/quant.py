@@ -173,6 +173,23 @@ class QuantizedWeight:
         w = (q - self.zeros.to(dtype)[..., None]) * self.scales.to(dtype)[..., None]
         return w.reshape(n, -1)[:, :k]
 
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        return dataclasses.replace(self, codes=self.codes[start:stop],
+                                  scales=self.scales[start:stop], zeros=self.zeros[start:stop])
+
+    def rel_error(self, weight: torch.Tensor) -> float:
+        """||dequantize() - weight|| / ||weight|| in float64, a block of rows at a time."""
+        n, k = self.codes.shape
+        chunks = _row_chunks(n, k)
+        err = ref = 0.0
+        for i in chunks:
+            w = weight[i:i + chunks.step].detach().to(torch.float64)
+            err += float((self.rows(i, i + chunks.step).dequantize() - w).square().sum())
+            ref += float(w.square().sum())
+        if ref == 0:  # an all-zero weight: exact, or infinitely off
+            return 0.0 if err == 0 else math.inf
+        return math.sqrt(err / ref)
+
     def packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(B, scales, zero points or None when symmetric) in the MatMulNBits layout."""
         zp = None if self.symmetric else self.zeros.to(torch.float32).contiguous() \
@@ -258,18 +275,37 @@ def _check_float_zero(bits: int, symmetric: bool, float_zero: bool) -> None:
                       f"8-bit form with float zero points); got bits={bits}, symmetric={symmetric}")
 
 
+# RTN and its error work on this many weight elements at a time: rows are independent, and a whole
+# float64 copy of an embedding-sized table (with the clip search's temporaries) is what a large
+# model's compile cannot spare
+ROW_CHUNK_ELEMENTS = 1 << 22
+
+
+def _row_chunks(n: int, k: int) -> range:
+    return range(0, n, max(1, ROW_CHUNK_ELEMENTS // max(k, 1)))
+
+
 def rtn(weight: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False,
         clip: bool = False, float_zero: bool = False) -> QuantizedWeight:
-    """Round-to-nearest quantization of `weight` [N, K] in groups of `group_size` along K."""
+    """Round-to-nearest quantization of `weight` [N, K] in groups of `group_size` along K, in
+    float64, a block of rows at a time."""
     n, k = weight.shape
     blocks = check_format(bits, group_size, k, n)
     _check_float_zero(bits, symmetric, float_zero)
-    w = _pad_edge(weight.detach().to(torch.float64), blocks * group_size)
-    w = w.reshape(n, blocks, group_size)
-    scale, zero = _params(w, bits, symmetric, clip, float_zero)
-    codes = quantize_codes(w, scale[..., None], zero[..., None], bits)
-    return _result(codes.reshape(n, -1)[:, :k], scale, zero, bits, group_size, symmetric,
-                   float_zero)
+    step = _row_chunks(n, k).step
+    parts = []
+    for i in range(0, n, step):
+        w = _pad_edge(weight[i:i + step].detach().to(torch.float64), blocks * group_size)
+        w = w.reshape(-1, blocks, group_size)
+        scale, zero = _params(w, bits, symmetric, clip, float_zero)
+        codes = quantize_codes(w, scale[..., None], zero[..., None], bits)
+        parts.append(_result(codes.reshape(w.shape[0], -1)[:, :k], scale, zero, bits, group_size,
+                             symmetric, float_zero))
+    if len(parts) == 1:
+        return parts[0]
+    return dataclasses.replace(parts[0], codes=torch.cat([p.codes for p in parts]),
+                               scales=torch.cat([p.scales for p in parts]),
+                               zeros=torch.cat([p.zeros for p in parts]))
 
 
 @dataclasses.dataclass

@@ -186,7 +186,7 @@ class QuantizeWeightsPass(PassBase):
                 w = module.weight(node.inputs[1])
                 qw = quant.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
                                float_zero=self._float_zero(bits))
-                rel = ((qw.dequantize() - w.double()).norm() / w.double().norm()).item()
+                rel = qw.rel_error(w)
                 results[id(node)] = qw
                 report["layers"][label(node)] = {"weight_rel_error": rel}
         before = sum(module.weight(n.inputs[1]).numel() * module.weight(n.inputs[1]).element_size()

@@ -239,3 +239,16 @@ def test_quantizers_keep_codes_in_range_and_round_trip_exactly():
         plain = quant.rtn(w, bits, 32, symmetric=False)
         clipped = quant.rtn(w, bits, 32, symmetric=False, clip=True)
         assert ((clipped.dequantize() - w) ** 2).sum() <= ((plain.dequantize() - w) ** 2).sum()
+
+
+@pytest.mark.parametrize("float_zero", [False, True])
+def test_rtn_and_its_error_by_blocks_of_rows_equal_the_whole_weight(monkeypatch, float_zero):
+    w = random_weight(37, 80, 4)  # 80 inputs: a partial last group of 32
+    whole = quant.rtn(w, 4, 32, clip=True, float_zero=float_zero)
+    direct = float((whole.dequantize() - w.double()).norm() / w.double().norm())
+    monkeypatch.setattr(quant, "ROW_CHUNK_ELEMENTS", 5 * 80)  # 5 rows a block, 2 in the last
+    rows = quant.rtn(w, 4, 32, clip=True, float_zero=float_zero)
+    for a, b in zip((whole.codes, whole.scales, whole.zeros), (rows.codes, rows.scales, rows.zeros)):
+        assert torch.equal(a, b)
+    assert rows.rel_error(w) == pytest.approx(direct, rel=1e-12)
+    assert quant.rtn(torch.zeros(3, 32), 4, 32).rel_error(torch.zeros(3, 32)) == 0.0
