@@ -84,6 +84,14 @@ class DistillPatchPass(PassBase):
                                                                       self.name)
         patch = next((p for p in find_patches(module.graph)
                       if p.x is x_in and p.dangling(module.graph)), None)
+        mlp = next((p for p in find_patches(module.graph) if p.form == "mlp"
+                    and p.dangling(module.graph) and p.x.producer is not None
+                    and p.x.producer.inputs[0] is x_in), None)
+        if mlp is not None:
+            raise PassError(f"{self.name}: the patch waiting on %{x_in.name} is an MLP patch "
+                            f"(%{mlp.y.name}, estimate_patch kind 'mlp'), trained already; "
+                            "distill_patch trains a linear patch (kind 'lstsq', 'linearpatch' "
+                            "or 'auto')")
         if patch is None:
             raise PassError(f"{self.name}: no patch waits on %{x_in.name} (the stream entering "
                             f"layer {start}); run estimate_patch first")

@@ -74,7 +74,9 @@ from .rotation import random_signs
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("linearpatch", "lstsq", "auto")
+KINDS = ("linearpatch", "lstsq", "auto", "mlp")
+MLP_OPS = ["rms_norm", "linear", "linear", "silu", "mul", "linear", "add"]
+MLP_EPS = 1e-6  # the MLP patch's rms_norm
 BASES = ("hadamard", "r1")
 SIGNED_OPS = ["channel_scale", "hadamard", "channel_scale", "hadamard", "channel_scale"]
 
@@ -87,7 +89,9 @@ class Patch:
     (hadamard, channel_scale, hadamard), "signed" (channel_scale(sigma), hadamard,
     channel_scale(s), hadamard, channel_scale(sigma): LinearPatch in a signed Hadamard basis),
     "scale" (one channel_scale: what a signed patch becomes in a model rotated by the same signed
-    Hadamard matrix), "dense" (one matmul) or "other"."""
+    Hadamard matrix), "dense" (one matmul), "mlp" (the residual block u + down(silu(gate(z)) *
+    up(z)), z = rms_norm(u), that follows a dense patch in estimate_patch's kind "mlp"; not
+    linear) or "other"."""
 
     nodes: list[Node]
     x: Value
@@ -110,6 +114,8 @@ class Patch:
             return ((sigma[:, None] * h * self.scale(module)) @ h) * sigma
         if self.form == "scale":
             return torch.diag(self.scale(module))
+        if self.form == "mlp":
+            raise PassError(f"patch %{self.y.name} is an MLP patch: it is not one matrix")
         raise PassError(f"patch %{self.y.name} has an unknown form "
                         f"({' -> '.join(n.op for n in self.nodes)})")
 
@@ -148,6 +154,8 @@ def find_patches(graph: Graph) -> list[Patch]:
 
 
 def _chain_ending_at(node: Node) -> list[Node]:
+    if node.op == "add":
+        return _mlp_block_ending_at(node) or [node]
     if node.op == "channel_scale":
         chain = [node]
         while len(chain) < 5:
@@ -163,6 +171,24 @@ def _chain_ending_at(node: Node) -> list[Node]:
         if first is not None and first.op == "hadamard":
             return [first, scale, node]  # type: ignore[list-item]
     return [node]
+
+
+def _mlp_block_ending_at(add: Node) -> list[Node] | None:
+    """[rms_norm, gate, up, silu, mul, down, add] of an MLP patch ending at `add`, else None."""
+    def made(v: Value | None, op: str) -> Node | None:
+        p = v.producer if v is not None else None
+        return p if p is not None and p.role == "patch" and p.op == op else None
+
+    down = made(add.inputs[1], "linear")
+    mul = made(down.inputs[0], "mul") if down is not None else None
+    act = made(mul.inputs[0], "silu") if mul is not None else None
+    gate = made(act.inputs[0], "linear") if act is not None else None
+    up = made(mul.inputs[1], "linear") if mul is not None else None
+    norm = made(gate.inputs[0], "rms_norm") if gate is not None else None
+    if norm is None or up is None or up.inputs[0] is not norm.output \
+            or norm.inputs[0] is not add.inputs[0]:
+        return None
+    return [norm, gate, up, act, mul, down, add]  # type: ignore[list-item]
 
 
 def _patch_producer(node: Node) -> Node | None:
@@ -187,6 +213,9 @@ def _form(chain: list[Node]) -> str:
 
     if ops == ["matmul"] and const(chain[0]):
         return "dense"
+    if ops == MLP_OPS and all(const(n) for n in chain if n.op == "linear") \
+            and (len(chain[0].inputs) < 2 or chain[0].inputs[1] is None):
+        return "mlp"
     if ops == ["channel_scale"] and const(chain[0]):
         return "scale"
     if ops == ["hadamard", "channel_scale", "hadamard"] and const(chain[1]) \
@@ -250,6 +279,30 @@ def emit_patch(module: Module, x: Value, *, matrix: torch.Tensor | None = None,
     assert matrix is not None
     w = module.add_weight(base + ".weight", matrix.to(dtype))
     return emit(g, "matmul", [x, w], name=base, **meta, **place).output
+
+
+def emit_mlp_patch(module: Module, u: Value, mlp: MLPWeights, *, dtype: torch.dtype,
+                   base: str, origin: str, after: Node) -> Value:
+    """Insert the MLP patch's residual block on `u` (a dense patch's output): u + down(silu(
+    gate(z)) * up(z)), z = rms_norm(u) without a weight; returns its output (named `base`)."""
+    g = module.graph
+    place: dict[str, Any] = {"after": after}
+    meta = {"role": "patch", "origin": origin}
+
+    def add(op: str, inputs: list[Value], attrs: dict | None, name: str) -> Value:
+        node = emit(g, op, inputs, attrs, name=name, **meta, **place)
+        _advance(place, node)
+        return node.output
+
+    def weight(name: str, t: torch.Tensor) -> Value:
+        return module.add_weight(base + name, t.to(dtype))
+
+    z = add("rms_norm", [u], {"eps": MLP_EPS}, base + ".norm")
+    gate = add("linear", [z, weight(".gate.weight", mlp.gate)], None, base + ".gate")
+    up = add("linear", [z, weight(".up.weight", mlp.up)], None, base + ".up")
+    m = add("mul", [add("silu", [gate], None, base + ".act"), up], None, base + ".mul")
+    down = add("linear", [m, weight(".down.weight", mlp.down)], None, base + ".down")
+    return add("add", [u, down], None, base)
 
 
 def _advance(place: dict[str, Any], node: Node) -> None:
@@ -330,6 +383,55 @@ def stream_errors(x: torch.Tensor, y: torch.Tensor, reduce=None) -> dict[str, fl
     return {"token_rel": tok_rel / n, "cosine": cosine / n, "rel_mse": sq_all / yy_all}
 
 
+@dataclasses.dataclass
+class MLPWeights:
+    """The MLP patch x -> u + down(silu(gate(z)) * up(z)), u = x T, z = u / rms(u): T [d, d] and
+    the gate, up [r, d] and down [d, r] weights (linear's [out, in])."""
+
+    t: torch.Tensor
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        u = x @ self.t.to(x.dtype)
+        z = u * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + MLP_EPS)
+        h = torch.nn.functional.silu(z @ self.gate.T.to(x.dtype)) * (z @ self.up.T.to(x.dtype))
+        return u + h @ self.down.T.to(x.dtype)
+
+
+def fit_mlp_patch(x: torch.Tensor, y: torch.Tensor, t: torch.Tensor, *, rank: int, steps: int,
+                  lr: float, batch: int, seed: int, pass_name: str) -> MLPWeights:
+    """T (the least-squares patch) and a gated MLP on the stream after it, trained together by
+    AdamW with a cosine schedule on the per-token relative error sum_t ||f(x_t) - y_t||^2 /
+    ||y_t||^2 (what the least-squares fit minimises), `batch` tokens a step drawn with `seed`, in
+    float32. The down projection starts at zero, so training starts from the least-squares patch.
+    """
+    d = x.shape[-1]
+    gen = torch.Generator().manual_seed(seed)
+    xf, yf = x.to(torch.float32), y.to(torch.float32)
+    w = 1.0 / yf.pow(2).sum(-1).clamp_min(1e-30)
+    leaves = [t.to(torch.float32).clone(), torch.randn(rank, d, generator=gen) / math.sqrt(d),
+              torch.randn(rank, d, generator=gen) / math.sqrt(d), torch.zeros(d, rank)]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    f = MLPWeights(*leaves)
+    with torch.enable_grad():
+        opt = torch.optim.AdamW(leaves, lr=lr, weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        for _ in range(steps):
+            idx = torch.randint(x.shape[0], (min(batch, x.shape[0]),), generator=gen)
+            loss = (w[idx] * (f(xf[idx]) - yf[idx]).pow(2).sum(-1)).mean()
+            if not torch.isfinite(loss):
+                raise PassError(f"{pass_name}: the MLP patch's training diverged (loss {loss}); "
+                                "lower mlp_lr")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    return MLPWeights(*(leaf.detach().to(torch.float64) for leaf in leaves))
+
+
 # -- the pass ----------------------------------------------------------------------------------
 
 @register_pass
@@ -337,7 +439,9 @@ def stream_errors(x: torch.Tensor, y: torch.Tensor, reduce=None) -> dict[str, fl
 class EstimatePatchPass(PassBase):
     """Fit the patch for the selected block and leave it waiting on the stream entering it.
 
-    Settings: `kind` ("linearpatch", "lstsq" or "auto": the better on held-out tokens), `ridge`
+    Settings: `kind` ("linearpatch", "lstsq", "auto": the better of those two on held-out
+    tokens, or "mlp": the least-squares patch and a gated MLP after it trained together, see
+    `fit_mlp_patch`; `mlp_rank`, `mlp_steps`, `mlp_lr`, `mlp_batch` set it), `ridge`
     (least-squares regulariser towards the identity, relative to the mean diagonal of X^T X),
     `token_weights` (least squares on per-token relative error), `holdout` (share of the
     calibration tokens kept out of the fit to compare the two), `start`/`n`/`allow_first` (the
@@ -349,7 +453,7 @@ class EstimatePatchPass(PassBase):
     name = "estimate_patch"
     exact = True
 
-    kind: Literal["linearpatch", "lstsq", "auto"] = "auto"
+    kind: Literal["linearpatch", "lstsq", "auto", "mlp"] = "auto"
     ridge: float = 1e-2
     token_weights: bool = True
     holdout: float = 0.25
@@ -358,6 +462,10 @@ class EstimatePatchPass(PassBase):
     allow_first: bool = False
     basis: Literal["hadamard", "r1"] = "hadamard"
     basis_seed: int = 0
+    mlp_rank: int = 128
+    mlp_steps: int = 2000
+    mlp_lr: float = 1e-3
+    mlp_batch: int = 2048
 
     def _check(self) -> None:
         if self.kind not in KINDS:
@@ -371,6 +479,12 @@ class EstimatePatchPass(PassBase):
             raise PassError(f"{self.name}: ridge = {self.ridge}; it must be a finite number >= 0")
         if not 0 <= self.holdout < 1:
             raise PassError(f"{self.name}: holdout = {self.holdout}; it must be in [0, 1)")
+        for key in ("mlp_rank", "mlp_steps", "mlp_batch"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise PassError(f"{self.name}: {key} = {v!r}; it must be an integer >= 1")
+        if not 0 < self.mlp_lr < math.inf:
+            raise PassError(f"{self.name}: mlp_lr = {self.mlp_lr}; it must be a finite number > 0")
         if self.kind == "auto" and self.holdout == 0:
             raise PassError(f"{self.name}: kind 'auto' compares the patches on held-out tokens; "
                             "give holdout > 0, or choose kind 'linearpatch' or 'lstsq'")
@@ -392,9 +506,15 @@ class EstimatePatchPass(PassBase):
             module.config = module.config.replace(extra={**module.config.extra,
                                                          "prune_block": [start, n]})
             modified = True
-        stale = [p for p in find_patches(g) if p.dangling(g) and p.x is not x_in]
-        for p in stale:
-            remove_patch(module, p)
+        stale: list[Patch] = []
+        while True:  # removing an MLP block leaves its dense patch dangling: stale in turn
+            waiting = {id(n) for n in dangling_patch(g, x_in) or []}
+            more = [p for p in find_patches(g) if p.dangling(g) and id(p.nodes[0]) not in waiting]
+            if not more:
+                break
+            for p in more:
+                remove_patch(module, p)
+            stale += more
         recorded_bases = module.config.extra.get("patch_basis", {})
         if any(p.y.name in recorded_bases for p in stale):
             kept = {k: v for k, v in recorded_bases.items() if k not in {p.y.name for p in stale}}
@@ -456,13 +576,22 @@ class EstimatePatchPass(PassBase):
         if self.kind in ("linearpatch", "auto"):
             scale = linearpatch_scale(xi[fit], xo[fit], q, reduce=ctx.reduce)
             candidates["linearpatch"] = (q * scale) @ q.T
-        if self.kind in ("lstsq", "auto"):
+        if self.kind == "mlp" and ctx.reducer.world_size > 1:
+            raise PassError(f"{self.name}: kind 'mlp' trains on one process's tokens; across "
+                            f"{ctx.reducer.world_size} processes use kind 'lstsq' or 'auto'")
+        if self.kind in ("lstsq", "auto", "mlp"):
             candidates["lstsq"] = ridge_lstsq(xi[fit], xo[fit], self.ridge, self.name,
                                               token_weights=self.token_weights,
                                               reduce=ctx.reduce)
         errors = {"none": stream_errors(xi[hold], xo[hold], ctx.reduce)}
         errors.update({k: stream_errors(xi[hold] @ m, xo[hold], ctx.reduce)
                        for k, m in candidates.items()})
+        mlp = None
+        if self.kind == "mlp":
+            mlp = fit_mlp_patch(xi[fit], xo[fit], candidates["lstsq"], rank=self.mlp_rank,
+                                steps=self.mlp_steps, lr=self.mlp_lr, batch=self.mlp_batch,
+                                seed=ctx.seed, pass_name=self.name)
+            errors["mlp"] = stream_errors(mlp(xi[hold]), xo[hold], ctx.reduce)
         if self.kind == "auto":
             chosen = min(candidates, key=lambda k: (errors[k]["token_rel"], k))
         else:
@@ -474,6 +603,13 @@ class EstimatePatchPass(PassBase):
             out = emit_patch(module, x_in, scale=scale, signs=signs, dtype=storage_dtype(module),
                              base=base, origin=self.name, before=anchor)
             form = "factored" if signs is None else "signed"
+        elif mlp is not None:
+            u = emit_patch(module, x_in, matrix=mlp.t, dtype=storage_dtype(module),
+                           base=base + ".linear", origin=self.name, before=anchor)
+            assert u.producer is not None
+            out = emit_mlp_patch(module, u, mlp, dtype=storage_dtype(module), base=base,
+                                 origin=self.name, after=u.producer)
+            form = "mlp"
         else:
             out = emit_patch(module, x_in, matrix=candidates[chosen], dtype=storage_dtype(module),
                              base=base, origin=self.name, before=anchor)
@@ -487,6 +623,10 @@ class EstimatePatchPass(PassBase):
             "tokens_holdout": int(hold_all.numel()), "rotation": rot, "factors": factors,
             "symmetric": symmetric, "ridge": self.ridge, "token_weights": self.token_weights,
             "warnings": warnings}
+        if mlp is not None:
+            report["mlp"] = {"rank": self.mlp_rank, "steps": self.mlp_steps, "lr": self.mlp_lr,
+                             "batch": self.mlp_batch,
+                             "parameters": sum(t.numel() for t in vars(mlp).values())}
         if chosen == "linearpatch":
             report["basis"] = {"basis": self.basis if signs is not None else rot, "size": d,
                                **({"seed": self.basis_seed} if signs is not None else {})}

@@ -15,6 +15,10 @@ Strategies (each applies to every patch in the graph):
   Signed patches (estimate_patch basis "r1") and channel scales are kept as they are.
 - "auto": keep factored, signed and channel-scale patches and convert the dense ones that "fwht"
   can convert exactly; never fails, always exact.
+
+An MLP patch (estimate_patch kind "mlp": a dense patch, then a gated MLP block on the stream) is
+not linear: its MLP block stays as it is under every strategy but "fold", which refuses it, and
+its dense part is treated as any dense patch.
 - "fold": ReplaceMe's fold (Shopkhoev et al. 2025, "ReplaceMe: Network Simplification via Layer
   Pruning and Linear Transformations"): remove the patch and fold a d x d map T into the
   down_proj of the layer before the cut. The patched stream is (y + m) P, with y the stream after
@@ -89,7 +93,12 @@ class FusePatchPass(PassBase):
                 raise PassError(f"{self.name}: patch %{p.y.name} is "
                                 f"{' -> '.join(n.op for n in p.nodes)}; accepted forms: one "
                                 "matmul, one channel_scale, hadamard -> channel_scale -> "
-                                "hadamard, or that between two channel_scale(sigma)")
+                                "hadamard, that between two channel_scale(sigma), or an MLP "
+                                "patch's block")
+            if p.form == "mlp" and self.strategy == "fold":
+                raise PassError(f"{self.name}: strategy 'fold' folds a linear patch into a "
+                                f"down_proj; %{p.y.name} is an MLP patch (estimate_patch kind "
+                                "'mlp'), which has no such fold; use strategy 'dense' or 'auto'")
         done: list[dict[str, Any]] = []
         # one patch at a time, re-reading the graph: a rewrite replaces the patch's values, and
         # the next patch may read them (two patches in a row); names are kept, so they identify
@@ -99,7 +108,9 @@ class FusePatchPass(PassBase):
             if p is None:
                 break
             handled.add(p.y.name)
-            if self.strategy == "dense":
+            if p.form == "mlp":  # not linear: it runs as it is, after its dense patch
+                entry = {"patch": p.y.name, "from": "mlp", "to": "mlp", "changed": False}
+            elif self.strategy == "dense":
                 entry = _to_dense(module, p, self.name)
             elif self.strategy == "fold":
                 entry = _fold(module, ctx, p, self.ridge, self.name)

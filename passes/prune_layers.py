@@ -127,20 +127,27 @@ def check_block_size(n: int, L: int, pass_name: str) -> None:
 
 
 def dangling_patch(graph: Graph, x_in: Value) -> list[Node] | None:
-    """The patch waiting on `x_in`: a chain of role "patch" nodes, each reading the previous one,
-    the first reading x_in, whose last output nothing uses yet (what estimate_patch leaves)."""
-    for first, _ in x_in.uses:
+    """The patch waiting on `x_in` (what estimate_patch leaves): from a role "patch" reader of
+    x_in, the role "patch" nodes reached through role "patch" nodes (a chain, or a dense patch
+    and the MLP block after it), in graph order, whose values nothing else reads and whose last
+    output nothing reads yet."""
+    for first in x_in.users():
         if first.role != "patch":
             continue
-        chain = [first]
-        while True:
-            out = chain[-1].outputs[0]
-            nxt = [u for u in out.users() if u.role == "patch"]
-            if len(nxt) != 1 or len(out.uses) != 1:
-                break
-            chain.append(nxt[0])
-        if not chain[-1].outputs[0].uses and chain[-1].outputs[0] not in graph.outputs:
-            return chain
+        region, seen, frontier = [first], {id(first)}, list(first.outputs)
+        while frontier:
+            for user in frontier.pop().users():
+                if user.role == "patch" and id(user) not in seen:
+                    seen.add(id(user))
+                    region.append(user)
+                    frontier.extend(user.outputs)
+        region.sort(key=graph.nodes.index)
+        last = region[-1].outputs[0]
+        inner = [v for n in region for v in n.outputs if v is not last]
+        if not last.uses and last not in graph.outputs and all(
+                v.uses and v not in graph.outputs and all(id(u) in seen for u in v.users())
+                for v in inner):
+            return region
     return None
 
 

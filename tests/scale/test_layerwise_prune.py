@@ -51,6 +51,11 @@ RECIPES = {
     # Gemma 2's sandwich post-norms absorbed first, so that rotate's R1 can run
     "absorb_gemma2": ((("absorb_post_norm", {"max_spread": math.inf}), FOLD, ROTATE, GPTQ),
                       {**VARIANTS["gemma2"], "num_layers": 2}),
+    # the MLP patch (least squares and a gated MLP block): rotate rotates both in the part of
+    # the layer after the cut
+    "mlp_patch_rotate": ((SELECT, ("estimate_patch", {"kind": "mlp", "mlp_rank": 8,
+                                                      "mlp_steps": 20, "mlp_batch": 64}),
+                          PRUNE, AUTO, FOLD, ROTATE, GPTQ), {}),
     # whole-model passes only: no per-layer phase
     "prune_only": ((SELECT, ("estimate_patch", {}), PRUNE), {}),
 }
