@@ -14,6 +14,9 @@ The last column distils the chosen patch (distill_patch: top-50 KL to the unprun
 cosine schedule) before pruning: always on stories260K, on SmolLM2 with --distill, which also
 gives SmolLM2's trade-off table on the n = 4 block: the least-squares patch on 4x the calibration
 (64 x 512 tokens), and distillation settings from short sequences to full 512-token rows.
+The MLP patch (estimate_patch kind "mlp": least squares and a gated MLP block of rank 128 trained
+by regression on the calibration streams) runs on the n = 4 block with 64 and 256 x 512 tokens
+(stories260K: 2x its calibration, rank 32), and as a row of the deployed forms.
 
 Perplexity runs through the ONNX artefact in float32. Calibration activations are taken
 in float32 (`PassContext.precision`, float64 by default, 6x slower on this CPU); the patch fits are
@@ -62,9 +65,10 @@ def _ppl(module, ids: list[int], window: int, bos: int | None) -> float:
         return perplexity(lambda x: art.logits(x)[0], ids, window=window, bos=bos)["ppl"]
 
 
-def _patched(module, ctx, kind: str, start: int, n: int, distill: dict | None = None):
+def _patched(module, ctx, kind: str, start: int, n: int, distill: dict | None = None,
+             **estimate):
     """(module after estimate [-> distill] -> prune -> fuse(auto) -> fold_norms, the reports of
-    estimate_patch and distill_patch)."""
+    estimate_patch and distill_patch); `estimate`: more estimate_patch settings."""
     from splice.passes.distill_patch import DistillPatchPass
     from splice.passes.estimate_patch import EstimatePatchPass
     from splice.passes.fold_norms import FoldNormsPass
@@ -72,7 +76,8 @@ def _patched(module, ctx, kind: str, start: int, n: int, distill: dict | None = 
     from splice.passes.prune_layers import PruneLayersPass
 
     m = module.clone()
-    report = EstimatePatchPass(kind=kind, start=start, n=n, allow_first=True)(m, ctx).report
+    report = EstimatePatchPass(kind=kind, start=start, n=n, allow_first=True, **estimate)(
+        m, ctx).report
     trained = DistillPatchPass(**distill)(m, ctx).report if distill else {}
     for p in (PruneLayersPass(), FusePatchPass(strategy="auto"), FoldNormsPass()):
         p(m, ctx)
@@ -142,7 +147,7 @@ def _patch_params(module) -> int:
 
 
 def _fusion_rows(module, ctx, eval_ids, window, bos, start: int, n: int,
-                 prompt: list[int]) -> list[dict[str, Any]]:
+                 prompt: list[int], mlp: dict) -> list[dict[str, Any]]:
     """Each deployed form of the patch on block [start, start + n): its extra parameters,
     perplexity and decode speed through the ONNX backend, beside the unpatched pruned model
     and the dense model. LinearPatch rows use the training-free patch; "rotated" estimates it in
@@ -178,6 +183,8 @@ def _fusion_rows(module, ctx, eval_ids, window, bos, start: int, n: int,
              ("least squares, dense matmul", lambda: variant("lstsq", "dense"), "exact"),
              ("least squares, folded into down_proj", lambda: variant("lstsq", "fold"),
               "approximate"),
+             ("least squares + MLP block (estimate_patch kind mlp), as it is",
+              lambda: variant("mlp", "auto", **mlp), "exact"),
              ("rotated model, pruned, no patch", lambda: variant(None, None, rotate=True), "-"),
              ("LinearPatch in R1's basis, rotated: channel scale",
               lambda: variant("linearpatch", "auto", rotate=True, basis="r1"), "exact")]
@@ -199,7 +206,8 @@ def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], 
                    bos: int | None, blocks: list[tuple[int, int | None]],
                    distill: dict | None, fusion_n: int, prompt: list[int],
                    distill_grid: list[dict] = (),
-                   calib_pool: torch.Tensor | None = None) -> dict[str, Any]:
+                   calib_pool: torch.Tensor | None = None,
+                   mlp_grid: list[dict] = ()) -> dict[str, Any]:
     from splice.passes.base import PassContext
 
     ctx = PassContext(calibration=calib, seed=0, precision=torch.float32)
@@ -214,8 +222,11 @@ def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], 
         res["rows"].append(_block_row(module, ctx, eval_ids, window, bos, n, start, distill))
     row = next(r for r in res["rows"] if r["n"] == fusion_n)
     start = row["block"][0]
+    mlp_fusion = {k: v for k, v in (mlp_grid[0] if mlp_grid else {}).items()
+                  if k != "calib_rows"}
     res["fusion"] = {"block": row["block"], "rows": _fusion_rows(module, ctx, eval_ids, window,
-                                                                 bos, start, fusion_n, prompt)}
+                                                                 bos, start, fusion_n, prompt,
+                                                                 mlp_fusion)}
     res["distill_tradeoff"] = []
     for settings in distill_grid:
         settings = dict(settings)
@@ -229,6 +240,20 @@ def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], 
                                         "seconds": time.perf_counter() - t0,
                                         "ppl": _ppl(m, eval_ids, window, bos), **trained})
         log.info("patch %s: %s", settings, res["distill_tradeoff"][-1])
+    res["mlp_patch"] = []
+    for settings in mlp_grid:  # the least-squares patch and a gated MLP block, by calibration
+        settings = dict(settings)
+        rows = settings.pop("calib_rows", calib.shape[0])
+        c = PassContext(calibration=calib_pool[:rows * calib.shape[1]].reshape(rows, -1),
+                        seed=0, precision=torch.float32) if rows != calib.shape[0] else ctx
+        t0 = time.perf_counter()
+        m, est, _ = _patched(module, c, "mlp", start, fusion_n, **settings)
+        res["mlp_patch"].append({**est["mlp"], "calib_rows": rows, "calib_seq": calib.shape[1],
+                                 "block": row["block"], "seconds": time.perf_counter() - t0,
+                                 "holdout_token_rel": {k: v["token_rel"] for k, v in
+                                                       est["holdout_errors"].items()},
+                                 "ppl": _ppl(m, eval_ids, window, bos)})
+        log.info("mlp patch %s: %s", settings, res["mlp_patch"][-1])
     return res
 
 
@@ -240,7 +265,7 @@ def _smollm2(distill: bool) -> dict[str, Any]:
     tok = module_tokenizer(module)
     calib_ids = list(tok.encode(read_text(WIKI_CALIB)))
     calib = torch.tensor(calib_ids[:16 * 512], dtype=torch.int64).reshape(16, 512)
-    pool = torch.tensor(calib_ids[:64 * 512], dtype=torch.int64)
+    pool = torch.tensor(calib_ids[:256 * 512], dtype=torch.int64)
     eval_ids = list(tok.encode(read_text(WIKI_TEST)))[:16384]
     prompt = list(tok.encode(read_text(WIKI_TEST)[20000:40000]))[:64]
     # least squares alone on 4x the calibration, then distillation: short sequences (the first
@@ -250,9 +275,11 @@ def _smollm2(distill: bool) -> dict[str, Any]:
             dict(calib_rows=64, samples=64, seq_len=512, steps=60, batch=2, lr=1e-4),
             dict(calib_rows=64, samples=64, seq_len=512, steps=150, batch=2, lr=3e-4)] \
         if distill else []
+    # the MLP patch on 64 and 256 rows of 512 (the validation text holds ~535)
+    mlp = [dict(calib_rows=64), dict(calib_rows=256, mlp_steps=4000)]
     return _model_section("SmolLM2-135M", module, calib, eval_ids, 1024, None,
                           [(2, None), (4, None), (6, None), (4, 12)], None, 4, prompt, grid,
-                          pool)
+                          pool, mlp)
 
 
 def _stories(quick: bool) -> dict[str, Any]:
@@ -276,8 +303,9 @@ def _stories(quick: bool) -> dict[str, Any]:
     settings = dict(samples=16, seq_len=64, steps=20, batch=2) if quick else \
         dict(samples=64, seq_len=128, steps=200, batch=4, lr=1e-3)
     prompt = eval_ids[:32]
+    mlp = [dict(calib_rows=2 * rows, mlp_rank=32, mlp_steps=50 if quick else 1000)]
     return _model_section("stories260K", module, calib, eval_ids, window, bos, [(1, None)],
-                          settings, 1, prompt, grid, pool)
+                          settings, 1, prompt, grid, pool, mlp)
 
 
 def run(quick: bool = False, distill_smollm2: bool = False) -> tuple[str, dict]:
@@ -345,6 +373,21 @@ def markdown(figures: dict) -> str:
                 lines.append(f"| {cal} | {d['samples']} x {d['seq_len']} | {d['steps']} | "
                              f"{d['batch']} | {d['lr']:g} | {d['seconds']:.0f} | "
                              f"{d['heldout_kl_before']:.4f} -> {d['heldout_kl_after']:.4f} | "
+                             f"{d['ppl']:.2f} |")
+            lines.append("")
+        if s.get("mlp_patch"):
+            lines += ["The MLP patch of that block (estimate_patch kind mlp: the least-squares "
+                      "patch and a gated MLP block on the stream after it, trained together by "
+                      "AdamW on the per-token relative error of the calibration streams, a "
+                      "quarter held out), by calibration size:", "",
+                      "| calibration | rank | steps | patch parameters | seconds "
+                      "| held-out error: none / least squares / MLP | ppl |",
+                      "| --- | --- | --- | --- | --- | --- | --- |"]
+            for d in s["mlp_patch"]:
+                e = d["holdout_token_rel"]
+                lines.append(f"| {d['calib_rows']} x {d['calib_seq']} | {d['rank']} | "
+                             f"{d['steps']} | {d['parameters']:,} | {d['seconds']:.0f} | "
+                             f"{e['none']:.4f} / {e['lstsq']:.4f} / {e['mlp']:.4f} | "
                              f"{d['ppl']:.2f} |")
             lines.append("")
     ref = figures["reference"]

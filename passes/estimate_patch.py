@@ -16,6 +16,18 @@ gives the unweighted fit. `kind = "auto"` fits both on the calibration tokens mi
 held-out share (`holdout`) and keeps the one with the lower held-out mean per-token relative
 error ||x_t P - y_t||^2 / ||y_t||^2; every error (and the unpatched baseline's) is in the report.
 
+`kind = "mlp"` goes beyond a linear map: the least-squares T, then a gated MLP block on the
+stream after it, u + down(silu(gate(z)) * up(z)) with u = x T and z = rms_norm(u) (no weight),
+trained with T by AdamW (cosine schedule, seeded batches) on the same per-token relative error
+over the fit tokens; the down projection starts at zero, so training starts from least squares.
+The pruned layers' MLPs are token-local and nonlinear, which a d x d map cannot follow (their
+attention, which mixes tokens, no token-local patch can). SmolLM2-135M, block [12, 16), rank
+128: the README's table. It costs d^2 + 3 r d parameters (331,776 + 221,184 at r = 128), runs
+as a dense matmul and an MLP block in every backend, and passes rotate exactly (its norm reads
+the stream, its gate/up read the norm, its down writes the stream through the block's add). It
+trains on one process's tokens (refused across processes), and distill_patch and fuse_patch's
+fold, which take linear patches, refuse it.
+
 Pass order. The pass runs on the unpruned model, after select_layers and before prune_layers: it
 reads the block from config.extra["prune_block"] (or from its own start/n settings, which it then
 records there), measures X_in (the stream entering layer start) and X_out (the stream leaving

@@ -33,3 +33,11 @@ def test_prune_patch_quick_runs():
     assert more["calib_rows"] == 8 and "steps" not in more and more["ppl"] > 0
     assert distilled["steps"] == 5 and distilled["ppl"] > 0
     assert "| 8 x 256 | - |" in text
+    # the MLP patch: least squares and a gated MLP block of rank 32, on twice the calibration
+    (mlp,) = section["mlp_patch"]
+    assert mlp["calib_rows"] == 8 and mlp["rank"] == 32 and mlp["ppl"] > 0
+    assert mlp["parameters"] == d * d + 3 * 32 * d
+    assert set(mlp["holdout_token_rel"]) == {"none", "lstsq", "mlp"}
+    assert forms["least squares + MLP block (estimate_patch kind mlp), as it is"][
+        "patch_params"] == d * d + 3 * 32 * d
+    assert "The MLP patch of that block" in text

@@ -5,6 +5,8 @@ fuse_patch, rotate and the ONNX backend, on tests/tiny.py's random decoders."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -181,3 +183,18 @@ def test_a_stale_mlp_patch_goes_whole():
     assert r.report["removed_stale_patches"] == 2  # the MLP block, then its dense patch
     assert [p.form for p in find_patches(module.graph)] == ["dense"]
     assert not any(k.startswith("patch.1") for k in module.weights)
+
+
+def test_builtin_recipe_prune4_mlp_patch():
+    from splice.passes import PassManager
+    from splice.recipe import Recipe
+
+    recipe = Recipe.named("prune4_mlp_patch")
+    assert [p.name for p in recipe.passes] == ["select_layers", "estimate_patch", "prune_layers",
+                                              "fuse_patch", "fold_norms"]
+    assert (recipe.calibration_samples, recipe.calibration_seq_len) == (256, 512)
+    quick = Recipe("q", [dataclasses.replace(p, **FAST) if p.name == "estimate_patch" else p
+                         for p in recipe.passes])
+    out, report = PassManager(quick.build()).run(model(seed=8, layers=6), ctx(8))
+    assert out.config.num_layers == 2
+    assert [p.form for p in find_patches(out.graph)] == ["dense", "mlp"]
