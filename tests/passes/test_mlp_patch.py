@@ -12,25 +12,18 @@ import torch
 
 from splice.frontend.decoder import build_decoder
 from splice.ir import Module
-from splice.passes import PassContext, PassError
+from splice.passes import PassError
 from splice.passes.distill_patch import DistillPatchPass
 from splice.passes.estimate_patch import EstimatePatchPass, MLPWeights, find_patches
 from splice.passes.fold_norms import FoldNormsPass
 from splice.passes.fuse_patch import FusePatchPass
 from splice.passes.prune_layers import PruneLayersPass
 from splice.passes.rotate import RotatePass
-from tests.passes.test_patch_rotated import ctx, ids, logits64, model, rel
+from tests.passes.test_patch_rotated import (  # noqa: F401 (one_thread: autouse)
+    ctx, ids, logits64, model, one_thread, rel)
 from tests.tiny import tiny_spec, tiny_weights
 
 FAST = dict(mlp_rank=16, mlp_steps=150, mlp_lr=3e-3, mlp_batch=128)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def estimated(seed: int = 0, dtype: torch.dtype = torch.float64, **settings) -> tuple[Module, dict]:
