@@ -14,9 +14,11 @@ The last column distils the chosen patch (distill_patch: top-50 KL to the unprun
 cosine schedule) before pruning: always on stories260K, on SmolLM2 with --distill, which also
 gives SmolLM2's trade-off table on the n = 4 block: the least-squares patch on 4x the calibration
 (64 x 512 tokens), and distillation settings from short sequences to full 512-token rows.
-The MLP patch (estimate_patch kind "mlp": least squares and a gated MLP block of rank 128 trained
-by regression on the calibration streams) runs on the n = 4 block with 64 and 256 x 512 tokens
-(stories260K: 2x its calibration, rank 32), and as a row of the deployed forms.
+The MLP patch (estimate_patch kind "mlp": least squares and a gated MLP block trained by
+regression on the calibration streams) runs on the n = 4 block with 64 and 256 x 512 tokens
+(rank 128) and 512 x 512 (rank 512, the recipe prune4_mlp_patch's setting; stories260K: 2x its
+calibration, rank 32), and as a row of the deployed forms (the last setting's rank and steps,
+on the 16 x 512 tokens of the other rows).
 
 Perplexity runs through the ONNX artefact in float32. Calibration activations are taken
 in float32 (`PassContext.precision`, float64 by default, 6x slower on this CPU); the patch fits are
@@ -222,8 +224,8 @@ def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], 
         res["rows"].append(_block_row(module, ctx, eval_ids, window, bos, n, start, distill))
     row = next(r for r in res["rows"] if r["n"] == fusion_n)
     start = row["block"][0]
-    mlp_fusion = {k: v for k, v in (mlp_grid[0] if mlp_grid else {}).items()
-                  if k != "calib_rows"}
+    mlp_fusion = {k: v for k, v in (mlp_grid[-1] if mlp_grid else {}).items()
+                  if k != "calib_rows"}  # the largest patch's shape, on this section's tokens
     res["fusion"] = {"block": row["block"], "rows": _fusion_rows(module, ctx, eval_ids, window,
                                                                  bos, start, fusion_n, prompt,
                                                                  mlp_fusion)}
@@ -265,7 +267,7 @@ def _smollm2(distill: bool) -> dict[str, Any]:
     tok = module_tokenizer(module)
     calib_ids = list(tok.encode(read_text(WIKI_CALIB)))
     calib = torch.tensor(calib_ids[:16 * 512], dtype=torch.int64).reshape(16, 512)
-    pool = torch.tensor(calib_ids[:256 * 512], dtype=torch.int64)
+    pool = torch.tensor(calib_ids[:512 * 512], dtype=torch.int64)
     eval_ids = list(tok.encode(read_text(WIKI_TEST)))[:16384]
     prompt = list(tok.encode(read_text(WIKI_TEST)[20000:40000]))[:64]
     # least squares alone on 4x the calibration, then distillation: short sequences (the first
@@ -275,8 +277,10 @@ def _smollm2(distill: bool) -> dict[str, Any]:
             dict(calib_rows=64, samples=64, seq_len=512, steps=60, batch=2, lr=1e-4),
             dict(calib_rows=64, samples=64, seq_len=512, steps=150, batch=2, lr=3e-4)] \
         if distill else []
-    # the MLP patch on 64 and 256 rows of 512 (the validation text holds ~535)
-    mlp = [dict(calib_rows=64), dict(calib_rows=256, mlp_steps=4000)]
+    # the MLP patch on 64, 256 and 512 rows of 512 (the validation text holds ~535); the last
+    # is the recipe prune4_mlp_patch's
+    mlp = [dict(calib_rows=64), dict(calib_rows=256, mlp_steps=4000),
+           dict(calib_rows=512, mlp_rank=512, mlp_steps=8000)]
     return _model_section("SmolLM2-135M", module, calib, eval_ids, 1024, None,
                           [(2, None), (4, None), (6, None), (4, 12)], None, 4, prompt, grid,
                           pool, mlp)

@@ -268,16 +268,17 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
         "prune the 4 least important contiguous layers (cosine), bridge the cut with the better "
         "of LinearPatch and a ridge least-squares patch, then fold norms",
         calibration_samples=16, calibration_seq_len=512),
-    # SmolLM2-135M, block [12, 16), WikiText-2: see the README's pruning table (least squares
-    # alone on the same tokens, and distillation, do worse)
+    # SmolLM2-135M, block [12, 16), WikiText-2: 26.94 (81% of the gap to the dense 22.88 from
+    # the pruned 44.11; least squares alone 31.36, distilled 29.38), ~11 min on 2 cores
     "prune4_mlp_patch": lambda: Recipe(
         "prune4_mlp_patch",
-        (("select_layers", {"n": 4}), ("estimate_patch", {"kind": "mlp", "mlp_steps": 4000}),
+        (("select_layers", {"n": 4}),
+         ("estimate_patch", {"kind": "mlp", "mlp_rank": 512, "mlp_steps": 8000}),
          ("prune_layers", {}), ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {})),
         "prune the 4 least important contiguous layers (cosine), bridge the cut with the "
-        "least-squares patch and a gated MLP block (rank 128) trained on the calibration "
+        "least-squares patch and a gated MLP block (rank 512) trained on the calibration "
         "streams, then fold norms",
-        calibration_samples=256, calibration_seq_len=512),
+        calibration_samples=512, calibration_seq_len=512),
     # NPU (--target npu): the HTP wants symmetric per-channel weights; the backend quantizes every
     # activation on static calibrated grids (16-bit, or 8-bit when static int8 nodes are present).
     # Norms stay unfolded: the HTP's RmsNorm takes its scale, and folding it into the weights

@@ -185,7 +185,7 @@ def test_builtin_recipe_prune4_mlp_patch():
     recipe = Recipe.named("prune4_mlp_patch")
     assert [p.name for p in recipe.passes] == ["select_layers", "estimate_patch", "prune_layers",
                                               "fuse_patch", "fold_norms"]
-    assert (recipe.calibration_samples, recipe.calibration_seq_len) == (256, 512)
+    assert (recipe.calibration_samples, recipe.calibration_seq_len) == (512, 512)
     quick = Recipe("q", [dataclasses.replace(p, **FAST) if p.name == "estimate_patch" else p
                          for p in recipe.passes])
     out, report = PassManager(quick.build()).run(model(seed=8, layers=6), ctx(8))
