@@ -269,7 +269,7 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
         "of LinearPatch and a ridge least-squares patch, then fold norms",
         calibration_samples=16, calibration_seq_len=512),
     # SmolLM2-135M, block [12, 16), WikiText-2: 26.94 (81% of the gap to the dense 22.88 from
-    # the pruned 44.11; least squares alone 31.36, distilled 29.38), ~11 min on 2 cores
+    # the pruned 44.11; least squares alone 31.36, distilled 29.38), ~15 min on 2 cores
     "prune4_mlp_patch": lambda: Recipe(
         "prune4_mlp_patch",
         (("select_layers", {"n": 4}),
