@@ -51,8 +51,8 @@ import torch
 from ..ir.core import Module, Node, Value, emit
 from ..ir.hadamard import factorize, hadamard_matrix
 from .base import PassBase, PassContext, PassError, PassResult
-from .estimate_patch import (Patch, emit_patch, find_patches, remove_patch, ridge_lstsq,
-                             stream_errors)
+from .estimate_patch import Patch, emit_patch, find_patches, remove_patch
+from .patch_fits import ridge_lstsq, stream_errors
 from .prune_layers import capture
 from .registry import register_pass
 
