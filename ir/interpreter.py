@@ -46,7 +46,9 @@ def default_feeds(module: Module, input_ids: torch.Tensor, past: dict[str, torch
 
 class Interpreter:
     """Run a module. `capture` names values to keep (or is True for all); `hook(node, outs)` may
-    observe or replace a node's outputs (calibration statistics, fault injection)."""
+    observe or replace a node's outputs (calibration statistics, fault injection); `compute(node,
+    args)` may compute a node in place of its reference (None: the reference), and `grad` keeps
+    autograd on (training through the graph)."""
 
     def __init__(self, module: Module, dtype: torch.dtype = torch.float32):
         self.module = module
@@ -68,8 +70,8 @@ class Interpreter:
         return t
 
     def run(self, feeds: dict[str, torch.Tensor], *, capture: Iterable[str] | bool = (),
-            hook: Callable | None = None,
-            outputs: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+            hook: Callable | None = None, outputs: Iterable[str] | None = None,
+            compute: Callable | None = None, grad: bool = False) -> dict[str, torch.Tensor]:
         """The graph outputs (only those named in `outputs`, when given) and the captured
         values. Every other value is dropped after its last use, so a calibration run that
         needs only the logits, or only captured values, does not keep each layer's present
@@ -92,7 +94,7 @@ class Interpreter:
                     last_use[id(v)] = pos
         names = None if outputs is None else set(outputs)
         wanted = {id(v) for v in g.outputs if names is None or v.name in names}
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             for pos, node in enumerate(g.nodes):
                 args = []
                 for v in node.inputs:
@@ -102,7 +104,9 @@ class Interpreter:
                         args.append(self.weight(v))
                     else:
                         args.append(env[id(v)])
-                outs = get_op(node.op).reference(node.attrs, *args)
+                outs = compute(node, args) if compute is not None else None
+                if outs is None:
+                    outs = get_op(node.op).reference(node.attrs, *args)
                 if hook is not None:
                     replaced = hook(node, outs)
                     if replaced is not None:

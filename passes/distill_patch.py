@@ -100,8 +100,8 @@ class DistillPatchPass(PassBase):
         if module.config.extra.get("distilled") == patch.y.name:
             return PassResult(module, False, {"skipped": f"patch %{patch.y.name} was distilled "
                                               "already"})
-        ids = _sequences(check_calibration(module, ctx, self.name), self.seq_len, self.samples,
-                         self.name)
+        ids = calibration_sequences(check_calibration(module, ctx, self.name), self.seq_len,
+                                    self.samples, self.name)
         report = _train(module, ctx, self, patch, x_out, ids)
         report["block"] = [start, start + n]
         module.config = module.config.replace(extra={**module.config.extra,
@@ -109,7 +109,9 @@ class DistillPatchPass(PassBase):
         return PassResult(module, True, report)
 
 
-def _sequences(calib: torch.Tensor, seq_len: int, samples: int, pass_name: str) -> torch.Tensor:
+def calibration_sequences(calib: torch.Tensor, seq_len: int, samples: int,
+                          pass_name: str) -> torch.Tensor:
+    """Up to `samples` sequences of `seq_len` tokens cut from the calibration rows [rows, len]."""
     if calib.shape[1] < seq_len:
         raise PassError(f"{pass_name}: calibration rows have {calib.shape[1]} tokens, fewer than "
                         f"seq_len = {seq_len}")

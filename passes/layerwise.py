@@ -158,6 +158,11 @@ def check_supported(passes: Sequence[PassBase]) -> None:
 def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> list[int]:
     """Refuse what layer-by-layer mode cannot run; the indices of the calibrated passes."""
     check_supported(passes)
+    tuned = [p.name for p in passes if getattr(p, "tune_steps", 0)]
+    if tuned:
+        raise LayerwiseError("layer-by-layer mode cannot tune the quantized scales end to end "
+                             "(quantize_weights tune_steps > 0 trains through the whole model "
+                             "at each step); set tune_steps = 0, or compile in memory")
     cal = [i for i, p in enumerate(passes) if calibrated(p, ctx)]
     for i in cal:
         if getattr(passes[i], "embeddings", "keep") != "keep":
@@ -171,7 +176,7 @@ def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> list[int]:
 
 def _stream_through(sub: Module, ids: torch.Tensor, dtype: torch.dtype, out: Value) -> torch.Tensor:
     """Run the head and layer stages of `sub` on ids; the stream `out` [tokens, hidden]."""
-    from .quantize_weights import StageRunner
+    from .stages import StageRunner
 
     runner = StageRunner(sub, ids, dtype)
     layer_stage = next(s for s, nodes in enumerate(runner.stages) if nodes[0].layer is not None)

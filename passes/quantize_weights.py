@@ -41,6 +41,12 @@ Symmetric quantization stores no zero points (8 for int4, 128 for int8: MatMulNB
 grid q * s + min of llama.cpp's Q4_1: a model published as Q4_1 with groups of 32, SmolLM2-135M,
 comes back exactly at W4 g32; MatMulNBits then computes in float, slower than int8 compute).
 
+With `tune_steps` > 0 the quantized scales are then tuned end to end: every quantized linear's
+group scales at once, codes and zero points fixed, by distillation from the module as it was
+before this pass (passes/tune_scales.py; `tune_samples` sequences of `tune_seq_len` calibration
+tokens, one step per sequence, `tune_lr`). A whole-model training run: refused across processes
+and in layer-by-layer mode.
+
 Never exact: `exact = False`, the numeric check reports the logit error. A second run finds no
 `linear` of the selected roles and reports modified=False.
 """
@@ -49,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -57,10 +64,11 @@ import torch
 
 from ..ir import quant
 from ..ir.core import Module, Node, emit
-from ..ir.interpreter import default_feeds
-from ..ir.ops import get_op
 from .base import PassBase, PassContext, PassError, PassResult
 from .registry import register_pass
+from .distill_patch import calibration_sequences
+from .stages import StageRunner, stage_hessians
+from .tune_scales import teacher_targets, tune_scales
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +76,6 @@ DECODER_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "
                    "mlp.up_proj", "mlp.down_proj")
 GROUP_SIZES = (0, 16, 32, 64, 128, 256)
 LM_HEAD = {"keep": 0, "int8": 8, "int4": 4}
-CHUNK_TOKENS = 4096          # calibration tokens run through one stage at a time
 MIN_DAMP_FEW_TOKENS = 0.1    # dampening when there are fewer tokens than inputs
 
 
@@ -89,7 +96,8 @@ class QuantizeWeightsPass(PassBase):
     (GPTQ lazy-batch width); lm_head "keep" | "int8" | "int4"; embeddings "keep" | "int8" (RTN,
     a qembedding op; a tied int8 lm_head with the same groups shares its packed table); roles
     (linear roles to quantize); output_error (RTN given calibration tokens: measure each
-    linear's output error on them).
+    linear's output error on them); tune_steps, tune_lr, tune_samples, tune_seq_len (end-to-end
+    tuning of the scales after quantizing, 0 steps = none).
     """
 
     name = "quantize_weights"
@@ -108,6 +116,10 @@ class QuantizeWeightsPass(PassBase):
     embeddings: str = "keep"
     roles: tuple[str, ...] = DECODER_LINEARS
     output_error: bool = True
+    tune_steps: int = 0
+    tune_lr: float = 1e-3
+    tune_samples: int = 128
+    tune_seq_len: int = 512
 
     def __post_init__(self) -> None:
         p = f"pass {self.name!r}:"
@@ -129,6 +141,13 @@ class QuantizeWeightsPass(PassBase):
             raise PassError(f"{p} embeddings {self.embeddings!r}; accepted: keep, int8")
         if self.lm_head not in LM_HEAD:
             raise PassError(f"{p} lm_head {self.lm_head!r}; accepted: {', '.join(LM_HEAD)}")
+        for key in ("tune_steps", "tune_samples", "tune_seq_len"):
+            if getattr(self, key) < (0 if key == "tune_steps" else 2 if key == "tune_samples"
+                                     else 1):
+                raise PassError(f"{p} {key} = {getattr(self, key)}; tune_steps must be >= 0, "
+                                "tune_samples >= 2 (one is held out), tune_seq_len >= 1")
+        if not 0.0 < self.tune_lr < math.inf:
+            raise PassError(f"{p} tune_lr {self.tune_lr} must be a finite number > 0")
         if "lm_head" in self.roles:
             raise PassError(f"{p} the lm_head is chosen by lm_head = 'int8' | 'int4', not roles")
 
@@ -172,6 +191,7 @@ class QuantizeWeightsPass(PassBase):
         tables = self._tables(module)
         if not targets and not tables:
             return PassResult(module, False, report)
+        tuning = self._tuning(module, ctx) if self.tune_steps else None
         calib = ctx.calibration if targets and self.output_error else None
         if self.method == "gptq" and targets:
             calib = ctx.require_calibration(self.name)
@@ -200,6 +220,9 @@ class QuantizeWeightsPass(PassBase):
             if not module.graph.consts[wname].uses:
                 module.graph.remove_const(wname)
                 del module.weights[wname]
+        if tuning is not None:
+            report["tune"] = tune_scales(module, *tuning, steps=self.tune_steps, lr=self.tune_lr,
+                                         seed=ctx.seed, pass_name=self.name)
         report["quantized"] = [label(n) for n, _, _ in targets] + [label(n) for n in tables]
         report["bytes"] = {"float": before, "quantized": after}
         errors = [v["rel_error"] for v in report["layers"].values() if "rel_error" in v]
@@ -218,6 +241,16 @@ class QuantizeWeightsPass(PassBase):
         logger.info("quantize_weights: %s int%d g%d on %d linears in %.1f s", self.method,
                     self.bits, self.group_size, len(targets), report["time_s"])
         return PassResult(module, True, report)
+
+    def _tuning(self, module: Module, ctx: PassContext) -> tuple[torch.Tensor, ...]:
+        """The tuning sequences and the float module's targets on them (before quantizing)."""
+        if ctx.reducer.world_size > 1:
+            raise PassError(f"{self.name}: tune_steps trains on one process's tokens; across "
+                            f"{ctx.reducer.world_size} processes set tune_steps = 0")
+        calib = ctx.require_calibration(self.name)
+        ids = calibration_sequences(calib if calib.dim() == 2 else calib[None],
+                                    self.tune_seq_len, self.tune_samples, self.name)
+        return (ids, *teacher_targets(module, ids))
 
     # -- calibrated quantization -------------------------------------------------------------------
     def _calibrated(self, module: Module, targets: list[tuple[Node, int, int]],
@@ -413,88 +446,3 @@ def _shared(solved: tuple[quant.QuantizedWeight, dict[str, Any]] | None, node: N
     entry = dict(zip(keys, numbers.tolist()))
     entry["dead_inputs"] = int(entry["dead_inputs"])
     return qw, entry
-
-
-def stage_hessians(runner: StageRunner, s: int, wanted: set[int],
-                   reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[int, torch.Tensor]:
-    """X^T X of the inputs of stage s's wanted linears (node ids) over this process's calibration
-    chunks, by input value id (linears reading one value share it), combined over processes by
-    `reduce` (a sum: X^T X over a split token set is the sum of the parts' X^T X)."""
-    xtx: dict[int, torch.Tensor] = {}
-
-    def observe(node: Node, x: torch.Tensor) -> None:
-        # one chunk's X^T X in the working precision, the sum over chunks in float64
-        if id(node) in wanted:
-            x2 = x.reshape(-1, x.shape[-1])
-            part = (x2.T @ x2).to(torch.float64)
-            key = id(node.inputs[0])
-            xtx[key] = xtx[key] + part if key in xtx else part
-    runner.run(s, observe=observe, commit=False)
-    return {k: reduce(v) for k, v in xtx.items()}
-
-
-class StageRunner:
-    """Runs a module's graph one stage at a time over a calibration batch cut into chunks.
-
-    A stage is a maximal run of consecutive nodes with the same `layer` (so each decoder layer is
-    one, and the nodes before, between and after layers are others). Between stages only the values
-    a later stage reads are kept, one environment per chunk; `run(s)` executes stage s on every
-    chunk, optionally replacing linear weights (`override`: node id -> weight) and showing each
-    node its first input before it runs (`observe`), and with commit=False leaves the kept values
-    as they were (a measuring run).
-    """
-
-    def __init__(self, module: Module, calib: torch.Tensor, dtype: torch.dtype,
-                 chunk_tokens: int = CHUNK_TOKENS):
-        self.module = module
-        self.dtype = dtype
-        self.stages: list[list[Node]] = []
-        key: object = object()
-        for node in module.graph.nodes:
-            if not self.stages or node.layer != key:
-                self.stages.append([])
-                key = node.layer
-            self.stages[-1].append(node)
-        self.stage_of = {id(n): s for s, nodes in enumerate(self.stages) for n in nodes}
-        self.last_use: dict[int, int] = {}
-        for node in module.graph.nodes:
-            for v in node.inputs:
-                if v is not None and not v.is_const:
-                    here = self.stage_of[id(node)]
-                    self.last_use[id(v)] = max(self.last_use.get(id(v), -1), here)
-        rows = max(1, chunk_tokens // max(1, calib.shape[1]))
-        self.envs = []
-        for chunk in calib.split(rows):
-            feeds = default_feeds(module, chunk, None, dtype)
-            self.envs.append({id(v): feeds[v.name] for v in module.graph.inputs})
-
-    def run(self, s: int, *, override: dict[int, torch.Tensor] | None = None,
-            observe: Callable[[Node, torch.Tensor], None] | None = None,
-            commit: bool = True) -> None:
-        override = override or {}
-        weights: dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            for i, env in enumerate(self.envs):
-                local = env if commit else dict(env)
-                for node in self.stages[s]:
-                    args = []
-                    for j, v in enumerate(node.inputs):
-                        if v is None:
-                            args.append(None)
-                        elif j == 1 and id(node) in override:
-                            args.append(override[id(node)])
-                        elif v.is_const:
-                            if id(v) not in weights:
-                                t = self.module.weight(v)
-                                weights[id(v)] = t.to(self.dtype) if t.is_floating_point() else t
-                            args.append(weights[id(v)])
-                        else:
-                            args.append(local[id(v)])
-                    if observe is not None:
-                        observe(node, args[0])
-                    outs = get_op(node.op).reference(node.attrs, *args)
-                    for v, t in zip(node.outputs, outs):
-                        local[id(v)] = t
-                if commit:
-                    for vid in [vid for vid in local if self.last_use.get(vid, -1) <= s]:
-                        del local[vid]
