@@ -48,6 +48,8 @@ LOG_EVERY = 25  # steps between progress lines
 def teacher_targets(module: Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The float module's top-k log-probabilities and token ids per position of `ids` [n, seq]:
     ([n, seq, k], [n, seq, k]), computed one sequence at a time in float32."""
+    logger.info("scale tuning: the float model's targets on %d sequences of %d tokens",
+                len(ids), ids.shape[1])
     interp = Interpreter(module, torch.float32)
     name = module.graph.outputs[0].name
     k = min(TOP_K, module.config.vocab_size)

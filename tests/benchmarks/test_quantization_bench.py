@@ -17,6 +17,7 @@ def test_quantization_quick_runs():
         "W4 g32 RTN after fold_norms", "W4 g32 RTN + rotate", "W4 g32 GPTQ",
         "W4 g32 GPTQ + rotate", "W4A8 (g32 GPTQ + rotate, int8 per-token activations)",
         "W4A8KV8 (same + int8 KV cache per head)",
+        "W4 g32 GPTQ + rotate + scale tuning (recipe `w4_gptq_rotate_tuned`)",
         "full pipeline: prune 1 + patch + rotate + GPTQ W4 g32 + A8", "W4 per-channel RTN",
         "W4 g32 RTN float-zero", "W4 g32 float-zero + int8 tied table"]
     assert "Weight quantization: stories260K" in text and "accuracy_level" in text
@@ -27,6 +28,8 @@ def test_quantization_quick_runs():
         rows["W4 g32 RTN float-zero"]["size_mb"]
     gptq = rows["W4 g32 GPTQ"]
     assert gptq["mean_rel_error"] < gptq["mean_rtn_rel_error"]
+    tuned = rows["W4 g32 GPTQ + rotate + scale tuning (recipe `w4_gptq_rotate_tuned`)"]
+    assert tuned["tune"]["steps"] == 20 and tuned["tune"]["heldout_kl_before"] > 0
     assert 0 < figures["accuracy_level"]["top1_agreement"] <= 1
     # the rotation flattens the down_proj inputs' outliers (kurtosis ~40 -> ~4 on stories260K)
     act = figures["activations"]

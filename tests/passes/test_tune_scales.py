@@ -119,6 +119,25 @@ def test_numeric_no_gain_keeps_the_scales():
     assert all(torch.equal(plain.weights[k], tuned.weights[k]) for k in plain.weights)
 
 
+def test_builtin_recipe_w4_gptq_rotate_tuned():
+    import dataclasses
+
+    from splice.passes import PassManager
+    from splice.recipe import Recipe
+
+    recipe = Recipe.named("w4_gptq_rotate_tuned")
+    q = recipe.passes[-1]
+    assert [p.name for p in recipe.passes] == ["fold_norms", "rotate", "quantize_weights"]
+    assert (q.method, q.group_size, q.tune_steps, q.tune_seq_len) == ("gptq", 128, 300, 512)
+    assert (recipe.calibration_samples, recipe.calibration_seq_len) == (128, 512)
+    passes = recipe.build()  # the tiny model: groups of 16, a short run
+    passes[-1] = dataclasses.replace(passes[-1], group_size=16, tune_steps=5, tune_seq_len=32)
+    out, report = PassManager(passes).run(correlated_model(),
+                                          PassContext(calibration=calibration(batch=8, seq=64)))
+    assert report[-1]["report"]["tune"]["steps"] == 5
+    assert out.graph.op_counts()["qlinear"] == 14 and out.graph.op_counts()["hadamard"] > 0
+
+
 # -- negative ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, match", [({"tune_steps": -1}, "tune_steps = -1"),
