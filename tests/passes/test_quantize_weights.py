@@ -48,6 +48,22 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
+def onnx_logits(module: Module, ids: torch.Tensor, path, level=None) -> np.ndarray:
+    """The module's logits for `ids` (empty cache) through ONNX Runtime, lowered with MatMulNBits
+    at accuracy level 0 (float compute, as the interpreter)."""
+    model = save(lower(module, rules={**RULES, **qlinear_rules(0)}), path)
+    opts = ort.SessionOptions()
+    if level is not None:
+        opts.graph_optimization_level = level
+    sess = ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids.numpy(),
+             "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
+    for v in module.graph.inputs:
+        if v.name.startswith("past."):
+            feeds[v.name] = np.zeros((ids.shape[0], v.shape[1], 0, v.shape[3]), np.float32)
+    return sess.run(["logits"], feeds)[0]
+
+
 def snapshot(module: Module):
     return str(module.graph), {k: v.clone() for k, v in module.weights.items()}
 
@@ -199,14 +215,7 @@ def test_numeric_float_zero_points_gptq_and_onnx(tmp_path):
     assert result.report["mean_rel_error"] < result.report["mean_rtn_rel_error"]
     ids = token_batch()
     ref = run_logits(module, ids)["logits"].numpy()
-    sess = ort.InferenceSession(str(save(lower(module, rules={**RULES, **qlinear_rules(0)}),
-                                         tmp_path)), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids.numpy(),
-             "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
-    for v in module.graph.inputs:
-        if v.name.startswith("past."):
-            feeds[v.name] = np.zeros((ids.shape[0], v.shape[1], 0, v.shape[3]), np.float32)
-    assert np.abs(sess.run(["logits"], feeds)[0] - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert np.abs(onnx_logits(module, ids, tmp_path) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_numeric_gptq_with_identity_hessian_is_rtn():
@@ -241,18 +250,9 @@ def test_numeric_onnx_runtime_runs_the_quantized_graph(tmp_path):
     assert len(module.graph.find(op="qembedding")) == 1
     ids = token_batch()
     ref = run_logits(module, ids)["logits"].numpy()
-    path = save(lower(module, rules={**RULES, **qlinear_rules(0)}), tmp_path)
     for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                   ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = level
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        feeds = {"input_ids": ids.numpy(), "position_ids": np.broadcast_to(
-            np.arange(ids.shape[1]), ids.shape).copy()}
-        for v in module.graph.inputs:
-            if v.name.startswith("past."):
-                feeds[v.name] = np.zeros((ids.shape[0], v.shape[1], 0, v.shape[3]), np.float32)
-        logits = sess.run(["logits"], feeds)[0]
+        logits = onnx_logits(module, ids, tmp_path, level)
         assert np.abs(logits - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
 
 

@@ -4,11 +4,8 @@ numeric, negative and idempotent tests (STYLE rule 12), the coarse KL, and ONNX 
 from __future__ import annotations
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from splice.backends.onnx import RULES, lower, save
-from splice.backends.onnx.quant import qlinear_rules
 from splice.ir import Module, run_logits
 from splice.passes.base import PassContext, PassError
 from splice.passes.layerwise import LayerwiseError, check_recipe
@@ -16,7 +13,7 @@ from splice.passes.quantize_weights import QuantizeWeightsPass
 from splice.passes.tune_scales import coarse_kl
 
 from tests.passes.models import tiny_model, token_batch
-from tests.passes.test_quantize_weights import calibration, correlated_model
+from tests.passes.test_quantize_weights import calibration, correlated_model, onnx_logits
 
 GPTQ = {"method": "gptq", "bits": 4, "group_size": 16}
 TUNE = {"tune_steps": 60, "tune_lr": 3e-3, "tune_samples": 16, "tune_seq_len": 32}
@@ -59,7 +56,8 @@ def test_structural_a_table_shared_with_the_embedding_is_skipped():
                                  **{**TUNE, "tune_steps": 2})(
         module, PassContext(calibration=calibration(batch=8, seq=64))).report
     head = module.graph.find(role="lm_head")[0]
-    assert head.op == "qlinear" and head.inputs[2] is module.graph.find(op="qembedding")[0].inputs[2]
+    (emb,) = module.graph.find(op="qembedding")
+    assert head.op == "qlinear" and head.inputs[2] is emb.inputs[2]
     assert report["tune"]["skipped"] == [f"{head.output.name}: its scales are shared with "
                                          "another node"]
     assert report["tune"]["linears"] == len(module.graph.find(op="qlinear")) - 1
@@ -100,14 +98,7 @@ def test_numeric_seeded_and_onnx_runtime_runs_the_tuned_graph(tmp_path):
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
     ids = token_batch()
     ref = run_logits(a, ids)["logits"].numpy()
-    sess = ort.InferenceSession(str(save(lower(a, rules={**RULES, **qlinear_rules(0)}),
-                                         tmp_path)), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": ids.numpy(),
-             "position_ids": np.broadcast_to(np.arange(ids.shape[1]), ids.shape).copy()}
-    for v in a.graph.inputs:
-        if v.name.startswith("past."):
-            feeds[v.name] = np.zeros((ids.shape[0], v.shape[1], 0, v.shape[3]), np.float32)
-    assert np.abs(sess.run(["logits"], feeds)[0] - ref).max() <= 1e-4 * np.abs(ref).max()
+    assert np.abs(onnx_logits(a, ids, tmp_path) - ref).max() <= 1e-4 * np.abs(ref).max()
 
 
 def test_numeric_no_gain_keeps_the_scales():
