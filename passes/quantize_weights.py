@@ -65,8 +65,8 @@ import torch
 from ..ir import quant
 from ..ir.core import Module, Node, emit
 from .base import PassBase, PassContext, PassError, PassResult
-from .registry import register_pass
 from .distill_patch import calibration_sequences
+from .registry import register_pass
 from .stages import StageRunner, stage_hessians
 from .tune_scales import teacher_targets, tune_scales
 
@@ -141,11 +141,10 @@ class QuantizeWeightsPass(PassBase):
             raise PassError(f"{p} embeddings {self.embeddings!r}; accepted: keep, int8")
         if self.lm_head not in LM_HEAD:
             raise PassError(f"{p} lm_head {self.lm_head!r}; accepted: {', '.join(LM_HEAD)}")
-        for key in ("tune_steps", "tune_samples", "tune_seq_len"):
-            if getattr(self, key) < (0 if key == "tune_steps" else 2 if key == "tune_samples"
-                                     else 1):
-                raise PassError(f"{p} {key} = {getattr(self, key)}; tune_steps must be >= 0, "
-                                "tune_samples >= 2 (one is held out), tune_seq_len >= 1")
+        for key, least in (("tune_steps", 0), ("tune_samples", 2), ("tune_seq_len", 1)):
+            if getattr(self, key) < least:
+                held = " (one sequence is held out)" if key == "tune_samples" else ""
+                raise PassError(f"{p} {key} = {getattr(self, key)}; it must be >= {least}{held}")
         if not 0.0 < self.tune_lr < math.inf:
             raise PassError(f"{p} tune_lr {self.tune_lr} must be a finite number > 0")
         if "lm_head" in self.roles:
