@@ -158,8 +158,7 @@ def check_supported(passes: Sequence[PassBase]) -> None:
 def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> list[int]:
     """Refuse what layer-by-layer mode cannot run; the indices of the calibrated passes."""
     check_supported(passes)
-    tuned = [p.name for p in passes if getattr(p, "tune_steps", 0)]
-    if tuned:
+    if any(getattr(p, "tune_steps", 0) for p in passes):
         raise LayerwiseError("layer-by-layer mode cannot tune the quantized scales end to end "
                              "(quantize_weights tune_steps > 0 trains through the whole model "
                              "at each step); set tune_steps = 0, or compile in memory")
