@@ -58,11 +58,13 @@ def _setup(quick: bool) -> dict[str, Any]:
 
 
 def _configs(group: int, quick: bool) -> list[tuple[str, list[tuple[str, dict]], list]]:
-    """(label, passes, extras): the recipes w8, w4_rtn and w4_gptq without and with `rotate`
-    (fold_norms + QuaRot R1/R2/R4), fold_norms alone before RTN (what folding costs without a
-    rotation), per-channel groups, groups of 32 (SmolLM2's own Q4_1 grid), and the full pipeline.
-    `extras` are (label, passes) applied to a copy of the result of `passes`, so the W4A8 and
-    W4A8KV8 rows reuse the rotated GPTQ weights instead of solving GPTQ again."""
+    """(label, passes, extras, rows): the recipes w8, w4_rtn and w4_gptq without and with
+    `rotate` (fold_norms + QuaRot R1/R2/R4), fold_norms alone before RTN (what folding costs
+    without a rotation), per-channel groups, groups of 32 (SmolLM2's own Q4_1 grid), and the full
+    pipeline (recipe prune4_mlp_patch_w4a8). `extras` are (label, passes) applied to a copy of the
+    result of `passes`, so the W4A8 and W4A8KV8 rows reuse the rotated GPTQ weights instead of
+    solving GPTQ again; `rows` is the number of calibration sequences when not the benchmark's
+    (the MLP patch trains on 512)."""
     q = "quantize_weights"
     rot = [("fold_norms", {}), ("rotate", {})]
     w4 = {"bits": 4, "group_size": group}
@@ -77,8 +79,14 @@ def _configs(group: int, quick: bool) -> list[tuple[str, list[tuple[str, dict]],
     kv8 = ("quantize_kv_cache", {"bits": 8})
     fz = {"method": "rtn", "bits": 4, "group_size": 32, "float_zero_points": True}
     n = 1 if quick else 4  # stories260K has 5 layers
-    prune = [("select_layers", {"n": n}), ("estimate_patch", {}), ("prune_layers", {}),
-             ("fuse_patch", {"strategy": "dense"})]
+    # the full pipeline: recipe prune4_mlp_patch_w4a8 (a small MLP patch on stories260K); the
+    # scales tuned towards the unpruned float model; GPTQ on the first 128 of 512 sequences
+    mlp = {"kind": "mlp", "mlp_rank": 16 if quick else 512, "mlp_steps": 50 if quick else 8000}
+    prune = [("select_layers", {"n": n}), ("estimate_patch", mlp), ("prune_layers", {}),
+             ("fuse_patch", {"strategy": "auto"})]
+    full_rows = None if quick else 512
+    full_q = (q, {**gptq[1], **tune, "tune_teacher": "original",
+                  "hessian_samples": 0 if quick else 128})
     return [
         ("float32", [], []),
         ("W8 per-channel RTN", [(q, {"method": "rtn", "bits": 8, "group_size": 0})], []),
@@ -94,8 +102,8 @@ def _configs(group: int, quick: bool) -> list[tuple[str, list[tuple[str, dict]],
           ("W4A8KV8 (same + int8 KV cache per head)", [a8, kv8])]),
         (f"W4 g{group} GPTQ + rotate + scale tuning (recipe `w4_gptq_rotate_tuned`)",
          [*rot, (q, {**gptq[1], **tune})], []),
-        (f"full pipeline: prune {n} + patch + rotate + GPTQ W4 g{group} + A8",
-         [*prune, *rot, gptq, a8], []),
+        (f"full pipeline: prune {n} + MLP patch + rotate + GPTQ W4 g{group} + scale tuning "
+         "+ A8", [*prune, *rot, full_q, a8], [], full_rows),
         ("W4 per-channel RTN", [(q, {"method": "rtn", "bits": 4, "group_size": 0})], []),
         *([] if group == 32 else [("W4 g32 RTN", [(q, {"method": "rtn", "bits": 4,
                                                         "group_size": 32})], [])]),
@@ -316,11 +324,11 @@ def run(quick: bool = False, workdir: str | Path | None = None,
         tmp = Path(workdir or scratch)
         tmp.mkdir(parents=True, exist_ok=True)
         ids: list[int] | None = None
-        for i, (label, passes, extras) in enumerate(_configs(cfg["group"], quick)):
+        for i, (label, passes, extras, *rows) in enumerate(_configs(cfg["group"], quick)):
             out = tmp / f"v{i}"
             gptq = any(s.get("method") == "gptq" for _, s in passes)
             first_gptq = gptq and "accuracy_level" not in res
-            n_calib = samples
+            n_calib = rows[0] if rows and rows[0] else samples
             if resume and _done(out, extras):
                 child = _reuse(out, extras)
             elif gptq:
@@ -374,7 +382,7 @@ def markdown(res: dict, cfg: dict) -> str:
     for label, g in rows.items():
         if "gptq_wall_s" not in g:
             continue
-        lines += ["", f"{label}: GPTQ calibration {g['gptq_calibration']} tokens, "
+        lines += ["", f"{label}: calibration {g['gptq_calibration']} tokens, "
                   f"{g['gptq_wall_s']:.0f} s wall in a child process (import, "
                   f"passes, export), passes {g['passes_s']:.0f} s, peak RSS "
                   f"{g['gptq_peak_rss_mb']:.0f} MB. Mean relative output error per linear on the "

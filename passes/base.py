@@ -30,15 +30,18 @@ class PassResult:
 @dataclasses.dataclass
 class PassContext:
     """What a pass run may read: calibration batches (token ids [batch, seq], int64), the random
-    seed, the working precision for calibration arithmetic, and the reducer that combines
+    seed, the working precision for calibration arithmetic, the reducer that combines
     calibration statistics over processes (passes/reduce.py; identity in one process, where
-    `calibration` is this process's share of the batches when several run)."""
+    `calibration` is this process's share of the batches when several run), and the reference:
+    the module as the pass list received it, before any pass ran, which the PassManager keeps (a
+    copy) when a pass's `wants_reference()` says it distills from it."""
 
     calibration: torch.Tensor | None = None
     seed: int = 0
     precision: torch.dtype = torch.float64
     options: dict[str, Any] = dataclasses.field(default_factory=dict)
     reducer: Reducer = dataclasses.field(default_factory=Reducer)
+    reference: Module | None = None
 
     def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """`tensor` combined over the processes sharing the calibration set (sum, max or min)."""
@@ -69,6 +72,10 @@ class PassBase(abc.ABC):
     @abc.abstractmethod
     def call(self, module: Module, ctx: PassContext) -> PassResult:
         """Transform `module` (in place or into a new Module) and say whether anything changed."""
+
+    def wants_reference(self) -> bool:
+        """True when this pass, with these settings, reads ctx.reference."""
+        return False
 
     def __call__(self, module: Module, ctx: PassContext | None = None) -> PassResult:
         return self.call(module, ctx or PassContext())

@@ -110,6 +110,8 @@ class PassManager:
         report: list[dict] = []
         if not self.passes:
             return module, report
+        if ctx.reference is None and any(p.wants_reference() for p in self.passes):
+            ctx = dataclasses.replace(ctx, reference=module.clone())
         for inst in self.instruments:
             inst.run_begin(module, ctx)
         ran: list[str] = []

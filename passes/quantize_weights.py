@@ -42,10 +42,12 @@ grid q * s + min of llama.cpp's Q4_1: a model published as Q4_1 with groups of 3
 comes back exactly at W4 g32; MatMulNBits then computes in float, slower than int8 compute).
 
 With `tune_steps` > 0 the quantized scales are then tuned end to end: every quantized linear's
-group scales at once, codes and zero points fixed, by distillation from the module as it was
-before this pass (passes/tune_scales.py; `tune_samples` sequences of `tune_seq_len` calibration
-tokens, one step per sequence, `tune_lr`). A whole-model training run: refused across processes
-and in layer-by-layer mode.
+group scales at once, codes and zero points fixed, by distillation from a float teacher
+(passes/tune_scales.py; `tune_samples` sequences of `tune_seq_len` calibration tokens, one step
+per sequence, `tune_lr`). `tune_teacher` "input" is the module as it was before this pass;
+"original" is the module the pass list started from (ctx.reference), so that after pruning the
+scales also learn back some of what the pruning lost. A whole-model training run: refused across
+processes and in layer-by-layer mode.
 
 Never exact: `exact = False`, the numeric check reports the logit error. A second run finds no
 `linear` of the selected roles and reports modified=False.
@@ -76,6 +78,7 @@ DECODER_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "
                    "mlp.up_proj", "mlp.down_proj")
 GROUP_SIZES = (0, 16, 32, 64, 128, 256)
 LM_HEAD = {"keep": 0, "int8": 8, "int4": 4}
+TEACHERS = ("input", "original")  # tune_teacher: the module before this pass, or before all
 MIN_DAMP_FEW_TOKENS = 0.1    # dampening when there are fewer tokens than inputs
 
 
@@ -96,8 +99,10 @@ class QuantizeWeightsPass(PassBase):
     (GPTQ lazy-batch width); lm_head "keep" | "int8" | "int4"; embeddings "keep" | "int8" (RTN,
     a qembedding op; a tied int8 lm_head with the same groups shares its packed table); roles
     (linear roles to quantize); output_error (RTN given calibration tokens: measure each
-    linear's output error on them); tune_steps, tune_lr, tune_samples, tune_seq_len (end-to-end
-    tuning of the scales after quantizing, 0 steps = none).
+    linear's output error on them); hessian_samples (calibration rows that GPTQ's Hessians and
+    the output errors use, the first ones; 0 = all); tune_steps, tune_lr, tune_samples,
+    tune_seq_len, tune_teacher (end-to-end tuning of the scales after quantizing, 0 steps =
+    none).
     """
 
     name = "quantize_weights"
@@ -116,10 +121,12 @@ class QuantizeWeightsPass(PassBase):
     embeddings: str = "keep"
     roles: tuple[str, ...] = DECODER_LINEARS
     output_error: bool = True
+    hessian_samples: int = 0
     tune_steps: int = 0
     tune_lr: float = 1e-3
     tune_samples: int = 128
     tune_seq_len: int = 512
+    tune_teacher: str = "input"
 
     def __post_init__(self) -> None:
         p = f"pass {self.name!r}:"
@@ -141,14 +148,21 @@ class QuantizeWeightsPass(PassBase):
             raise PassError(f"{p} embeddings {self.embeddings!r}; accepted: keep, int8")
         if self.lm_head not in LM_HEAD:
             raise PassError(f"{p} lm_head {self.lm_head!r}; accepted: {', '.join(LM_HEAD)}")
-        for key, least in (("tune_steps", 0), ("tune_samples", 2), ("tune_seq_len", 1)):
+        for key, least in (("hessian_samples", 0), ("tune_steps", 0), ("tune_samples", 2),
+                           ("tune_seq_len", 1)):
             if getattr(self, key) < least:
                 held = " (one sequence is held out)" if key == "tune_samples" else ""
                 raise PassError(f"{p} {key} = {getattr(self, key)}; it must be >= {least}{held}")
         if not 0.0 < self.tune_lr < math.inf:
             raise PassError(f"{p} tune_lr {self.tune_lr} must be a finite number > 0")
+        if self.tune_teacher not in TEACHERS:
+            raise PassError(f"{p} tune_teacher {self.tune_teacher!r}; accepted: "
+                            f"{', '.join(TEACHERS)}")
         if "lm_head" in self.roles:
             raise PassError(f"{p} the lm_head is chosen by lm_head = 'int8' | 'int4', not roles")
+
+    def wants_reference(self) -> bool:
+        return self.tune_steps > 0 and self.tune_teacher == "original"
 
     def _float_zero(self, bits: int) -> bool:
         """Float zero points apply to the 4-bit weights; an int8 lm_head keeps integer ones."""
@@ -197,6 +211,8 @@ class QuantizeWeightsPass(PassBase):
         if calib is not None:
             if calib.dim() == 1:
                 calib = calib[None]
+            if self.hessian_samples:
+                calib = calib[:self.hessian_samples]
             report["calibration_tokens"] = int(ctx.reduce(torch.tensor(calib.numel())))
             results = self._calibrated(module, targets, calib, ctx, report)
         else:
@@ -242,14 +258,26 @@ class QuantizeWeightsPass(PassBase):
         return PassResult(module, True, report)
 
     def _tuning(self, module: Module, ctx: PassContext) -> tuple[torch.Tensor, ...]:
-        """The tuning sequences and the float module's targets on them (before quantizing)."""
+        """The tuning sequences and the teacher's targets on them (before quantizing)."""
         if ctx.reducer.world_size > 1:
             raise PassError(f"{self.name}: tune_steps trains on one process's tokens; across "
                             f"{ctx.reducer.world_size} processes set tune_steps = 0")
+        teacher = module
+        if self.tune_teacher == "original":
+            teacher = ctx.reference
+            if teacher is None:
+                raise PassError(f"{self.name}: tune_teacher = 'original' needs the module the "
+                                "pass list started from; run the pass through a PassManager (or "
+                                "compile), or set PassContext.reference")
+            if teacher.config.vocab_size != module.config.vocab_size:
+                raise PassError(f"{self.name}: the original module has a vocabulary of "
+                                f"{teacher.config.vocab_size} tokens, this one "
+                                f"{module.config.vocab_size}; tune_teacher = 'original' needs "
+                                "the same vocabulary")
         calib = ctx.require_calibration(self.name)
         ids = calibration_sequences(calib if calib.dim() == 2 else calib[None],
                                     self.tune_seq_len, self.tune_samples, self.name)
-        return (ids, *teacher_targets(module, ids))
+        return (ids, *teacher_targets(teacher, ids))
 
     # -- calibrated quantization -------------------------------------------------------------------
     def _calibrated(self, module: Module, targets: list[tuple[Node, int, int]],

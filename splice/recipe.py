@@ -291,6 +291,25 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
         "least-squares patch and a gated MLP block (rank 512) trained on the calibration "
         "streams, then fold norms",
         calibration_samples=512, calibration_seq_len=512),
+    # the full pipeline: prune4_mlp_patch, rotate, GPTQ W4 g128 on the first 128 sequences, the
+    # scales tuned towards the unpruned float model, int8 per-token activations. SmolLM2-135M,
+    # WikiText-2: 27.14 against float 22.88 (+18.6%; 29.56 with the scales untuned)
+    "prune4_mlp_patch_w4a8": lambda: Recipe(
+        "prune4_mlp_patch_w4a8",
+        (("select_layers", {"n": 4}),
+         ("estimate_patch", {"kind": "mlp", "mlp_rank": 512, "mlp_steps": 8000}),
+         ("prune_layers", {}), ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {}),
+         ("rotate", {}),
+         ("quantize_weights", {"method": "gptq", "bits": 4, "group_size": 128,
+                               "symmetric": False, "act_order": True, "clip_search": True,
+                               "hessian_samples": 128, "tune_steps": 300, "tune_lr": 1e-3,
+                               "tune_samples": 128, "tune_seq_len": 512,
+                               "tune_teacher": "original"}),
+         ("quantize_activations", {"mode": "dynamic_per_token", "bits": 8})),
+        "prune4_mlp_patch, QuaRot rotations, int4 g128 GPTQ (on 128 of the calibration "
+        "sequences) with its scales tuned end to end towards the unpruned float model, then int8 "
+        "per-token activations: the whole compression pipeline",
+        calibration_samples=512, calibration_seq_len=512),
     # NPU (--target npu): the HTP wants symmetric per-channel weights; the backend quantizes every
     # activation on static calibrated grids (16-bit, or 8-bit when static int8 nodes are present).
     # Norms stay unfolded: the HTP's RmsNorm takes its scale, and folding it into the weights

@@ -204,6 +204,18 @@ def test_numeric_gptq_beats_rtn_on_correlated_inputs():
         assert gptq["mean_rel_error"] < 0.75 * rtn["mean_rel_error"]
 
 
+def test_numeric_hessian_samples_uses_the_first_calibration_rows():
+    """hessian_samples = 2 of 4 rows gives exactly GPTQ on those 2 rows."""
+    calib = calibration()
+    cut = QuantizeWeightsPass(method="gptq", bits=4, group_size=16, hessian_samples=2)
+    a, b = correlated_model(), correlated_model()
+    report = cut(a, PassContext(calibration=calib)).report
+    QuantizeWeightsPass(method="gptq", bits=4, group_size=16)(
+        b, PassContext(calibration=calib[:2]))
+    assert report["calibration_tokens"] == 2 * calib.shape[1]
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+
+
 def test_numeric_float_zero_points_gptq_and_onnx(tmp_path):
     module = correlated_model()
     result = QuantizeWeightsPass(method="gptq", group_size=16, float_zero_points=True,
@@ -299,6 +311,8 @@ def test_negative_unsupported_bits_and_settings():
         QuantizeWeightsPass(embeddings="int4")
     with pytest.raises(PassError, match="float_zero_points needs asymmetric 4-bit weights"):
         QuantizeWeightsPass(float_zero_points=True, symmetric=True)
+    with pytest.raises(PassError, match="hessian_samples = -1; it must be >= 0"):
+        QuantizeWeightsPass(hessian_samples=-1)
 
 
 def test_negative_group_larger_than_in_features_leaves_the_module_alone():

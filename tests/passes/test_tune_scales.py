@@ -79,6 +79,27 @@ def test_numeric_tuning_brings_the_model_closer_to_float():
     assert after < 0.9 * before
 
 
+def test_numeric_the_original_teacher_gives_back_part_of_what_pruning_lost():
+    """tune_teacher = 'original' after pruning a layer: the tuned model is closer to the model the
+    pass list started from than the one tuned towards its own float input; the PassManager hands
+    the pass a copy of that model, untouched by the passes before."""
+    from splice.passes import PassManager
+    from splice.passes.prune_layers import PruneLayersPass
+    from splice.passes.select_layers import SelectLayersPass
+
+    ids = token_batch(seed=3, batch=4, seq=24)
+    original = run_logits(correlated_model(), ids, torch.float32)["logits"]
+    kls = {}
+    for teacher in ("input", "original"):
+        passes = [SelectLayersPass(n=1, allow_first=True), PruneLayersPass(),
+                  QuantizeWeightsPass(**GPTQ, **TUNE, tune_teacher=teacher)]
+        out, report = PassManager(passes).run(
+            correlated_model(), PassContext(calibration=calibration(batch=8, seq=64)))
+        assert report[-1]["report"]["tune"]["changed"]
+        kls[teacher] = full_kl(original, run_logits(out, ids, torch.float32)["logits"])
+    assert kls["original"] < 0.9 * kls["input"]
+
+
 def test_numeric_coarse_kl_bounds_and_equals_the_full_kl():
     gen = torch.Generator().manual_seed(0)
     p_logits, q_logits = torch.randn(2, 5, 40, generator=gen), torch.randn(2, 5, 40, generator=gen)
@@ -129,13 +150,41 @@ def test_builtin_recipe_w4_gptq_rotate_tuned():
     assert out.graph.op_counts()["qlinear"] == 14 and out.graph.op_counts()["hadamard"] > 0
 
 
+def test_builtin_recipe_prune4_mlp_patch_w4a8():
+    import dataclasses
+
+    from splice.passes import PassManager
+    from splice.recipe import Recipe
+
+    recipe = Recipe.named("prune4_mlp_patch_w4a8")
+    assert [p.name for p in recipe.passes] == [
+        "select_layers", "estimate_patch", "prune_layers", "fuse_patch", "fold_norms", "rotate",
+        "quantize_weights", "quantize_activations"]
+    q = recipe.passes[6]
+    assert (q.method, q.group_size, q.hessian_samples, q.tune_teacher) == (
+        "gptq", 128, 128, "original")
+    assert (recipe.calibration_samples, recipe.calibration_seq_len) == (512, 512)
+    small = {"select_layers": {"n": 1, "allow_first": True},  # the tiny model: 2 layers
+             "estimate_patch": {"mlp_rank": 8, "mlp_steps": 20},
+             "quantize_weights": {"group_size": 16, "hessian_samples": 4, "tune_steps": 3,
+                                  "tune_samples": 8, "tune_seq_len": 32}}
+    passes = [dataclasses.replace(p, **small.get(p.name, {})) for p in recipe.build()]
+    out, report = PassManager(passes).run(correlated_model(),
+                                          PassContext(calibration=calibration(batch=8, seq=64)))
+    rep = {r["name"]: r["report"] for r in report}
+    assert out.config.num_layers == 1 and rep["quantize_weights"]["calibration_tokens"] == 256
+    assert rep["quantize_weights"]["tune"]["steps"] == 3
+    assert out.graph.op_counts()["qlinear"] == 7
+
+
 # -- negative ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("bad, match", [({"tune_steps": -1}, "tune_steps = -1"),
                                         ({"tune_samples": 1}, "tune_samples = 1"),
                                         ({"tune_seq_len": 0}, "tune_seq_len = 0"),
                                         ({"tune_lr": 0.0}, "tune_lr 0.0"),
-                                        ({"tune_lr": float("inf")}, "tune_lr inf")])
+                                        ({"tune_lr": float("inf")}, "tune_lr inf"),
+                                        ({"tune_teacher": "dense"}, "tune_teacher 'dense'")])
 def test_negative_settings(bad, match):
     with pytest.raises(PassError, match=match):
         QuantizeWeightsPass(**GPTQ, **bad)
@@ -151,6 +200,19 @@ def test_negative_calibration_too_short_or_missing_changes_nothing():
         QuantizeWeightsPass(method="rtn", group_size=16, **TUNE)(module, PassContext())
     assert module.weights.keys() == before.keys()
     assert all(torch.equal(module.weights[k], v) for k, v in before.items())
+
+
+def test_negative_original_teacher_needs_the_reference_module():
+    module = correlated_model()
+    q = QuantizeWeightsPass(**GPTQ, **TUNE, tune_teacher="original")
+    with pytest.raises(PassError, match="needs the module the pass list started from"):
+        q(module, PassContext(calibration=calibration(batch=8, seq=64)))
+    other = tiny_model("gemma", dtype=torch.float32)
+    if other.config.vocab_size == module.config.vocab_size:
+        other.config = other.config.replace(vocab_size=module.config.vocab_size + 1)
+    with pytest.raises(PassError, match="the same vocabulary"):
+        q(module, PassContext(calibration=calibration(batch=8, seq=64), reference=other))
+    assert module.graph.find(op="linear") and not module.graph.find(op="qlinear")
 
 
 def test_negative_layer_by_layer_mode_refuses_tuning():
