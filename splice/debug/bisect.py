@@ -283,7 +283,9 @@ def bisect(module: Module, recipe: Recipe, *, metric: str, tolerance: float,
         raise InputError(f"tolerance must be a number >= 0, got {tolerance!r}")
     if batch.dim() != 2 or batch.shape[1] < 2:
         raise InputError("the bisection batch needs rows of at least 2 tokens")
-    ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed)
+    # `module` stays as it was: the reference of both runs (the recipe's, the layer search's)
+    ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed,
+                      reference=module)
     cache = ModuleCache(cache_dir)
     start = module.clone()
     ref = _logits(start, batch)
