@@ -87,6 +87,8 @@ class PassManager:
 
     With `fixed_point=True` the list repeats until a full sweep reports no modification;
     `max_steps` caps the number of pass runs in that mode (FixedPointError when reached).
+    When a pass wants the reference (the module before any pass: a distillation teacher) and the
+    context has none, the run keeps a copy of the module it was given as ctx.reference.
     """
 
     def __init__(self, passes: Iterable[PassBase], instruments: Iterable[Instrument] = (), *,
