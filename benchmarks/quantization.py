@@ -402,9 +402,10 @@ def markdown(res: dict, cfg: dict) -> str:
     for label, r in rows.items():
         if r.get("tune"):
             t = r["tune"]
+            teacher = "unpruned float" if t.get("teacher") == "original" else "float"
             lines += ["", f"{label}: {t['steps']} steps over {t['train_sequences']} sequences "
-                      f"({t['parameters']:,} scales of {t['linears']} linears); KL from the float "
-                      f"model on {t['heldout_sequences']} held-out sequences "
+                      f"({t['parameters']:,} scales of {t['linears']} linears); KL from the "
+                      f"{teacher} model on {t['heldout_sequences']} held-out sequences "
                       f"{t['heldout_kl_before']:.4f} -> {t['heldout_kl_after']:.4f}"
                       f"{'' if t['changed'] else ' (no gain: the GPTQ scales kept)'}."]
     tuned = next((k for k in rows if "scale tuning" in k), "")

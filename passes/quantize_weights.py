@@ -236,8 +236,9 @@ class QuantizeWeightsPass(PassBase):
                 module.graph.remove_const(wname)
                 del module.weights[wname]
         if tuning is not None:
-            report["tune"] = tune_scales(module, *tuning, steps=self.tune_steps, lr=self.tune_lr,
-                                         seed=ctx.seed, pass_name=self.name)
+            report["tune"] = {"teacher": self.tune_teacher, **tune_scales(
+                module, *tuning, steps=self.tune_steps, lr=self.tune_lr, seed=ctx.seed,
+                pass_name=self.name)}
         report["quantized"] = [label(n) for n, _, _ in targets] + [label(n) for n in tables]
         report["bytes"] = {"float": before, "quantized": after}
         errors = [v["rel_error"] for v in report["layers"].values() if "rel_error" in v]

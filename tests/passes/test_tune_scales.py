@@ -96,6 +96,7 @@ def test_numeric_the_original_teacher_gives_back_part_of_what_pruning_lost():
         out, report = PassManager(passes).run(
             correlated_model(), PassContext(calibration=calibration(batch=8, seq=64)))
         assert report[-1]["report"]["tune"]["changed"]
+        assert report[-1]["report"]["tune"]["teacher"] == teacher
         kls[teacher] = full_kl(original, run_logits(out, ids, torch.float32)["logits"])
     assert kls["original"] < 0.9 * kls["input"]
 
