@@ -72,21 +72,19 @@ def _configs(group: int, quick: bool) -> list[tuple[str, list[tuple[str, dict]],
     # SmolLM2 with rotate, 128 x 512 tokens, they take GPTQ from 25.74 (32 x 512, neither) to 25.39
     gptq = (q, {"method": "gptq", **w4, "symmetric": False, "act_order": True,
                 "clip_search": True})
-    # end-to-end tuning of the GPTQ scales by distillation from the float model (tune_scales.py)
-    tune = {"tune_steps": 20 if quick else 300, "tune_lr": 1e-3,
-            "tune_seq_len": 64 if quick else 512}
     a8 = ("quantize_activations", {"mode": "dynamic_per_token", "bits": 8})
     kv8 = ("quantize_kv_cache", {"bits": 8})
     fz = {"method": "rtn", "bits": 4, "group_size": 32, "float_zero_points": True}
-    n = 1 if quick else 4  # stories260K has 5 layers
-    # the full pipeline: recipe prune4_mlp_patch_w4a8 (a small MLP patch on stories260K); the
-    # scales tuned towards the unpruned float model; GPTQ on the first 128 of 512 sequences
-    mlp = {"kind": "mlp", "mlp_rank": 16 if quick else 512, "mlp_steps": 50 if quick else 8000}
-    prune = [("select_layers", {"n": n}), ("estimate_patch", mlp), ("prune_layers", {}),
-             ("fuse_patch", {"strategy": "auto"})]
-    full_rows = None if quick else 512
-    full_q = (q, {**gptq[1], **tune, "tune_teacher": "original",
-                  "hessian_samples": 0 if quick else 128})
+    # the recipes with end-to-end scale tuning (tune_scales.py), shortened on stories260K
+    small = {"quantize_weights": {"group_size": group}}
+    if quick:
+        small = {"select_layers": {"n": 1},  # stories260K has 5 layers
+                 "estimate_patch": {"mlp_rank": 16, "mlp_steps": 50},
+                 "quantize_weights": {"group_size": group, "hessian_samples": 0,
+                                      "tune_steps": 20, "tune_samples": 128, "tune_seq_len": 64}}
+    tuned, tuned_rows = _recipe("w4_gptq_rotate_tuned", small, quick)
+    full, full_rows = _recipe("prune4_mlp_patch_w4a8", small, quick)
+    n = full[0][1]["n"]
     return [
         ("float32", [], []),
         ("W8 per-channel RTN", [(q, {"method": "rtn", "bits": 8, "group_size": 0})], []),
@@ -100,10 +98,10 @@ def _configs(group: int, quick: bool) -> list[tuple[str, list[tuple[str, dict]],
         (f"W4 g{group} GPTQ + rotate", [*rot, gptq],
          [(f"W4A8 (g{group} GPTQ + rotate, int8 per-token activations)", [a8]),
           ("W4A8KV8 (same + int8 KV cache per head)", [a8, kv8])]),
-        (f"W4 g{group} GPTQ + rotate + scale tuning (recipe `w4_gptq_rotate_tuned`)",
-         [*rot, (q, {**gptq[1], **tune})], []),
+        (f"W4 g{group} GPTQ + rotate + scale tuning (recipe `w4_gptq_rotate_tuned`)", tuned, [],
+         tuned_rows),
         (f"full pipeline: prune {n} + MLP patch + rotate + GPTQ W4 g{group} + scale tuning "
-         "+ A8", [*prune, *rot, full_q, a8], [], full_rows),
+         "+ A8 (recipe `prune4_mlp_patch_w4a8`)", full, [], full_rows),
         ("W4 per-channel RTN", [(q, {"method": "rtn", "bits": 4, "group_size": 0})], []),
         *([] if group == 32 else [("W4 g32 RTN", [(q, {"method": "rtn", "bits": 4,
                                                         "group_size": 32})], [])]),
@@ -111,6 +109,16 @@ def _configs(group: int, quick: bool) -> list[tuple[str, list[tuple[str, dict]],
         ("W4 g32 float-zero + int8 tied table", [(q, {**fz, "embeddings": "int8",
                                                       "lm_head": "int8"})], []),
     ]
+
+
+def _recipe(name: str, changes: dict[str, dict], quick: bool) -> tuple[list, int | None]:
+    """Built-in recipe `name` as (pass, settings) pairs with `changes` per pass name, and its
+    calibration rows (None in quick mode: the benchmark's own)."""
+    from splice.recipe import Recipe
+
+    d = Recipe.named(name).to_dict()
+    passes = [(p["name"], {**p["settings"], **changes.get(p["name"], {})}) for p in d["passes"]]
+    return passes, None if quick else d["calibration"]["samples"]
 
 
 def _calibration(module, text: str, samples: int, seq: int) -> torch.Tensor:

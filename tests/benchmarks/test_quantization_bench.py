@@ -18,7 +18,8 @@ def test_quantization_quick_runs():
         "W4 g32 GPTQ + rotate", "W4A8 (g32 GPTQ + rotate, int8 per-token activations)",
         "W4A8KV8 (same + int8 KV cache per head)",
         "W4 g32 GPTQ + rotate + scale tuning (recipe `w4_gptq_rotate_tuned`)",
-        "full pipeline: prune 1 + MLP patch + rotate + GPTQ W4 g32 + scale tuning + A8",
+        "full pipeline: prune 1 + MLP patch + rotate + GPTQ W4 g32 + scale tuning + A8 "
+        "(recipe `prune4_mlp_patch_w4a8`)",
         "W4 per-channel RTN",
         "W4 g32 RTN float-zero", "W4 g32 float-zero + int8 tied table"]
     assert "Weight quantization: stories260K" in text and "accuracy_level" in text

@@ -141,8 +141,9 @@ def test_builtin_recipe_w4_gptq_rotate_tuned():
     recipe = Recipe.named("w4_gptq_rotate_tuned")
     q = recipe.passes[-1]
     assert [p.name for p in recipe.passes] == ["fold_norms", "rotate", "quantize_weights"]
-    assert (q.method, q.group_size, q.tune_steps, q.tune_seq_len) == ("gptq", 128, 300, 512)
-    assert (recipe.calibration_samples, recipe.calibration_seq_len) == (128, 512)
+    assert (q.method, q.group_size, q.hessian_samples) == ("gptq", 128, 128)
+    assert (q.tune_steps, q.tune_samples, q.tune_seq_len) == (600, 256, 512)
+    assert (recipe.calibration_samples, recipe.calibration_seq_len) == (256, 512)
     passes = recipe.build()  # the tiny model: groups of 16, a short run
     passes[-1] = dataclasses.replace(passes[-1], group_size=16, tune_steps=5, tune_seq_len=32)
     out, report = PassManager(passes).run(correlated_model(),
