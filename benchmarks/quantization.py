@@ -57,7 +57,7 @@ def _setup(quick: bool) -> dict[str, Any]:
             "bos": False, "calib": (128, 512), "group": 128, "prompt": 64, "new": 128}
 
 
-def _configs(group: int, quick: bool) -> list[tuple[str, list[tuple[str, dict]], list]]:
+def _configs(group: int, quick: bool) -> list[tuple]:
     """(label, passes, extras, rows): the recipes w8, w4_rtn and w4_gptq without and with
     `rotate` (fold_norms + QuaRot R1/R2/R4), fold_norms alone before RTN (what folding costs
     without a rotation), per-channel groups, groups of 32 (SmolLM2's own Q4_1 grid), and the full
