@@ -229,6 +229,15 @@ def _toml_value(v: Any) -> str:
     raise PassError(f"cannot write {type(v).__name__} {v!r} as a TOML value")
 
 
+# int4 asymmetric g128 GPTQ with act-order (static groups) and the MSE clip search, and the
+# pruning of prune4_mlp_patch: parts of several recipes below
+GPTQ_W4 = {"method": "gptq", "bits": 4, "group_size": 128, "symmetric": False, "act_order": True,
+           "clip_search": True}
+PRUNE4_MLP_PATCH = (
+    ("select_layers", {"n": 4}),
+    ("estimate_patch", {"kind": "mlp", "mlp_rank": 512, "mlp_steps": 8000}),
+    ("prune_layers", {}), ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {}))
+
 BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
     "none": lambda: Recipe("none", (), "no passes: the imported model as is"),
     "fold_norms": lambda: Recipe("fold_norms", (("fold_norms", {}),),
@@ -244,17 +253,13 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
         "method": "rtn", "bits": 4, "group_size": 128}),),
         "int4 weights, groups of 128, round to nearest (no calibration)"),
     # act-order and the clip search: SmolLM2-135M, WikiText-2 27.19 against 30.65 without them
-    "w4_gptq": lambda: Recipe("w4_gptq", (("quantize_weights", {
-        "method": "gptq", "bits": 4, "group_size": 128, "symmetric": False, "act_order": True,
-        "clip_search": True}),),
+    "w4_gptq": lambda: Recipe("w4_gptq", (("quantize_weights", GPTQ_W4),),
         "int4 asymmetric weights, groups of 128, GPTQ with act-order (static groups) and the MSE "
         "clip search on 128 x 512 calibration tokens",
         calibration_samples=128, calibration_seq_len=512),
     # SmolLM2-135M, WikiText-2: 25.39 against float 22.88 (w4_gptq alone 27.19)
     "w4_gptq_rotate": lambda: Recipe("w4_gptq_rotate", (
-        ("fold_norms", {}), ("rotate", {}),
-        ("quantize_weights", {"method": "gptq", "bits": 4, "group_size": 128,
-                              "symmetric": False, "act_order": True, "clip_search": True})),
+        ("fold_norms", {}), ("rotate", {}), ("quantize_weights", GPTQ_W4)),
         "fold norms, QuaRot rotations R1, R2, R4, then int4 asymmetric g128 GPTQ with act-order "
         "(static groups) and the MSE clip search, on 128 x 512 calibration tokens",
         calibration_samples=128, calibration_seq_len=512),
@@ -264,10 +269,8 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
     # 25.39; 300 steps over 112 sequences 24.06)
     "w4_gptq_rotate_tuned": lambda: Recipe("w4_gptq_rotate_tuned", (
         ("fold_norms", {}), ("rotate", {}),
-        ("quantize_weights", {"method": "gptq", "bits": 4, "group_size": 128,
-                              "symmetric": False, "act_order": True, "clip_search": True,
-                              "hessian_samples": 128, "tune_steps": 600, "tune_lr": 1e-3,
-                              "tune_samples": 256, "tune_seq_len": 512})),
+        ("quantize_weights", {**GPTQ_W4, "hessian_samples": 128, "tune_steps": 600,
+                              "tune_lr": 1e-3, "tune_samples": 256, "tune_seq_len": 512})),
         "w4_gptq_rotate, then the int4 group scales tuned end to end (codes fixed) by "
         "distillation from the float model's next-token distribution",
         calibration_samples=256, calibration_seq_len=512),
@@ -284,10 +287,7 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
     # SmolLM2-135M, block [12, 16), WikiText-2: 26.94 (81% of the gap to the dense 22.88 from
     # the pruned 44.11; least squares alone 31.36, distilled 29.38), ~15 min on 2 cores
     "prune4_mlp_patch": lambda: Recipe(
-        "prune4_mlp_patch",
-        (("select_layers", {"n": 4}),
-         ("estimate_patch", {"kind": "mlp", "mlp_rank": 512, "mlp_steps": 8000}),
-         ("prune_layers", {}), ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {})),
+        "prune4_mlp_patch", PRUNE4_MLP_PATCH,
         "prune the 4 least important contiguous layers (cosine), bridge the cut with the "
         "least-squares patch and a gated MLP block (rank 512) trained on the calibration "
         "streams, then fold norms",
@@ -297,14 +297,9 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
     # WikiText-2: 27.14 against float 22.88 (+18.6%; 29.56 with the scales untuned)
     "prune4_mlp_patch_w4a8": lambda: Recipe(
         "prune4_mlp_patch_w4a8",
-        (("select_layers", {"n": 4}),
-         ("estimate_patch", {"kind": "mlp", "mlp_rank": 512, "mlp_steps": 8000}),
-         ("prune_layers", {}), ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {}),
-         ("rotate", {}),
-         ("quantize_weights", {"method": "gptq", "bits": 4, "group_size": 128,
-                               "symmetric": False, "act_order": True, "clip_search": True,
-                               "hessian_samples": 128, "tune_steps": 300, "tune_lr": 1e-3,
-                               "tune_samples": 128, "tune_seq_len": 512,
+        (*PRUNE4_MLP_PATCH, ("rotate", {}),
+         ("quantize_weights", {**GPTQ_W4, "hessian_samples": 128, "tune_steps": 300,
+                               "tune_lr": 1e-3, "tune_samples": 128, "tune_seq_len": 512,
                                "tune_teacher": "original"}),
          ("quantize_activations", {"mode": "dynamic_per_token", "bits": 8})),
         "prune4_mlp_patch, QuaRot rotations, int4 g128 GPTQ (on 128 of the calibration "
