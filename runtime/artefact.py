@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..errors import ArtefactError, InputError
+from .lookahead import PromptLookup
 from .manifest import check_relpath, read_manifest, verify_artefact
 from .sampling import Sampler, Sampling
 from .shared_cache import SharedCache
@@ -242,7 +243,8 @@ class KVCache:
 @dataclasses.dataclass
 class Generation:
     """The result of `generate_ids`: the new ids, why generation stopped ("eos", "length" or
-    "context") and the timings (prefill over the prompt, decode over the following steps)."""
+    "context") and the timings (prefill over the prompt, decode over the following steps; with
+    lookahead a step can produce several tokens, and decode_tok_s counts tokens)."""
 
     prompt_ids: list[int]
     ids: list[int]
@@ -250,6 +252,10 @@ class Generation:
     prefill_s: float
     decode_s: float
     decode_steps: int
+    decode_tokens: int = 0  # tokens the decode steps produced (more than the steps with lookahead)
+    lookahead: int = 0  # draft tokens allowed a step (prompt lookup), how many were fed, and
+    drafted: int = 0  # how many of them the model agreed with
+    accepted: int = 0
 
     @property
     def prefill_tok_s(self) -> float:
@@ -257,12 +263,37 @@ class Generation:
 
     @property
     def decode_tok_s(self) -> float:
-        return self.decode_steps / self.decode_s if self.decode_s else 0.0
+        return self.decode_tokens / self.decode_s if self.decode_s else 0.0
 
     def stats(self) -> dict[str, Any]:
-        return {"prompt_tokens": len(self.prompt_ids), "new_tokens": len(self.ids),
-                "stop": self.stop, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
-                "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s}
+        out = {"prompt_tokens": len(self.prompt_ids), "new_tokens": len(self.ids),
+               "stop": self.stop, "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+               "prefill_tok_s": self.prefill_tok_s, "decode_tok_s": self.decode_tok_s,
+               "decode_steps": self.decode_steps}
+        if self.lookahead:
+            out.update(lookahead=self.lookahead, drafted=self.drafted, accepted=self.accepted)
+        return out
+
+
+class FunctionalCache:
+    """One generation's cache through `Artefact.logits`: each step returns a new cache (a
+    standard-ops graph concatenates past and new keys). Cutting it back copies what is kept."""
+
+    def __init__(self, art: Artefact):
+        self.art = art
+        self.cache: KVCache | None = None
+
+    def step(self, ids: np.ndarray) -> tuple[np.ndarray, int]:
+        logits, self.cache = self.art.logits(ids, self.cache)
+        return logits, self.cache.length
+
+    def truncate(self, length: int) -> None:
+        c = self.cache
+        if c is None or not 0 <= length <= c.length:
+            raise InputError(f"cannot cut a cache of {c.length if c else 0} positions to "
+                             f"{length}")
+        self.cache = KVCache({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
+            v.numpy()[:, :, :length])) for name, v in c.values.items()}, length, c.batch)
 
 
 class Artefact:
@@ -400,58 +431,97 @@ class Artefact:
         return ids
 
     def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling, stop_at_eos: bool,
-                result: Generation) -> Iterator[int]:
+                result: Generation, lookahead: int = 0) -> Iterator[int]:
         """Yield new tokens one at a time, filling `result` as it goes (so a consumer that stops
-        early still leaves correct stats)."""
+        early still leaves correct stats). `lookahead` > 0 drafts that many tokens a step by
+        prompt lookup (runtime/lookahead.py) and keeps those the model agrees with."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 0")
         sampler = Sampler(sampling)
         stops = self.stop_ids() if stop_at_eos else set()
-        step = self._stepper(min(self.max_position, len(ids) + max_new_tokens))
+        capacity = min(self.max_position, len(ids) + max_new_tokens)
+        drafter = cache = None
+        if lookahead:
+            drafter, cache = self._lookahead(lookahead, sampling, capacity)
+            drafter.extend(ids)
+            result.lookahead = lookahead
+        step = cache.step if cache is not None else self._stepper(capacity)
         t = time.perf_counter()
         logits, length = step(np.asarray([ids], dtype=np.int64))
         result.prefill_s = time.perf_counter() - t
-        for i in range(max_new_tokens):
-            tok = sampler(logits[0, -1])
-            if tok in stops:
-                result.stop = "eos"
-                return
-            result.ids.append(tok)
-            yield tok
-            if i == max_new_tokens - 1:
-                break
+        kept = [sampler(logits[0, -1])]
+        while max_new_tokens:
+            for tok in kept:
+                if tok in stops:
+                    result.stop = "eos"
+                    return
+                result.ids.append(tok)
+                yield tok
+                if len(result.ids) == max_new_tokens:
+                    result.stop = "length"
+                    return
             if length >= self.max_position:
                 result.stop = "context"
                 return
+            drafts = []
+            if drafter is not None:
+                drafter.extend(kept)
+                drafts = drafter.draft(min(max_new_tokens - len(result.ids),
+                                           capacity - length) - 1)
             t = time.perf_counter()
-            logits, length = step(np.asarray([[tok]], dtype=np.int64))
+            logits, length = step(np.asarray([[result.ids[-1], *drafts]], dtype=np.int64))
+            if drafts:
+                best = logits[0].argmax(-1)
+                agree = 0
+                while agree < len(drafts) and drafts[agree] == best[agree]:
+                    agree += 1
+                length -= len(drafts) - agree
+                cache.truncate(length)
+                kept = [*drafts[:agree], int(best[agree])]
+                result.drafted += len(drafts)
+                result.accepted += agree
+            else:
+                kept = [sampler(logits[0, -1])]
             result.decode_s += time.perf_counter() - t
             result.decode_steps += 1
+            result.decode_tokens += len(kept)
         result.stop = "length"
 
-    def _stepper(self, capacity: int) -> Callable[[np.ndarray], tuple[np.ndarray, int]]:
-        """One generation's step function, ids [1, seq] -> (logits, cache length): in place in
-        shared max-length buffers of `capacity` tokens when the graph allows it, else through
-        `logits()`'s functional cache."""
-        if self._share:
-            return SharedCache(self, capacity).step
-        cache = None
+    def _lookahead(self, k: int, sampling: Sampling, capacity: int
+                   ) -> tuple[PromptLookup, SharedCache | FunctionalCache]:
+        """The drafter and a cache that can be cut back, for prompt lookup decoding."""
+        if not isinstance(k, int) or isinstance(k, bool) or k < 0:
+            raise InputError(f"lookahead={k!r}; expected an integer >= 0 (0: one token a step)")
+        if not sampling.greedy:
+            raise InputError("lookahead keeps the drafts that match the model's argmax: it "
+                             "needs greedy decoding (temperature 0), not sampling")
+        if not self.cuts_cache:
+            raise InputError(f"lookahead: the {self.manifest.get('backend')} runtime cannot cut "
+                             "its cache back; prompt lookup runs on ONNX artefacts")
+        return PromptLookup(k), self._cache(capacity)
 
-        def step(ids: np.ndarray) -> tuple[np.ndarray, int]:
-            nonlocal cache
-            logits, cache = self.logits(ids, cache)
-            return logits, cache.length
-        return step
+    cuts_cache = True  # whether _cache()'s caches can be cut back (prompt lookup needs it)
+
+    def _cache(self, capacity: int) -> SharedCache | FunctionalCache:
+        """One generation's cache: in place in shared max-length buffers of `capacity` tokens
+        when the graph allows it, else `logits()`'s functional cache."""
+        return SharedCache(self, capacity) if self._share else FunctionalCache(self)
+
+    def _stepper(self, capacity: int) -> Callable[[np.ndarray], tuple[np.ndarray, int]]:
+        """One generation's step function, ids [1, seq] -> (logits, cache length)."""
+        return self._cache(capacity).step
 
     def generate_ids(self, prompt: str | Sequence[int] | np.ndarray, *, max_new_tokens: int = 128,
                      greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
                      top_p: float = 1.0, seed: int | None = None,
-                     stop_at_eos: bool = True) -> Generation:
+                     stop_at_eos: bool = True, lookahead: int = 0) -> Generation:
         """Generate up to `max_new_tokens` ids after `prompt` (text or ids); stops at an EOS id
-        (not included) or at the context's end."""
+        (not included) or at the context's end. `lookahead` > 0 (greedy only): prompt lookup
+        decoding with up to that many draft tokens a step (runtime/lookahead.py)."""
         sampling = Sampling(greedy, temperature, top_k, top_p, seed)
         result = Generation(self.prompt_ids(prompt), [], "length", 0.0, 0.0, 0)
-        for _ in self._tokens(result.prompt_ids, max_new_tokens, sampling, stop_at_eos, result):
+        for _ in self._tokens(result.prompt_ids, max_new_tokens, sampling, stop_at_eos, result,
+                              lookahead):
             pass
         self.last_stats = result.stats()
         return result
@@ -459,15 +529,17 @@ class Artefact:
     def stream(self, prompt: str | Sequence[int] | np.ndarray, *, max_new_tokens: int = 128,
                greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                seed: int | None = None, stop_at_eos: bool = True,
-               callback: Callable[[str], None] | None = None) -> Iterator[str]:
+               callback: Callable[[str], None] | None = None, lookahead: int = 0
+               ) -> Iterator[str]:
         """Yield the generated text piece by piece as soon as each piece is final (a character
-        split over several tokens comes out whole); `callback`, if given, sees every piece too."""
+        split over several tokens comes out whole); `callback`, if given, sees every piece too.
+        `lookahead` as in `generate_ids`."""
         sampling = Sampling(greedy, temperature, top_k, top_p, seed)
         result = Generation(self.prompt_ids(prompt), [], "length", 0.0, 0.0, 0)
         decoder = self.tokenizer.stream(result.prompt_ids)
         try:
             for tok in self._tokens(result.prompt_ids, max_new_tokens, sampling, stop_at_eos,
-                                    result):
+                                    result, lookahead):
                 piece = decoder.push(tok)
                 if piece:
                     if callback is not None:

@@ -187,6 +187,8 @@ class NpuArtefact(Artefact):
     """A loaded NPU artefact: `logits()`, `generate()`, `stream()` as `Artefact`, run on the HTP.
     `session_s` holds the seconds each graph's session took to create."""
 
+    cuts_cache = False  # the cache is updated in place and cannot be cut back yet
+
     def __init__(self, path: Path, manifest: dict, sessions: Mapping[int, ort.InferenceSession],
                  session_s: Mapping[int, float]):
         io = manifest["io"]

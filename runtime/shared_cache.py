@@ -54,3 +54,10 @@ class SharedCache:
         self.art.session.run_with_iobinding(b)
         self.length = total
         return out.numpy().copy(), total  # numpy() views the buffer the next step overwrites
+
+    def truncate(self, length: int) -> None:
+        """Forget the positions from `length` on: the next step writes over them (the mask's
+        width tells the graph where the cache ends, so nothing needs clearing)."""
+        if not 0 <= length <= self.length:
+            raise InputError(f"cannot cut a cache of {self.length} positions to {length}")
+        self.length = length

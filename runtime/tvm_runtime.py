@@ -191,6 +191,8 @@ class TVMArtefact(Artefact):
     """A loaded TVM artefact: `logits()` runs prefill (several tokens) or decode (one) in the VM;
     generation and the tokenizer are the shared `Artefact`'s."""
 
+    cuts_cache = False  # the cache is updated in place and cannot be cut back yet
+
     def __init__(self, path: Path, manifest: dict, vm: Any, params: list, device: Any):
         super().__init__(path, manifest, session=None)
         import tvm
