@@ -118,7 +118,7 @@ def cmd_run(a: argparse.Namespace) -> int:
 
     art = load(a.artefact, threads=a.threads)
     kw = dict(max_new_tokens=a.max_new_tokens, greedy=a.temperature == 0, temperature=a.temperature
-              or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+              or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed, lookahead=a.lookahead)
     if a.no_stream:
         print(art.generate(a.prompt, **kw))
     else:
@@ -129,8 +129,10 @@ def cmd_run(a: argparse.Namespace) -> int:
         sys.stdout.write("\n")
     stats = getattr(art, "last_stats", None)
     if stats:
+        kept = (f", {stats['accepted']} of {stats['drafted']} drafts kept"
+                if "drafted" in stats else "")
         print(f"[prefill {stats.get('prefill_tok_s', 0):.1f} tok/s, "
-              f"decode {stats.get('decode_tok_s', 0):.1f} tok/s]", file=sys.stderr)
+              f"decode {stats.get('decode_tok_s', 0):.1f} tok/s{kept}]", file=sys.stderr)
     return 0
 
 
@@ -235,6 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--top-p", type=float, default=1.0)
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--threads", type=int, default=None)
+    r.add_argument("--lookahead", type=int, default=0, metavar="K",
+                   help="greedy only: prompt lookup decoding, up to K tokens copied from the "
+                        "context and checked in one step (0 = one token a step)")
     r.add_argument("--no-stream", action="store_true", help="print the text at the end")
     r.set_defaults(fn=cmd_run)
 

@@ -37,6 +37,14 @@ def test_compile_run_inspect_eval(stories_artefact: Path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("Once upon a time")
     assert len(r.stdout.split()) > 8
+    # prompt lookup gives the same greedy text, and says how many drafts it kept (this artefact's
+    # attention is standard ops: the functional cache, cut back by copying)
+    la = splice("run", str(stories_artefact), "Once upon a time", "--max-new-tokens", "20",
+                "--lookahead", "3")
+    assert la.returncode == 0, la.stderr
+    assert la.stdout == r.stdout and "drafts kept" in la.stderr
+    bad = splice("run", str(stories_artefact), "Once", "--lookahead", "3", "--temperature", "0.8")
+    assert bad.returncode == 2 and "greedy" in bad.stderr and "Traceback" not in bad.stderr
     r = splice("inspect", str(stories_artefact))
     assert r.returncode == 0 and "llama2c" in r.stdout
     r = splice("eval", str(stories_artefact), "--text", str(TINYSTORIES), "--max-tokens", "2048",
