@@ -5,9 +5,11 @@ SmolLM2-135M (the embedded GGUF, dequantized to float32), a 64-token prompt of W
 - splice ONNX float32 (contrib ops, and the standard-ops-only mode), int4 RTN groups of 32 and
   128, and the full pipeline (prune 4 layers + patch, fold norms, rotate, W4 g128 RTN), each run
   by splice's runtime; the int4 g32 artefact also by onnxruntime-genai, and by splice's runtime
-  with ONNX Runtime's thread spinning off. The int4 models give SmolLM2's tied table an int4 copy
-  for the lm_head (read every step, as the builder does) and an int8 one for the embedding
-  (gathered one row per token; the float table would add 113 MB on disk for no speed);
+  with ONNX Runtime's thread spinning off; int4 g32, g128 and the full pipeline also with prompt
+  lookup decoding (LOOKAHEAD draft tokens a step, runtime/lookahead.py). The int4 models give
+  SmolLM2's tied table an int4 copy for the lm_head (read every step, as the builder does) and
+  an int8 one for the embedding (gathered one row per token; the float table would add 113 MB
+  on disk for no speed);
 - the builder's int4 and float32 models of the same checkpoint (saved as a Hugging Face directory,
   `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4|fp32 -e cpu`), run by
   onnxruntime-genai with the same thread count;
@@ -17,6 +19,9 @@ SmolLM2-135M (the embedded GGUF, dequantized to float32), a 64-token prompt of W
   better of numpy summing a 1 GB array and ONNX Runtime's float32 GEMV over a 1 GB matrix (the
   second is the faster on this machine, and a float32 decode step already reads faster than the
   first, so a numpy-only figure overstates the share of the limit reached).
+
+A prompt lookup study runs the int4 g128 artefact on six prompts (WikiText-2 and TinyStories)
+with and without drafts: speed-up, drafts kept, and whether the tokens are the same.
 
 Every engine runs in its own child process (so its peak resident memory, VmHWM, is its own), one
 after the other in alternating rounds; each figure is the best of the rounds. Quick mode builds a
@@ -41,6 +46,7 @@ WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
 TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories_val.txt"
 THREADS = 2
 LM_HEAD = "int4"  # the tied lm_head's own packed copy: see the module docstring's figures
+LOOKAHEAD = 4  # draft tokens a step for the prompt lookup rows (runtime/lookahead.py)
 
 
 # -- measurements ------------------------------------------------------------------------------
@@ -128,13 +134,37 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _run_splice(path: str, ids: list[int], new: int, spinning: bool | None = None) -> dict:
+def _run_splice(path: str, ids: list[int], new: int, spinning: bool | None = None,
+                lookahead: int = 0) -> dict:
     from splice.runtime import load
 
     art = load(path, threads=THREADS, spinning=spinning)
     art.generate_ids(ids[:8], max_new_tokens=4, stop_at_eos=False)  # warm-up
-    g = art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False)
-    return {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s, "tokens": g.ids}
+    g = art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False, lookahead=lookahead)
+    return {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s, "tokens": g.ids,
+            "decode_steps": g.decode_steps, "drafted": g.drafted, "accepted": g.accepted}
+
+
+def _lookahead_study(path: str, prompts: list[list[int]], new: int) -> dict:
+    """Prompt lookup against one token a step on several prompts, same artefact and process:
+    decode tok/s of each (best of 2), the drafts kept, and whether the tokens are the same."""
+    from splice.runtime import load
+
+    art = load(path, threads=THREADS)
+    art.generate_ids(prompts[0][:8], max_new_tokens=4, stop_at_eos=False)
+    rows = []
+    for ids in prompts:
+        runs = {k: [art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False, lookahead=k)
+                    for _ in range(2)] for k in (0, LOOKAHEAD)}
+        plain, ahead = runs[0][0].ids, runs[LOOKAHEAD][0].ids
+        first = next((i for i, (a, b) in enumerate(zip(plain, ahead)) if a != b), None)
+        rows.append({"plain_tok_s": max(g.decode_tok_s for g in runs[0]),
+                     "lookahead_tok_s": max(g.decode_tok_s for g in runs[LOOKAHEAD]),
+                     "steps": runs[LOOKAHEAD][0].decode_steps,
+                     "drafted": runs[LOOKAHEAD][0].drafted,
+                     "accepted": runs[LOOKAHEAD][0].accepted,
+                     "same_tokens": plain == ahead, "first_difference": first})
+    return {"rows": rows}
 
 
 def _run_genai(path: str, ids: list[int], new: int, spinning: bool = True) -> dict:
@@ -196,6 +226,9 @@ def _run_hf(path: str, ids: list[int], new: int) -> dict:
 
 WORKERS = {"splice": _run_splice, "genai": _run_genai, "hf": _run_hf,
            "splice_nospin": lambda path, ids, new: _run_splice(path, ids, new, spinning=False),
+           "splice_lookahead": lambda path, ids, new: _run_splice(path, ids, new,
+                                                                  lookahead=LOOKAHEAD),
+           "lookahead_study": _lookahead_study,
            "genai_nospin": lambda path, ids, new: _run_genai(path, ids, new, spinning=False)}
 
 
@@ -335,6 +368,19 @@ def _prompt(tok, quick: bool, n: int) -> list[int]:
     return ids
 
 
+def _study_prompts(tok, quick: bool, n: int) -> list[list[int]]:
+    """Prompts for the prompt lookup study: WikiText-2 and TinyStories from several places (the
+    first is the timing prompt); quick mode, random ids."""
+    if quick:
+        rng = np.random.default_rng(2)
+        return [[int(x) for x in rng.integers(3, 512, n)] for _ in range(3)]
+    prompts = [_prompt(tok, quick, n)]
+    for path, offset in ((WIKITEXT, 30000), (WIKITEXT, 90000), (WIKITEXT, 200000),
+                         (TINYSTORIES, 5000), (TINYSTORIES, 50000)):
+        prompts.append(tok(path.read_text()[offset:offset + 2000])["input_ids"][:n])
+    return prompts
+
+
 def _calibration(module, tok, quick: bool):
     import torch
 
@@ -374,6 +420,8 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         ids = _prompt(tok, quick, prompt_len)
         ids_file = work / "prompt.json"
         ids_file.write_text(json.dumps(ids))
+        study_file = work / "study_prompts.json"
+        study_file.write_text(json.dumps(_study_prompts(tok, quick, prompt_len)))
         t0 = time.perf_counter()
         arts = _splice_artefacts(module, work, _calibration(module, tok, quick), quick)
         build_s = time.perf_counter() - t0
@@ -385,10 +433,16 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             "splice ONNX int4 g32": ("splice", arts["int4_g32"]),
             "builder int4 (onnxruntime-genai)": ("genai", b4),
             "splice ONNX int4 g128": ("splice", arts["int4_g128"]),
+            f"splice ONNX int4 g32, prompt lookup ({LOOKAHEAD} drafts)":
+                ("splice_lookahead", arts["int4_g32"]),
+            f"splice ONNX int4 g128, prompt lookup ({LOOKAHEAD} drafts)":
+                ("splice_lookahead", arts["int4_g128"]),
             "splice ONNX int4 g32, threads not spinning": ("splice_nospin", arts["int4_g32"]),
             "builder int4 (onnxruntime-genai), threads not spinning": ("genai_nospin", b4),
             "splice int4 g32 run by onnxruntime-genai": ("genai", arts["int4_g32"]),
             "splice full pipeline (prune 4 + patch + rotate + W4 g128)": ("splice", arts["full"]),
+            f"splice full pipeline, prompt lookup ({LOOKAHEAD} drafts)":
+                ("splice_lookahead", arts["full"]),
             "splice ONNX float32": ("splice", arts["f32"]),
             "builder float32 (onnxruntime-genai)": ("genai", b32),
             "splice ONNX float32, standard ops only": ("splice", arts["f32_standard"]),
@@ -402,6 +456,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                 for k in ("prefill_tok_s", "decode_tok_s"):
                     b[k] = max(b[k], r[k])
                 b["peak_rss_mb"] = min(b["peak_rss_mb"], r["peak_rss_mb"])
+        study = _child("lookahead_study", arts["int4_g128"], study_file, new)
         bandwidth = read_bandwidth(0.25 if quick else 1.0)
         bw = bandwidth["best"]
         models = {"splice ONNX int4 g32": arts["int4_g32"] / "model.onnx",
@@ -435,7 +490,12 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                "bandwidth_by_method_gb_s": {k: v / 1e9 for k, v in bandwidth.items()}, "build_s": build_s, "builder_s": builder_s,
                "accuracy_level_4_vs_0": acc, "int4_g32_vs_float32": w4_error, "speed": best,
                "same_tokens_genai_vs_splice": best["splice int4 g32 run by onnxruntime-genai"][
-                   "tokens"] == best["splice ONNX int4 g32"]["tokens"]}
+                   "tokens"] == best["splice ONNX int4 g32"]["tokens"],
+               "lookahead": LOOKAHEAD, "lookahead_study": study["rows"],
+               "same_tokens_lookahead_vs_plain": {
+                   name: best[f"{name}, prompt lookup ({LOOKAHEAD} drafts)"]["tokens"]
+                   == best[name]["tokens"] for name in ("splice ONNX int4 g32",
+                                                        "splice ONNX int4 g128")}}
         return markdown(res), res
     finally:
         if tmp is not None:
@@ -476,6 +536,26 @@ def markdown(res: dict) -> str:
               f"scale, W4 g32 itself (accuracy_level 0) against float32: relative RMS "
               f"{res['int4_g32_vs_float32']['rel_rms']:.2g}, top-1 agreement "
               f"{100 * res['int4_g32_vs_float32']['top1_agreement']:.0f}%."]
+    k = res["lookahead"]
+    ahead = {name: sp[f"{name}, prompt lookup ({k} drafts)"] for name in (
+        "splice ONNX int4 g32", "splice ONNX int4 g128")}
+    lines += ["", f"Prompt lookup decoding ({k} drafts a step, greedy; the limit above is per "
+              f"step, and a step here keeps several tokens): " + "; ".join(
+                  f"{name[len('splice ONNX '):]} {r['decode_tok_s']:.0f} tok/s = "
+                  f"{r['decode_tok_s'] / b4:.2f}x the builder's int4, "
+                  f"{res['new_tokens'] - 1} tokens in {r['decode_steps']} steps, "
+                  f"{r['accepted']} of {r['drafted']} drafts kept, same tokens as one token a "
+                  f"step: {res['same_tokens_lookahead_vs_plain'][name]}"
+                  for name, r in ahead.items()) + ".", "",
+              f"Prompt lookup on more prompts (int4 g128, {res['new_tokens']} greedy tokens, "
+              "best of 2 each):", "",
+              "| prompt | one token a step tok/s | prompt lookup tok/s | speed-up | steps | "
+              "drafts kept | same tokens |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for i, r in enumerate(res["lookahead_study"]):
+        same = "yes" if r["same_tokens"] else f"from token {r['first_difference']}"
+        lines.append(f"| {i} | {r['plain_tok_s']:.0f} | {r['lookahead_tok_s']:.0f} | "
+                     f"{r['lookahead_tok_s'] / r['plain_tok_s']:.2f}x | {r['steps']} | "
+                     f"{r['accepted']}/{r['drafted']} | {same} |")
     return "\n".join(lines) + "\n"
 
 
