@@ -16,8 +16,6 @@ functional form (a new cache per call) for every artefact.
 from __future__ import annotations
 
 import dataclasses
-import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path, PurePosixPath
@@ -30,19 +28,11 @@ from ..errors import ArtefactError, InputError
 from .lookahead import PromptLookup
 from .manifest import check_relpath, read_manifest, verify_artefact
 from .sampling import Sampler, Sampling
+from .session import providers_for, session_options, session_section
 from .shared_cache import SharedCache
 from .tokenizer import load_tokenizer
 
 __all__ = ["Artefact", "Generation", "KVCache", "load", "read_manifest"]
-
-log = logging.getLogger(__name__)
-
-LEVELS = {
-    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-}
 
 
 def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
@@ -67,9 +57,9 @@ def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
     model = check_relpath(manifest["onnx"].get("model"))
     if model not in manifest["files"]:
         raise ArtefactError(f"artefact {path}: the model file {model!r} is not among its files")
-    session_cfg = _session_section(path, manifest)
-    options = _session_options(session_cfg, graph_optimization, threads, spinning)
-    chosen = _providers(session_cfg, providers)
+    session_cfg = session_section(path, manifest)
+    options = session_options(session_cfg, graph_optimization, threads, spinning)
+    chosen = providers_for(session_cfg, providers)
     try:
         session = ort.InferenceSession(str(path / model), options, providers=chosen)
     except Exception as e:  # onnxruntime raises its own exception types per failure
@@ -138,84 +128,6 @@ def _check_sections(path: Path, manifest: dict, session: ort.InferenceSession) -
     if fed != names["inputs"]:
         raise bad(f"io section feeds {sorted(fed)}, but the model's inputs are "
                   f"{sorted(names['inputs'])}")
-
-
-def _session_section(path: Path, manifest: dict) -> dict[str, Any]:
-    """The manifest's session defaults, checked. Thread counts above this machine's CPU count are
-    lowered to it: an artefact built on a large server still runs well on a small device, and an
-    untrusted one cannot make the runtime start threads by the thousand."""
-    cfg = manifest.get("session") or {}
-    if not isinstance(cfg, dict):
-        raise ArtefactError(f"artefact {path}: the manifest's session section is not a table")
-    level = cfg.get("graph_optimization", "all")
-    if not isinstance(level, str) or level not in LEVELS:
-        raise ArtefactError(f"artefact {path}: the manifest's session.graph_optimization is "
-                            f"{level!r}; accepted: {', '.join(LEVELS)}")
-    out: dict[str, Any] = {"graph_optimization": level}
-    cpus = os.cpu_count() or 1
-    for key, default in (("intra_op_num_threads", 0), ("inter_op_num_threads", 1)):
-        value = cfg.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ArtefactError(f"artefact {path}: the manifest's session.{key} is {value!r}; "
-                                "expected an integer >= 0")
-        out[key] = min(value, cpus)
-    wanted = cfg.get("providers") or ["CPUExecutionProvider"]
-    if not isinstance(wanted, list) or not all(isinstance(p, str) for p in wanted):
-        raise ArtefactError(f"artefact {path}: the manifest's session.providers is {wanted!r}; "
-                            "expected a list of ONNX Runtime execution provider names")
-    out["providers"] = wanted
-    spinning = cfg.get("allow_spinning", True)
-    if not isinstance(spinning, bool):
-        raise ArtefactError(f"artefact {path}: the manifest's session.allow_spinning is "
-                            f"{spinning!r}; expected true or false")
-    out["allow_spinning"] = spinning
-    return out
-
-
-def _session_options(cfg: dict, graph_optimization: bool | str | None,
-                     threads: int | None, spinning: bool | None = None) -> ort.SessionOptions:
-    if graph_optimization is None:
-        level = cfg.get("graph_optimization", "all")
-    elif isinstance(graph_optimization, bool):
-        level = "all" if graph_optimization else "disable"
-    else:
-        level = graph_optimization
-    if not isinstance(level, str) or level not in LEVELS:
-        raise InputError(f"graph_optimization={graph_optimization!r}; accepted: True, False, "
-                         f"{', '.join(LEVELS)}")
-    threads = cfg.get("intra_op_num_threads", 0) if threads is None else threads
-    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 0:
-        raise InputError(f"threads={threads!r}; expected an integer >= 0 (0: ONNX Runtime "
-                         "chooses)")
-    so = ort.SessionOptions()
-    so.graph_optimization_level = LEVELS[level]
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = cfg.get("inter_op_num_threads", 1)
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    spinning = cfg.get("allow_spinning", True) if spinning is None else spinning
-    if not isinstance(spinning, bool):
-        raise InputError(f"spinning={spinning!r}; expected True, False or None (the manifest's)")
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    return so
-
-
-def _providers(cfg: dict, providers: Sequence[str] | None) -> list[str]:
-    available = ort.get_available_providers()
-    if providers is not None:
-        if isinstance(providers, str) or not all(isinstance(p, str) for p in providers):
-            raise InputError(f"providers={providers!r}; expected a list of execution provider "
-                             f"names from {available}")
-        missing = [p for p in providers if p not in available]
-        if missing or not providers:
-            raise InputError(f"providers {list(providers)}: not available {missing}; this "
-                             f"onnxruntime has {available}")
-        return list(providers)
-    wanted = list(cfg["providers"])
-    chosen = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
-    if chosen != wanted:
-        log.warning("execution providers %s are not available; running on %s",
-                    [p for p in wanted if p not in chosen], chosen)
-    return chosen
 
 
 class KVCache:
