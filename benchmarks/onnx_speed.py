@@ -35,219 +35,18 @@ import json
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.memory_limits import dir_mb, read_bandwidth, weight_bytes_per_step
+from benchmarks.onnx_engines import LOOKAHEAD, THREADS, child
+
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
 TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories_val.txt"
-THREADS = 2
 LM_HEAD = "int4"  # the tied lm_head's own packed copy: see the module docstring's figures
-LOOKAHEAD = 4  # draft tokens a step for the prompt lookup rows (runtime/lookahead.py)
-
-
-# -- measurements ------------------------------------------------------------------------------
-def read_bandwidth(gb: float = 1.0, repeats: int = 5) -> dict[str, float]:
-    """Read bandwidth in bytes/s, two ways, best of `repeats` each: numpy summing a `gb` GB
-    float64 array (one and two threads; numpy releases the GIL in the reduction), and ONNX Runtime
-    multiplying a [1, 4096] vector by a `gb` GB float32 matrix fed as an input, so that nothing is
-    prepacked (what a decode step's matmuls do, with the same kernels and threads). The GEMV
-    reads faster than numpy's sum here; "best" is the larger, the one the limits use."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    a = np.ones(int(gb * 1e9) // 8)
-    halves = np.array_split(a, THREADS)
-    k = 4096
-    w = np.ones((k, int(gb * 1e9) // (4 * k)), np.float32)
-    x = np.ones((1, k), np.float32)
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape)),
-         helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = THREADS
-    sess = ort.InferenceSession(
-        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
-        so, providers=["CPUExecutionProvider"])
-    sess.run(None, {"x": x, "w": w})
-    best = {"numpy_sum": 0.0, "ort_gemv": 0.0}
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a.sum()
-        best["numpy_sum"] = max(best["numpy_sum"], a.nbytes / (time.perf_counter() - t))
-        out = [0.0] * len(halves)
-
-        def part(i: int) -> None:
-            out[i] = halves[i].sum()
-        threads = [threading.Thread(target=part, args=(i,)) for i in range(len(halves))]
-        t = time.perf_counter()
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join()
-        best["numpy_sum"] = max(best["numpy_sum"], a.nbytes / (time.perf_counter() - t))
-        t = time.perf_counter()
-        sess.run(None, {"x": x, "w": w})
-        best["ort_gemv"] = max(best["ort_gemv"], w.nbytes / (time.perf_counter() - t))
-    best["best"] = max(best.values())
-    return best
-
-
-def weight_bytes_per_step(model_path: Path) -> int:
-    """Bytes of initializers one decode step reads: all of them, less tables that are only
-    gathered from (an embedding reads one row per token)."""
-    import onnx
-
-    proto = onnx.load(str(model_path), load_external_data=False)
-    users: dict[str, list[tuple[str, int]]] = {}
-    for node in proto.graph.node:
-        for i, name in enumerate(node.input):
-            users.setdefault(name, []).append((node.op_type, i))
-    total = 0
-    for t in proto.graph.initializer:
-        uses = users.get(t.name, [])
-        if uses and all(op in ("Gather", "GatherBlockQuantized") and i == 0 for op, i in uses):
-            continue
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
-        else:
-            total += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
-    return total
-
-
-def dir_mb(path: Path) -> float:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
-
-
-# -- engines (each runs in a child process: python -m benchmarks.onnx_speed --worker ...) ------
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _run_splice(path: str, ids: list[int], new: int, spinning: bool | None = None,
-                lookahead: int = 0) -> dict:
-    from splice.runtime import load
-
-    art = load(path, threads=THREADS, spinning=spinning)
-    art.generate_ids(ids[:8], max_new_tokens=4, stop_at_eos=False)  # warm-up
-    g = art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False, lookahead=lookahead)
-    return {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s, "tokens": g.ids,
-            "decode_steps": g.decode_steps, "drafted": g.drafted, "accepted": g.accepted}
-
-
-def _lookahead_study(path: str, prompts: list[list[int]], new: int) -> dict:
-    """Prompt lookup against one token a step on several prompts, same artefact and process:
-    decode tok/s of each (best of 2), the drafts kept, and whether the tokens are the same."""
-    from splice.runtime import load
-
-    art = load(path, threads=THREADS)
-    art.generate_ids(prompts[0][:8], max_new_tokens=4, stop_at_eos=False)
-    rows = []
-    for ids in prompts:
-        runs = {k: [art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False, lookahead=k)
-                    for _ in range(2)] for k in (0, LOOKAHEAD)}
-        plain, ahead = runs[0][0].ids, runs[LOOKAHEAD][0].ids
-        first = next((i for i, (a, b) in enumerate(zip(plain, ahead)) if a != b), None)
-        rows.append({"plain_tok_s": max(g.decode_tok_s for g in runs[0]),
-                     "lookahead_tok_s": max(g.decode_tok_s for g in runs[LOOKAHEAD]),
-                     "steps": runs[LOOKAHEAD][0].decode_steps,
-                     "drafted": runs[LOOKAHEAD][0].drafted,
-                     "accepted": runs[LOOKAHEAD][0].accepted,
-                     "same_tokens": plain == ahead, "first_difference": first})
-    return {"rows": rows}
-
-
-def _run_genai(path: str, ids: list[int], new: int, spinning: bool = True) -> dict:
-    import onnxruntime_genai as og
-
-    config = og.Config(path)
-    if not spinning:  # a session option genai_config.json accepts, overlaid on the file's
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "session.intra_op.allow_spinning": "0"}}}}))
-    model = og.Model(config)
-
-    def generate(prompt: list[int], n: int) -> tuple[float, float, list[int]]:
-        params = og.GeneratorParams(model)
-        length = len(prompt) + n
-        params.set_search_options(max_length=length, min_length=length, do_sample=False)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(prompt)
-        t1 = time.perf_counter()
-        out = []
-        gen.generate_next_token()  # samples from the prompt's logits: no model run
-        out.append(int(gen.get_next_tokens()[0]))
-        t2 = time.perf_counter()
-        for _ in range(n - 1):
-            gen.generate_next_token()
-            out.append(int(gen.get_next_tokens()[0]))
-        t3 = time.perf_counter()
-        return t1 - t0, t3 - t2, out
-    generate(ids[:8], 4)
-    pre, dec, out = generate(ids, new)
-    return {"prefill_tok_s": len(ids) / pre, "decode_tok_s": (new - 1) / dec, "tokens": out}
-
-
-def _run_hf(path: str, ids: list[int], new: int) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM, DynamicCache
-
-    torch.set_num_threads(THREADS)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-    def generate(prompt: list[int], n: int) -> tuple[float, float, list[int]]:
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            out = hf(input_ids=torch.tensor([prompt]), past_key_values=DynamicCache(
-                config=hf.config), use_cache=True)
-            t1 = time.perf_counter()
-            tok = out.logits[:, -1:].argmax(-1)
-            toks = [int(tok)]
-            for _ in range(n - 1):
-                out = hf(input_ids=tok, past_key_values=out.past_key_values, use_cache=True)
-                tok = out.logits[:, -1:].argmax(-1)
-                toks.append(int(tok))
-            t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, toks
-    generate(ids[:8], 4)
-    pre, dec, out = generate(ids, new)
-    return {"prefill_tok_s": len(ids) / pre, "decode_tok_s": (new - 1) / dec, "tokens": out}
-
-
-WORKERS = {"splice": _run_splice, "genai": _run_genai, "hf": _run_hf,
-           "splice_nospin": lambda path, ids, new: _run_splice(path, ids, new, spinning=False),
-           "splice_lookahead": lambda path, ids, new: _run_splice(path, ids, new,
-                                                                  lookahead=LOOKAHEAD),
-           "lookahead_study": _lookahead_study,
-           "genai_nospin": lambda path, ids, new: _run_genai(path, ids, new, spinning=False)}
-
-
-def worker(argv: list[str]) -> None:
-    kind, path, ids_file, new = argv
-    ids = json.loads(Path(ids_file).read_text())
-    res = WORKERS[kind](path, ids, int(new))
-    res["peak_rss_mb"] = _peak_rss_mb()
-    sys.stdout.write("\nRESULT " + json.dumps(res) + "\n")
-
-
-def _child(kind: str, path: Path, ids_file: Path, new: int) -> dict:
-    r = subprocess.run([sys.executable, "-m", "benchmarks.onnx_speed", "--worker", kind,
-                        str(path), str(ids_file), str(new)], capture_output=True, text=True,
-                       cwd=REPO)
-    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise RuntimeError(f"{kind} engine on {path} failed:\n{r.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
 
 
 # -- building the models -----------------------------------------------------------------------
@@ -451,13 +250,13 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         best: dict[str, dict] = {}
         for _ in range(rounds):
             for name, (kind, path) in engines.items():
-                r = _child(kind, path, ids_file, new)
+                r = child(kind, path, ids_file, new)
                 b = best.setdefault(name, dict(r))
                 for k in ("prefill_tok_s", "decode_tok_s"):
                     b[k] = max(b[k], r[k])
                 b["peak_rss_mb"] = min(b["peak_rss_mb"], r["peak_rss_mb"])
-        study = _child("lookahead_study", arts["int4_g128"], study_file, new)
-        bandwidth = read_bandwidth(0.25 if quick else 1.0)
+        study = child("lookahead_study", arts["int4_g128"], study_file, new)
+        bandwidth = read_bandwidth(0.25 if quick else 1.0, threads=THREADS)
         bw = bandwidth["best"]
         models = {"splice ONNX int4 g32": arts["int4_g32"] / "model.onnx",
                   "splice ONNX int4 g128": arts["int4_g128"] / "model.onnx",
@@ -560,9 +359,6 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        worker(sys.argv[2:])
-        sys.exit(0)
     import argparse
 
     ap = argparse.ArgumentParser(prog="python -m benchmarks.onnx_speed")

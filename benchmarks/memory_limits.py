@@ -1,0 +1,84 @@
+"""What bounds a decode step: the machine's read bandwidth, the bytes of weights a step reads,
+and an artefact's size on disk (the ONNX speed benchmark's memory-bandwidth limit)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def read_bandwidth(gb: float = 1.0, repeats: int = 5, threads: int = 2) -> dict[str, float]:
+    """Read bandwidth in bytes/s, two ways, best of `repeats` each: numpy summing a `gb` GB
+    float64 array (one and two threads; numpy releases the GIL in the reduction), and ONNX Runtime
+    multiplying a [1, 4096] vector by a `gb` GB float32 matrix fed as an input, so that nothing is
+    prepacked (what a decode step's matmuls do, with the same kernels and threads). The GEMV
+    reads faster than numpy's sum here; "best" is the larger, the one the limits use."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    a = np.ones(int(gb * 1e9) // 8)
+    halves = np.array_split(a, threads)
+    k = 4096
+    w = np.ones((k, int(gb * 1e9) // (4 * k)), np.float32)
+    x = np.ones((1, k), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape)),
+         helper.make_tensor_value_info("w", TensorProto.FLOAT, list(w.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, w.shape[1]])])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString(),
+        so, providers=["CPUExecutionProvider"])
+    sess.run(None, {"x": x, "w": w})
+    best = {"numpy_sum": 0.0, "ort_gemv": 0.0}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best["numpy_sum"] = max(best["numpy_sum"], a.nbytes / (time.perf_counter() - t))
+        out = [0.0] * len(halves)
+
+        def part(i: int) -> None:
+            out[i] = halves[i].sum()
+        threads = [threading.Thread(target=part, args=(i,)) for i in range(len(halves))]
+        t = time.perf_counter()
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        best["numpy_sum"] = max(best["numpy_sum"], a.nbytes / (time.perf_counter() - t))
+        t = time.perf_counter()
+        sess.run(None, {"x": x, "w": w})
+        best["ort_gemv"] = max(best["ort_gemv"], w.nbytes / (time.perf_counter() - t))
+    best["best"] = max(best.values())
+    return best
+
+
+def weight_bytes_per_step(model_path: Path) -> int:
+    """Bytes of initializers one decode step reads: all of them, less tables that are only
+    gathered from (an embedding reads one row per token)."""
+    import onnx
+
+    proto = onnx.load(str(model_path), load_external_data=False)
+    users: dict[str, list[tuple[str, int]]] = {}
+    for node in proto.graph.node:
+        for i, name in enumerate(node.input):
+            users.setdefault(name, []).append((node.op_type, i))
+    total = 0
+    for t in proto.graph.initializer:
+        uses = users.get(t.name, [])
+        if uses and all(op in ("Gather", "GatherBlockQuantized") and i == 0 for op, i in uses):
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int({e.key: e.value for e in t.external_data}.get("length", 0))
+        else:
+            total += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
+    return total
+
+
+def dir_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) / 1e6
