@@ -285,11 +285,36 @@ def _no_progress_bars() -> None:
 _sigint_seen = False
 
 
+_alarm_before: list = []  # SIGALRM's handler while a deferred Ctrl-C is armed (see below)
+
+
 def _on_sigint(signum, frame) -> None:
-    """Python's own SIGINT behaviour (raise KeyboardInterrupt), remembering that it happened."""
+    """Python's own SIGINT behaviour (raise KeyboardInterrupt), remembering that it happened.
+    Inside a finalizer (a `__del__` the garbage collector runs) an exception is printed with a
+    traceback and dropped, so there the interrupt is raised again 5 ms later instead, once the
+    finalizer has returned."""
     global _sigint_seen
     _sigint_seen = True
+    if _in_finalizer(frame):
+        if not _alarm_before:
+            _alarm_before.append(signal.signal(signal.SIGALRM, _on_sigint))
+        signal.setitimer(signal.ITIMER_REAL, 0.005)
+        return
     signal.default_int_handler(signum, frame)
+
+
+def _in_finalizer(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _disarm_deferred_sigint() -> None:
+    if _alarm_before:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, _alarm_before.pop())
 
 
 @contextlib.contextmanager
@@ -377,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        _disarm_deferred_sigint()
 
 
 if __name__ == "__main__":

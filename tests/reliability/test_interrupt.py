@@ -18,7 +18,6 @@ Two or three compiles into one directory at once serialise on the writer's lock.
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -228,3 +227,28 @@ def test_an_interrupted_import_is_an_interruption(wrap, monkeypatch, capsys):
     monkeypatch.setattr(cli, "cmd_passes", interrupted_import)
     assert cli.main(["passes"]) == 130
     assert capsys.readouterr().err.strip() == "splice: interrupted"
+
+
+def test_a_ctrl_c_inside_a_finalizer_interrupts_after_it(monkeypatch, capsys):
+    """A KeyboardInterrupt raised inside a `__del__` is printed with a traceback and dropped by
+    Python (seen when a Ctrl-C hit the regex module's Group.__del__ early in a compile): the
+    CLI's handler raises it again once the finalizer has returned, and the command ends as an
+    interruption with one line."""
+    from splice import cli
+
+    class Finalized:
+        def __del__(self):
+            cli._on_sigint(signal.SIGINT, sys._getframe())  # what the signal would call
+
+    def work(a):
+        Finalized()  # dropped at once: its __del__ runs here
+        time.sleep(5)  # the re-raised interrupt ends this long before 5 s
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_passes", work)
+    t = time.perf_counter()
+    assert cli.main(["passes"]) == 130
+    assert time.perf_counter() - t < 2
+    err = capsys.readouterr().err
+    assert err.strip() == "splice: interrupted" and "Traceback" not in err
+    assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0) and not cli._alarm_before
