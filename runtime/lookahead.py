@@ -6,14 +6,16 @@ weights are read once either way: SmolLM2-135M int4, 2 threads, two tokens cost 
 before, the tokens that followed them then are a cheap guess at what follows now. The step
 feeds the current token and up to `k` such draft tokens; the model's argmax at each position
 says how many drafts it would have produced itself. Those are kept, plus the model's own token
-after them, and the cache is cut back to what was kept (in-place caches only: the rejected
-positions are simply overwritten later).
+after them, and the cache is cut back to what was kept (an in-place cache overwrites the
+rejected positions later; a functional one copies what is kept).
 
 Exact: every kept token is the argmax of the model's logits given the tokens before it, so the
 output is greedy decoding's. Bit for bit only where the kernels give the same logits for a
-position whatever else is in the step: float32 compute does to rounding; MatMulNBits with int8
-activations (accuracy_level 4) takes another kernel for several rows than for one, whose logits
-differ by up to about one unit, so a near tie can go the other way.
+position whatever else is in the step: float32 compute does to rounding; with MatMulNBits' int8
+activations (accuracy_level 4) a rounding difference of a step of several rows against one
+row (each MatMulNBits alone agrees to 1e-7) can move an activation across an int8 step, and
+through the layers the logits differ by up to about one unit, so a near tie can go the other
+way.
 """
 
 from __future__ import annotations
