@@ -1,12 +1,17 @@
 """Lowering strategies for the `hadamard` op, and the choice between them by size.
 
-Three ways to compute y = (x @ H) * scale in standard ONNX, all exactly splice.ir.hadamard's H:
+Four ways to compute y = (x @ H) * scale in standard ONNX, all exactly splice.ir.hadamard's H:
 
 - "matmul": one MatMul by the dense orthonormal matrix (an initializer of order `block or size`,
   normalisation and scale folded in); a block-diagonal or per-head transform reshapes x into its
   runs first, so the initializer stays [width, width] rather than a mostly-zero [size, size].
+- "two_sided": H = H_a (x) H_b with b a power of two of at most 256 and a at most 256
+  (`two_sided_split`); x's runs viewed as X [..., a, b] give y = A^T X B', B' = B * scale /
+  sqrt(width): a Reshape, a MatMul on the last axis, one by A^T from the left (broadcast over the
+  leading dims) and a Reshape back, no transpose. Widths with no such split take "kron".
 - "kron": the Kronecker factors of H as small MatMuls, one per axis of x viewed as [f1, .., fm]
-  (rules.lower_hadamard, factors of at most 64).
+  (rules.lower_hadamard, factors of at most 64), each followed by a Transpose that cycles the
+  axes.
 - "fwht": the fast Walsh-Hadamard transform: x viewed as [..., base, 2, 2, .., 2]; each of the
   log2(2^k) butterfly stages splits one axis of size 2 into a and b and concatenates a + b and
   a - b back; the non-power-of-two base factor is one broadcast MatMul from the left
@@ -14,26 +19,38 @@ Three ways to compute y = (x @ H) * scale in standard ONNX, all exactly splice.i
 
 `choose_strategy` is what `lower_hadamard` picks. Measured with ONNX Runtime 1.32's CPU provider,
 one intra-op thread, all graph optimisations on, float32, on the project's shared 2-core x86-64
-build machine: the fastest of 60-300 runs of a graph holding only the op (microseconds per call,
-x of shape [1, tokens, width]):
+build machine (`python -m benchmarks.hadamard`): the fastest of 7 batches of 60 calls of a graph
+holding only the op, microseconds a call (x of shape [1, tokens, width]):
 
-    width  tokens    matmul     kron     fwht   |  width  tokens    matmul     kron     fwht
-       16       1       3.9      4.8     12.9   |   1024       1      49.7      6.8     36.3
-       16      64       4.1      5.1     17.9   |   1024      64     597.7     67.6    462.6
-       64       1       4.1      4.9     18.2   |   1536       1     114.6      7.8     31.5
-       64      64       6.3      7.5     40.5   |   1536      64    1364.4    100.6    649.8
-      128       1       4.4      5.9     21.1   |   2048       1     208.5      8.2     45.9
-      128      64      13.1     14.8     66.8   |   2048      64    3064.1    170.3   1000.5
-      256       1       6.2      5.9     25.6   |   4096       1    1609.0     11.7     63.2
-      256      64      40.5     19.8    118.6   |   4096      64   13288.1    423.3   2102.0
-      576       1      17.3      6.3     17.2   |  11008       1         -     34.5     99.4
-      576      64     188.5     42.8    209.7   |  11008      64         -   1985.8   5678.1
+     width tokens   matmul two_sided    kron    fwht
+        16      1      3.2       4.0     4.0    10.7
+        64      1      3.4       4.1     4.1    15.0
+       128      1      3.6       4.5     4.9    17.5
+       128     64     10.7      14.3    12.1    54.6
+       256      1      5.1       4.4     4.9    21.2
+       256     64     33.1      15.1    16.4    95.7
+       576      1     15.1       4.6     5.3    14.0
+       576     64    159.1      28.8    36.4   162.8
+      1536      1     94.5       6.1     6.6    25.4
+      1536     64   1145.5     120.6    85.1   500.7
+      2048      1    179.0       6.1     6.9    37.7
+      2048     64   2371.0     122.6   142.1   772.6
+      4096      1   1439.7       8.5     9.7    52.0
+      4096     64  10528.6     287.4   333.0  1636.1
+     11008      1        -      23.9    28.4    76.9
+     11008     64        -    1305.2  1573.0  4077.8
 
-The crossover is the same at 1 and at 64 tokens: the dense MatMul wins up to width 128 (one
-kernel, normalisation folded in), the Kronecker factors from 256 on (n * sum(f_i) multiply-adds
-instead of n^2, still few nodes). The butterfly never wins in ONNX Runtime: each of its log2(n)
-stages is four nodes and a full pass over the tensor, which costs more than radix-64 MatMuls; it
-is kept as an explicit strategy (`hadamard_rule("fwht")`) for runtimes without a fast small MatMul.
+The dense MatMul wins up to width 128 (one kernel, normalisation folded in); from 256 on the
+factored forms do n * sum(f_i) multiply-adds instead of n^2, and the two-sided one does it in
+two MatMuls where "kron" needs a MatMul and a Transpose per factor. One token (a decode step)
+is the case that repeats, and there two_sided is the fastest everywhere from 256 on; inside a
+whole model the difference is larger than alone (every node also costs the executor's
+dispatch): in SmolLM2-135M pruned to 26 layers with R4 (1536 = 12 x 128), a decode step took
+0.14 ms more with two-sided transforms than with none, 0.26 ms more with "kron". The exception
+is a 64-token prefill at 1536, where the left MatMul by the 12 x 12 factor runs as 64 tiny
+products (121 against 85 us); a prefill is once a prompt. The butterfly never wins in ONNX
+Runtime: each of its log2(n) stages is four nodes and a full pass over the tensor; it is kept as
+an explicit strategy (`hadamard_rule("fwht")`) for runtimes without a fast small MatMul.
 """
 
 from __future__ import annotations
@@ -46,9 +63,9 @@ import onnx_ir as ir
 from ...ir.core import Node
 from .lower import LoweringContext, LoweringError, Rule
 
-STRATEGIES = ("matmul", "kron", "fwht")
+STRATEGIES = ("matmul", "two_sided", "kron", "fwht")
 
-# widths (block or size) up to this take the dense MatMul, larger ones the Kronecker factors
+# widths (block or size) up to this take the dense MatMul, larger ones the two-sided product
 DENSE_MAX = 128
 
 
@@ -63,7 +80,9 @@ def _width(node: Node) -> int:
 def choose_strategy(width: int) -> str:
     """The strategy `lower_hadamard` uses for a transform of order `width` (see the module
     docstring for the measurement behind it)."""
-    return "matmul" if width <= DENSE_MAX else "kron"
+    if width <= DENSE_MAX:
+        return "matmul"
+    return "two_sided" if two_sided_split(width) is not None else "kron"
 
 
 def _runs(ctx: LoweringContext, node: Node, width: int) -> tuple[ir.Value, int]:
@@ -128,6 +147,60 @@ def lower_hadamard_fwht(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     return [y]
 
 
+# the two-sided form's right factor is a dense MatMul of at most this order, its left one of at
+# most TWO_SIDED_MAX_LEFT (larger widths take the Kronecker factors)
+TWO_SIDED_MAX_RIGHT = 256
+TWO_SIDED_MAX_LEFT = 256
+
+
+def two_sided_split(width: int) -> tuple[int, int] | None:
+    """(a, b) with width = a * b, H = H_a (x) H_b, b the largest power of two of at most
+    TWO_SIDED_MAX_RIGHT made of trailing Kronecker factors; None when a would exceed
+    TWO_SIDED_MAX_LEFT or when width is a single factor (the dense MatMul's case)."""
+    from .rules import hadamard_factors
+
+    factors = hadamard_factors(width)
+    b = 1
+    while len(factors) > 1 and b * factors[-1] <= TWO_SIDED_MAX_RIGHT:
+        b *= factors.pop()
+    a = width // b
+    if b == 1 or a == 1 or a > TWO_SIDED_MAX_LEFT:
+        return None
+    return a, b
+
+
+def _signs_kron(order: int) -> np.ndarray:
+    """The +-1 matrix of hadamard_matrix(order) as the Kronecker product of its factors'."""
+    from .rules import _hadamard_signs, hadamard_factors
+
+    m = np.ones((1, 1), np.float32)
+    for f in hadamard_factors(order):
+        m = np.kron(m, _hadamard_signs(f))
+    return m
+
+
+def lower_hadamard_two_sided(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
+    """x's runs viewed as X [..., a, b]: y = A^T X (B * scale / sqrt(width)), two MatMuls (the
+    left one broadcast over the leading dims) and no transpose. Falls back to the Kronecker
+    factors when the width has no such split."""
+    width = _width(node)
+    split = two_sided_split(width)
+    if split is None:
+        return lower_hadamard_kron(ctx, node)
+    a, b = split
+    scale = node.attrs["scale"]
+    key = ("hadamard_two_sided", width, scale)
+    if key not in ctx.cache:
+        right = (_signs_kron(b) * (scale / np.sqrt(width))).astype(np.float32)
+        left_t = np.ascontiguousarray(_signs_kron(a).T)
+        ctx.cache[key] = (ctx.const(left_t), ctx.const(right))
+    left_t, right = ctx.cache[key]
+    rank = len(node.inputs[0].shape)
+    y = ctx.op("Reshape", [ctx.input(node, 0), ctx.ints(*_keep(rank - 1), -1, a, b)])
+    y = ctx.op("MatMul", [left_t, ctx.op("MatMul", [y, right])])
+    return [ctx.op("Reshape", [y, ctx.ints(*_keep(rank - 1), -1)])]
+
+
 def lower_hadamard_kron(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     """The Kronecker-factored MatMuls of rules.lower_hadamard."""
     from .rules import lower_hadamard as kron
@@ -135,8 +208,8 @@ def lower_hadamard_kron(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     return kron(ctx, node)
 
 
-_BY_NAME: dict[str, Rule] = {"matmul": lower_hadamard_matmul, "kron": lower_hadamard_kron,
-                             "fwht": lower_hadamard_fwht}
+_BY_NAME: dict[str, Rule] = {"matmul": lower_hadamard_matmul, "two_sided": lower_hadamard_two_sided,
+                             "kron": lower_hadamard_kron, "fwht": lower_hadamard_fwht}
 
 
 def lower_hadamard(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:

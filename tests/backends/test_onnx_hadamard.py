@@ -13,7 +13,7 @@ import torch
 
 from splice.backends.onnx import RULES, LoweringError, lower, save
 from splice.backends.onnx.hadamard import (DENSE_MAX, STRATEGIES, choose_strategy, hadamard_rule,
-                                           with_hadamard)
+                                           two_sided_split, with_hadamard)
 from splice.ir import Graph, Interpreter, ModelConfig, Module, emit, verify
 from splice.passes.fold_norms import FoldNormsPass
 from splice.passes.rotate import RotatePass
@@ -26,6 +26,7 @@ CASES = [
     (96, {"size": 96, "scale": 0.5}),             # 12 x 8, scaled
     (576, {"size": 576}),                         # SmolLM2's hidden: 36 (Paley II) x 16
     (1536, {"size": 1536}),                       # SmolLM2's MLP: 12 x 128
+    (256, {"size": 256, "scale": 2.0}),           # Sylvester, two-sided 16 x 16
     (576, {"size": 576, "block": 64}),            # block-diagonal
     (4 * 24, {"size": 24, "group": 4}),           # per head, 12 x 2
     (3 * 64, {"size": 64, "group": 3, "block": 16}),  # per head and block-diagonal
@@ -66,13 +67,37 @@ def _matmul_weights(model: ir.Model) -> list[tuple[int, ...]]:
             for v in n.inputs if v.const_value is not None]
 
 
-def test_size_rule_picks_dense_up_to_the_crossover_then_factors():
-    assert choose_strategy(DENSE_MAX) == "matmul" and choose_strategy(2 * DENSE_MAX) == "kron"
+def test_size_rule_picks_dense_up_to_the_crossover_then_two_sided():
+    assert choose_strategy(DENSE_MAX) == "matmul" and choose_strategy(2 * DENSE_MAX) == "two_sided"
+    assert choose_strategy(12 * 1024) == "kron"  # 12 x 1024: the left factor would be 384
     dense = lower(single_op(96, {"size": 96}))
     assert _matmul_weights(dense) == [(96, 96)]
     assert [n.op_type for n in dense.graph] == ["MatMul"]  # normalisation folded into H
-    factored = lower(single_op(1536, {"size": 1536}))
+    two_sided = lower(single_op(1536, {"size": 1536}))
+    assert [n.op_type for n in two_sided.graph] == ["Reshape", "MatMul", "MatMul", "Reshape"]
+    assert _matmul_weights(two_sided) == [(128, 128), (12, 12)]
+    factored = lower(single_op(1536, {"size": 1536}), rules=with_hadamard(RULES, "kron"))
     assert sorted(_matmul_weights(factored)) == [(8, 8), (12, 12), (16, 16)]
+    assert [n.op_type for n in factored.graph].count("Transpose") == 3
+
+
+def test_two_sided_without_a_split_lowers_as_the_kronecker_factors():
+    """12 x 1024: a two-sided left factor would be 384 wide, so both rules emit kron's nodes."""
+    module = single_op(12 * 1024, {"size": 12 * 1024})
+    feed = torch.randn(1, 2, 12 * 1024, generator=torch.Generator().manual_seed(3))
+    ref = Interpreter(module).run({"x": feed})["y"].numpy()
+    kron = lower(module, rules=with_hadamard(RULES, "kron"))
+    for strategy in ("two_sided", "auto"):
+        model = lower(module, rules=with_hadamard(RULES, strategy))
+        assert [n.op_type for n in model.graph] == [n.op_type for n in kron.graph]
+        assert np.abs(run_ort(model, feed.numpy(), LEVELS["on"]) - ref).max() <= 1e-5
+
+
+@pytest.mark.parametrize("width,split", [(256, (16, 16)), (576, (36, 16)), (1536, (12, 128)),
+                                         (11008, (172, 64)), (128, (16, 8)), (12, None),
+                                         (12 * 1024, None)])
+def test_two_sided_split(width, split):
+    assert two_sided_split(width) == split
 
 
 def test_fwht_is_butterflies_and_one_base_matmul():
@@ -84,7 +109,7 @@ def test_fwht_is_butterflies_and_one_base_matmul():
 
 def test_unknown_strategy_names_the_accepted_ones():
     with pytest.raises(LoweringError, match=r"unknown hadamard strategy 'butterfly'; accepted: "
-                                            r"auto, matmul, kron, fwht"):
+                                            r"auto, matmul, two_sided, kron, fwht"):
         hadamard_rule("butterfly")
 
 
