@@ -29,9 +29,9 @@ table changes, and why each pays on CPU decode (one token: the cost is op count 
   per-head group, constant or absent weight, operands of the same shape) it emits the fused node
   and leaves the normalised value for that norm's rule to pick up.
 - A standalone rms_norm (layer 0's first norm, per-head q/k norms) keeps the standard pattern:
-  ONNX Runtime fuses it into SimplifiedLayerNormalization itself at "extended" and above, and
-  writing that op ourselves would put a non-standard op into the ONNX domain, which onnx.checker
-  rejects.
+  ONNX Runtime fuses it into SimplifiedLayerNormalization itself at "extended" and above (when a
+  scale Mul ends it, so a weightless one gets a Mul by ones), and writing that op ourselves would
+  put a non-standard op into the ONNX domain, which onnx.checker rejects.
 """
 
 from __future__ import annotations
@@ -155,7 +155,8 @@ def lower_rotary_contrib(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]
     hd = a["head_dim"]
     rd = a["rotary_dim"] or hd
     cos, sin = _rotary_caches(ctx, node, rd)
-    attrs = {"interleaved": int(bool(a["interleaved"])), "num_heads": node.inputs[0].shape[-1] // hd}
+    attrs = {"interleaved": int(bool(a["interleaved"])),
+             "num_heads": node.inputs[0].shape[-1] // hd}
     if rd != hd:
         attrs["rotary_embedding_dim"] = rd
     return [ctx.op("RotaryEmbedding", [ctx.input(node, 0), ctx.input(node, 1), cos, sin], attrs,
@@ -176,21 +177,23 @@ def _fusable_norm(node: Node) -> Node | None:
     return None
 
 
+def _gamma(ctx: LoweringContext, norm: Node) -> ir.Value:
+    """The norm's scale as a constant (ones for a weightless norm, the offset added)."""
+    w = norm.inputs[1] if len(norm.inputs) > 1 else None
+    offset = norm.attrs["offset"]
+    if w is None:
+        return ctx.const(np.ones(norm.inputs[0].shape[-1], np.float32))
+    if offset:
+        return ctx.weight(w, f"plus{offset:g}", lambda arr: arr + np.float32(offset))
+    return ctx.weight(w)
+
+
 def lower_add_skip_norm(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     norm = _fusable_norm(node)
     if norm is None:
         return lower_add(ctx, node)
-    width = node.inputs[0].shape[-1]
-    w = norm.inputs[1] if len(norm.inputs) > 1 else None
-    offset = norm.attrs["offset"]
-    if w is None:
-        gamma = ctx.const(np.ones(width, np.float32))
-    elif offset:
-        gamma = ctx.weight(w, f"plus{offset:g}", lambda arr: arr + np.float32(offset))
-    else:
-        gamma = ctx.weight(w)
     y, mean, inv_std, total = ctx.op("SkipSimplifiedLayerNormalization",
-                                     [ctx.input(node, 0), ctx.input(node, 1), gamma],
+                                     [ctx.input(node, 0), ctx.input(node, 1), _gamma(ctx, norm)],
                                      {"epsilon": float(norm.attrs["eps"])}, domain=MS_DOMAIN,
                                      outputs=4)
     mean.name = inv_std.name = ""  # optional outputs left out: not computed
@@ -199,10 +202,18 @@ def lower_add_skip_norm(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
 
 
 def lower_rms_norm_contrib(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
+    """An rms_norm an add absorbed (lower_add_skip_norm) is its output; others keep the standard
+    pattern, which ONNX Runtime's optimiser fuses into SimplifiedLayerNormalization, but only
+    when a scale Mul ends it: a weightless norm (after fold_norms) gets a Mul by ones so that
+    it is one node at run time rather than five."""
     fused = ctx.cache.pop(("skip_norm", id(node)), None)
     if fused is not None:
         return [fused]
-    return lower_rms_norm(ctx, node)
+    y = lower_rms_norm(ctx, node)
+    if len(node.inputs) > 1 or node.attrs["group"] or not isinstance(node.inputs[0].shape[-1],
+                                                                     int):
+        return y
+    return [ctx.op("Mul", [y[0], _gamma(ctx, node)])]
 
 
 def lower_qlinear_standard(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
