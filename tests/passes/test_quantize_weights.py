@@ -242,6 +242,30 @@ def test_numeric_gptq_with_identity_hessian_is_rtn():
         assert info.dead_inputs == 0
 
 
+def test_numeric_symmetric_int4_uses_the_signed_max_grid():
+    """4-bit symmetric groups: the value of largest magnitude m is code 0 (scale m / -8 in
+    float32, negative when m is positive), the others within half a step unless past the top of
+    the grid (at most one step); the whole [-8, 7] grid is used, so the error is below the absmax
+    grid's (2 * absmax / 15) on Gaussian weights."""
+    w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    q = quant.rtn(w, 4, 32, symmetric=True)
+    groups = w.reshape(64, 4, 32)
+    at = groups.abs().argmax(-1, keepdim=True)
+    m = torch.gather(groups, -1, at)[..., 0]
+    assert torch.equal(q.scales, (m / -8).to(torch.float32))
+    assert bool((torch.gather(q.codes.reshape(64, 4, 32), -1, at) == 0).all())
+    step = q.scales.abs().to(torch.float64)[..., None]
+    err = (q.dequantize() - w).reshape(64, 4, 32).abs()
+    inside = groups / q.scales.to(torch.float64)[..., None] <= 7.5
+    assert bool((err <= step + 1e-12).all()) and bool((err[inside] <= (step / 2).expand_as(
+        err)[inside] + 1e-12).all())
+    absmax = 2 * groups.abs().amax(-1, keepdim=True) / 15
+    old = (torch.clamp(torch.round(groups / absmax) + 8, 0, 15) - 8) * absmax
+    assert q.rel_error(w) < float((old - groups).norm() / groups.norm())
+    q8 = quant.rtn(w, 8, 32, symmetric=True)  # 8 bits keep positive absmax scales
+    assert bool((q8.scales > 0).all())
+
+
 def test_numeric_gptq_dead_inputs_and_few_tokens():
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x = torch.randn(100, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
