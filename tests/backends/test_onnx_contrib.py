@@ -12,6 +12,7 @@ from collections import Counter
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 import torch
 from splice.backends.onnx import export, lower, save
@@ -20,6 +21,7 @@ from splice.backends.onnx.quant import MS_DOMAIN
 from splice.errors import InputError
 from splice.ir import verify
 from splice.passes.base import PassContext
+from splice.passes.fold_norms import FoldNormsPass
 from splice.passes.quantize_weights import QuantizeWeightsPass
 
 from tests.backends.test_onnx import DECODE, LEVELS, PROMPT, TOL, compare, reference_trajectory, \
@@ -37,6 +39,8 @@ def build(name: str):
         return add_extra_ops(tiny_module(seed=4, intermediate_size=256))
     if name == "w4_g16_lmhead4":
         return quantized(tiny_module(seed=3, tie_embeddings=True), lm_head="int4")
+    if name == "folded_norms":  # every norm weightless, its scale in the next linears
+        return FoldNormsPass()(tiny_module(seed=3)).module
     return tiny_module(seed=3, **VARIANTS[name])
 
 
@@ -62,7 +66,7 @@ def lowered(tmp_path_factory):
     return get
 
 
-ALL = [*VARIANTS, "extra_ops", "w4_g16_lmhead4"]
+ALL = [*VARIANTS, "extra_ops", "w4_g16_lmhead4", "folded_norms"]
 
 
 @pytest.mark.parametrize("level", sorted(LEVELS))
@@ -97,6 +101,21 @@ def test_contrib_ops_replace_attention_rotary_and_residual_norms(lowered):
     assert counts["", "Softmax"] == 0 and counts["", "Where"] == 0  # no explicit mask left
     assert counts["", "ReduceMean"] == 1
     onnx.checker.check_model(str(path))  # contrib domains are skipped, the rest is checked
+
+
+def test_a_weightless_standalone_norm_becomes_one_node_at_run_time(lowered, tmp_path):
+    """Layer 0's attention norm reads the embedding (no add to fuse with); weightless after
+    fold_norms, it is lowered with a Mul by ones, which ONNX Runtime's optimiser needs to fuse
+    the five standard nodes into SimplifiedLayerNormalization."""
+    _, path, counts, _ = lowered("folded_norms", "contrib")
+    assert counts["", "ReduceMean"] == 1
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = LEVELS["on"]
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in optimized.graph.node)
+    assert ops["SimplifiedLayerNormalization"] == 1 and ops["ReduceMean"] == 0
 
 
 def test_partial_rotary_stays_a_separate_op(lowered):
