@@ -1,7 +1,8 @@
 """The engines of the ONNX speed benchmark, each run in a child process of its own
 (`python -m benchmarks.onnx_engines KIND PATH IDS_FILE NEW`), so that its peak resident memory
 (VmHWM) is its own: splice's runtime (one token a step, threads not spinning, prompt lookup),
-onnxruntime-genai, Hugging Face eager, and the prompt lookup study over several prompts."""
+onnxruntime-genai, Hugging Face eager, the prompt lookup study over several prompts, and
+perplexity through splice's runtime or onnxruntime-genai (NEW is then the window)."""
 
 from __future__ import annotations
 
@@ -115,11 +116,42 @@ def _run_hf(path: str, ids: list[int], new: int) -> dict:
     return {"prefill_tok_s": len(ids) / pre, "decode_tok_s": (new - 1) / dec, "tokens": out}
 
 
+def _perplexity(kind: str, path: str, ids: list[int], window: int) -> dict:
+    """Perplexity over non-overlapping windows of `ids` (splice.evaluate's protocol), through
+    splice's runtime or, for the builder's models, onnxruntime-genai (its logits of a whole
+    window from one append)."""
+    import numpy as np
+
+    from splice.evaluate import perplexity
+
+    if kind == "splice":
+        from splice.runtime import load
+
+        art = load(path, threads=THREADS)
+
+        def logits(x: np.ndarray) -> np.ndarray:
+            return art.logits(x)[0]
+    else:
+        import onnxruntime_genai as og
+
+        model = og.Model(path)
+
+        def logits(x: np.ndarray) -> np.ndarray:
+            params = og.GeneratorParams(model)
+            params.set_search_options(max_length=x.shape[1] + 1)
+            gen = og.Generator(model, params)
+            gen.append_tokens(x[0].astype(np.int32))
+            return np.asarray(gen.get_output("logits"))
+    return {"ppl": perplexity(logits, ids, window=window)["ppl"]}
+
+
 WORKERS = {"splice": _run_splice, "genai": _run_genai, "hf": _run_hf,
            "splice_nospin": lambda path, ids, new: _run_splice(path, ids, new, spinning=False),
            "splice_lookahead": lambda path, ids, new: _run_splice(path, ids, new,
                                                                   lookahead=LOOKAHEAD),
            "lookahead_study": _lookahead_study,
+           "splice_ppl": lambda path, ids, window: _perplexity("splice", path, ids, window),
+           "genai_ppl": lambda path, ids, window: _perplexity("genai", path, ids, window),
            "genai_nospin": lambda path, ids, new: _run_genai(path, ids, new, spinning=False)}
 
 

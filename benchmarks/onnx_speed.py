@@ -47,8 +47,11 @@ from benchmarks.onnx_engines import LOOKAHEAD, THREADS, child
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
 TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories_val.txt"
+WIKI_VALID = REPO.parent / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 LM_HEAD = "int4"  # the tied lm_head's own packed copy: see the module docstring's figures
 FULL = "splice full pipeline (prune 4 + patch + rotate + W4 g128)"
+G32_SYM = "splice ONNX int4 g32 symmetric (the builder's format)"
+GPTQ = "splice ONNX int4 g128 GPTQ (32 x 512 calibration tokens)"
 
 
 # -- building the models -----------------------------------------------------------------------
@@ -115,11 +118,11 @@ def _builder(hf_dir: Path, out: Path, precision: str) -> Path:
     return out
 
 
-def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]:
+def _splice_artefacts(module, work: Path, calib, gptq_calib, quick: bool) -> dict[str, Path]:
     from splice.backends.onnx import export
     from splice.passes.base import PassContext
     from splice.passes.quantize_weights import QuantizeWeightsPass
-    from splice.recipe import Recipe
+    from splice.recipe import GPTQ_W4, Recipe
     from splice.api import run_passes
     from splice.ir.serialize import load_module, save_module
 
@@ -131,32 +134,35 @@ def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]
             export(build(), path, threads=THREADS, **kw)
         arts[name] = path
 
-    def w4(group: int, base=None):
+    def w4(group: int, base=None, **settings):
         # the tied table: an int4 copy for the lm_head (read every step), an int8 one gathered
         # for the embedding (instead of the float table: a smaller artefact, the same speed)
         return lambda: QuantizeWeightsPass(method="rtn", bits=4, group_size=group,
-                                           lm_head=LM_HEAD, embeddings="int8")(
+                                           lm_head=LM_HEAD, embeddings="int8", **settings)(
             base() if base else module.clone(), PassContext()).module
 
     make("f32", lambda: module)
     make("f32_standard", lambda: module, ops="standard")
     make("int4_g32", w4(32))
     make("int4_g32_acc0", w4(32), accuracy_level=0)
+    make("int4_g32_sym", w4(32, symmetric=True))
     make("int4_g128", w4(128))
     w4_g128 = ("quantize_weights", {"method": "rtn", "bits": 4, "group_size": 128,
                                     "lm_head": LM_HEAD, "embeddings": "int8"})
     prune = Recipe.named("prune4_patch").passes
+    gptq = ("quantize_weights", {**GPTQ_W4, "lm_head": LM_HEAD, "embeddings": "int8"})
 
-    def pipeline(name: str, passes: tuple):
+    def pipeline(name: str, passes: tuple, calibration=calib):
         saved = work / f"{name}_module.splice"  # the calibrated passes are the slow part: keep
 
         def build():
             if saved.is_file():
                 return load_module(saved)
-            out = run_passes(module.clone(), Recipe(name, passes), calibration=calib)[0]
+            out = run_passes(module.clone(), Recipe(name, passes), calibration=calibration)[0]
             save_module(out, saved)
             return out
         return build
+    make("int4_g128_gptq", pipeline("gptq", (gptq,), gptq_calib))
     make("pruned", pipeline("pruned", (*prune, w4_g128)))
     make("full", pipeline("full", (*prune, ("rotate", {}), w4_g128)))
     return arts
@@ -198,6 +204,27 @@ def _calibration(module, tok, quick: bool):
     return calibration_batches(module, ids, seq_len=512, max_batches=4)
 
 
+def _gptq_calibration(module, tok, quick: bool):
+    """GPTQ's: 32 x 512 tokens of WikiText-2's validation text (the quantization benchmark's
+    source, a quarter of its recipe's 128), random ids in quick mode."""
+    import torch
+
+    if quick:
+        return torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(3))
+    from splice.api import calibration_batches
+
+    ids = tok(WIKI_VALID.read_text()[:400000])["input_ids"]
+    return calibration_batches(module, ids, seq_len=512, max_batches=32)
+
+
+def _eval_ids(tok, quick: bool) -> tuple[list[int], int]:
+    """(tokens, window) for perplexity: the first 16384 tokens of WikiText-2's test text in
+    1024-token windows (the quantization benchmark's protocol); quick, 256 random ids in 64s."""
+    if quick:
+        return [int(x) for x in np.random.default_rng(4).integers(3, 512, 256)], 64
+    return tok(WIKITEXT.read_text()[:200000])["input_ids"][:16384], 1024
+
+
 def run(quick: bool = False, work: str | Path | None = None, rounds: int | None = None
         ) -> tuple[str, dict]:
     """Build every model (kept in `work` when given, so a second run only times), then time the
@@ -227,7 +254,8 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         study_file = work / "study_prompts.json"
         study_file.write_text(json.dumps(_study_prompts(tok, quick, prompt_len)))
         t0 = time.perf_counter()
-        arts = _splice_artefacts(module, work, _calibration(module, tok, quick), quick)
+        arts = _splice_artefacts(module, work, _calibration(module, tok, quick),
+                                 _gptq_calibration(module, tok, quick), quick)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         b4 = _builder(hf_dir, work / "builder_int4", "int4")
@@ -237,6 +265,8 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             "splice ONNX int4 g32": ("splice", arts["int4_g32"]),
             "builder int4 (onnxruntime-genai)": ("genai", b4),
             "splice ONNX int4 g128": ("splice", arts["int4_g128"]),
+            G32_SYM: ("splice", arts["int4_g32_sym"]),
+            GPTQ: ("splice", arts["int4_g128_gptq"]),
             f"splice ONNX int4 g32, prompt lookup ({LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["int4_g32"]),
             f"splice ONNX int4 g128, prompt lookup ({LOOKAHEAD} drafts)":
@@ -267,16 +297,24 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         models = {"splice ONNX int4 g32": arts["int4_g32"] / "model.onnx",
                   "splice ONNX int4 g128": arts["int4_g128"] / "model.onnx",
                   "splice pruned (prune 4 + patch + W4 g128)": arts["pruned"] / "model.onnx",
+                  G32_SYM: arts["int4_g32_sym"] / "model.onnx",
+                  GPTQ: arts["int4_g128_gptq"] / "model.onnx",
                   FULL: arts["full"] / "model.onnx",
                   "splice ONNX float32": arts["f32"] / "model.onnx",
                   "builder int4 (onnxruntime-genai)": b4 / "model.onnx",
                   "builder float32 (onnxruntime-genai)": b32 / "model.onnx"}
         dirs = {**{k: p for k, (_, p) in engines.items()}}
+        eval_ids, window = _eval_ids(tok, quick)
+        eval_file = work / "eval_ids.json"
+        eval_file.write_text(json.dumps(eval_ids))
         for name, row in best.items():
             row["size_mb"] = dir_mb(dirs[name])
             if name in models:
                 row["weight_mb_per_step"] = weight_bytes_per_step(models[name]) / 1e6
                 row["limit_tok_s"] = bw / (row["weight_mb_per_step"] * 1e6)
+                # what the speed is bought with: perplexity of each model, in its own process
+                kind = "genai_ppl" if name.startswith("builder") else "splice_ppl"
+                row["ppl"] = child(kind, dirs[name], eval_file, window)["ppl"]
         # what accuracy_level 4 (int8 activations) costs against 0 (float32 compute)
         a4, a0 = load(arts["int4_g32"], threads=THREADS), load(arts["int4_g32_acc0"],
                                                                threads=THREADS)
@@ -291,6 +329,8 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         w4_error = error(l0, lf)
         res = {"model": "tiny random Llama" if quick else "SmolLM2-135M", "rounds": rounds,
                "prompt_tokens": prompt_len, "new_tokens": new, "threads": THREADS,
+               "ppl_tokens": len(eval_ids), "ppl_window": window,
+               "ppl_text": "random ids" if quick else "WikiText-2's test text",
                "bandwidth_gb_s": bw / 1e9,
                "bandwidth_by_method_gb_s": {k: v / 1e9 for k, v in bandwidth.items()},
                "build_s": build_s, "builder_s": builder_s,
@@ -316,25 +356,30 @@ def markdown(res: dict) -> str:
              f"{res['rounds']} alternating rounds. Read bandwidth: "
              f"{res['bandwidth_gb_s']:.1f} GB/s (numpy sum "
              f"{res['bandwidth_by_method_gb_s']['numpy_sum']:.1f}, ONNX Runtime float32 GEMV "
-             f"{res['bandwidth_by_method_gb_s']['ort_gemv']:.1f}).", "",
+             f"{res['bandwidth_by_method_gb_s']['ort_gemv']:.1f}). Perplexity: the first "
+             f"{res['ppl_tokens']} tokens of {res['ppl_text']} in {res['ppl_window']}-token "
+             "windows, through the engine's own runtime.", "",
              "| engine | prefill tok/s | decode tok/s | weights read / step MB | limit tok/s | "
-             "% of limit | size MB | peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "% of limit | WikiText-2 ppl | size MB | peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in sp.items():
         lim = r.get("limit_tok_s")
         limit = "" if lim is None else f"{lim:.0f} | {100 * r['decode_tok_s'] / lim:.0f}%"
         weights = f"{r['weight_mb_per_step']:.1f}" if "weight_mb_per_step" in r else ""
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
         lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {weights} | "
-                     f"{limit or ' | '} | {r['size_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{limit or ' | '} | {ppl} | {r['size_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
     b4 = sp["builder int4 (onnxruntime-genai)"]["decode_tok_s"]
+    b4_ppl = sp["builder int4 (onnxruntime-genai)"]["ppl"]
     nospin = (sp["splice ONNX int4 g32, threads not spinning"]["decode_tok_s"]
               / sp["builder int4 (onnxruntime-genai), threads not spinning"]["decode_tok_s"])
     acc = res["accuracy_level_4_vs_0"]
-    lines += ["", f"splice int4 g32 decode / builder int4 decode: "
-              f"{sp['splice ONNX int4 g32']['decode_tok_s'] / b4:.2f}x; g128: "
-              f"{sp['splice ONNX int4 g128']['decode_tok_s'] / b4:.2f}x; full pipeline: "
-              f"{sp[FULL]['decode_tok_s'] / b4:.2f}x; "
-              f"both with threads not spinning, int4 g32: {nospin:.2f}x.",
+    lines += ["", "Decode against the builder's int4 (perplexity beside it, the builder's "
+              f"{b4_ppl:.2f}): " + "; ".join(
+                  f"{name[len('splice ONNX '):] if name.startswith('splice ONNX ') else name} "
+                  f"{sp[name]['decode_tok_s'] / b4:.2f}x (ppl {sp[name]['ppl']:.2f})"
+                  for name in ("splice ONNX int4 g32", G32_SYM, "splice ONNX int4 g128", GPTQ,
+                               FULL)) + f"; threads not spinning, int4 g32: {nospin:.2f}x.",
               f"onnxruntime-genai and splice's runtime give the same greedy tokens for the g32 "
               f"artefact: {res['same_tokens_genai_vs_splice']}.",
               f"MatMulNBits accuracy_level 4 (int8 activations) against 0 (float32), int4 g32, "
