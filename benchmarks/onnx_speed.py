@@ -3,8 +3,10 @@
 SmolLM2-135M (the embedded GGUF, dequantized to float32), a 64-token prompt of WikiText-2 text,
 128 greedy tokens with no EOS stop, 2 threads. Rows:
 - splice ONNX float32 (contrib ops, and the standard-ops-only mode), int4 RTN groups of 32 and
-  128, the model pruned by 4 layers (prune 4 layers + patch, W4 g128 RTN) and the full pipeline
-  (prune 4 layers + patch, fold norms, rotate, W4 g128 RTN), each run
+  128, symmetric g32 (the builder's format), GPTQ g128 (act-order, clip search, 32 x 512
+  WikiText-2 validation tokens), the model pruned by 4 layers (prune 4 layers + patch, W4 g128
+  GPTQ) and the full pipeline (prune 4 layers + patch, fold norms, rotate, W4 g128 GPTQ), both
+  calibrated on the same 32 x 512 tokens, each run
   by splice's runtime; the int4 g32 artefact also by onnxruntime-genai, and by splice's runtime
   with ONNX Runtime's thread spinning off; int4 g32, g128 and the full pipeline also with prompt
   lookup decoding (LOOKAHEAD draft tokens a step, runtime/lookahead.py). The int4 models give
@@ -49,7 +51,8 @@ WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
 TINYSTORIES = REPO.parent / "shared" / "data" / "tinystories_val.txt"
 WIKI_VALID = REPO.parent / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 LM_HEAD = "int4"  # the tied lm_head's own packed copy: see the module docstring's figures
-FULL = "splice full pipeline (prune 4 + patch + rotate + W4 g128)"
+PRUNED = "splice pruned (prune 4 + patch + W4 g128 GPTQ)"
+FULL = "splice full pipeline (prune 4 + patch + rotate + W4 g128 GPTQ)"
 G32_SYM = "splice ONNX int4 g32 symmetric (the builder's format)"
 GPTQ = "splice ONNX int4 g128 GPTQ (32 x 512 calibration tokens)"
 
@@ -118,7 +121,7 @@ def _builder(hf_dir: Path, out: Path, precision: str) -> Path:
     return out
 
 
-def _splice_artefacts(module, work: Path, calib, gptq_calib, quick: bool) -> dict[str, Path]:
+def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]:
     from splice.backends.onnx import export
     from splice.passes.base import PassContext
     from splice.passes.quantize_weights import QuantizeWeightsPass
@@ -147,24 +150,22 @@ def _splice_artefacts(module, work: Path, calib, gptq_calib, quick: bool) -> dic
     make("int4_g32_acc0", w4(32), accuracy_level=0)
     make("int4_g32_sym", w4(32, symmetric=True))
     make("int4_g128", w4(128))
-    w4_g128 = ("quantize_weights", {"method": "rtn", "bits": 4, "group_size": 128,
-                                    "lm_head": LM_HEAD, "embeddings": "int8"})
     prune = Recipe.named("prune4_patch").passes
     gptq = ("quantize_weights", {**GPTQ_W4, "lm_head": LM_HEAD, "embeddings": "int8"})
 
-    def pipeline(name: str, passes: tuple, calibration=calib):
+    def pipeline(name: str, passes: tuple):
         saved = work / f"{name}_module.splice"  # the calibrated passes are the slow part: keep
 
         def build():
             if saved.is_file():
                 return load_module(saved)
-            out = run_passes(module.clone(), Recipe(name, passes), calibration=calibration)[0]
+            out = run_passes(module.clone(), Recipe(name, passes), calibration=calib)[0]
             save_module(out, saved)
             return out
         return build
-    make("int4_g128_gptq", pipeline("gptq", (gptq,), gptq_calib))
-    make("pruned", pipeline("pruned", (*prune, w4_g128)))
-    make("full", pipeline("full", (*prune, ("rotate", {}), w4_g128)))
+    make("int4_g128_gptq", pipeline("gptq", (gptq,)))
+    make("pruned", pipeline("pruned_gptq", (*prune, gptq)))
+    make("full", pipeline("full_gptq", (*prune, ("rotate", {}), gptq)))
     return arts
 
 
@@ -192,21 +193,9 @@ def _study_prompts(tok, quick: bool, n: int) -> list[list[int]]:
 
 
 def _calibration(module, tok, quick: bool):
-    import torch
-
-    if quick:
-        return torch.randint(3, 512, (4, 64), generator=torch.Generator().manual_seed(1))
-    from splice.api import calibration_batches
-
-    # calibrate on TinyStories, measure on WikiText-2: different texts. 4 x 512 tokens: enough
-    # for a working pruned model; this benchmark measures speed, not quality
-    ids = tok(TINYSTORIES.read_text()[:100000])["input_ids"]
-    return calibration_batches(module, ids, seq_len=512, max_batches=4)
-
-
-def _gptq_calibration(module, tok, quick: bool):
-    """GPTQ's: 32 x 512 tokens of WikiText-2's validation text (the quantization benchmark's
-    source, a quarter of its recipe's 128), random ids in quick mode."""
+    """For every calibrated pass (GPTQ, layer selection, the patch): 32 x 512 tokens of
+    WikiText-2's validation text (the quantization benchmark's source, a quarter of its recipe's
+    128); the perplexity is measured on the test text. Random ids in quick mode."""
     import torch
 
     if quick:
@@ -254,8 +243,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         study_file = work / "study_prompts.json"
         study_file.write_text(json.dumps(_study_prompts(tok, quick, prompt_len)))
         t0 = time.perf_counter()
-        arts = _splice_artefacts(module, work, _calibration(module, tok, quick),
-                                 _gptq_calibration(module, tok, quick), quick)
+        arts = _splice_artefacts(module, work, _calibration(module, tok, quick), quick)
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         b4 = _builder(hf_dir, work / "builder_int4", "int4")
@@ -274,7 +262,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             "splice ONNX int4 g32, threads not spinning": ("splice_nospin", arts["int4_g32"]),
             "builder int4 (onnxruntime-genai), threads not spinning": ("genai_nospin", b4),
             "splice int4 g32 run by onnxruntime-genai": ("genai", arts["int4_g32"]),
-            "splice pruned (prune 4 + patch + W4 g128)": ("splice", arts["pruned"]),
+            PRUNED: ("splice", arts["pruned"]),
             FULL: ("splice", arts["full"]),
             f"splice full pipeline, prompt lookup ({LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["full"]),
@@ -296,7 +284,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         bw = bandwidth["best"]
         models = {"splice ONNX int4 g32": arts["int4_g32"] / "model.onnx",
                   "splice ONNX int4 g128": arts["int4_g128"] / "model.onnx",
-                  "splice pruned (prune 4 + patch + W4 g128)": arts["pruned"] / "model.onnx",
+                  PRUNED: arts["pruned"] / "model.onnx",
                   G32_SYM: arts["int4_g32_sym"] / "model.onnx",
                   GPTQ: arts["int4_g128_gptq"] / "model.onnx",
                   FULL: arts["full"] / "model.onnx",
@@ -388,10 +376,11 @@ def markdown(res: dict) -> str:
               f"scale, W4 g32 itself (accuracy_level 0) against float32: relative RMS "
               f"{res['int4_g32_vs_float32']['rel_rms']:.2g}, top-1 agreement "
               f"{100 * res['int4_g32_vs_float32']['top1_agreement']:.0f}%."]
-    g128, pruned = sp["splice ONNX int4 g128"], sp["splice pruned (prune 4 + patch + W4 g128)"]
+    g128, pruned = sp[GPTQ], sp[PRUNED]
     full = sp[FULL]
     lines += ["", "Pruned by 4 layers: decode "
-              f"{pruned['decode_tok_s'] / g128['decode_tok_s']:.2f}x the int4 g128 model's, for "
+              f"{pruned['decode_tok_s'] / g128['decode_tok_s']:.2f}x the int4 g128 GPTQ model's, "
+              "for "
               f"{g128['weight_mb_per_step'] / pruned['weight_mb_per_step']:.2f}x fewer weights "
               f"read a step (in proportion when the two agree); with rotation too "
               f"(the full pipeline: an online Hadamard before each down_proj) "

@@ -30,7 +30,7 @@ def test_onnx_speed_quick(tmp_path):
     rated = [name for name, row in speed.items() if "ppl" in row]
     assert len(rated) == 9 and all(1 < speed[n]["ppl"] < 1e4 for n in rated)  # vocabulary 512
     assert "builder int4 (onnxruntime-genai)" in rated
-    assert speed["splice pruned (prune 4 + patch + W4 g128)"]["weight_mb_per_step"] < \
+    assert speed["splice pruned (prune 4 + patch + W4 g128 GPTQ)"]["weight_mb_per_step"] < \
         speed["splice ONNX int4 g128"]["weight_mb_per_step"]
     assert len(figures["lookahead_study"]) == 3 and "Prompt lookup on more prompts" in text
     assert speed["splice ONNX int4 g32"]["weight_mb_per_step"] < \
