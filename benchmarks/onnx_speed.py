@@ -154,7 +154,8 @@ def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]
     gptq = ("quantize_weights", {**GPTQ_W4, "lm_head": LM_HEAD, "embeddings": "int8"})
 
     def pipeline(name: str, passes: tuple):
-        saved = work / f"{name}_module.splice"  # the calibrated passes are the slow part: keep
+        # the calibrated passes are the slow part: their module is kept in `work`
+        saved = work / f"{name}_module.splice"
 
         def build():
             if saved.is_file():
