@@ -4,10 +4,11 @@ SmolLM2-135M (the embedded GGUF, dequantized to float32), a 64-token prompt of W
 128 greedy tokens with no EOS stop, 2 threads. Rows:
 - splice ONNX float32 (contrib ops, and the standard-ops-only mode), int4 RTN groups of 32 and
   128, symmetric g32 (the builder's format), GPTQ g128 (act-order, clip search, 32 x 512
-  WikiText-2 validation tokens), the model pruned by 4 layers (prune 4 layers + patch, W4 g128
-  GPTQ) and the full pipeline (prune 4 layers + patch, fold norms, rotate, W4 g128 GPTQ), both
-  calibrated on the same 32 x 512 tokens, each run
-  by splice's runtime; the int4 g32 artefact also by onnxruntime-genai, and by splice's runtime
+  WikiText-2 validation tokens), the same after fold norms and rotate's R1 and R2, the model
+  pruned by 4 layers (prune 4 layers + patch, W4 g128 GPTQ) and the full pipeline (prune 4
+  layers + patch, fold norms, rotate, W4 g128 GPTQ), also with rotate's R1 and R2 only (fused
+  into the weights: no online Hadamard), all calibrated on the same 32 x 512 tokens, each run by
+  splice's runtime; the int4 g32 artefact also by onnxruntime-genai, and by splice's runtime
   with ONNX Runtime's thread spinning off; int4 g32, g128 and the full pipeline also with prompt
   lookup decoding (LOOKAHEAD draft tokens a step, runtime/lookahead.py). The int4 models give
   SmolLM2's tied table an int4 copy for the lm_head (read every step, as the builder does) and
@@ -53,8 +54,10 @@ WIKI_VALID = REPO.parent / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 LM_HEAD = "int4"  # the tied lm_head's own packed copy: see the module docstring's figures
 PRUNED = "splice pruned (prune 4 + patch + W4 g128 GPTQ)"
 FULL = "splice full pipeline (prune 4 + patch + rotate + W4 g128 GPTQ)"
+FULL_R12 = "splice full pipeline, rotate R1 R2 only (no online Hadamard)"
 G32_SYM = "splice ONNX int4 g32 symmetric (the builder's format)"
 GPTQ = "splice ONNX int4 g128 GPTQ (32 x 512 calibration tokens)"
+ROTATED = "splice ONNX int4 g128 GPTQ, rotate R1 R2 (no online Hadamard)"
 
 
 # -- building the models -----------------------------------------------------------------------
@@ -165,8 +168,13 @@ def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]
             return out
         return build
     make("int4_g128_gptq", pipeline("gptq", (gptq,)))
+    r12 = ("rotate", {"r4": False})
+    make("int4_g128_gptq_r12", pipeline("gptq_r12", (("fold_norms", {}), r12, gptq)))
     make("pruned", pipeline("pruned_gptq", (*prune, gptq)))
     make("full", pipeline("full_gptq", (*prune, ("rotate", {}), gptq)))
+    # R4 (the online Hadamard before down_proj) is there for activation quantization; with
+    # weights only quantized, R1 and R2 (fused into the weights) do nearly all of the good
+    make("full_r12", pipeline("full_r12_gptq", (*prune, r12, gptq)))
     return arts
 
 
@@ -256,6 +264,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             "splice ONNX int4 g128": ("splice", arts["int4_g128"]),
             G32_SYM: ("splice", arts["int4_g32_sym"]),
             GPTQ: ("splice", arts["int4_g128_gptq"]),
+            ROTATED: ("splice", arts["int4_g128_gptq_r12"]),
             f"splice ONNX int4 g32, prompt lookup ({LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["int4_g32"]),
             f"splice ONNX int4 g128, prompt lookup ({LOOKAHEAD} drafts)":
@@ -265,6 +274,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             "splice int4 g32 run by onnxruntime-genai": ("genai", arts["int4_g32"]),
             PRUNED: ("splice", arts["pruned"]),
             FULL: ("splice", arts["full"]),
+            FULL_R12: ("splice", arts["full_r12"]),
             f"splice full pipeline, prompt lookup ({LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["full"]),
             "splice ONNX float32": ("splice", arts["f32"]),
@@ -288,7 +298,9 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                   PRUNED: arts["pruned"] / "model.onnx",
                   G32_SYM: arts["int4_g32_sym"] / "model.onnx",
                   GPTQ: arts["int4_g128_gptq"] / "model.onnx",
+                  ROTATED: arts["int4_g128_gptq_r12"] / "model.onnx",
                   FULL: arts["full"] / "model.onnx",
+                  FULL_R12: arts["full_r12"] / "model.onnx",
                   "splice ONNX float32": arts["f32"] / "model.onnx",
                   "builder int4 (onnxruntime-genai)": b4 / "model.onnx",
                   "builder float32 (onnxruntime-genai)": b32 / "model.onnx"}
@@ -368,7 +380,8 @@ def markdown(res: dict) -> str:
                   f"{name[len('splice ONNX '):] if name.startswith('splice ONNX ') else name} "
                   f"{sp[name]['decode_tok_s'] / b4:.2f}x (ppl {sp[name]['ppl']:.2f})"
                   for name in ("splice ONNX int4 g32", G32_SYM, "splice ONNX int4 g128", GPTQ,
-                               FULL)) + f"; threads not spinning, int4 g32: {nospin:.2f}x.",
+                               ROTATED, FULL, FULL_R12))
+              + f"; threads not spinning, int4 g32: {nospin:.2f}x.",
               f"onnxruntime-genai and splice's runtime give the same greedy tokens for the g32 "
               f"artefact: {res['same_tokens_genai_vs_splice']}.",
               f"MatMulNBits accuracy_level 4 (int8 activations) against 0 (float32), int4 g32, "
@@ -378,14 +391,16 @@ def markdown(res: dict) -> str:
               f"{res['int4_g32_vs_float32']['rel_rms']:.2g}, top-1 agreement "
               f"{100 * res['int4_g32_vs_float32']['top1_agreement']:.0f}%."]
     g128, pruned = sp[GPTQ], sp[PRUNED]
-    full = sp[FULL]
+    full, r12 = sp[FULL], sp[FULL_R12]
     lines += ["", "Pruned by 4 layers: decode "
               f"{pruned['decode_tok_s'] / g128['decode_tok_s']:.2f}x the int4 g128 GPTQ model's, "
               "for "
               f"{g128['weight_mb_per_step'] / pruned['weight_mb_per_step']:.2f}x fewer weights "
               f"read a step (in proportion when the two agree); with rotation too "
               f"(the full pipeline: an online Hadamard before each down_proj) "
-              f"{full['decode_tok_s'] / g128['decode_tok_s']:.2f}x."]
+              f"{full['decode_tok_s'] / g128['decode_tok_s']:.2f}x, with R1 and R2 only (no "
+              f"online Hadamard) {r12['decode_tok_s'] / g128['decode_tok_s']:.2f}x at ppl "
+              f"{r12['ppl']:.2f} (R4 too: {full['ppl']:.2f})."]
     k = res["lookahead"]
     ahead = {name: sp[f"{name}, prompt lookup ({k} drafts)"] for name in (
         "splice ONNX int4 g32", "splice ONNX int4 g128")}

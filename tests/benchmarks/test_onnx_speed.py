@@ -19,16 +19,16 @@ def test_onnx_speed_quick(tmp_path):
     assert "ONNX Runtime speed: tiny random Llama" in text and "builder int4" in text
     figures = json.loads(raw.read_text())["onnx_speed"]
     speed = figures["speed"]
-    assert len(speed) == 17
+    assert len(speed) == 19
     for name, row in speed.items():
         assert row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0 and row["peak_rss_mb"] > 0, name
         assert row["size_mb"] > 0, name
     assert figures["same_tokens_genai_vs_splice"] is True
     ahead = speed["splice ONNX int4 g128, prompt lookup (4 drafts)"]
     assert ahead["decode_steps"] + ahead["accepted"] == figures["new_tokens"] - 1
-    assert "Pruned by 4 layers: decode" in text
+    assert "Pruned by 4 layers: decode" in text and "with R1 and R2 only" in text
     rated = [name for name, row in speed.items() if "ppl" in row]
-    assert len(rated) == 9 and all(1 < speed[n]["ppl"] < 1e4 for n in rated)  # vocabulary 512
+    assert len(rated) == 11 and all(1 < speed[n]["ppl"] < 1e4 for n in rated)  # vocabulary 512
     assert "builder int4 (onnxruntime-genai)" in rated
     assert speed["splice pruned (prune 4 + patch + W4 g128 GPTQ)"]["weight_mb_per_step"] < \
         speed["splice ONNX int4 g128"]["weight_mb_per_step"]
