@@ -14,7 +14,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 THREADS = 2
-LOOKAHEAD = 4  # draft tokens a step for the prompt lookup rows (runtime/lookahead.py)
+LOOKAHEAD = 8  # the most draft tokens a step, prompt lookup rows (runtime/lookahead.py)
 
 
 def _peak_rss_mb() -> float:

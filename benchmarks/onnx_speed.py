@@ -10,7 +10,7 @@ SmolLM2-135M (the embedded GGUF, dequantized to float32), a 64-token prompt of W
   into the weights: no online Hadamard), all calibrated on the same 32 x 512 tokens, each run by
   splice's runtime; the int4 g32 artefact also by onnxruntime-genai, and by splice's runtime
   with ONNX Runtime's thread spinning off; int4 g32, g128 and the full pipeline also with prompt
-  lookup decoding (LOOKAHEAD draft tokens a step, runtime/lookahead.py). The int4 models give
+  lookup decoding (up to LOOKAHEAD drafts a step, runtime/lookahead.py). The int4 models give
   SmolLM2's tied table an int4 copy for the lm_head (read every step, as the builder does) and
   an int8 one for the embedding (gathered one row per token; the float table would add 113 MB
   on disk for no speed);
@@ -265,9 +265,9 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             G32_SYM: ("splice", arts["int4_g32_sym"]),
             GPTQ: ("splice", arts["int4_g128_gptq"]),
             ROTATED: ("splice", arts["int4_g128_gptq_r12"]),
-            f"splice ONNX int4 g32, prompt lookup ({LOOKAHEAD} drafts)":
+            f"splice ONNX int4 g32, prompt lookup (up to {LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["int4_g32"]),
-            f"splice ONNX int4 g128, prompt lookup ({LOOKAHEAD} drafts)":
+            f"splice ONNX int4 g128, prompt lookup (up to {LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["int4_g128"]),
             "splice ONNX int4 g32, threads not spinning": ("splice_nospin", arts["int4_g32"]),
             "builder int4 (onnxruntime-genai), threads not spinning": ("genai_nospin", b4),
@@ -275,7 +275,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             PRUNED: ("splice", arts["pruned"]),
             FULL: ("splice", arts["full"]),
             FULL_R12: ("splice", arts["full_r12"]),
-            f"splice full pipeline, prompt lookup ({LOOKAHEAD} drafts)":
+            f"splice full pipeline, prompt lookup (up to {LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["full"]),
             "splice ONNX float32": ("splice", arts["f32"]),
             "builder float32 (onnxruntime-genai)": ("genai", b32),
@@ -340,7 +340,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                    "tokens"] == best["splice ONNX int4 g32"]["tokens"],
                "lookahead": LOOKAHEAD, "lookahead_study": study["rows"],
                "same_tokens_lookahead_vs_plain": {
-                   name: best[f"{name}, prompt lookup ({LOOKAHEAD} drafts)"]["tokens"]
+                   name: best[f"{name}, prompt lookup (up to {LOOKAHEAD} drafts)"]["tokens"]
                    == best[name]["tokens"] for name in ("splice ONNX int4 g32",
                                                         "splice ONNX int4 g128")}}
         return markdown(res), res
@@ -402,10 +402,10 @@ def markdown(res: dict) -> str:
               f"online Hadamard) {r12['decode_tok_s'] / g128['decode_tok_s']:.2f}x at ppl "
               f"{r12['ppl']:.2f} (R4 too: {full['ppl']:.2f})."]
     k = res["lookahead"]
-    ahead = {name: sp[f"{name}, prompt lookup ({k} drafts)"] for name in (
+    ahead = {name: sp[f"{name}, prompt lookup (up to {k} drafts)"] for name in (
         "splice ONNX int4 g32", "splice ONNX int4 g128")}
-    lines += ["", f"Prompt lookup decoding ({k} drafts a step, greedy; the limit above is per "
-              f"step, and a step here keeps several tokens): " + "; ".join(
+    lines += ["", f"Prompt lookup decoding (up to {k} drafts a step, adapted; greedy; the limit "
+              f"above is per step, and a step here keeps several tokens): " + "; ".join(
                   f"{name[len('splice ONNX '):]} {r['decode_tok_s']:.0f} tok/s = "
                   f"{r['decode_tok_s'] / b4:.2f}x the builder's int4, "
                   f"{res['new_tokens'] - 1} tokens in {r['decode_steps']} steps, "

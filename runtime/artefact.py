@@ -345,8 +345,9 @@ class Artefact:
     def _tokens(self, ids: list[int], max_new_tokens: int, sampling: Sampling, stop_at_eos: bool,
                 result: Generation, lookahead: int = 0) -> Iterator[int]:
         """Yield new tokens one at a time, filling `result` as it goes (so a consumer that stops
-        early still leaves correct stats). `lookahead` > 0 drafts that many tokens a step by
-        prompt lookup (runtime/lookahead.py) and keeps those the model agrees with."""
+        early still leaves correct stats). `lookahead` > 0 drafts up to that many tokens a step by
+        prompt lookup (runtime/lookahead.py; how many adapts to how many were kept) and keeps
+        those the model agrees with."""
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise InputError(f"max_new_tokens={max_new_tokens!r}; expected an integer >= 0")
         sampler = Sampler(sampling)
@@ -389,6 +390,7 @@ class Artefact:
                     agree += 1
                 length -= len(drafts) - agree
                 cache.truncate(length)
+                drafter.update(len(drafts), agree)
                 kept = [*drafts[:agree], int(best[agree])]
                 result.drafted += len(drafts)
                 result.accepted += agree
@@ -429,7 +431,8 @@ class Artefact:
                      stop_at_eos: bool = True, lookahead: int = 0) -> Generation:
         """Generate up to `max_new_tokens` ids after `prompt` (text or ids); stops at an EOS id
         (not included) or at the context's end. `lookahead` > 0 (greedy only): prompt lookup
-        decoding with up to that many draft tokens a step (runtime/lookahead.py)."""
+        decoding with up to that many draft tokens a step, the number adapted to how many the
+        model keeps (runtime/lookahead.py)."""
         sampling = Sampling(greedy, temperature, top_k, top_p, seed)
         result = Generation(self.prompt_ids(prompt), [], "length", 0.0, 0.0, 0)
         for _ in self._tokens(result.prompt_ids, max_new_tokens, sampling, stop_at_eos, result,

@@ -9,6 +9,13 @@ says how many drafts it would have produced itself. Those are kept, plus the mod
 after them, and the cache is cut back to what was kept (an in-place cache overwrites the
 rejected positions later; a functional one copies what is kept).
 
+How many drafts a step: at most `k`, starting at half of it and adapted as Hugging Face's
+assisted generation adapts its draft length, two more after a step that kept all its drafts, one
+fewer (down to one) after a step that rejected one: repetitive text earns long drafts, text that
+repeats only now and then does not pay for many rejected ones. SmolLM2-135M int4 g128, six
+WikiText-2 and TinyStories prompts, 128 greedy tokens: up to 8 adapted decodes 1.12-1.22x faster
+than a fixed 4 on the four prompts whose drafts are mostly kept, level on the other two.
+
 Exact: every kept token is the argmax of the model's logits given the tokens before it, so the
 output is greedy decoding's. Bit for bit only where the kernels give the same logits for a
 position whatever else is in the step: float32 compute does to rounding; with MatMulNBits' int8
@@ -31,15 +38,20 @@ class PromptLookup:
     """Drafts for the next tokens of `history`: the tokens that followed the most recent earlier
     occurrence of its last n tokens, for the longest n from `max_ngram` down to `min_ngram` that
     occurred before. An index from every n-gram to where it last ended keeps each update and
-    each lookup O(max_ngram)."""
+    each lookup O(max_ngram). At most `k` drafts a step, `n` now: `start` (half of `k` unless
+    given), then adapted by `update`."""
 
-    def __init__(self, k: int, max_ngram: int = 3, min_ngram: int = 2):
-        for name, v in (("lookahead", k), ("max_ngram", max_ngram), ("min_ngram", min_ngram)):
+    def __init__(self, k: int, max_ngram: int = 3, min_ngram: int = 2, start: int | None = None):
+        start = max(1, k // 2) if start is None and isinstance(k, int) else start
+        for name, v in (("lookahead", k), ("max_ngram", max_ngram), ("min_ngram", min_ngram),
+                        ("start", start)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise InputError(f"{name}={v!r}; expected an integer >= 1")
         if min_ngram > max_ngram:
             raise InputError(f"min_ngram={min_ngram} > max_ngram={max_ngram}")
-        self.k, self.max_ngram, self.min_ngram = k, max_ngram, min_ngram
+        if start > k:
+            raise InputError(f"start={start} > lookahead={k}")
+        self.k, self.max_ngram, self.min_ngram, self.n = k, max_ngram, min_ngram, start
         self.history: list[int] = []
         self._next: dict[tuple[int, ...], int] = {}  # n-gram -> where what followed it starts
 
@@ -53,9 +65,14 @@ class PromptLookup:
                 if end >= n:
                     self._next[tuple(h[end - n:end])] = end
 
+    def update(self, drafted: int, kept: int) -> None:
+        """Adapt the draft length to the last step: `kept` of its `drafted` drafts were kept."""
+        if drafted:
+            self.n = min(self.n + 2, self.k) if kept == drafted else max(1, self.n - 1)
+
     def draft(self, limit: int) -> list[int]:
-        """Up to min(k, limit) draft tokens to follow the history, or none."""
-        h, k = self.history, min(self.k, limit)
+        """Up to min(n, limit) draft tokens to follow the history, or none."""
+        h, k = self.history, min(self.n, limit)
         if k <= 0:
             return []
         for n in range(min(self.max_ngram, len(h)), self.min_ngram - 1, -1):

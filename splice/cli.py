@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threads", type=int, default=None)
     r.add_argument("--lookahead", type=int, default=0, metavar="K",
                    help="greedy only: prompt lookup decoding, up to K tokens copied from the "
-                        "context and checked in one step (0 = one token a step)")
+                        "context and checked in one step, how many adapted to how many are "
+                        "kept (0 = one token a step)")
     r.add_argument("--no-stream", action="store_true", help="print the text at the end")
     r.set_defaults(fn=cmd_run)
 

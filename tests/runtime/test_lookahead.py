@@ -17,7 +17,7 @@ from tests.tiny import VARIANTS, tiny_module
 
 
 def test_drafts_follow_the_latest_longest_match():
-    d = PromptLookup(3, max_ngram=3, min_ngram=1)
+    d = PromptLookup(3, max_ngram=3, min_ngram=1, start=3)
     d.extend([1, 2, 3, 4, 9, 2, 3, 5, 6, 7, 2, 3])
     # "2 3" last occurred followed by 5 6 7 (the earlier "2 3 4" is older); the trigram
     # "7 2 3" never occurred before
@@ -32,15 +32,36 @@ def test_drafts_follow_the_latest_longest_match():
 
 
 def test_min_ngram_ignores_single_token_matches():
-    d = PromptLookup(2, max_ngram=3, min_ngram=2)
+    d = PromptLookup(2, max_ngram=3, min_ngram=2, start=2)
     d.extend([1, 2, 3, 8, 3])
     assert d.draft(2) == []  # only the unigram 3 repeats
     d.extend([8])
     assert d.draft(2) == [3, 8]  # "3 8" was followed by "3 8"
 
 
+def test_the_draft_length_grows_when_kept_and_shrinks_when_rejected():
+    d = PromptLookup(8)
+    d.extend(list(range(20)) * 2 + [0, 1])  # "0 1" was followed by 2 3 4 ...
+    assert d.n == 4 and d.draft(100) == [2, 3, 4, 5]  # half of the most to start
+    d.update(4, 4)
+    assert d.draft(100) == [2, 3, 4, 5, 6, 7]  # all kept: two more
+    d.update(6, 6)
+    d.update(8, 8)
+    assert d.n == 8 and len(d.draft(100)) == 8  # never past the most
+    assert d.draft(3) == [2, 3, 4]  # nor past the caller's limit
+    d.update(8, 5)
+    assert d.n == 7  # one rejected: one fewer
+    for _ in range(10):
+        d.update(3, 0)
+    assert d.n == 1  # never below one
+    d.update(0, 0)
+    assert d.n == 1  # a step with nothing drafted changes nothing
+    assert PromptLookup(1).n == 1 and PromptLookup(5).n == 2
+
+
 @pytest.mark.parametrize("bad", [{"k": 0}, {"k": 2, "max_ngram": 0},
-                                 {"k": 2, "max_ngram": 2, "min_ngram": 3}, {"k": True}])
+                                 {"k": 2, "max_ngram": 2, "min_ngram": 3}, {"k": True},
+                                 {"k": 2, "start": 3}, {"k": 2, "start": 0}])
 def test_bad_settings_are_refused(bad):
     with pytest.raises(InputError):
         PromptLookup(**bad)
@@ -69,6 +90,22 @@ def test_lookahead_gives_the_greedy_tokens_in_fewer_steps(pair, k):
     assert ahead.decode_tokens == ahead.decode_steps + ahead.accepted == 39
     assert ahead.drafted <= k * ahead.decode_steps
     assert contrib.last_stats["accepted"] == ahead.accepted
+
+
+def test_generation_adapts_the_draft_length_to_each_step(pair, monkeypatch):
+    contrib, _ = pair
+    seen = []
+    update = PromptLookup.update
+
+    def spy(self, drafted, kept):
+        seen.append((self.n, drafted, kept))
+        update(self, drafted, kept)
+    monkeypatch.setattr(PromptLookup, "update", spy)
+    ahead = contrib.generate_ids(PROMPT, max_new_tokens=40, stop_at_eos=False, lookahead=6)
+    assert seen and sum(d for _, d, _ in seen) == ahead.drafted
+    assert sum(k for _, _, k in seen) == ahead.accepted
+    # each step drafted at most the length the previous steps left it
+    assert all(d <= n for n, d, _ in seen)
 
 
 def test_lookahead_stops_where_plain_decoding_stops(pair):
