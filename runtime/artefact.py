@@ -204,7 +204,11 @@ class FunctionalCache:
         if c is None or not 0 <= length <= c.length:
             raise InputError(f"cannot cut a cache of {c.length if c else 0} positions to "
                              f"{length}")
-        self.cache = KVCache({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
+        self.cache = self._cut(c, length)
+
+    def _cut(self, c: KVCache, length: int) -> KVCache:
+        """The cache's first `length` positions (a copy)."""
+        return KVCache({name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(
             v.numpy()[:, :, :length])) for name, v in c.values.items()}, length, c.batch)
 
 
@@ -411,7 +415,7 @@ class Artefact:
                              "needs greedy decoding (temperature 0), not sampling")
         if not self.cuts_cache:
             raise InputError(f"lookahead: the {self.manifest.get('backend')} runtime cannot cut "
-                             "its cache back; prompt lookup runs on ONNX artefacts")
+                             "its cache back; prompt lookup runs on ONNX and TVM artefacts")
         return PromptLookup(k), self._cache(capacity)
 
     cuts_cache = True  # whether _cache()'s caches can be cut back (prompt lookup needs it)

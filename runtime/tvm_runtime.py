@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ArtefactError, InputError
-from .artefact import Artefact
+from .artefact import Artefact, FunctionalCache
 from .manifest import check_relpath, verify_artefact
 
 log = logging.getLogger(__name__)
@@ -187,11 +187,21 @@ def _positions(a: np.ndarray, keys: bool, length: int) -> np.ndarray:
     return a[:, :, :, :length].transpose(0, 1, 3, 2) if keys else a[:, :, :length]
 
 
+class _GenerationCache(FunctionalCache):
+    """One generation's cache, stepped through `TVMArtefact.logits` (in place) and cut back for
+    prompt lookup in place too: the store forgets the positions from the cut on, and the next
+    step writes over them (the kernels read the first `length` positions only). Safe because the
+    generation loop holds the only view of its store: no other KVCache can see a position
+    written after the cut as its own."""
+
+    def _cut(self, c: KVCache, length: int) -> KVCache:
+        c.store.length = length
+        return KVCache(c.store, length, c.batch, c.names)
+
+
 class TVMArtefact(Artefact):
     """A loaded TVM artefact: `logits()` runs prefill (several tokens) or decode (one) in the VM;
     generation and the tokenizer are the shared `Artefact`'s."""
-
-    cuts_cache = False  # the cache is updated in place and cannot be cut back yet
 
     def __init__(self, path: Path, manifest: dict, vm: Any, params: list, device: Any):
         super().__init__(path, manifest, session=None)
@@ -230,6 +240,9 @@ class TVMArtefact(Artefact):
             store.length = length
         logits = out[0] if len(out) == 1 else np.concatenate(out, axis=1)
         return logits, KVCache(store, length, b, self._names)
+
+    def _cache(self, capacity: int) -> _GenerationCache:
+        return _GenerationCache(self)
 
     def _writable(self, past: Any, batch: int, new: int) -> tuple[_Store, int]:
         """A store that can take `new` more positions after the cache's: the cache's own when it

@@ -382,3 +382,39 @@ def test_aarch64_library_runs_under_qemu_like_x86(tmp_path, name):
     assert logits.shape == want_logits.shape
     assert np.abs(logits - want_logits).max() <= 1e-4 * max(1.0, np.abs(want_logits).max())
     assert tokens == want_tokens
+
+
+
+@pytest.mark.parametrize("name", ["gemma2", "window_partial_interleaved"])
+def test_prompt_lookup_keeps_the_greedy_tokens(built, name):
+    module, path, _ = built(name)
+    art = load(path)
+    prompt = [t % module.config.vocab_size for t in [5, 6, 7, 8, 9, 10, 11] * 3]
+    plain = art.generate_ids(prompt, max_new_tokens=24, stop_at_eos=False)
+    ahead = art.generate_ids(prompt, max_new_tokens=24, stop_at_eos=False, lookahead=4)
+    assert ahead.ids == plain.ids and ahead.drafted > 0
+    assert ahead.decode_steps + ahead.accepted == 23
+
+
+@pytest.mark.parametrize("name", ["gemma2", "window_partial_interleaved"])
+def test_a_cache_cut_back_is_written_over(built, name):
+    """Three drafts in, two cut back: the steps after (one token, then two) see only what was
+    kept, whatever the store still holds beyond it."""
+    module, path, _ = built(name)
+    art = load(path)
+    ids = torch.randint(0, module.config.vocab_size, (1, 12),
+                        generator=torch.Generator().manual_seed(8))
+    cache = art._cache(64)
+    cache.step(ids[:, :8].numpy())
+    cache.step(np.array([[1, 2, 3]]))
+    cache.truncate(9)  # keeps the draft 1
+    store = cache.cache.store
+    kept = torch.cat([ids[:, :8], torch.tensor([[1]]), ids[:, 8:11]], dim=1)
+    ref = run_logits(module, kept)["logits"].numpy()
+    one, n = cache.step(ids[:, 8:9].numpy())
+    two, m = cache.step(ids[:, 9:11].numpy())
+    assert (n, m) == (10, 12) and cache.cache.store is store  # in place: no copy
+    assert np.abs(one[:, 0] - ref[:, 9]).max() <= TOL
+    assert np.abs(two - ref[:, 10:12]).max() <= TOL
+    with pytest.raises(InputError, match="cannot cut a cache of 12 positions to 13"):
+        cache.truncate(13)

@@ -167,6 +167,6 @@ def test_lookahead_refuses_sampling_and_caches_it_cannot_cut(pair, monkeypatch):
         contrib.generate_ids(PROMPT, max_new_tokens=4, greedy=False, lookahead=2)
     with pytest.raises(InputError, match="lookahead=-1"):
         contrib.generate_ids(PROMPT, max_new_tokens=4, lookahead=-1)
-    monkeypatch.setattr(contrib, "cuts_cache", False)  # as the TVM and NPU runtimes say
+    monkeypatch.setattr(contrib, "cuts_cache", False)  # as the NPU runtime says
     with pytest.raises(InputError, match="cannot cut its cache back"):
         contrib.generate_ids(PROMPT, max_new_tokens=4, lookahead=2)
