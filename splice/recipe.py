@@ -263,6 +263,15 @@ BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
         "fold norms, QuaRot rotations R1, R2, R4, then int4 asymmetric g128 GPTQ with act-order "
         "(static groups) and the MSE clip search, on 128 x 512 calibration tokens",
         calibration_samples=128, calibration_seq_len=512),
+    # R4 is for activations: with weights only quantized it buys little and costs an online
+    # Hadamard a step. SmolLM2-135M, WikiText-2: 25.50 (w4_gptq_rotate 25.39); without R4 the
+    # pruned pipeline decodes 5-8% faster on ONNX Runtime, 2 cores (benchmarks/onnx_speed.py)
+    "w4_gptq_rotate_r12": lambda: Recipe("w4_gptq_rotate_r12", (
+        ("fold_norms", {}), ("rotate", {"r4": False}), ("quantize_weights", GPTQ_W4)),
+        "fold norms, QuaRot rotations R1 and R2 only (fused into the weights: no online op), "
+        "then int4 asymmetric g128 GPTQ with act-order (static groups) and the MSE clip search, "
+        "on 128 x 512 calibration tokens",
+        calibration_samples=128, calibration_seq_len=512),
     # the same (GPTQ on the first 128 sequences), then the group scales tuned end to end by
     # distillation from the float model, 600 steps of one 512-token sequence out of 224 (~47 min
     # on 2 cores): SmolLM2-135M, WikiText-2 23.89 against float 22.88, +4.4% (w4_gptq_rotate

@@ -311,6 +311,12 @@ def test_builtin_recipes():
     passes[-1] = dataclasses.replace(passes[-1], group_size=16)
     out, report = PassManager(passes).run(module, PassContext(calibration=calib))
     assert out.graph.op_counts()["qlinear"] == 14 and out.graph.op_counts()["hadamard"] > 0
+    r12 = Recipe.named("w4_gptq_rotate_r12")  # the same without R4: no online hadamard
+    passes = r12.build()
+    passes[-1] = dataclasses.replace(passes[-1], group_size=16)
+    out, _ = PassManager(passes).run(tiny_model("llama"), PassContext(calibration=calib))
+    assert out.graph.op_counts()["qlinear"] == 14 and "hadamard" not in out.graph.op_counts()
+    assert r12.calibration_samples == 128
     (w8,) = Recipe.named("w8").passes
     assert (w8.bits, w8.group_size) == (8, 0)
     module = tiny_model("llama")
