@@ -218,13 +218,14 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, ratio: float | tor
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
         zero = (-lo / scale).to(torch.float32).to(torch.float64)
         return scale, zero
-    lo = torch.clamp(w.min(-1).values, max=0.0) * ratio
-    hi = torch.clamp(w.max(-1).values, min=0.0) * ratio
     if symmetric and bits == 4:
         m = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))[..., 0] * ratio
         scale = torch.where(m == 0, torch.ones_like(m), m / -float(zero_point_default(bits)))
         zero = torch.full_like(scale, float(zero_point_default(bits)))
-    elif symmetric:
+        return _float32_scale(scale), zero
+    lo = torch.clamp(w.min(-1).values, max=0.0) * ratio
+    hi = torch.clamp(w.max(-1).values, min=0.0) * ratio
+    if symmetric:
         amax = torch.maximum(lo.abs(), hi)
         scale = 2.0 * amax / maxq
         scale = torch.where(amax == 0, torch.ones_like(scale), scale)
@@ -235,9 +236,13 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, ratio: float | tor
         hi = torch.where(empty, torch.ones_like(hi), hi)
         scale = (hi - lo) / maxq
         zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
+    return _float32_scale(scale), zero
+
+
+def _float32_scale(scale: torch.Tensor) -> torch.Tensor:
+    """The scale rounded to a float32 value (as float64), never 0."""
     scale = scale.to(torch.float32).to(torch.float64)
-    scale = torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).tiny), scale)
-    return scale, zero
+    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).tiny), scale)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
