@@ -1,5 +1,6 @@
-"""What bounds a decode step: the machine's read bandwidth, the bytes of weights a step reads,
-and an artefact's size on disk (the ONNX speed benchmark's memory-bandwidth limit)."""
+"""What bounds a decode step: the machine's read bandwidth, the bytes of weights a step reads, how
+fast ONNX Runtime's kernels multiply by those weights with nothing else in the graph, and an
+artefact's size on disk (the ONNX speed benchmark's limits)."""
 
 from __future__ import annotations
 
@@ -78,6 +79,58 @@ def weight_bytes_per_step(model_path: Path) -> int:
         else:
             total += len(t.raw_data) or onnx.numpy_helper.to_array(t).nbytes
     return total
+
+
+def weight_matmul_seconds(model_path: Path, threads: int = 2, runs: int = 20,
+                          repeats: int = 5) -> float:
+    """Seconds one decode step's weight products take alone: every MatMulNBits and every MatMul
+    by an initializer of the model, fed a random [1, K] row each and nothing else in the graph
+    (no attention, norms or activations; the same kernels, weights, prepacking and threads).
+    What ONNX Runtime's kernels allow a step on this machine, where `read_bandwidth` gives what
+    the memory allows: a step can be no faster than either. Best of `repeats` means of `runs`."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(model_path))
+    inits = {t.name: t for t in proto.graph.initializer}
+    nodes, outputs, used, widths = [], [], {}, set()
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            k = next(a.i for a in node.attribute if a.name == "K")
+        elif node.op_type == "MatMul" and node.input[1] in inits:
+            k = int(inits[node.input[1]].dims[0])
+        else:
+            continue
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.input[0], copy.output[0] = f"x{k}", f"y{len(nodes)}"
+        del copy.output[1:]
+        nodes.append(copy)
+        outputs.append(helper.make_tensor_value_info(copy.output[0], TensorProto.FLOAT, None))
+        used.update((name, inits[name]) for name in copy.input[1:] if name in inits)
+        widths.add(k)
+    if not nodes:
+        raise ValueError(f"{model_path}: no MatMulNBits or MatMul by a weight")
+    graph = helper.make_graph(
+        nodes, "weight_products",
+        [helper.make_tensor_value_info(f"x{k}", TensorProto.FLOAT, [1, k]) for k in widths],
+        outputs, list(used.values()))
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(helper.make_model(graph, opset_imports=list(proto.opset_import))
+                                .SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {f"x{k}": rng.standard_normal((1, k), dtype=np.float32) for k in widths}
+    for _ in range(3):
+        sess.run(None, feeds)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, feeds)
+        best = min(best, (time.perf_counter() - t) / runs)
+    return best
 
 
 def dir_mb(path: Path) -> float:

@@ -23,7 +23,12 @@ SmolLM2-135M (the embedded GGUF, dequantized to float32), a 64-token prompt of W
   every round, best kept: the better of numpy summing a 1 GB array and ONNX Runtime's float32
   GEMV over a 1 GB matrix (the second is the faster on this machine, and a float32 decode step
   already reads faster than the first, so a numpy-only figure overstates the share of the limit
-  reached).
+  reached);
+- the kernel limit of each ONNX model: one decode step's weight products alone (its MatMulNBits
+  and MatMuls by a weight, same weights and threads, nothing else in the graph), measured in every
+  round, best kept. A step can be no faster than either limit; where the kernel limit is the
+  lower, what bounds a step is how fast ONNX Runtime's kernels compute, not how fast the memory
+  reads.
 
 A prompt lookup study runs the int4 g128 artefact on six prompts (WikiText-2 and TinyStories)
 with and without drafts: speed-up, drafts kept, and whether the tokens are the same.
@@ -37,6 +42,7 @@ runs, not how fast anything is.
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +51,8 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.memory_limits import dir_mb, read_bandwidth, weight_bytes_per_step
+from benchmarks.memory_limits import (dir_mb, read_bandwidth, weight_bytes_per_step,
+                                      weight_matmul_seconds)
 from benchmarks.onnx_engines import LOOKAHEAD, THREADS, child
 
 REPO = Path(__file__).resolve().parents[1]
@@ -283,21 +290,6 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             "splice ONNX float32, standard ops only": ("splice", arts["f32_standard"]),
             "Hugging Face eager float32": ("hf", hf_dir),
         }
-        best: dict[str, dict] = {}
-        bandwidth: dict[str, float] = {}
-        for _ in range(rounds):
-            for name, (kind, path) in engines.items():
-                r = child(kind, path, ids_file, new)
-                b = best.setdefault(name, dict(r))
-                for k in ("prefill_tok_s", "decode_tok_s"):
-                    b[k] = max(b[k], r[k])
-                b["peak_rss_mb"] = min(b["peak_rss_mb"], r["peak_rss_mb"])
-            # the machine's bandwidth moves as the engines' speed does: measured every round
-            # between them, the best kept, as for the engines
-            for k, v in read_bandwidth(0.25 if quick else 1.0, threads=THREADS).items():
-                bandwidth[k] = max(bandwidth.get(k, 0.0), v)
-        study = child("lookahead_study", arts["int4_g128"], study_file, new)
-        bw = bandwidth["best"]
         models = {"splice ONNX int4 g32": arts["int4_g32"] / "model.onnx",
                   "splice ONNX int4 g128": arts["int4_g128"] / "model.onnx",
                   PRUNED: arts["pruned"] / "model.onnx",
@@ -309,6 +301,27 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                   "splice ONNX float32": arts["f32"] / "model.onnx",
                   "builder int4 (onnxruntime-genai)": b4 / "model.onnx",
                   "builder float32 (onnxruntime-genai)": b32 / "model.onnx"}
+        best: dict[str, dict] = {}
+        bandwidth: dict[str, float] = {}
+        products: dict[str, float] = {}  # seconds of a step's weight products alone, best
+        per_round: dict[str, list[float]] = {}  # decode tok/s of every round
+        for _ in range(rounds):
+            for name, (kind, path) in engines.items():
+                r = child(kind, path, ids_file, new)
+                per_round.setdefault(name, []).append(r["decode_tok_s"])
+                b = best.setdefault(name, dict(r))
+                for k in ("prefill_tok_s", "decode_tok_s"):
+                    b[k] = max(b[k], r[k])
+                b["peak_rss_mb"] = min(b["peak_rss_mb"], r["peak_rss_mb"])
+            # the machine's bandwidth moves as the engines' speed does: measured every round
+            # between them, the best kept, as for the engines
+            for k, v in read_bandwidth(0.25 if quick else 1.0, threads=THREADS).items():
+                bandwidth[k] = max(bandwidth.get(k, 0.0), v)
+            for name, path in models.items():
+                t = weight_matmul_seconds(path, threads=THREADS, runs=5 if quick else 20)
+                products[name] = min(products.get(name, float("inf")), t)
+        study = child("lookahead_study", arts["int4_g128"], study_file, new)
+        bw = bandwidth["best"]
         dirs = {**{k: p for k, (_, p) in engines.items()}}
         eval_ids, window = _eval_ids(tok, quick)
         eval_file = work / "eval_ids.json"
@@ -318,9 +331,16 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             if name in models:
                 row["weight_mb_per_step"] = weight_bytes_per_step(models[name]) / 1e6
                 row["limit_tok_s"] = bw / (row["weight_mb_per_step"] * 1e6)
+                row["kernel_limit_tok_s"] = 1 / products[name]
                 # what the speed is bought with: perplexity of each model, in its own process
                 kind = "genai_ppl" if name.startswith("builder") else "splice_ppl"
                 row["ppl"] = child(kind, dirs[name], eval_file, window)["ppl"]
+        # this shared machine's speed moves over minutes: beside best against best, each
+        # round's ratio to the builder's int4 (run minutes apart at most), their median and range
+        b4_rounds = per_round["builder int4 (onnxruntime-genai)"]
+        for name, row in best.items():
+            ratios = sorted(t / b for t, b in zip(per_round[name], b4_rounds))
+            row["vs_builder_int4_by_round"] = ratios
         # what accuracy_level 4 (int8 activations) costs against 0 (float32 compute)
         a4, a0 = load(arts["int4_g32"], threads=THREADS), load(arts["int4_g32_acc0"],
                                                                threads=THREADS)
@@ -366,24 +386,35 @@ def markdown(res: dict) -> str:
              f"{res['ppl_tokens']} tokens of {res['ppl_text']} in {res['ppl_window']}-token "
              "windows, through the engine's own runtime.", "",
              "| engine | prefill tok/s | decode tok/s | weights read / step MB | limit tok/s | "
-             "% of limit | WikiText-2 ppl | size MB | peak RSS MB |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "% of limit | kernel limit tok/s | % of it | WikiText-2 ppl | size MB | "
+             "peak RSS MB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in sp.items():
         lim = r.get("limit_tok_s")
         limit = "" if lim is None else f"{lim:.0f} | {100 * r['decode_tok_s'] / lim:.0f}%"
+        klim = r.get("kernel_limit_tok_s")
+        kernel = "" if klim is None else f"{klim:.0f} | {100 * r['decode_tok_s'] / klim:.0f}%"
         weights = f"{r['weight_mb_per_step']:.1f}" if "weight_mb_per_step" in r else ""
         ppl = f"{r['ppl']:.2f}" if "ppl" in r else ""
         lines.append(f"| {name} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {weights} | "
-                     f"{limit or ' | '} | {ppl} | {r['size_mb']:.1f} | {r['peak_rss_mb']:.0f} |")
+                     f"{limit or ' | '} | {kernel or ' | '} | {ppl} | {r['size_mb']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} |")
     b4 = sp["builder int4 (onnxruntime-genai)"]["decode_tok_s"]
     b4_ppl = sp["builder int4 (onnxruntime-genai)"]["ppl"]
     nospin = (sp["splice ONNX int4 g32, threads not spinning"]["decode_tok_s"]
               / sp["builder int4 (onnxruntime-genai), threads not spinning"]["decode_tok_s"])
     acc = res["accuracy_level_4_vs_0"]
-    lines += ["", "Decode against the builder's int4 (perplexity beside it, the builder's "
+    def by_round(name: str) -> str:
+        r = sp[name]["vs_builder_int4_by_round"]
+        return f"{statistics.median(r):.2f}x" + (f" [{r[0]:.2f}-{r[-1]:.2f}]" if len(r) > 1
+                                                  else "")
+
+    lines += ["", "Decode against the builder's int4, best against best, then the median "
+              "[range] of the rounds' own ratios (perplexity beside it, the builder's "
               f"{b4_ppl:.2f}): " + "; ".join(
                   f"{name[len('splice ONNX '):] if name.startswith('splice ONNX ') else name} "
-                  f"{sp[name]['decode_tok_s'] / b4:.2f}x (ppl {sp[name]['ppl']:.2f})"
+                  f"{sp[name]['decode_tok_s'] / b4:.2f}x, {by_round(name)} (ppl "
+                  f"{sp[name]['ppl']:.2f})"
                   for name in ("splice ONNX int4 g32", G32_SYM, "splice ONNX int4 g128", GPTQ,
                                ROTATED, FULL, FULL_R12))
               + f"; threads not spinning, int4 g32: {nospin:.2f}x.",

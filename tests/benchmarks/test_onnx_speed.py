@@ -30,6 +30,10 @@ def test_onnx_speed_quick(tmp_path):
     rated = [name for name, row in speed.items() if "ppl" in row]
     assert len(rated) == 11 and all(1 < speed[n]["ppl"] < 1e4 for n in rated)  # vocabulary 512
     assert "builder int4 (onnxruntime-genai)" in rated
+    assert all(speed[n]["kernel_limit_tok_s"] > 0 for n in rated) and "kernel limit" in text
+    rounds = figures["rounds"]
+    assert speed["builder int4 (onnxruntime-genai)"]["vs_builder_int4_by_round"] == [1.0] * rounds
+    assert all(len(row["vs_builder_int4_by_round"]) == rounds for row in speed.values())
     assert speed["splice pruned (prune 4 + patch + W4 g128 GPTQ)"]["weight_mb_per_step"] < \
         speed["splice ONNX int4 g128"]["weight_mb_per_step"]
     assert len(figures["lookahead_study"]) == 3 and "Prompt lookup on more prompts" in text
