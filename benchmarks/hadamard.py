@@ -11,9 +11,9 @@ strategy runs on every width here (the dense MatMul only up to 4096: its matrix 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
+
+from benchmarks.memory_limits import time_call
 
 WIDTHS = (16, 64, 128, 256, 576, 1024, 1536, 2048, 4096, 11008)
 TOKENS = (1, 64)
@@ -39,20 +39,6 @@ def _session(width: int, strategy: str):
                                 providers=["CPUExecutionProvider"])
 
 
-def time_call(sess, x: np.ndarray, calls: int, rounds: int) -> float:
-    """Fastest mean seconds a call over `rounds` batches of `calls`."""
-    feed = {"x": x}
-    for _ in range(max(3, calls // 4)):
-        sess.run(None, feed)
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.perf_counter()
-        for _ in range(calls):
-            sess.run(None, feed)
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best
-
-
 def run(quick: bool = False) -> tuple[str, dict]:
     from splice.backends.onnx.hadamard import STRATEGIES, choose_strategy
 
@@ -64,7 +50,7 @@ def run(quick: bool = False) -> tuple[str, dict]:
         for tokens in TOKENS:
             x = rng.standard_normal((1, tokens, width), dtype=np.float32)
             us = {s: (None if s == "matmul" and width > DENSE_LIMIT
-                      else 1e6 * time_call(_session(width, s), x, calls, rounds))
+                      else 1e6 * time_call(_session(width, s), {"x": x}, calls, rounds))
                   for s in STRATEGIES}
             rows.append({"width": width, "tokens": tokens, "us": us,
                          "chosen": choose_strategy(width)})

@@ -122,14 +122,19 @@ def weight_matmul_seconds(model_path: Path, threads: int = 2, runs: int = 20,
                                 .SerializeToString(), so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feeds = {f"x{k}": rng.standard_normal((1, k), dtype=np.float32) for k in widths}
-    for _ in range(3):
+    return time_call(sess, feeds, runs, repeats)
+
+
+def time_call(sess, feeds: dict[str, np.ndarray], calls: int, rounds: int) -> float:
+    """Fastest mean seconds a `sess.run` over `rounds` batches of `calls`, after a warm-up."""
+    for _ in range(max(3, calls // 4)):
         sess.run(None, feeds)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(rounds):
         t = time.perf_counter()
-        for _ in range(runs):
+        for _ in range(calls):
             sess.run(None, feeds)
-        best = min(best, (time.perf_counter() - t) / runs)
+        best = min(best, (time.perf_counter() - t) / calls)
     return best
 
 
