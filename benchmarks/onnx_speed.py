@@ -322,7 +322,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                 products[name] = min(products.get(name, float("inf")), t)
         study = child("lookahead_study", arts["int4_g128"], study_file, new)
         bw = bandwidth["best"]
-        dirs = {**{k: p for k, (_, p) in engines.items()}}
+        dirs = {k: p for k, (_, p) in engines.items()}
         eval_ids, window = _eval_ids(tok, quick)
         eval_file = work / "eval_ids.json"
         eval_file.write_text(json.dumps(eval_ids))
