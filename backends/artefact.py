@@ -32,8 +32,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtefactError
-from ..runtime.manifest import FORMAT_VERSION, MANIFEST, check_relpath, present_files, sha256_file
+from splice.errors import ArtefactError
+from splice.runtime.manifest import FORMAT_VERSION, MANIFEST, check_relpath, present_files, sha256_file
 
 log = logging.getLogger(__name__)
 

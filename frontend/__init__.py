@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..errors import FrontendError
+from splice.errors import FrontendError
 
 DEFAULT_MODEL = "smollm2-135m"
 ACCEPTED = (f"the name {DEFAULT_MODEL!r}, a Hugging Face model directory (config.json + "
@@ -20,7 +20,7 @@ ACCEPTED = (f"the name {DEFAULT_MODEL!r}, a Hugging Face model directory (config
 
 def load_model(model: Any):
     """Import `model` into an ir.Module (see ACCEPTED for the forms)."""
-    from ..ir.core import Module
+    from splice.ir.core import Module
 
     if isinstance(model, Module):
         return model
@@ -45,7 +45,7 @@ def load_model(model: Any):
         raise FrontendError(f"model {str(model)!r} not found; accepted: {ACCEPTED}")
     if path.is_dir():
         if (path / "graph.txt").is_file():
-            from ..ir.serialize import load_module
+            from splice.ir.serialize import load_module
 
             return load_module(path)
         if (path / "config.json").is_file():

@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from ..ir.core import DTYPE_OF_TORCH, Graph, IRError, Module, ModelConfig, Tokenizer, emit
+from splice.ir.core import DTYPE_OF_TORCH, Graph, IRError, Module, ModelConfig, Tokenizer, emit
 
 
 @dataclasses.dataclass(frozen=True)

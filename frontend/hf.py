@@ -22,8 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import FrontendError
-from ..ir.core import IRError, Module, Tokenizer
+from splice.errors import FrontendError
+from splice.ir.core import IRError, Module, Tokenizer
 from .decoder import build_decoder
 from .hf_families import SUPPORTED_ARCHITECTURES, convert
 

@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from ..errors import FrontendError
+from splice.errors import FrontendError
 from .decoder import DecoderSpec
 
 logger = logging.getLogger(__name__)

@@ -42,8 +42,8 @@ from typing import Any
 
 import torch
 
-from ..errors import FrontendError
-from ..ir.core import IRError, Module, Tokenizer
+from splice.errors import FrontendError
+from splice.ir.core import IRError, Module, Tokenizer
 
 logger = logging.getLogger(__name__)
 

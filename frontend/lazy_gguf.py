@@ -54,8 +54,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import FrontendError
-from ..ir.core import Module
+from splice.errors import FrontendError
+from splice.ir.core import Module
 from .lazy import RowRange, _first_line, bind_lazy, meta_model, read_bytes
 
 logger = logging.getLogger(__name__)

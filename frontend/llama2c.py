@@ -30,9 +30,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import ArtefactError, FrontendError
-from ..ir.core import IRError, Module, Tokenizer
-from ..runtime.llama2c_tokenizer import Llama2cTokenizer
+from splice.errors import ArtefactError, FrontendError
+from splice.ir.core import IRError, Module, Tokenizer
+from splice.runtime.llama2c_tokenizer import Llama2cTokenizer
 from .decoder import DecoderSpec, build_decoder
 
 log = logging.getLogger(__name__)

@@ -32,8 +32,8 @@ from typing import Any, NoReturn
 import torch
 from torch import fx
 
-from ..errors import FrontendError
-from ..ir.core import DTYPE_OF_TORCH, TORCH_DTYPES, Graph, IRError, Module, ModelConfig, Value, emit
+from splice.errors import FrontendError
+from splice.ir.core import DTYPE_OF_TORCH, TORCH_DTYPES, Graph, IRError, Module, ModelConfig, Value, emit
 from .torch_patterns import (ADDS, DIVS, IDENTITY, MULS, TRANSPOSES, Fusion, Rules, is_number,
                              shape_key, target, val)
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from splice.errors import InputError
 
 Dim = int | str
 Shape = tuple[Dim, ...]

@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-from ..ir.core import Module, Node
-from ..ir.interpreter import Interpreter, default_feeds
+from splice.ir.core import Module, Node
+from splice.ir.interpreter import Interpreter, default_feeds
 from .base import PassBase, PassContext, PassError, PassResult
 from .instruments import compare_logits
 from .registry import register_pass

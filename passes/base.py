@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import InputError
-from ..ir.core import Module
+from splice.errors import InputError
+from splice.ir.core import Module
 from .reduce import Reducer
 
 

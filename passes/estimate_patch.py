@@ -77,8 +77,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..ir.core import Graph, Module, Node, Value, emit
-from ..ir.hadamard import hadamard_matrix
+from splice.ir.core import Graph, Module, Node, Value, emit
+from splice.ir.hadamard import hadamard_matrix
 from .base import PassBase, PassContext, PassError, PassResult
 from .mlp_patch import MLP_OPS, emit_mlp_patch, fit_mlp_patch, mlp_block_ending_at
 from .patch_fits import linearpatch_scale, ridge_lstsq, rotation, stream_errors

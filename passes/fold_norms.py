@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from ..ir.core import Module, Node, Value, emit
+from splice.ir.core import Module, Node, Value, emit
 from .base import PassBase, PassContext, PassResult
 from .registry import register_pass
 

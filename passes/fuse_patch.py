@@ -48,8 +48,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..ir.core import Module, Node, Value, emit
-from ..ir.hadamard import factorize, hadamard_matrix
+from splice.ir.core import Module, Node, Value, emit
+from splice.ir.hadamard import factorize, hadamard_matrix
 from .base import PassBase, PassContext, PassError, PassResult
 from .estimate_patch import Patch, emit_patch, find_patches, remove_patch
 from .patch_fits import ridge_lstsq, stream_errors

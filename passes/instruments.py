@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..ir.core import Module
-from ..ir.interpreter import run_logits
-from ..ir.verify import verify
+from splice.ir.core import Module
+from splice.ir.interpreter import run_logits
+from splice.ir.verify import verify
 from .base import PassError
 
 if TYPE_CHECKING:

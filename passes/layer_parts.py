@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import InputError
-from ..frontend.lazy import LazyWeights
-from ..ir.core import Graph, Module, Node, Value, emit
-from ..ir.verify import verify_graph
+from splice.errors import InputError
+from splice.frontend.lazy import LazyWeights
+from splice.ir.core import Graph, Module, Node, Value, emit
+from splice.ir.verify import verify_graph
 
 STUB_TABLE = "layerwise.stream"
 STUB_HEAD = "layerwise.head"

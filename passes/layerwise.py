@@ -100,9 +100,9 @@ from typing import Any
 
 import torch
 
-from ..frontend.lazy import LazyWeights, file_refs
-from ..ir.core import Module, Node, Value
-from ..ir.verify import verify_graph
+from splice.frontend.lazy import LazyWeights, file_refs
+from splice.ir.core import Module, Node, Value
+from splice.ir.verify import verify_graph
 from .base import PassBase, PassContext
 from .layer_parts import (STUB_TABLE, LayerwiseError, boundary, consts, kept, layer_module, merge,
                           part_nodes, split_stages, stream_source, tied_table)
@@ -188,7 +188,7 @@ def _stream_through(sub: Module, ids: torch.Tensor, dtype: torch.dtype, out: Val
 def _stream_interpreted(sub: Module, ids: torch.Tensor, out: Value) -> torch.Tensor:
     """Run `sub` as calibrate_ranges runs the whole model (the reference interpreter in float32,
     CALIB_ROWS sequences at a time); the stream `out` [tokens, hidden]."""
-    from ..ir.interpreter import Interpreter, default_feeds
+    from splice.ir.interpreter import Interpreter, default_feeds
     from .quantize_activations import CALIB_ROWS
 
     interp = Interpreter(sub, torch.float32)

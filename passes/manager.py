@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
-from ..ir.core import Module
+from splice.errors import InputError
+from splice.ir.core import Module
 from .base import PassBase, PassContext, PassError, PassResult
 from .instruments import Instrument
 

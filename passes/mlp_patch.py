@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..ir.core import Module, Node, Value, emit
+from splice.ir.core import Module, Node, Value, emit
 from .base import PassError
 
 MLP_OPS = ["rms_norm", "linear", "linear", "silu", "mul", "linear", "add"]

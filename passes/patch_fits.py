@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ..ir.hadamard import factorize, hadamard_matrix, random_orthogonal
+from splice.ir.hadamard import factorize, hadamard_matrix, random_orthogonal
 from .base import PassError
 
 

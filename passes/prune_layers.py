@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from ..ir.core import Graph, IRError, Module, Node, Value
-from ..ir.interpreter import Interpreter, default_feeds
+from splice.ir.core import Graph, IRError, Module, Node, Value
+from splice.ir.interpreter import Interpreter, default_feeds
 from .base import PassBase, PassContext, PassError, PassResult
 from .registry import register_pass
 

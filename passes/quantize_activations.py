@@ -24,9 +24,9 @@ from typing import Any
 
 import torch
 
-from ..ir import quant
-from ..ir.core import Module, Node, Value, emit
-from ..ir.interpreter import Interpreter, default_feeds
+from splice.ir import quant
+from splice.ir.core import Module, Node, Value, emit
+from splice.ir.interpreter import Interpreter, default_feeds
 from .base import PassBase, PassContext, PassError, PassResult
 from .quantize_weights import DECODER_LINEARS, label
 from .registry import register_pass

@@ -21,8 +21,8 @@ import dataclasses
 import logging
 from typing import Any
 
-from ..ir import quant
-from ..ir.core import Module, emit
+from splice.ir import quant
+from splice.ir.core import Module, emit
 from .base import PassBase, PassContext, PassError, PassResult
 from .quantize_activations import calibrate_ranges
 from .registry import register_pass

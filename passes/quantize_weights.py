@@ -64,8 +64,8 @@ from typing import Any
 
 import torch
 
-from ..ir import quant
-from ..ir.core import Module, Node, emit
+from splice.ir import quant
+from splice.ir.core import Module, Node, emit
 from .base import PassBase, PassContext, PassError, PassResult
 from .distill_patch import calibration_sequences
 from .registry import register_pass

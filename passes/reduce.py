@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import InputError
+from splice.errors import InputError
 
 OPS = ("sum", "max", "min")
 

@@ -56,8 +56,8 @@ from typing import Any
 
 import torch
 
-from ..ir.core import IRError, Module, Node, Value, emit
-from ..ir.hadamard import factorize, largest_block, supported_bases
+from splice.ir.core import IRError, Module, Node, Value, emit
+from splice.ir.hadamard import factorize, largest_block, supported_bases
 from .base import PassBase, PassContext, PassError, PassResult
 from .estimate_patch import Patch
 from .fuse_patch import r1_basis_patches, to_channel_scale

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..ir.hadamard import factorize, hadamard_matrix
+from splice.ir.hadamard import factorize, hadamard_matrix
 
 CHUNK = 1 << 20  # elements of a weight rotated at once (8 MiB in float64)
 

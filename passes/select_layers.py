@@ -32,8 +32,8 @@ from typing import Literal
 
 import torch
 
-from ..ir.core import Module
-from ..ir.interpreter import Interpreter, default_feeds
+from splice.ir.core import Module
+from splice.ir.interpreter import Interpreter, default_feeds
 from .base import PassBase, PassContext, PassError, PassResult
 from .prune_layers import (check_block_size, check_calibration, num_layers, prune, row_chunks,
                            stream_values, walk_calibration)

@@ -8,9 +8,9 @@ from collections.abc import Callable
 
 import torch
 
-from ..ir.core import Module, Node
-from ..ir.interpreter import default_feeds
-from ..ir.ops import get_op
+from splice.ir.core import Module, Node
+from splice.ir.interpreter import default_feeds
+from splice.ir.ops import get_op
 
 CHUNK_TOKENS = 4096          # calibration tokens run through one stage at a time
 

@@ -34,9 +34,9 @@ from typing import Any
 
 import torch
 
-from ..ir import quant
-from ..ir.core import Module, Node
-from ..ir.interpreter import Interpreter, default_feeds
+from splice.ir import quant
+from splice.ir.core import Module, Node
+from splice.ir.interpreter import Interpreter, default_feeds
 from .base import PassError
 
 logger = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ for a TVM artefact) and tokenizers only (no torch), so an edge device needs noth
 from pathlib import Path
 from typing import Any
 
-from ..errors import ArtefactError, InputError
+from splice.errors import ArtefactError, InputError
 from .artefact import Artefact, Generation, KVCache
 from .artefact import load as _load_onnx
 from .manifest import read_manifest, verify_artefact

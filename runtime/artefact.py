@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ArtefactError, InputError
+from splice.errors import ArtefactError, InputError
 from .lookahead import PromptLookup
 from .manifest import check_relpath, read_manifest, verify_artefact
 from .sampling import Sampler, Sampling

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ArtefactError, InputError
+from splice.errors import ArtefactError, InputError
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..errors import InputError
+from splice.errors import InputError
 
 __all__ = ["PromptLookup"]
 

@@ -19,7 +19,7 @@ import stat
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from ..errors import ArtefactError
+from splice.errors import ArtefactError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import ArtefactError, InputError
+from splice.errors import ArtefactError, InputError
 from .artefact import Artefact
 from .manifest import check_relpath, verify_artefact
 

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from ..errors import InputError
+from splice.errors import InputError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from ..errors import ArtefactError, InputError
+from splice.errors import ArtefactError, InputError
 
 log = logging.getLogger(__name__)
 

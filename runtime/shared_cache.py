@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from ..errors import InputError
+from splice.errors import InputError
 
 
 class SharedCache:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from ..errors import ArtefactError
+from splice.errors import ArtefactError
 
 KINDS = ("hf", "llama2c")
 

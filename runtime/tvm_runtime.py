@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ArtefactError, InputError
+from splice.errors import ArtefactError, InputError
 from .artefact import Artefact, FunctionalCache
 from .manifest import check_relpath, verify_artefact
 

@@ -17,7 +17,7 @@ def __getattr__(name: str) -> Any:
 
         return compile
     if name == "load":
-        from .runtime import load
+        from splice.runtime import load
 
         return load
     if name == "Recipe":

@@ -66,14 +66,14 @@ def run_passes(module, recipe: Recipe, *, calibration=None, instruments=(), seed
     `reducer` combines calibration statistics over processes (passes/reduce.py); with
     `layerwise_dir` the passes run one decoder layer at a time (passes/layerwise.py), writing the
     transformed weights there."""
-    from .passes.base import PassContext
-    from .passes.manager import PassManager
-    from .passes.reduce import Reducer
+    from splice.passes.base import PassContext
+    from splice.passes.manager import PassManager
+    from splice.passes.reduce import Reducer
 
     ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed,
                       reducer=reducer or Reducer())
     if layerwise_dir is not None:
-        from .passes.layerwise import run_layerwise
+        from splice.passes.layerwise import run_layerwise
 
         return run_layerwise(module, recipe.build(), ctx, layerwise_dir,
                              instruments=list(instruments))
@@ -119,7 +119,7 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     contrib ops), {"accuracy_level": 0} (MatMulNBits in float32), {"threads": 4} (the session
     default); an option the backend does not have is refused before the model is loaded.
     """
-    from .frontend import load_model
+    from splice.frontend import load_model
 
     if target == "npu" and backend == "onnx":  # the NPU target has one backend: take it
         backend = "npu"
@@ -134,20 +134,20 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     from .memory import check_memory
 
     if layerwise:
-        from .passes.layerwise import check_supported
+        from splice.passes.layerwise import check_supported
 
         check_supported(recipe.build())
     else:
         check_memory(model, recipe, memory_limit)
     t0 = time.perf_counter()
-    from .frontend.lazy_gguf import gguf_source  # the default model's name, or a .gguf file
+    from splice.frontend.lazy_gguf import gguf_source  # the default model's name, or a .gguf file
 
     if layerwise and isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():
-        from .frontend.lazy import load_hf_lazy
+        from splice.frontend.lazy import load_hf_lazy
 
         module = load_hf_lazy(model)
     elif layerwise and (gguf_file := gguf_source(model)) is not None:
-        from .frontend.lazy_gguf import load_gguf_lazy
+        from splice.frontend.lazy_gguf import load_gguf_lazy
 
         module = load_gguf_lazy(gguf_file)
     else:
@@ -180,11 +180,11 @@ _FILLED = ("module", "out_dir", "target", "recipe", "report", "calibration")
 
 def _exporter(backend: str):
     if backend == "tvm":
-        from .backends.tvm import export
+        from splice.backends.tvm import export
     elif backend == "npu":
-        from .backends.npu import export
+        from splice.backends.npu import export
     else:
-        from .backends.onnx import export
+        from splice.backends.onnx import export
     return export
 
 
@@ -226,6 +226,6 @@ def _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, 
         barrier()
     if not load:
         return path
-    from .runtime import load as load_artefact
+    from splice.runtime import load as load_artefact
 
     return load_artefact(path)

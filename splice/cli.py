@@ -70,7 +70,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def _instruments(a: argparse.Namespace) -> list:
-    from .passes.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
+    from splice.passes.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
 
     inst = [TimingInstrument(), VerifyInstrument()]
     if a.dump_ir:
@@ -114,7 +114,7 @@ def _print_report(report: dict) -> None:
 
 
 def cmd_run(a: argparse.Namespace) -> int:
-    from .runtime import load
+    from splice.runtime import load
 
     art = load(a.artefact, threads=a.threads)
     kw = dict(max_new_tokens=a.max_new_tokens, greedy=a.temperature == 0, temperature=a.temperature
@@ -152,7 +152,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
 
         check_inspect_calib(a)
     if _is_artefact(a.model):
-        from .runtime.manifest import verify_artefact
+        from splice.runtime.manifest import verify_artefact
 
         m = verify_artefact(Path(a.model))   # describe only what the hashes vouch for
         cfg = m.get("config", {})
@@ -164,7 +164,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
         print(f"files: {len(files)} ({total / 1e6:.1f} MB)")
         _print_report(m.get("report", {}))
         return 0
-    from .frontend import load_model
+    from splice.frontend import load_model
 
     module = load_model(a.model)
     _print_config(module.config.to_json())
@@ -186,7 +186,7 @@ def _print_config(cfg: dict) -> None:
 
 
 def cmd_passes(a: argparse.Namespace) -> int:
-    from .passes.registry import describe_passes
+    from splice.passes.registry import describe_passes
 
     print(describe_passes())
     return 0

@@ -45,12 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(2)
 
     from .api import resolve_recipe, run_passes
-    from .backends.onnx import export
+    from splice.backends.onnx import export
     from .cli import _print_report
     from .evaluate import perplexity_of
-    from .frontend import load_model
-    from .passes.instruments import NumericCheckInstrument, TimingInstrument, VerifyInstrument
-    from .runtime import load
+    from splice.frontend import load_model
+    from splice.passes.instruments import NumericCheckInstrument, TimingInstrument, VerifyInstrument
+    from splice.runtime import load
 
     print(f"== import {a.model}")
     t0 = time.perf_counter()
@@ -81,8 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"artefact {path}: {size / 1e6:.1f} MB, compiled in {t_compile:.1f} s")
 
     print("== rotate (QuaRot R1+R2+R4) on the folded model: the float64 numeric check")
-    from .passes.manager import PassManager
-    from .passes.rotate import RotatePass
+    from splice.passes.manager import PassManager
+    from splice.passes.rotate import RotatePass
 
     _, rot_report = PassManager([RotatePass()], instruments=[
         TimingInstrument(), NumericCheckInstrument(pinned)]).run(module.clone())

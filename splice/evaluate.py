@@ -61,7 +61,7 @@ def perplexity_of(model, text_path, *, max_tokens: int = 16384, window: int | No
 
     text = read_text(Path(text_path))
     if isinstance(model, (str, Path)) and (Path(model) / "manifest.json").is_file():
-        from .runtime import load
+        from splice.runtime import load
 
         art = load(model)
         tok, config = art.tokenizer, art.config
@@ -74,8 +74,8 @@ def perplexity_of(model, text_path, *, max_tokens: int = 16384, window: int | No
     else:
         import torch
 
-        from .frontend import load_model
-        from .ir.interpreter import run_logits
+        from splice.frontend import load_model
+        from splice.ir.interpreter import run_logits
         from .text import module_tokenizer
 
         module = load_model(model)

@@ -105,7 +105,7 @@ def _safetensors_parameters(shards: list[Path]) -> int | None:
 
 def parameter_count(model: Any) -> tuple[int, str] | None:
     """(parameters, how they were counted) without loading weights; None when unknown."""
-    from .frontend import DEFAULT_MODEL
+    from splice.frontend import DEFAULT_MODEL
 
     if not isinstance(model, (str, Path)):
         if hasattr(model, "num_parameters") and hasattr(model, "graph"):
@@ -115,7 +115,7 @@ def parameter_count(model: Any) -> tuple[int, str] | None:
             return sum(p.numel() for p in params()), "the model's parameters"
         return None
     if str(model) == DEFAULT_MODEL:
-        from .frontend.hf import default_model_path
+        from splice.frontend.hf import default_model_path
 
         try:
             model = default_model_path()

@@ -21,7 +21,7 @@ def read_text(path: Path) -> str:
 
 def module_tokenizer(module):
     """The runtime tokenizer for a Module's carried tokenizer files."""
-    from .runtime.tokenizer import load_tokenizer
+    from splice.runtime.tokenizer import load_tokenizer
 
     if module.tokenizer is None:
         raise InputError("this model carries no tokenizer; give token ids instead of text")

@@ -18,9 +18,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from ...ir.core import Module
-from ...ir.interpreter import run_logits
-from ...runtime.npu_runtime import NpuArtefact, StaticDecoder, session_runner
+from splice.ir.core import Module
+from splice.ir.interpreter import run_logits
+from splice.runtime.npu_runtime import NpuArtefact, StaticDecoder, session_runner
 
 
 def cpu_decoder(art: NpuArtefact, threads: int = 2) -> StaticDecoder:
@@ -98,7 +98,7 @@ def localize(art: NpuArtefact, ids: list[int], *, top: int = 8) -> list[dict[str
     the difference grows most over the largest difference before them are flagged."""
     import onnx
 
-    from ...runtime.npu_runtime import htp_session
+    from splice.runtime.npu_runtime import htp_session
 
     seq = max(int(s) for s in art.manifest["npu"]["graphs"])
     g = art.manifest["npu"]["graphs"][str(seq)]

@@ -28,8 +28,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from ...errors import InputError
-from ...ir.core import Module
+from splice.errors import InputError
+from splice.ir.core import Module
 from ..artefact import write_artefact
 from ..onnx.export import _tokenizer_files, decoder_io
 from ..onnx.lower import splice_version
@@ -186,7 +186,7 @@ def _io(model: onnx.ModelProto, chunk: int, context: int, mask_fill: float) -> d
 
 
 def _compile(src: Path, ctx: Path, arch: str) -> None:
-    from ...runtime.npu_runtime import htp_session
+    from splice.runtime.npu_runtime import htp_session
 
     try:
         htp_session(src, htp_arch=arch, context_file=ctx)

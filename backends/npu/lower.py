@@ -43,9 +43,9 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ...errors import InputError
-from ...ir import quant
-from ...ir.core import Module, Node
+from splice.errors import InputError
+from splice.ir import quant
+from splice.ir.core import Module, Node
 from ..onnx.lower import LoweringContext, LoweringError, describe, lower
 from ..onnx.rules import RULES
 

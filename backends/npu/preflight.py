@@ -38,7 +38,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from ...errors import InputError
+from splice.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ...errors import InputError
+from splice.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def calibrate(models: Mapping[int, onnx.ModelProto], io: Mapping,
     by one through the decode graph (the same tensors at seq 1: a few steps per row cover them)."""
     import onnxruntime as ort
 
-    from ...runtime.npu_runtime import StaticDecoder
+    from splice.runtime.npu_runtime import StaticDecoder
 
     ranges = Ranges()
     so = ort.SessionOptions()

@@ -42,7 +42,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ...ir.core import Node
+from splice.ir.core import Node
 from .lower import LoweringContext, LoweringError, Rule, describe
 from .fuse import absorbed_rotaries, lower_qlinear_packed, packed_qkv, rotary_is_absorbed
 from .quant import ACCURACY_LEVEL, ACCURACY_LEVELS, MS_DOMAIN, _consts, _dequant_matmul

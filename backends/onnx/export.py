@@ -14,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from ...errors import InputError
-from ...ir.core import Graph, Module
+from splice.errors import InputError
+from splice.ir.core import Graph, Module
 from ..artefact import write_artefact
 from .genai import genai_config
 from .contrib import ATTENTION_MASK, OPS_MODES, rule_table

@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ...ir.core import Node, Value
+from splice.ir.core import Node, Value
 from .lower import LoweringContext, describe, weight_array
 from .quant import MS_DOMAIN, lower_qlinear, nbits_block
 

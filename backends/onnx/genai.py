@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ...ir.core import Module
+from splice.ir.core import Module
 
 
 def genai_config(module: Module, io: dict[str, Any], model_file: str, *,

@@ -60,7 +60,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ...ir.core import Node
+from splice.ir.core import Node
 from .lower import LoweringContext, LoweringError, Rule
 
 STRATEGIES = ("matmul", "two_sided", "kron", "fwht")
@@ -102,7 +102,7 @@ def _back(ctx: LoweringContext, node: Node, y: ir.Value, rank: int) -> ir.Value:
 
 def lower_hadamard_matmul(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     """One MatMul by the dense [width, width] matrix H * scale (float32, rounded once)."""
-    from ...ir.hadamard import hadamard_matrix
+    from splice.ir.hadamard import hadamard_matrix
 
     width = _width(node)
     scale = node.attrs["scale"]
@@ -117,7 +117,7 @@ def lower_hadamard_matmul(ctx: LoweringContext, node: Node) -> Sequence[ir.Value
 def lower_hadamard_fwht(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     """Butterfly stages of Split/Add/Sub/Concat over x viewed as [..., base, 2, .., 2], the base
     factor as one MatMul by its +-1 matrix from the left, then 1/sqrt(width) * scale."""
-    from ...ir.hadamard import factorize, hadamard_matrix
+    from splice.ir.hadamard import factorize, hadamard_matrix
 
     width = _width(node)
     factors = factorize(width)

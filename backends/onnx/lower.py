@@ -27,8 +27,8 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 import torch
 
-from ...errors import InputError
-from ...ir.core import Module, Node, Value
+from splice.errors import InputError
+from splice.ir.core import Module, Node, Value
 
 log = logging.getLogger(__name__)
 

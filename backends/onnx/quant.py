@@ -34,8 +34,8 @@ import numpy as np
 import onnx_ir as ir
 import torch
 
-from ...ir import quant
-from ...ir.core import Node
+from splice.ir import quant
+from splice.ir.core import Node
 from .lower import LoweringContext, LoweringError, Rule, describe
 
 ACCURACY_LEVEL = 4

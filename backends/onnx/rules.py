@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from ...ir.core import Node
+from splice.ir.core import Node
 from .lower import LoweringContext, LoweringError, Rule, describe
 from .quant import lower_qembedding, lower_qlinear, lower_quantize
 from .hadamard import lower_hadamard as lower_hadamard_by_width
@@ -232,7 +232,7 @@ MAX_DENSE_FACTOR = 64
 def hadamard_factors(width: int) -> list[int]:
     """Kronecker factors of the `hadamard` op's matrix of order `width`: splice.ir.hadamard's
     [base, 2^k], with a large 2^k split into near-equal powers of two."""
-    from ...ir.hadamard import factorize
+    from splice.ir.hadamard import factorize
 
     factors = factorize(width)
     if factors is None:
@@ -249,7 +249,7 @@ def hadamard_factors(width: int) -> list[int]:
 
 def _hadamard_signs(f: int) -> np.ndarray:
     """The +-1 matrix of order f whose normalised form is splice.ir.hadamard's hadamard_matrix."""
-    from ...ir.hadamard import hadamard_matrix
+    from splice.ir.hadamard import hadamard_matrix
 
     return np.rint(hadamard_matrix(f).numpy() * np.sqrt(f)).astype(np.float32)
 

@@ -25,7 +25,7 @@ from tvm import relax
 from tvm.s_tir import dlight as dl
 from tvm.target import codegen
 
-from ...errors import InputError
+from splice.errors import InputError
 from .schedule import cpu_rules, gpu_rules
 
 log = logging.getLogger(__name__)

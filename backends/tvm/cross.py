@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import InputError
+from splice.errors import InputError
 
 log = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ from typing import Any
 import tvm
 from tvm.target import codegen
 
-from ...errors import InputError
-from ...ir.core import Module
+from splice.errors import InputError
+from splice.ir.core import Module
 from ..artefact import write_artefact
 from ..onnx.export import _tokenizer_files
 from ..onnx.lower import splice_version

@@ -40,9 +40,9 @@ import torch
 from tvm import relax, tirx
 from tvm.relax import BlockBuilder, ShapeType, TensorType, TupleType
 
-from ...errors import InputError
-from ...ir.core import Module, Node, Value
-from ...ir.hadamard import factorize, hadamard_matrix
+from splice.errors import InputError
+from splice.ir.core import Module, Node, Value
+from splice.ir.hadamard import factorize, hadamard_matrix
 from . import kernels as K
 from .quant import qlinear_param_layouts
 

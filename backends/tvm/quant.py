@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
-from ...ir.core import Node
+from splice.ir.core import Node
 from .kernels import epilogue
 
 # prefill rows per tile of the streamed product: each unpacked vector of codes feeds 8 rows, and
@@ -214,7 +214,7 @@ def quantize_kernel(x: te.Tensor, scale: te.Tensor | None, zero: te.Tensor | Non
                     clip_ratio: float) -> te.Tensor:
     """Fake quantization, splice.ir.quant.fake_quantize's formula in its order of operations;
     torch.round is round-half-to-even, which is nearbyint here."""
-    from ...ir.quant import act_qrange
+    from splice.ir.quant import act_qrange
 
     dt = x.dtype
     lo_q, hi_q = (tirx.const(v, dt) for v in act_qrange(bits, symmetric))

@@ -15,7 +15,7 @@ import numpy as np
 from tvm import relax, tirx
 from tvm.relax import TensorType
 
-from ...ir.core import Node
+from splice.ir.core import Node
 from . import attention as A
 from . import kernels as K
 from .lower import ROW_TILE, Lowering, LoweringError, _Function, cache_shape, describe, \

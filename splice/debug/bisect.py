@@ -34,15 +34,15 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..ir.core import Module
-from ..ir.interpreter import run_logits
-from ..ir.parser import parse_graph
-from ..ir.printer import format_type
-from ..ir.serialize import load_module, save_module
-from ..ir.verify import verify
-from ..passes.base import PassBase, PassContext
-from ..passes.instruments import Instrument, VerifyInstrument, compare_logits
-from ..passes.manager import PassFailure, PassManager
+from splice.ir.core import Module
+from splice.ir.interpreter import run_logits
+from splice.ir.parser import parse_graph
+from splice.ir.printer import format_type
+from splice.ir.serialize import load_module, save_module
+from splice.ir.verify import verify
+from splice.passes.base import PassBase, PassContext
+from splice.passes.instruments import Instrument, VerifyInstrument, compare_logits
+from splice.passes.manager import PassFailure, PassManager
 from ..recipe import Recipe
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,7 @@ def _check_args(a: argparse.Namespace) -> None:
 
 def _load(a: argparse.Namespace):
     _check_args(a)
-    from ..frontend import load_model
+    from splice.frontend import load_model
     from ..recipe import Recipe
 
     recipe = Recipe.resolve(a.recipe)  # a bad recipe fails before the model is loaded
@@ -96,7 +96,7 @@ def build_report(module, recipe, out: Path, *, calib: str | None, tokens: int,
 
 
 def _lowering(module, batch) -> dict[str, Any]:
-    from ..backends.onnx.lower import LoweringError
+    from splice.backends.onnx.lower import LoweringError
     from .lowering_check import check_lowering
 
     try:

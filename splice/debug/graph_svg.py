@@ -29,8 +29,8 @@ from typing import Any
 import networkx as nx
 
 from ..errors import InputError
-from ..ir.core import Graph, Node
-from ..ir.printer import format_type
+from splice.ir.core import Graph, Node
+from splice.ir.printer import format_type
 
 # Tableau 10, then greys: distinct on screen and in print
 PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948",

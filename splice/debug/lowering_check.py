@@ -33,8 +33,8 @@ import numpy as np
 import torch
 
 from ..errors import InputError
-from ..ir.core import Module, Node
-from ..ir.interpreter import Interpreter, default_feeds
+from splice.ir.core import Module, Node
+from splice.ir.interpreter import Interpreter, default_feeds
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _expose_all(model: Any, module: Module) -> None:
 def _session(model: Any, threads: int):
     import onnxruntime as ort
 
-    from ..backends.onnx.lower import save
+    from splice.backends.onnx.lower import save
 
     tmp = tempfile.TemporaryDirectory(prefix="splice-lowering-check-")
     path = save(model, tmp.name, check=False)
@@ -163,7 +163,7 @@ def check_lowering(module: Module, ids: Any, *, rules: Mapping[str, Any] | None 
     `ids` ([batch, seq] or [seq], empty KV cache) and compare every value in topological order:
     a value passes when max |Δ| ≤ atol + rtol · max |reference| (see the module docstring).
     """
-    from ..backends.onnx.lower import lower
+    from splice.backends.onnx.lower import lower
 
     for key, tol in (("atol", atol), ("rtol", rtol)):
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not tol >= 0:

@@ -27,8 +27,8 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..ir.core import Module, Value
-from ..ir.interpreter import Interpreter, default_feeds
+from splice.ir.core import Module, Value
+from splice.ir.interpreter import Interpreter, default_feeds
 
 OUTLIER_FACTOR = 6.0
 

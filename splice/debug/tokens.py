@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError
-from ..ir.core import Module
+from splice.ir.core import Module
 
 log = logging.getLogger(__name__)
 

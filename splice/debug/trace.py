@@ -27,11 +27,11 @@ from typing import Any
 import torch
 
 from ..errors import InputError
-from ..ir.core import Module
-from ..passes.base import PassBase, PassContext, PassResult
-from ..passes.instruments import (DumpInstrument, Instrument, NumericCheckInstrument,
+from splice.ir.core import Module
+from splice.passes.base import PassBase, PassContext, PassResult
+from splice.passes.instruments import (DumpInstrument, Instrument, NumericCheckInstrument,
                                   TimingInstrument, VerifyInstrument)
-from ..passes.manager import PassFailure, PassManager, jsonable
+from splice.passes.manager import PassFailure, PassManager, jsonable
 from ..recipe import Recipe
 
 log = logging.getLogger(__name__)
