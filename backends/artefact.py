@@ -7,9 +7,12 @@ complete: on Linux the two directories are exchanged in one atomic renameat2(REN
 the target always holds a whole artefact, the old or the new, even if the process is killed; then
 the old one is deleted. Elsewhere it is renamed aside, the new one renamed in, and the old one
 deleted. An exclusive lock on a sibling lock file (flock, released by the kernel if the process
-dies) serialises two compiles into one target. What a killed writer leaves, the next write into
-that target cleans up before it starts: its hidden temporary directory is deleted and an old
-artefact left aside between the two renames of the fallback is restored. The lock file stays.
+dies) on the target's parent directory itself serialises two compiles into one target (and, as
+a side effect, the final write phase of artefacts that share a parent); it needs no lock file, so
+nothing is left beside the artefact, and no waiter can ever hold a lock on a file that another
+writer has unlinked and recreated. What a killed writer leaves, the next write into that target
+cleans up before it starts: its hidden temporary directory is deleted and an old artefact left
+aside between the two renames of the fallback is restored.
 
 The format itself (manifest name, hashing, accepted paths) is defined once in runtime/manifest.py,
 which the reader uses too.
@@ -65,7 +68,7 @@ def write_artefact(out_dir: str | Path, files: Mapping[str, FileSource],
     out = Path(out_dir).absolute()
     parent = out.parent
     parent.mkdir(parents=True, exist_ok=True)
-    with _locked(parent / f".{out.name}.lock"):
+    with _locked(parent):
         _recover(out)
         _check_replaceable(out)
         tmp = parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -112,15 +115,17 @@ def _write_one(root: Path, rel: str, source: FileSource) -> None:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """An exclusive flock on `lock_path` for the duration (waits for a concurrent writer). The
-    lock file stays: deleting it would let a waiter lock an inode nobody else sees."""
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive flock on `directory` (a descriptor of the directory itself, opened read-only)
+    for the duration; waits for a concurrent writer. No file is created, so there is nothing to
+    leave behind, and the lock is on the directory that holds the target: a writer never unlinks
+    and recreates it, as a cleanup could a lock file that a waiter still holds open."""
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("waiting for another writer of %s (lock %s)", lock_path.name[1:-5], lock_path)
+            log.info("waiting for another artefact writer in %s", directory)
             fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:

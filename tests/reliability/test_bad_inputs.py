@@ -51,7 +51,7 @@ def _snapshot(named: dict[str, Path]) -> dict[str, dict]:
 
 
 def _strays(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.glob(f".{out.name}.*") if not p.name.endswith(".lock"))
+    return sorted(p.name for p in out.parent.glob(f".{out.name}*"))
 
 
 @pytest.fixture(scope="module")

@@ -53,8 +53,7 @@ def _fresh_target(previous: tuple[Path, str], root: Path, name: str) -> Path:
 
 
 def strays(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")
-                  and not p.name.endswith(".lock"))
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
 def check_whole(out: Path, pin: str | None) -> str:
@@ -158,7 +157,7 @@ def test_clean_compile_leaves_only_the_artefact_and_its_lock(bases, forkserver, 
     for _ in range(2):      # a first write and a replacement
         r = forkserver.run(_compile_argv(bases["stories"], out))
         assert r.rc == 0, r.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.lock", "art"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     check_whole(out, None)
 
 
@@ -171,7 +170,7 @@ def test_concurrent_compiles_into_one_directory(bases, forkserver, tmp_path):
     manifest = verify_artefact(out)
     assert manifest["recipe"]["name"] in ("fold_norms", "none")
     load(out).generate_ids([1, 2, 3], max_new_tokens=2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".art.lock", "art"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]
     TRIED["kill points"]["concurrent compiles (3 into one directory)"] += 1
 
 

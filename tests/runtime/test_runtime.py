@@ -248,7 +248,7 @@ def test_failed_write_leaves_previous_artefact_intact(copy):
         write_artefact(copy, {"a.bin": b"new", "b.bin": _fail}, FIELDS)
     assert (copy / MANIFEST).read_bytes() == before
     verify_artefact(copy)
-    assert sorted(p.name for p in copy.parent.iterdir()) == [".copy.lock", "copy"]
+    assert sorted(p.name for p in copy.parent.iterdir()) == ["copy"]
 
 
 def test_rewrite_replaces_and_refuses_foreign_directories(tmp_path):
@@ -291,6 +291,25 @@ def test_concurrent_writers_do_not_corrupt(tmp_path):
     assert not errors
     files = verify_artefact(out)["files"]
     assert len(files) == 5 and len({(out / f).read_bytes() for f in files}) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]     # no lock file, no temporaries
+
+
+def test_a_writer_waits_for_the_lock_on_the_parent_directory(tmp_path):
+    """The lock is a flock on the parent directory itself: a second writer waits while it is
+    held (no file is needed for that, so none is left), and proceeds once it is released."""
+    from splice.backends.artefact import _locked
+
+    out = tmp_path / "a"
+    done = threading.Event()
+    t = threading.Thread(target=lambda: (write_artefact(out, {"x.bin": b"1"}, FIELDS),
+                                         done.set()))
+    with _locked(tmp_path):
+        t.start()
+        assert not done.wait(0.5) and not out.exists()
+        assert list(tmp_path.iterdir()) == []
+    t.join(10)
+    assert done.is_set() and verify_artefact(out)["files"] == {"x.bin": sha256_file(out / "x.bin")}
+    assert [p.name for p in tmp_path.iterdir()] == ["a"]
 
 
 @pytest.mark.skipif(not TOK512.is_file(), reason=f"{TOK512} not found")
