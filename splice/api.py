@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import checks
 from .errors import InputError
 from .recipe import Recipe
 
@@ -121,11 +122,13 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     """
     from splice.frontend import load_model
 
+    out = check_compile_arguments(model, out, instruments=instruments, seed=seed,
+                                  memory_limit=memory_limit, calibration=calibration)
     if target == "npu" and backend == "onnx":  # the NPU target has one backend: take it
         backend = "npu"
-    if backend not in TARGETS:
+    if not isinstance(backend, str) or backend not in TARGETS:
         raise InputError(f"unknown backend {backend!r}; supported: {', '.join(TARGETS)}")
-    if target not in TARGETS[backend]:
+    if not isinstance(target, str) or target not in TARGETS[backend]:
         raise InputError(f"the {backend} backend has no target {target!r}; supported: "
                          f"{', '.join(TARGETS[backend])}")
     recipe = resolve_recipe(recipe)  # a bad recipe fails here, before the model is loaded
@@ -172,6 +175,40 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     finally:
         if scratch is not None:
             scratch.cleanup()
+
+
+def check_compile_arguments(model: Any, out: Any, *, instruments=(), seed=None,
+                            memory_limit=None, calibration=None) -> Path:
+    """compile()'s arguments that can be judged without loading anything: the model is given,
+    `out` is a directory an artefact may replace (nothing is created to find out), every
+    instrument's output directory is writable, the numbers are in range and a calibration path
+    is a readable file. Returns `out` as a Path."""
+    if model is None:
+        raise InputError("model is missing (None); give a checkpoint path, 'smollm2-135m', a "
+                         "transformers model or an ir.Module")
+    if isinstance(model, str) and not model.strip():
+        raise InputError("model is an empty path; give a checkpoint path or 'smollm2-135m'")
+    out = checks.output_dir(out, "output directory (out)", "artefact")
+    for inst in instruments:
+        if getattr(inst, "directory", None) is not None:   # DumpInstrument writes there
+            checks.output_dir(inst.directory, f"{type(inst).__name__} directory")
+    checks.integer(seed, "seed", minimum=0, optional=True)
+    checks.number(memory_limit, "memory_limit (bytes)", above=0, optional=True)
+    if isinstance(calibration, Path):
+        checks.input_file(calibration, "calibration text")
+    elif isinstance(calibration, str):
+        checks.text_argument(calibration, "calibration text")
+        if "\n" not in calibration and len(calibration) <= 4096 and _is_dir(calibration):
+            raise InputError(f"calibration text {calibration} is a directory; give a text file "
+                             "or the text itself")
+    return out
+
+
+def _is_dir(text: str) -> bool:
+    try:
+        return Path(text).is_dir()
+    except OSError:
+        return False
 
 
 # export() arguments that compile() fills itself: not export options

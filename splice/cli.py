@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from . import checks
 from .errors import InputError
 
 log = logging.getLogger("splice")
@@ -32,6 +33,50 @@ EXAMPLES = """examples:
   splice bisect model.bin --recipe my.toml --metric kl --tolerance 0.01 --out out/bisect
   splice passes
 """
+
+
+# Every argument of every command is checked where it is parsed, by its name (argparse's dest),
+# before any work: a file to read, a directory to write, a number's range, a text's encoding.
+INPUT_FILES = {"calib": "calibration text (--calib)", "text": "text file (--text)"}
+OUTPUT_DIRS = {"out": "output directory (--out)", "dump_ir": "IR dump directory (--dump-ir)",
+               "cache_dir": "cache directory (--cache-dir)"}
+_int = checks.integer
+NUMBERS = {   # dest -> (check, its name, its range)
+    "seed": (_int, "--seed", dict(minimum=0, optional=True)),
+    "max_new_tokens": (_int, "--max-new-tokens (max_new_tokens)", dict(minimum=0)),
+    "temperature": (checks.number, "--temperature (0 = greedy)", dict(minimum=0)),
+    "top_k": (_int, "--top-k (top_k, 0 = off)", dict(minimum=0)),
+    "top_p": (checks.number, "--top-p (top_p, 1 = off)", dict(above=0, maximum=1)),
+    "threads": (_int, "--threads", dict(minimum=1, optional=True)),
+    "lookahead": (_int, "--lookahead", dict(minimum=0)),
+    "max_tokens": (_int, "--max-tokens", dict(minimum=1)),
+    "window": (_int, "--window", dict(minimum=2, optional=True)),
+    "tokens": (_int, "--tokens", dict(minimum=2)),
+    "tolerance": (checks.number, "--tolerance", dict(minimum=0)),
+    "memory_limit": (checks.number, "--memory-limit (GB)", dict(above=0, optional=True)),
+}
+TEXTS = {"prompt": "the prompt", "model": "MODEL", "artefact": "ARTEFACT", "recipe": "--recipe"}
+
+
+def check_arguments(a: argparse.Namespace) -> None:
+    """Refuse a bad argument of any command before anything is loaded or written."""
+    for dest, what in TEXTS.items():
+        value = getattr(a, dest, None)
+        if value is not None:
+            checks.text_argument(value, what, allow_empty=dest == "prompt")
+            if dest != "prompt" and not value.strip():
+                raise InputError(f"{what} is empty; give a path or a name")
+    for dest, (check, what, limits) in NUMBERS.items():
+        if hasattr(a, dest):
+            check(getattr(a, dest), what, **limits)
+    for dest, what in INPUT_FILES.items():
+        if getattr(a, dest, None) is not None:
+            checks.input_file(getattr(a, dest), what)
+    for dest, what in OUTPUT_DIRS.items():
+        if getattr(a, dest, None) is not None:
+            # compile replaces an artefact; debug, bisect and the dumps write into a directory
+            kind = "artefact" if (a.command, dest) == ("compile", "out") else "dir"
+            checks.output_dir(getattr(a, dest), what, kind)
 
 
 def _is_artefact(path: str) -> bool:
@@ -79,8 +124,16 @@ def _instruments(a: argparse.Namespace) -> list:
 
 
 def _summary(value) -> str:
-    if isinstance(value, (list, tuple, dict)):
-        return str(len(value))
+    """A report value on one short line: a dict's entries and a short list's items as values,
+    a longer list as its count."""
+    if isinstance(value, dict):
+        if len(value) > 6:
+            return f"({len(value)} entries)"
+        return "{" + ", ".join(f"{k} {_summary(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 6 or any(isinstance(v, (list, tuple, dict)) for v in value):
+            return f"({len(value)} items)"
+        return "[" + ", ".join(_summary(v) for v in value) + "]"
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -106,24 +159,36 @@ def _print_report(report: dict) -> None:
     if not rows:
         print("passes: none")
         return
-    print(f"{'pass':<22} {'modified':>8} {'time s':>7}  {'numeric check':<44} report")
+    # the numeric check is an instrument of `splice debug`; a compile without it shows no column
+    checked = any(r.get("numeric") for r in rows)
+    numeric = f"{'numeric check':<44} " if checked else ""
+    print(f"{'pass':<22} {'modified':>8} {'time s':>7}  {numeric}report")
     for r in rows:
         own = ", ".join(f"{k} {_summary(v)}" for k, v in r.get("report", {}).items())
+        numeric = f"{_numeric(r.get('numeric')):<44} " if checked else ""
         print(f"{r['name']:<22} {str(r['modified']):>8} {r.get('time_s', 0):>7.2f}  "
-              f"{_numeric(r.get('numeric')):<44} {own}")
+              f"{numeric}{own}")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
     from splice.runtime import load
 
-    art = load(a.artefact, threads=a.threads)
+    # only the load options the user gave: a runtime that has no such option (NPU: threads)
+    # refuses it, but must not be handed one nobody asked for
+    options = {"threads": a.threads} if a.threads is not None else {}
+    art = load(a.artefact, **options)
     kw = dict(max_new_tokens=a.max_new_tokens, greedy=a.temperature == 0, temperature=a.temperature
               or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed, lookahead=a.lookahead)
     if a.no_stream:
         print(art.generate(a.prompt, **kw))
     else:
-        sys.stdout.write(a.prompt)
-        for piece in art.stream(a.prompt, **kw):
+        pieces = art.stream(a.prompt, **kw)
+        # the generator checks the prompt and the settings when it starts: take its first piece
+        # before echoing the prompt, so that a refusal is the only thing printed
+        first = next(pieces, "")
+        sys.stdout.write(a.prompt + first)
+        sys.stdout.flush()
+        for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -140,7 +205,7 @@ def cmd_eval(a: argparse.Namespace) -> int:
     from .evaluate import perplexity_of
 
     r = perplexity_of(a.model, Path(a.text), max_tokens=a.max_tokens, window=a.window,
-                      progress=not a.quiet)
+                      progress=_progress_on(a))
     print(f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
           f"({r['windows']} windows of {r['window']}) [{r['engine']}]")
     return 0
@@ -192,11 +257,40 @@ def cmd_passes(a: argparse.Namespace) -> int:
     return 0
 
 
+def _progress_on(a: argparse.Namespace) -> bool:
+    """splice's own progress display: on a terminal, unless -q."""
+    return not a.quiet and sys.stderr.isatty()
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and every option's default after its help (unless it has none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if (not text or "%(default)" in text or not action.option_strings
+                or any(action.default is d for d in (None, False, argparse.SUPPRESS))):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+# the flags every command accepts, before or after its name
+_GLOBAL_FLAGS = (
+    (("--debug",), "show tracebacks and debug logging"),
+    (("-v", "--verbose"), "log what each step does"),
+    (("-q", "--quiet"), "no progress display (it is shown only on a terminal anyway)"),
+)
+DEBUG_EPILOG = ("exit codes: 0 every pass and check passed; 1 a pass or the lowering check "
+                "failed (the report says where); 2 bad input")
+BISECT_EPILOG = ("exit codes: 0 a pass crosses the tolerance (the culprit is named); 3 no pass "
+                 "crosses it (the largest value seen is given); 2 bad input. The report is "
+                 "written to --out, by default ./splice-bisect")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splice", description="A compiler for large language models.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress")
+                                epilog=EXAMPLES, formatter_class=_HelpFormatter)
+    for flags, text in _GLOBAL_FLAGS:
+        p.add_argument(*flags, action="store_true", help=text)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_help = ("a Hugging Face directory, a .gguf file, a llama2.c .bin, or 'smollm2-135m' "
                   "(the embedded default)")
@@ -229,14 +323,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_compile)
 
     r = sub.add_parser("run", help="generate text with an artefact")
-    r.add_argument("artefact", metavar="ARTEFACT")
-    r.add_argument("prompt")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    r.add_argument("--top-k", type=int, default=0)
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--threads", type=int, default=None)
+    r.add_argument("artefact", metavar="ARTEFACT", help="an artefact directory (splice compile)")
+    r.add_argument("prompt", help="the text to continue")
+    r.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate, at most")
+    r.add_argument("--temperature", type=float, default=0.0,
+                   help="sampling temperature, a finite number > 0; 0 = greedy")
+    r.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest (0 = off)")
+    r.add_argument("--top-p", type=float, default=1.0,
+                   help="sample from the smallest set holding this probability, in (0, 1] "
+                        "(1 = off)")
+    r.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, an integer >= 0 (default: a fresh one)")
+    r.add_argument("--threads", type=int, default=None,
+                   help="ONNX, TVM: threads (default: the artefact's own setting)")
     r.add_argument("--lookahead", type=int, default=0, metavar="K",
                    help="greedy only: prompt lookup decoding, up to K tokens copied from the "
                         "context and checked in one step, how many adapted to how many are "
@@ -247,10 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity of an artefact or a model on a text file")
     e.add_argument("model", metavar="ARTEFACT|MODEL")
     e.add_argument("--text", required=True, help="UTF-8 text file")
-    e.add_argument("--max-tokens", type=int, default=16384)
+    e.add_argument("--max-tokens", type=int, default=16384,
+                   help="evaluate the text's first N tokens (N >= 1)")
     e.add_argument("--window", type=int, default=None,
-                   help="tokens per window (default min(1024, context))")
-    e.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+                   help="tokens per window, >= 2 (default: min(1024, context))")
     e.set_defaults(fn=cmd_eval)
 
     i = sub.add_parser("inspect", help="describe an artefact or a model")
@@ -266,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     from .debug.commands import add_arguments as add_debug_commands
 
     add_debug_commands(sub, model_help)
+    sub.choices["debug"].epilog = DEBUG_EPILOG
+    sub.choices["bisect"].epilog = BISECT_EPILOG
+    for command in sub.choices.values():
+        command.formatter_class = _HelpFormatter
+        for flags, text in _GLOBAL_FLAGS:  # SUPPRESS: absent after the name, the value before it
+            command.add_argument(*flags, action="store_true", default=argparse.SUPPRESS,
+                                 help=text)
     return p
 
 
@@ -379,6 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                             else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         if not (a.verbose or a.debug):
             _no_progress_bars()
+        check_arguments(a)
         return a.fn(a)
     except InputError as e:
         if _interrupted(e):
