@@ -19,11 +19,32 @@ ACCEPTED = (f"the name {DEFAULT_MODEL!r}, a Hugging Face model directory (config
 
 
 def load_model(model: Any):
-    """Import `model` into an ir.Module (see ACCEPTED for the forms)."""
+    """Import `model` into an ir.Module (see ACCEPTED for the forms). Weights that are not finite
+    (NaN or infinity) are refused here, naming the tensor: they would compile into an artefact
+    whose every output is NaN."""
     from splice.ir.core import Module
 
     if isinstance(model, Module):
         return model
+    module = _load(model)
+    check_finite(module, str(model) if isinstance(model, (str, Path)) else type(model).__name__)
+    return module
+
+
+def check_finite(module, source: str) -> None:
+    """Refuse a module with a NaN or infinite floating-point weight, naming the first one."""
+    import torch
+
+    for name, t in module.weights.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = t[~torch.isfinite(t)]
+            what = "NaN" if bool(torch.isnan(bad).any()) else "infinite values"
+            raise FrontendError(f"{source}: weight {name} holds {what} ({bad.numel()} of "
+                                f"{t.numel()}); a usable checkpoint has finite weights")
+
+
+def _load(model: Any):
+    from splice.ir.core import Module  # noqa: F401 - the forms ACCEPTED names
     if not isinstance(model, (str, Path)):
         try:
             from transformers import PreTrainedModel

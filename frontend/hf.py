@@ -92,7 +92,60 @@ def check_gguf_file(path: str | Path) -> Path:
     if magic != b"GGUF":
         raise FrontendError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
                             if magic else f"GGUF file {path} is empty")
+    arch = _gguf_architecture(path)
+    if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
+        raise FrontendError(f"{path}: unsupported architecture general.architecture={arch!r}; "
+                            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     return path
+
+
+def _gguf_architecture(path: Path) -> str | None:
+    """general.architecture of a GGUF file, read from its first metadata entries before
+    transformers loads anything (gguf's own reader parses every field, seconds for a vocabulary);
+    None when it is not among them or the header cannot be read (the load that follows reports
+    a corrupt file as such)."""
+    import struct
+
+    scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    with path.open("rb") as f:
+
+        def take(fmt: str):
+            data = f.read(struct.calcsize(fmt))
+            if len(data) != struct.calcsize(fmt):
+                raise EOFError
+            return struct.unpack(fmt, data)[0]
+
+        def string() -> bytes:
+            n = take("<Q")
+            if n > 1 << 16:
+                raise ValueError("key or value too long")
+            return f.read(n)
+
+        def skip(kind: int) -> None:
+            if kind in scalar:
+                f.seek(scalar[kind], 1)
+            elif kind == 8:
+                f.seek(take("<Q"), 1)
+            elif kind == 9:
+                item, count = take("<I"), take("<Q")
+                if item in scalar:
+                    f.seek(scalar[item] * count, 1)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                raise ValueError(f"value type {kind}")
+
+        try:
+            f.seek(16)                       # magic, version, tensor count
+            for _ in range(min(take("<Q"), 64)):
+                key, kind = string(), take("<I")
+                if key == b"general.architecture" and kind == 8:
+                    return string().decode("utf-8")
+                skip(kind)
+        except (EOFError, ValueError, UnicodeDecodeError, OverflowError, OSError):
+            return None
+    return None
 
 
 def load_gguf(path: str | Path) -> Module:
@@ -253,6 +306,17 @@ def _check_safetensors(file: Path) -> None:
     if 8 + n + end > size:
         raise FrontendError(f"{file} is truncated: {size} bytes, but its header describes "
                             f"{8 + n + end}")
+    for k, t in header.items():
+        # weights and biases are floats: transformers would cast integers into the float
+        # parameters without a word, and the model would compute garbage
+        dtype = t.get("dtype") if isinstance(t, dict) else None
+        if k.endswith((".weight", ".bias")) and isinstance(dtype, str) and dtype not in _FLOATS:
+            raise FrontendError(f"{file}: tensor {k} has dtype {dtype}; weights and biases must "
+                                f"be floating point ({', '.join(_FLOATS)})")
+
+
+# safetensors' floating-point dtype names
+_FLOATS = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
 def _carry_tokenizer(tok: Any) -> tuple[Tokenizer | None, str | None]:
