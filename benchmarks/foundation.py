@@ -86,7 +86,7 @@ def _time_hf(hf, ids: list[int], new: int) -> dict:
 def run(quick: bool = False) -> tuple[str, dict]:
     from splice.frontend import load_model
     from splice.ir import run_logits
-    from splice.passes.base import PassContext
+    from splice.passes.infra.base import PassContext
     from splice.passes.fold_norms import FoldNormsPass
     from splice.runtime import load
 

@@ -53,7 +53,7 @@ def run() -> tuple[str, dict]:
 
     from splice.backends.tvm import export
     from splice.frontend import load_model
-    from splice.passes.base import PassContext
+    from splice.passes.infra.base import PassContext
     from splice.passes.quantize_weights import QuantizeWeightsPass
     from splice.runtime import load
 

@@ -134,7 +134,7 @@ def _builder(hf_dir: Path, out: Path, precision: str) -> Path:
 
 def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]:
     from splice.backends.onnx import export
-    from splice.passes.base import PassContext
+    from splice.passes.infra.base import PassContext
     from splice.passes.quantize_weights import QuantizeWeightsPass
     from splice.recipe import GPTQ_W4, Recipe
     from splice.api import run_passes

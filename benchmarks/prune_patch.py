@@ -210,7 +210,7 @@ def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], 
                    distill_grid: list[dict] = (),
                    calib_pool: torch.Tensor | None = None,
                    mlp_grid: list[dict] = ()) -> dict[str, Any]:
-    from splice.passes.base import PassContext
+    from splice.passes.infra.base import PassContext
 
     ctx = PassContext(calibration=calib, seed=0, precision=torch.float32)
     res: dict[str, Any] = {"model": name, "layers": module.config.num_layers,

@@ -137,9 +137,9 @@ def compile_variant(model: str, passes: list[tuple[str, dict]], out: Path, calib
     (label, passes) of `extras` runs on a copy of the result and is exported to out.<k>."""
     from splice.backends.onnx import export
     from splice.frontend import load_model
-    from splice.passes.base import PassContext
-    from splice.passes.manager import PassManager
-    from splice.passes.registry import make_pass
+    from splice.passes.infra.base import PassContext
+    from splice.passes.infra.manager import PassManager
+    from splice.passes.infra.registry import make_pass
 
     module = load_model(model)
     calib = _calibration(module, calib_text, samples, seq) if calib_text else None
@@ -269,9 +269,9 @@ def rotation_statistics(cfg: dict, rows: int = 4) -> dict[str, Any]:
     sequences, after fold_norms and after fold_norms + rotate (R1, R2, R4)."""
     from splice.debug.stats import activation_stats
     from splice.frontend import load_model
-    from splice.passes.base import PassContext
-    from splice.passes.manager import PassManager
-    from splice.passes.registry import make_pass
+    from splice.passes.infra.base import PassContext
+    from splice.passes.infra.manager import PassManager
+    from splice.passes.infra.registry import make_pass
 
     module = load_model(cfg["model"])
     seq = cfg["calib"][1]

@@ -54,7 +54,7 @@ def run(quick: bool = False) -> tuple[str, dict]:
     from splice.backends.onnx import export as export_onnx
     from splice.backends.tvm import export as export_tvm
     from splice.frontend import load_model
-    from splice.passes.base import PassContext
+    from splice.passes.infra.base import PassContext
     from splice.passes.quantize_weights import QuantizeWeightsPass
     from splice.ir import run_logits
     from splice.runtime import load

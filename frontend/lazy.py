@@ -4,7 +4,7 @@
 (sharded or not) with every weight left on disk: `Module.weights` is a `LazyWeights` mapping
 whose entries are references (file, tensor key, row range) read when a pass or a backend asks
 for them, and dropped again when the caller lets go. It is what layer-by-layer compilation
-(passes/layerwise.py) starts from, so a model larger than memory can be imported.
+(passes/infra/layerwise.py) starts from, so a model larger than memory can be imported.
 
 How the graph is built without the weights. The transformers model is instantiated with its
 parameters on the meta device (accelerate's `init_empty_weights`, buffers on the CPU): no

@@ -31,9 +31,9 @@ import torch
 
 from splice.ir.core import Module, Node
 from splice.ir.interpreter import Interpreter, default_feeds
-from .base import PassBase, PassContext, PassError, PassResult
-from .instruments import compare_logits
-from .registry import register_pass
+from .infra.base import PassBase, PassContext, PassError, PassResult
+from .infra.instruments import compare_logits
+from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

@@ -33,10 +33,10 @@ from splice.ir.core import Module, Node, Value
 from splice.ir.hadamard import hadamard_matrix
 from splice.ir.interpreter import Interpreter, default_feeds
 from splice.ir.ops import get_op
-from .base import PassBase, PassContext, PassError, PassResult
+from .infra.base import PassBase, PassContext, PassError, PassResult
 from .estimate_patch import Patch, find_patches
 from .prune_layers import check_calibration, resolve_block, stream_in, stream_out
-from .registry import register_pass
+from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

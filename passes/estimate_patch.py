@@ -59,7 +59,7 @@ The patch's form (all nodes role "patch", origin "estimate_patch"):
   config.extra["patch_basis"][patch name] = {"basis", "size", "seed"}. It needs a symmetric
   Hadamard matrix of order d (Sylvester or Paley II orders; no random-orthogonal fallback), else
   the pass raises; least squares ignores the basis.
-Across processes (torch.distributed; passes/reduce.py) each holds a share of the calibration
+Across processes (torch.distributed; passes/infra/reduce.py) each holds a share of the calibration
 batches: the tokens are numbered over all processes, the seeded fit/hold-out split is drawn over
 that numbering, and the sums behind s (sums of |x Q|), the normal equations X^T X and X^T Y and
 the hold-out errors are all-reduced, so every process fits the one-process patch (to rounding).
@@ -79,13 +79,13 @@ import torch
 
 from splice.ir.core import Graph, Module, Node, Value, emit
 from splice.ir.hadamard import hadamard_matrix
-from .base import PassBase, PassContext, PassError, PassResult
-from .mlp_patch import MLP_OPS, emit_mlp_patch, fit_mlp_patch, mlp_block_ending_at
-from .patch_fits import linearpatch_scale, ridge_lstsq, rotation, stream_errors
+from .infra.base import PassBase, PassContext, PassError, PassResult
+from .numerics.mlp_patch import MLP_OPS, emit_mlp_patch, fit_mlp_patch, mlp_block_ending_at
+from .numerics.patch_fits import linearpatch_scale, ridge_lstsq, rotation, stream_errors
 from .prune_layers import (capture, check_calibration, dangling_patch, resolve_block, stream_in,
                            stream_out)
-from .registry import register_pass
-from .rotation import random_signs
+from .infra.registry import register_pass
+from .numerics.rotation import random_signs
 
 logger = logging.getLogger(__name__)
 

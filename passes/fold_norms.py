@@ -32,8 +32,8 @@ from typing import Any
 import torch
 
 from splice.ir.core import Module, Node, Value, emit
-from .base import PassBase, PassContext, PassResult
-from .registry import register_pass
+from .infra.base import PassBase, PassContext, PassResult
+from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

@@ -50,11 +50,11 @@ import torch
 
 from splice.ir.core import Module, Node, Value, emit
 from splice.ir.hadamard import factorize, hadamard_matrix
-from .base import PassBase, PassContext, PassError, PassResult
+from .infra.base import PassBase, PassContext, PassError, PassResult
 from .estimate_patch import Patch, emit_patch, find_patches, remove_patch
-from .patch_fits import ridge_lstsq, stream_errors
+from .numerics.patch_fits import ridge_lstsq, stream_errors
 from .prune_layers import capture
-from .registry import register_pass
+from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

@@ -34,8 +34,8 @@ import torch
 
 from splice.ir.core import Graph, IRError, Module, Node, Value
 from splice.ir.interpreter import Interpreter, default_feeds
-from .base import PassBase, PassContext, PassError, PassResult
-from .registry import register_pass
+from .infra.base import PassBase, PassContext, PassError, PassResult
+from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

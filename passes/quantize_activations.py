@@ -27,9 +27,9 @@ import torch
 from splice.ir import quant
 from splice.ir.core import Module, Node, Value, emit
 from splice.ir.interpreter import Interpreter, default_feeds
-from .base import PassBase, PassContext, PassError, PassResult
+from .infra.base import PassBase, PassContext, PassError, PassResult
 from .quantize_weights import DECODER_LINEARS, label
-from .registry import register_pass
+from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

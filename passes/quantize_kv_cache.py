@@ -23,9 +23,9 @@ from typing import Any
 
 from splice.ir import quant
 from splice.ir.core import Module, emit
-from .base import PassBase, PassContext, PassError, PassResult
+from .infra.base import PassBase, PassContext, PassError, PassResult
 from .quantize_activations import calibrate_ranges
-from .registry import register_pass
+from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

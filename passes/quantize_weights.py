@@ -18,7 +18,7 @@ Methods:
   embeddings (embeddings = "int8") are RTN-quantized into a `qembedding`. Linears that
   read the same value (q/k/v, gate/up) share one Hessian. Within a layer all linears are quantized
   from the same forward pass (the reference code's default, not its "true sequential" option).
-  Across processes (torch.distributed, passes/reduce.py) each holds a share of the calibration
+  Across processes (torch.distributed, passes/infra/reduce.py) each holds a share of the calibration
   batches; the X^T X sums and the token count are all-reduced before the solver, so every process
   quantizes from the whole set's Hessian. The solves themselves are shared out: rank j % world
   solves a stage's j-th linear and one sum hands its result to the others (`_shared`), so with
@@ -43,7 +43,7 @@ comes back exactly at W4 g32; MatMulNBits then computes in float, slower than in
 
 With `tune_steps` > 0 the quantized scales are then tuned end to end: every quantized linear's
 group scales at once, codes and zero points fixed, by distillation from a float teacher
-(passes/tune_scales.py; `tune_samples` sequences of `tune_seq_len` calibration tokens, one step
+(passes/numerics/tune_scales.py; `tune_samples` sequences of `tune_seq_len` calibration tokens, one step
 per sequence, `tune_lr`). `tune_teacher` "input" is the module as it was before this pass;
 "original" is the module the pass list started from (ctx.reference), so that after pruning the
 scales also learn back some of what the pruning lost. A whole-model training run: refused across
@@ -66,11 +66,11 @@ import torch
 
 from splice.ir import quant
 from splice.ir.core import Module, Node, emit
-from .base import PassBase, PassContext, PassError, PassResult
+from .infra.base import PassBase, PassContext, PassError, PassResult
 from .distill_patch import calibration_sequences
-from .registry import register_pass
-from .stages import StageRunner, stage_hessians
-from .tune_scales import teacher_targets, tune_scales
+from .infra.registry import register_pass
+from .numerics.stages import StageRunner, stage_hessians
+from .numerics.tune_scales import teacher_targets, tune_scales
 
 logger = logging.getLogger(__name__)
 

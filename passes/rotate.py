@@ -58,11 +58,11 @@ import torch
 
 from splice.ir.core import IRError, Module, Node, Value, emit
 from splice.ir.hadamard import factorize, largest_block, supported_bases
-from .base import PassBase, PassContext, PassError, PassResult
+from .infra.base import PassBase, PassContext, PassError, PassResult
 from .estimate_patch import Patch
 from .fuse_patch import r1_basis_patches, to_channel_scale
-from .registry import register_pass
-from .rotation import _Rotation, random_signs
+from .infra.registry import register_pass
+from .numerics.rotation import _Rotation, random_signs
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ config.extra["prune_block"] = [start, n] for estimate_patch and prune_layers. Me
 Layer 0 is a candidate only with `allow_first`: the first layer turns token embeddings into the
 stream the rest expects and is almost never redundant, so choosing it is usually a mistake in the
 calibration data rather than a finding. Calibration runs in ctx.precision (float64 by default).
-Scores are sums over tokens divided by the token count; across processes (passes/reduce.py) the
+Scores are sums over tokens divided by the token count; across processes (passes/infra/reduce.py) the
 sums and counts are all-reduced, so every process picks the one-process block.
 
 Exactness: the module's function is untouched (only config.extra changes), so the pass is exact;
@@ -34,10 +34,10 @@ import torch
 
 from splice.ir.core import Module
 from splice.ir.interpreter import Interpreter, default_feeds
-from .base import PassBase, PassContext, PassError, PassResult
+from .infra.base import PassBase, PassContext, PassError, PassResult
 from .prune_layers import (check_block_size, check_calibration, num_layers, prune, row_chunks,
                            stream_values, walk_calibration)
-from .registry import register_pass
+from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 

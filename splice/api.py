@@ -64,17 +64,17 @@ def calibration_batches(module, calibration: Any, *, seq_len: int = 512,
 def run_passes(module, recipe: Recipe, *, calibration=None, instruments=(), seed: int | None = None,
                reducer=None, layerwise_dir: str | Path | None = None):
     """Run the recipe's passes; returns (module, report). `seed` overrides the recipe's.
-    `reducer` combines calibration statistics over processes (passes/reduce.py); with
-    `layerwise_dir` the passes run one decoder layer at a time (passes/layerwise.py), writing the
+    `reducer` combines calibration statistics over processes (passes/infra/reduce.py); with
+    `layerwise_dir` the passes run one decoder layer at a time (passes/infra/layerwise.py), writing the
     transformed weights there."""
-    from splice.passes.base import PassContext
-    from splice.passes.manager import PassManager
-    from splice.passes.reduce import Reducer
+    from splice.passes.infra.base import PassContext
+    from splice.passes.infra.manager import PassManager
+    from splice.passes.infra.reduce import Reducer
 
     ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed,
                       reducer=reducer or Reducer())
     if layerwise_dir is not None:
-        from splice.passes.layerwise import run_layerwise
+        from splice.passes.infra.layerwise import run_layerwise
 
         return run_layerwise(module, recipe.build(), ctx, layerwise_dir,
                              instruments=list(instruments))
@@ -112,7 +112,7 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     Before loading, the memory the compile needs is estimated (splice/memory.py) and checked
     against `memory_limit` bytes (None: what the machine has available).
     layerwise: import a Hugging Face directory or a GGUF file lazily and run the passes one
-    decoder layer at a time, after the whole-model ones (passes/layerwise.py), for models larger
+    decoder layer at a time, after the whole-model ones (passes/infra/layerwise.py), for models larger
     than memory; the memory check is then skipped.
     distributed: this process is one of several (torchrun): calibration is sharded across them,
     statistics are all-reduced, and only rank 0 writes the artefact (others return None).
@@ -137,7 +137,7 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     from .memory import check_memory
 
     if layerwise:
-        from splice.passes.layerwise import check_supported
+        from splice.passes.infra.layerwise import check_supported
 
         check_supported(recipe.build())
     else:

@@ -115,7 +115,7 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def _instruments(a: argparse.Namespace) -> list:
-    from splice.passes.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
+    from splice.passes.infra.instruments import DumpInstrument, TimingInstrument, VerifyInstrument
 
     inst = [TimingInstrument(), VerifyInstrument()]
     if a.dump_ir:
@@ -251,7 +251,7 @@ def _print_config(cfg: dict) -> None:
 
 
 def cmd_passes(a: argparse.Namespace) -> int:
-    from splice.passes.registry import describe_passes
+    from splice.passes.infra.registry import describe_passes
 
     print(describe_passes())
     return 0

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from .cli import _print_report
     from .evaluate import perplexity_of
     from splice.frontend import load_model
-    from splice.passes.instruments import NumericCheckInstrument, TimingInstrument, VerifyInstrument
+    from splice.passes.infra.instruments import NumericCheckInstrument, TimingInstrument, VerifyInstrument
     from splice.runtime import load
 
     print(f"== import {a.model}")
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"artefact {path}: {size / 1e6:.1f} MB, compiled in {t_compile:.1f} s")
 
     print("== rotate (QuaRot R1+R2+R4) on the folded model: the float64 numeric check")
-    from splice.passes.manager import PassManager
+    from splice.passes.infra.manager import PassManager
     from splice.passes.rotate import RotatePass
 
     _, rot_report = PassManager([RotatePass()], instruments=[

@@ -23,7 +23,7 @@ import os
 import torch
 
 from .errors import InputError
-from splice.passes.reduce import Reducer, TorchDistributedReducer
+from splice.passes.infra.reduce import Reducer, TorchDistributedReducer
 
 log = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from splice.passes.base import PassBase, PassError
-from splice.passes.registry import make_pass
+from splice.passes.infra.base import PassBase, PassError
+from splice.passes.infra.registry import make_pass
 
 _TOP_KEYS = ("name", "description", "seed", "calibration", "pass")
 _CALIBRATION_KEYS = ("samples", "seq_len")

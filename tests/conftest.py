@@ -22,9 +22,9 @@ def pytest_configure(config: pytest.Config) -> None:
 @pytest.fixture(autouse=True)
 def verify_after_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
     from splice.ir.verify import verify
-    from splice.passes.base import PassBase
-    from splice.passes.instruments import PassCheckError, VerifyInstrument
-    from splice.passes.manager import PassManager
+    from splice.passes.infra.base import PassBase
+    from splice.passes.infra.instruments import PassCheckError, VerifyInstrument
+    from splice.passes.infra.manager import PassManager
 
     manager_init = PassManager.__init__
 

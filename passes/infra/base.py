@@ -31,7 +31,7 @@ class PassResult:
 class PassContext:
     """What a pass run may read: calibration batches (token ids [batch, seq], int64), the random
     seed, the working precision for calibration arithmetic, the reducer that combines
-    calibration statistics over processes (passes/reduce.py; identity in one process, where
+    calibration statistics over processes (passes/infra/reduce.py; identity in one process, where
     `calibration` is this process's share of the batches when several run), and the reference:
     the module as the pass list received it, before any pass ran, which the PassManager keeps (a
     copy) when a pass's `wants_reference()` says it distills from it."""

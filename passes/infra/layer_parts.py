@@ -1,4 +1,4 @@
-"""The graph side of layer-by-layer compilation (passes/layerwise.py, whose docstring gives the
+"""The graph side of layer-by-layer compilation (passes/infra/layerwise.py, whose docstring gives the
 design): cut a decoder into one-layer sub-Modules with stubs at their ends, and stitch the
 transformed sub-Modules' own nodes back into one graph over the weights they wrote."""
 

@@ -6,7 +6,7 @@ the embedding and head where they take part, and each calibrated pass's stream a
 boundary.
 
 Design: the existing passes run unchanged on one-layer sub-Modules. For layer i the driver
-builds a small but complete decoder graph (passes/layer_parts.py cuts and stitches them) and
+builds a small but complete decoder graph (passes/infra/layer_parts.py cuts and stitches them) and
 runs the recipe's passes on it with the ordinary PassManager:
 
     input_ids -> [head] -> layer i (the model's own nodes, weights, names) -> [tail] -> logits
@@ -175,7 +175,7 @@ def check_recipe(passes: Sequence[PassBase], ctx: PassContext) -> list[int]:
 
 def _stream_through(sub: Module, ids: torch.Tensor, dtype: torch.dtype, out: Value) -> torch.Tensor:
     """Run the head and layer stages of `sub` on ids; the stream `out` [tokens, hidden]."""
-    from .stages import StageRunner
+    from ..numerics.stages import StageRunner
 
     runner = StageRunner(sub, ids, dtype)
     layer_stage = next(s for s, nodes in enumerate(runner.stages) if nodes[0].layer is not None)
@@ -189,7 +189,7 @@ def _stream_interpreted(sub: Module, ids: torch.Tensor, out: Value) -> torch.Ten
     """Run `sub` as calibrate_ranges runs the whole model (the reference interpreter in float32,
     CALIB_ROWS sequences at a time); the stream `out` [tokens, hidden]."""
     from splice.ir.interpreter import Interpreter, default_feeds
-    from .quantize_activations import CALIB_ROWS
+    from ..quantize_activations import CALIB_ROWS
 
     interp = Interpreter(sub, torch.float32)
     xs = [interp.run(default_feeds(sub, chunk, None, torch.float32), capture=[out.name])[out.name]

@@ -98,7 +98,7 @@ class PassManager:
         for i, p in enumerate(self.passes):
             if not isinstance(p, PassBase):
                 raise PassError(f"pass list item {i} is {type(p).__name__} {p!r}, not a pass; "
-                                "give PassBase instances (see splice.passes.registry.make_pass)")
+                                "give PassBase instances (see splice.passes.infra.registry.make_pass)")
         for i, inst in enumerate(self.instruments):
             if not isinstance(inst, Instrument):
                 raise PassError(f"instrument {i} is {type(inst).__name__}, not an Instrument")

@@ -2,16 +2,16 @@
 
 Recipes and the CLI name passes by string, so the registry is where a typo or a mistyped setting
 becomes a clear PassError (an InputError: the CLI exits 2) instead of a TypeError deep in a pass.
-Pass modules register themselves with `@register_pass`; the registry imports every pass module of
-this package on first look-up (`passes/<verb>_<noun>.py`), so a new pass file needs no list edited.
+Pass modules register themselves with `@register_pass`. The built-in passes are the explicit
+imports of splice/passes/__init__.py (passes/__init__.py in the tree), which Python runs before this
+module can be imported, so every built-in pass is registered by the time anyone looks one up; there
+is no directory scan, and asking for a pass imports the passes and their numerics, nothing more.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
-import pkgutil
 import types
 import typing
 from collections.abc import Mapping
@@ -22,10 +22,6 @@ from .base import PassBase, PassError
 
 
 PASSES: dict[str, type[PassBase]] = {}
-
-# infrastructure modules of this package; every other module is a pass file
-_INFRASTRUCTURE = {"base", "manager", "instruments", "registry"}
-_loaded = False
 
 P = typing.TypeVar("P", bound=type[PassBase])
 
@@ -54,21 +50,8 @@ def register_pass(cls: P) -> P:
     return cls
 
 
-def _load_builtin_passes() -> None:
-    """Import every pass module of this package once, so their decorators have run."""
-    global _loaded
-    if _loaded:
-        return
-    package = __name__.rsplit(".", 1)[0]
-    for info in pkgutil.iter_modules([str(Path(__file__).parent)]):
-        if info.name not in _INFRASTRUCTURE and not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
-    _loaded = True
-
-
 def registered() -> dict[str, type[PassBase]]:
-    """Every registered pass class by name (built-in passes loaded)."""
-    _load_builtin_passes()
+    """Every registered pass class by name: the built-in passes and any registered since."""
     return dict(sorted(PASSES.items()))
 
 

@@ -13,7 +13,7 @@ import math
 import torch
 
 from splice.ir.core import Module, Node, Value, emit
-from .base import PassError
+from ..infra.base import PassError
 
 MLP_OPS = ["rms_norm", "linear", "linear", "silu", "mul", "linear", "add"]
 MLP_EPS = 1e-6  # the MLP patch's rms_norm

@@ -10,7 +10,7 @@ import math
 import torch
 
 from splice.ir.hadamard import factorize, hadamard_matrix, random_orthogonal
-from .base import PassError
+from ..infra.base import PassError
 
 
 def rotation(d: int, seed: int) -> tuple[torch.Tensor, str, list[int] | None]:

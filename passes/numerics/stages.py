@@ -1,6 +1,6 @@
 """Calibration in stages: a module's graph run one decoder layer (one stage) at a time over the
 whole calibration batch, and the X^T X of a stage's linear inputs (GPTQ's Hessians). Used by
-quantize_weights and by the layer-by-layer driver (passes/layerwise.py)."""
+quantize_weights and by the layer-by-layer driver (passes/infra/layerwise.py)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ import torch
 from splice.ir import quant
 from splice.ir.core import Module, Node
 from splice.ir.interpreter import Interpreter, default_feeds
-from .base import PassError
+from ..infra.base import PassError
 
 logger = logging.getLogger(__name__)
 

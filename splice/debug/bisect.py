@@ -40,9 +40,9 @@ from splice.ir.parser import parse_graph
 from splice.ir.printer import format_type
 from splice.ir.serialize import load_module, save_module
 from splice.ir.verify import verify
-from splice.passes.base import PassBase, PassContext
-from splice.passes.instruments import Instrument, VerifyInstrument, compare_logits
-from splice.passes.manager import PassFailure, PassManager
+from splice.passes.infra.base import PassBase, PassContext
+from splice.passes.infra.instruments import Instrument, VerifyInstrument, compare_logits
+from splice.passes.infra.manager import PassFailure, PassManager
 from ..recipe import Recipe
 
 log = logging.getLogger(__name__)

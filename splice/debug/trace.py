@@ -28,10 +28,10 @@ import torch
 
 from ..errors import InputError
 from splice.ir.core import Module
-from splice.passes.base import PassBase, PassContext, PassResult
-from splice.passes.instruments import (DumpInstrument, Instrument, NumericCheckInstrument,
+from splice.passes.infra.base import PassBase, PassContext, PassResult
+from splice.passes.infra.instruments import (DumpInstrument, Instrument, NumericCheckInstrument,
                                   TimingInstrument, VerifyInstrument)
-from splice.passes.manager import PassFailure, PassManager, jsonable
+from splice.passes.infra.manager import PassFailure, PassManager, jsonable
 from ..recipe import Recipe
 
 log = logging.getLogger(__name__)

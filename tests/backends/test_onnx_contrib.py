@@ -20,7 +20,7 @@ from splice.backends.onnx.contrib import rule_table
 from splice.backends.onnx.quant import MS_DOMAIN
 from splice.errors import InputError
 from splice.ir import verify
-from splice.passes.base import PassContext
+from splice.passes.infra.base import PassContext
 from splice.passes.fold_norms import FoldNormsPass
 from splice.passes.quantize_weights import QuantizeWeightsPass
 

@@ -10,8 +10,8 @@ from collections.abc import Iterator
 import torch
 from splice.frontend.decoder import build_decoder
 from splice.ir.core import Module
-from splice.passes.base import PassBase, PassContext, PassResult
-from splice.passes.registry import PASSES, register_pass
+from splice.passes.infra.base import PassBase, PassContext, PassResult
+from splice.passes.infra.registry import PASSES, register_pass
 
 from tests.passes.models import SPECS, random_weights
 

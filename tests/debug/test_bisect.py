@@ -10,7 +10,7 @@ import torch
 from splice.debug.bisect import LayerSpliceError, bisect, splice_layers
 from splice.errors import InputError
 from splice.ir.interpreter import run_logits
-from splice.passes.registry import make_pass
+from splice.passes.infra.registry import make_pass
 from splice.recipe import Recipe
 
 from tests.debug.helpers import CorruptLayerPass, five_layer_model, registered

@@ -50,7 +50,7 @@ def test_bisect_reports_a_clean_recipe_with_exit_3(tmp_path: Path, capsys):
 
 
 def test_bisect_finds_the_lossy_pass_and_its_layer(tmp_path: Path):
-    from splice.passes.registry import registered
+    from splice.passes.infra.registry import registered
 
     if "quantize_weights" not in registered():
         pytest.skip("no quantize_weights pass registered in this checkout")

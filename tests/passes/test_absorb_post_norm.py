@@ -15,7 +15,7 @@ from splice.ir import Interpreter, Module, default_feeds, run_logits
 from splice.passes import NumericCheckInstrument, PassContext, PassError, PassManager
 from splice.passes.absorb_post_norm import AbsorbPostNormPass, post_norms
 from splice.passes.fold_norms import FoldNormsPass
-from splice.passes.instruments import compare_logits
+from splice.passes.infra.instruments import compare_logits
 from tests.passes.models import SPECS, random_weights, tiny_model, token_batch
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from splice.ir import Module
 from splice.passes import PassError
 from splice.passes.distill_patch import DistillPatchPass
 from splice.passes.estimate_patch import EstimatePatchPass, find_patches
-from splice.passes.mlp_patch import MLPWeights
+from splice.passes.numerics.mlp_patch import MLPWeights
 from splice.passes.fold_norms import FoldNormsPass
 from splice.passes.fuse_patch import FusePatchPass
 from splice.passes.prune_layers import PruneLayersPass
@@ -70,8 +70,8 @@ def test_numeric_estimate_is_exact_and_reports_the_held_out_errors():
 def test_numeric_fit_recovers_a_gated_mlp_least_squares_cannot():
     """Streams made by a known MLP patch: the trained one comes close on held-out tokens, far
     closer than the best linear map."""
-    from splice.passes.mlp_patch import fit_mlp_patch
-    from splice.passes.patch_fits import ridge_lstsq, stream_errors
+    from splice.passes.numerics.mlp_patch import fit_mlp_patch
+    from splice.passes.numerics.patch_fits import ridge_lstsq, stream_errors
 
     gen = torch.Generator().manual_seed(0)
     d, r = 16, 8

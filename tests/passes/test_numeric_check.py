@@ -8,7 +8,7 @@ import torch
 from splice.passes import (NumericCheckError, NumericCheckInstrument, PassError, PassFailure,
                            PassManager)
 from splice.passes.fold_norms import FoldNormsPass
-from splice.passes.instruments import compare_logits
+from splice.passes.infra.instruments import compare_logits
 from tests.passes.models import hand_built, tiny_model, token_batch, with_settings
 from tests.passes.toys import CountdownPass, LogPass, ScaleWeightPass
 

@@ -17,7 +17,7 @@ from splice.passes.fold_norms import FoldNormsPass
 from splice.passes.fuse_patch import FusePatchPass
 from splice.passes.prune_layers import PruneLayersPass
 from splice.passes.rotate import RotatePass
-from splice.passes.rotation import random_signs
+from splice.passes.numerics.rotation import random_signs
 from splice.recipe import Recipe
 from tests.passes.test_prune import bypass_logits
 from tests.tiny import VOCAB, tiny_spec, tiny_weights

@@ -13,7 +13,7 @@ from splice.backends.onnx import lower, save
 from splice.ir import Graph, Module, emit, run_logits
 from splice.ir import quant
 from splice.ir.interpreter import Interpreter
-from splice.passes.base import PassContext, PassError
+from splice.passes.infra.base import PassContext, PassError
 from splice.passes.quantize_activations import QuantizeActivationsPass
 
 from tests.passes.models import VOCAB, config, hand_built, tiny_model, token_batch

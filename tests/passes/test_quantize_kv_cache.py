@@ -7,7 +7,7 @@ import torch
 from splice.ir import run_logits
 from splice.ir import quant
 from splice.ir.interpreter import Interpreter, default_feeds
-from splice.passes.base import PassContext, PassError
+from splice.passes.infra.base import PassContext, PassError
 from splice.passes.quantize_kv_cache import QuantizeKVCachePass
 
 from tests.passes.models import SPECS, tiny_model, token_batch, with_settings

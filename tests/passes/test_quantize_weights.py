@@ -15,10 +15,10 @@ from splice.ir import Module, run_logits
 from splice.ir import quant
 from splice.ir.interpreter import Interpreter, default_feeds
 from splice.passes import PassManager
-from splice.passes.base import PassContext, PassError
-from splice.passes.instruments import NumericCheckInstrument
+from splice.passes.infra.base import PassContext, PassError
+from splice.passes.infra.instruments import NumericCheckInstrument
 from splice.passes.quantize_weights import DECODER_LINEARS, QuantizeWeightsPass
-from splice.passes.registry import make_pass
+from splice.passes.infra.registry import make_pass
 
 from tests.passes.models import SPECS, VOCAB, hand_built, random_weights, tiny_model, token_batch
 

@@ -9,9 +9,10 @@ from typing import ClassVar, Literal
 import pytest
 
 from splice.errors import InputError
-from splice.passes import PassBase, PassError, PassResult, registry
+from splice.passes import PassBase, PassError, PassResult
+from splice.passes.infra import registry
 from splice.passes.fold_norms import FoldNormsPass
-from splice.passes.registry import describe_passes, get_pass, make_pass, register_pass
+from splice.passes.infra.registry import describe_passes, get_pass, make_pass, register_pass
 from splice.recipe import Recipe
 
 

@@ -22,7 +22,7 @@ from splice.passes.fold_norms import FoldNormsPass
 from splice.passes.fuse_patch import FusePatchPass
 from splice.passes.prune_layers import PruneLayersPass
 from splice.passes.rotate import RotatePass
-from splice.passes.rotation import apply_hadamard, kron_factors, random_signs
+from splice.passes.numerics.rotation import apply_hadamard, kron_factors, random_signs
 from tests.frontend.test_hf import CONFIGS, ids_for, tiny
 from tests.passes.models import SPECS, random_weights, tiny_model, token_batch
 

@@ -1,4 +1,4 @@
-"""quantize_weights' end-to-end scale tuning (tune_steps, passes/tune_scales.py): structural,
+"""quantize_weights' end-to-end scale tuning (tune_steps, passes/numerics/tune_scales.py): structural,
 numeric, negative and idempotent tests (STYLE rule 12), the coarse KL, and ONNX Runtime."""
 
 from __future__ import annotations
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from splice.ir import Module, run_logits
-from splice.passes.base import PassContext, PassError
-from splice.passes.layerwise import LayerwiseError, check_recipe
+from splice.passes.infra.base import PassContext, PassError
+from splice.passes.infra.layerwise import LayerwiseError, check_recipe
 from splice.passes.quantize_weights import QuantizeWeightsPass
-from splice.passes.tune_scales import coarse_kl
+from splice.passes.numerics.tune_scales import coarse_kl
 
 from tests.passes.models import tiny_model, token_batch
 from tests.passes.test_quantize_weights import calibration, correlated_model, onnx_logits

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 
 from splice.ir.core import Module
-from splice.passes.base import PassBase, PassContext, PassError, PassResult
+from splice.passes.infra.base import PassBase, PassContext, PassError, PassResult
 
 
 @dataclasses.dataclass(frozen=True)

@@ -58,9 +58,9 @@ def _prewarm() -> None:
     for name in ("torch", "numpy", "onnx", "onnxruntime", "transformers", "safetensors", "gguf",
                  "splice.cli", "splice.api", "splice.recipe", "splice.frontend.hf",
                  "splice.frontend.llama2c", "splice.backends.onnx", "splice.runtime",
-                 "splice.passes.registry", "splice.passes.instruments"):
+                 "splice.passes.infra.registry", "splice.passes.infra.instruments"):
         importlib.import_module(name)
-    from splice.passes.registry import registered
+    from splice.passes.infra.registry import registered
 
     registered()
     import transformers

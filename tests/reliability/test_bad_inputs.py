@@ -31,7 +31,7 @@ assert len(set(IDS)) == len(IDS), "corpus case ids must be unique"
 def _skip_reason(c: Case) -> str | None:
     if not c.requires:
         return None
-    from splice.passes.registry import pass_settings, registered
+    from splice.passes.infra.registry import pass_settings, registered
 
     name, *setting = c.requires
     cls = registered().get(name)

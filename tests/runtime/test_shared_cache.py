@@ -67,7 +67,7 @@ def test_onnxruntime_genai_gives_our_greedy_tokens_on_a_quantized_artefact(tmp_p
     """MatMulNBits (packed q/k/v and gate/up), GQA with rotary inside and the shared cache, run by
     onnxruntime-genai with past_present_share_buffer on, as genai_config.json says."""
     og = pytest.importorskip("onnxruntime_genai")
-    from splice.passes.base import PassContext
+    from splice.passes.infra.base import PassContext
     from splice.passes.quantize_weights import QuantizeWeightsPass
 
     module = QuantizeWeightsPass(method="rtn", bits=4, group_size=16, lm_head="int4")(

@@ -13,12 +13,12 @@ from safetensors.torch import load_file, save_file
 
 from splice import distributed
 from splice.errors import InputError
-from splice.passes.base import PassContext
+from splice.passes.infra.base import PassContext
 from splice.passes.estimate_patch import EstimatePatchPass
 from splice.passes.quantize_activations import calibrate_ranges
 from splice.passes.quantize_weights import QuantizeWeightsPass
-from splice.passes.stages import StageRunner, stage_hessians
-from splice.passes.reduce import Reducer, TorchDistributedReducer
+from splice.passes.numerics.stages import StageRunner, stage_hessians
+from splice.passes.infra.reduce import Reducer, TorchDistributedReducer
 from splice.passes.select_layers import SelectLayersPass
 from tests.passes.test_patch import deep_model
 from tests.passes.models import token_batch

@@ -1,4 +1,4 @@
-"""Layer-by-layer compilation (passes/layerwise.py) and lazy weights (frontend/lazy.py): the
+"""Layer-by-layer compilation (passes/infra/layerwise.py) and lazy weights (frontend/lazy.py): the
 result equals the in-memory compile bit for bit, tied embeddings included, unsupported recipes
 are refused, and the peak memory of a mid-sized model stays within a stated bound where the
 in-memory path exceeds it."""
@@ -18,9 +18,9 @@ from splice.errors import InputError
 from splice.frontend.hf import load_hf
 from splice.frontend.lazy import LazyWeights, load_hf_lazy
 from splice.ir.interpreter import run_logits
-from splice.passes.base import PassContext
-from splice.passes.layerwise import LayerwiseError, run_layerwise
-from splice.passes.manager import PassManager
+from splice.passes.infra.base import PassContext
+from splice.passes.infra.layerwise import LayerwiseError, run_layerwise
+from splice.passes.infra.manager import PassManager
 from splice.passes.quantize_weights import DECODER_LINEARS
 from splice.recipe import Recipe
 from tests.frontend.test_hf import CONFIGS, tiny
@@ -228,7 +228,7 @@ def test_a_tied_table_transformed_differently_is_refused(tmp_path, monkeypatch):
     """The check behind tied tables: were the last sub-module's stub embedding not to read E,
     fold_norms there would scale E in place (the head its only reader) instead of untying, and
     the two ends' E would differ; the write refuses that rather than merge either."""
-    import splice.passes.layerwise as layerwise
+    import splice.passes.infra.layerwise as layerwise
 
     plain = layerwise.layer_module
     monkeypatch.setattr(layerwise, "layer_module", lambda m, i, parts, tied: plain(m, i, parts))

@@ -1,4 +1,4 @@
-"""Whole-model passes in layer-by-layer mode (passes/layerwise.py): select_layers, estimate_patch,
+"""Whole-model passes in layer-by-layer mode (passes/infra/layerwise.py): select_layers, estimate_patch,
 prune_layers, fuse_patch and absorb_post_norm run on the lazily read model before the per-layer
 passes, and the patched, pruned, rotated, quantized result equals the in-memory compile bit for
 bit, from memory and from disk; recipes in another order are refused."""
@@ -15,10 +15,10 @@ import splice
 from splice.frontend.hf import load_hf
 from splice.frontend.lazy import LazyWeights, load_hf_lazy
 from splice.ir.interpreter import Interpreter, run_logits
-from splice.passes.base import PassContext
-from splice.passes.layer_parts import LayerwiseError, split_stages
-from splice.passes.layerwise import run_layerwise
-from splice.passes.manager import PassManager
+from splice.passes.infra.base import PassContext
+from splice.passes.infra.layer_parts import LayerwiseError, split_stages
+from splice.passes.infra.layerwise import run_layerwise
+from splice.passes.infra.manager import PassManager
 from splice.recipe import Recipe
 from tests.frontend.test_hf import CONFIGS, randomise
 from tests.scale.test_layerwise import (A8_TENSOR, FOLD, GPTQ, ROTATE, compiles_equal, quant,
@@ -104,7 +104,7 @@ def test_from_disk_equals_in_memory_and_spills_what_the_passes_write(tmp_path, m
     """A lazy bf16 checkpoint: the whole-model passes read it one weight at a time, the patch
     and the folded down_proj go to spill files (threshold lowered to 0 bytes here), and the
     result equals the eager import's compile bit for bit."""
-    from splice.passes import layerwise
+    from splice.passes.infra import layerwise
 
     monkeypatch.setattr(layerwise, "SPILL_MIN_BYTES", 0)
     hf_model().to(torch.bfloat16).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
