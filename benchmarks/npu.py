@@ -33,10 +33,9 @@ EVAL_TOKENS = 4096
 
 
 def run(quick: bool = False, eval_tokens: int | None = None) -> tuple[str, dict]:
+    from benchmarks.npu_compare import compare, cpu_decoder, greedy, greedy_reference, localize
     from splice.api import run_passes
     from splice.backends.npu import export
-    from splice.backends.npu.compare import (compare, cpu_decoder, greedy, greedy_reference,
-                                             localize)
     from splice.evaluate import perplexity
     from splice.frontend import load_model
     from splice.ir import run_logits

@@ -210,6 +210,35 @@ def factorize(n: int) -> list[int] | None:
     return None
 
 
+FACTOR_SPLITS = ("halves", "greedy")
+
+
+def kronecker_factors(n: int, *, max_factor: int = 64, split: str = "halves") -> list[int] | None:
+    """`factorize(n)` with its power of two above `max_factor` split further, or None when no
+    matrix of order n exists. Sylvester's H_2^k is a Kronecker power of H_2, so any split into
+    powers of two is the same matrix; a backend applying the factors one axis at a time does
+    n * sum(factors) multiply-adds. `split`: "halves" cuts it once into two near-equal powers of
+    two, the larger first (the ONNX backend's MatMul factors); "greedy" peels off `max_factor`
+    while the rest exceeds it, then the rest (the TVM backend's stages)."""
+    if split not in FACTOR_SPLITS:
+        raise ValueError(f"split={split!r}; accepted: {', '.join(FACTOR_SPLITS)}")
+    factors = factorize(n)
+    if factors is None:
+        return None
+    out = []
+    for f in factors:
+        if f > max_factor and _is_pow2(f):
+            if split == "halves":
+                hi = 1 << ((f.bit_length() - 1 + 1) // 2)
+                out += [hi, f // hi]
+                continue
+            while f > max_factor:
+                out.append(max_factor)
+                f //= max_factor
+        out.append(f)
+    return [f for f in out if f > 1] or [1]
+
+
 def supported_bases(limit: int = 256) -> list[int]:
     """The base orders up to `limit` that `factorize` can pick: non-powers of two with a
     construction and no smaller base for the same odd part (24 has one, but 12 always wins)."""

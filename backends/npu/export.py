@@ -31,8 +31,7 @@ import onnx_ir as ir
 from splice.errors import InputError
 from splice.ir.core import Module
 from ..artefact import write_artefact
-from ..onnx.export import _tokenizer_files, decoder_io
-from ..onnx.lower import splice_version
+from ..common import decoder_io, manifest_fields, tokenizer_files
 from . import preflight
 from .lower import MASK, StaticShapes, lower_static
 from .qdq import calibrate, quantize_graph
@@ -117,23 +116,14 @@ def export(module: Module, out_dir: str | Path, *, target: str = "npu",
                 files[f] = tmp / f
             graphs[str(s)] = {"source": src.name, "context": ctx.name, "seq": s}
             figures[name] = _figures(m, parts, compile_s, [tmp / f for f in ctx_files])
-        tokenizer = None
-        if module.tokenizer is not None:
-            tokenizer = _tokenizer_files(module, files)
-        fields = {
-            "backend": "npu",
-            "target": target,
-            "created_by": f"splice {splice_version()}",
-            "config": module.config.to_json(),
-            "io": io,
-            "npu": {"graphs": graphs, "htp_arch": str(htp_arch), "act_bits": act_bits,
-                    "weight_bits": weight_bits, "chunk": chunk, "context": context,
-                    "calibration_tokens": int(sum(len(r) for r in rows)),
-                    "calibration_s": round(t_cal, 3), "figures": figures},
-            "tokenizer": tokenizer,
-            "recipe": recipe,
-            "report": report,
-        }
+        tokenizer = tokenizer_files(module, files)
+        fields = manifest_fields(
+            module, backend="npu", target=target, io=io, tokenizer=tokenizer, recipe=recipe,
+            report=report,
+            npu={"graphs": graphs, "htp_arch": str(htp_arch), "act_bits": act_bits,
+                 "weight_bits": weight_bits, "chunk": chunk, "context": context,
+                 "calibration_tokens": int(sum(len(r) for r in rows)),
+                 "calibration_s": round(t_cal, 3), "figures": figures})
         return write_artefact(out_dir, files, fields)
 
 

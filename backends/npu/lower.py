@@ -46,7 +46,9 @@ import torch
 from splice.errors import InputError
 from splice.ir import quant
 from splice.ir.core import Module, Node
-from ..onnx.lower import LoweringContext, LoweringError, describe, lower
+from ..common import LoweringError, decoder_io, describe
+from ..onnx.context import LoweringContext
+from ..onnx.lower import lower
 from ..onnx.rules import RULES
 
 log = logging.getLogger(__name__)
@@ -278,8 +280,6 @@ def npu_rules(shapes: StaticShapes) -> dict:
 def lower_static(module: Module, shapes: StaticShapes) -> ir.Model:
     """The static float ONNX graph of `module` over `shapes.seq` tokens and a cache of
     `shapes.context` slots (see the module docstring for its I/O)."""
-    from ..onnx.export import decoder_io
-
     io = decoder_io(module.graph)
     if shapes.context > module.config.max_position:
         raise InputError(f"NPU context {shapes.context} exceeds the model's "

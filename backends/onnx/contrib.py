@@ -43,8 +43,9 @@ import numpy as np
 import onnx_ir as ir
 
 from splice.ir.core import Node
-from .lower import LoweringContext, LoweringError, Rule, describe
-from .fuse import absorbed_rotaries, lower_qlinear_packed, packed_qkv, rotary_is_absorbed
+from .context import LoweringContext, LoweringError, Rule, describe
+from .fuse import (absorbed_rotaries, gqa_refusal, lower_qlinear_packed, packed_qkv,
+                   rotary_is_absorbed, rotary_refusal)
 from .quant import ACCURACY_LEVEL, ACCURACY_LEVELS, MS_DOMAIN, _consts, _dequant_matmul
 from .rules import RULES, lower_add, lower_attention, lower_rms_norm, lower_rotary
 
@@ -52,21 +53,6 @@ log = logging.getLogger(__name__)
 
 OPS_MODES = ("contrib", "standard")
 ATTENTION_MASK = "attention_mask"  # the graph input GroupQueryAttention's lengths come from
-# cos/sin caches above this many elements each (max_position * rotary_dim / 2) are not written:
-# the rotary falls back to the standard rule, which computes the angles from the positions
-MAX_ROTARY_CACHE = 1 << 24
-
-
-def gqa_refusal(node: Node) -> str:
-    """Why GroupQueryAttention cannot compute this attention node ("" when it can)."""
-    a = node.attrs
-    if not a["causal"]:
-        return "GroupQueryAttention is always causal"
-    if a["num_heads"] % a["num_kv_heads"]:
-        return "num_heads is not a multiple of num_kv_heads"
-    if a["head_dim"] % 16:  # ONNX Runtime's CPU kernel refuses others when it runs
-        return f"head_dim {a['head_dim']} is not a multiple of 16"
-    return ""
 
 
 def _gqa_lengths(ctx: LoweringContext, node: Node, q: ir.Value) -> tuple[ir.Value, ir.Value]:
@@ -129,19 +115,6 @@ def _rotary_caches(ctx: LoweringContext, node: Node, rd: int) -> tuple[ir.Value,
         ctx.cache[key] = tuple(ctx.const((fn(ang) * scale).astype(np.float32))
                                for fn in (np.cos, np.sin))
     return ctx.cache[key]
-
-
-def rotary_refusal(ctx: LoweringContext, node: Node) -> str:
-    """Why RotaryEmbedding cannot compute this rotary node ("" when it can)."""
-    x, inv = node.inputs[0], node.inputs[2]
-    if not inv.is_const:
-        return "inv_freq is computed, not a constant"
-    if len(x.shape) != 3 or not isinstance(x.shape[-1], int):
-        return f"input shape {list(x.shape)} is not [batch, seq, heads * head_dim]"
-    n = ctx.module.config.max_position
-    if not isinstance(n, int) or n < 1 or n * inv.shape[0] > MAX_ROTARY_CACHE:
-        return f"max_position {n!r} gives no cos/sin cache of a sensible size"
-    return ""
 
 
 def lower_rotary_contrib(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:

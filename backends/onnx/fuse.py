@@ -31,10 +31,39 @@ import onnx_ir as ir
 import torch
 
 from splice.ir.core import Node, Value
-from .lower import LoweringContext, describe, weight_array
+from .context import LoweringContext, describe, weight_array
 from .quant import MS_DOMAIN, lower_qlinear, nbits_block
 
 log = logging.getLogger(__name__)
+
+# cos/sin caches above this many elements each (max_position * rotary_dim / 2) are not written:
+# the rotary falls back to the standard rule, which computes the angles from the positions
+MAX_ROTARY_CACHE = 1 << 24
+
+
+def gqa_refusal(node: Node) -> str:
+    """Why GroupQueryAttention cannot compute this attention node ("" when it can)."""
+    a = node.attrs
+    if not a["causal"]:
+        return "GroupQueryAttention is always causal"
+    if a["num_heads"] % a["num_kv_heads"]:
+        return "num_heads is not a multiple of num_kv_heads"
+    if a["head_dim"] % 16:  # ONNX Runtime's CPU kernel refuses others when it runs
+        return f"head_dim {a['head_dim']} is not a multiple of 16"
+    return ""
+
+
+def rotary_refusal(ctx: LoweringContext, node: Node) -> str:
+    """Why RotaryEmbedding cannot compute this rotary node ("" when it can)."""
+    x, inv = node.inputs[0], node.inputs[2]
+    if not inv.is_const:
+        return "inv_freq is computed, not a constant"
+    if len(x.shape) != 3 or not isinstance(x.shape[-1], int):
+        return f"input shape {list(x.shape)} is not [batch, seq, heads * head_dim]"
+    n = ctx.module.config.max_position
+    if not isinstance(n, int) or n < 1 or n * inv.shape[0] > MAX_ROTARY_CACHE:
+        return f"max_position {n!r} gives no cos/sin cache of a sensible size"
+    return ""
 
 
 def _order(ctx: LoweringContext) -> dict[int, int]:
@@ -121,8 +150,6 @@ def lower_qlinear_packed(ctx: LoweringContext, node: Node, *,
 
 def absorbed_rotaries(ctx: LoweringContext, attn: Node) -> tuple[Node, Node] | None:
     """The rotary nodes producing q and k of `attn` that GroupQueryAttention can apply itself."""
-    from .contrib import gqa_refusal, rotary_refusal
-
     key = ("absorbed_rotaries", id(attn))
     if key in ctx.cache:
         return ctx.cache[key]

@@ -10,7 +10,7 @@ Four ways to compute y = (x @ H) * scale in standard ONNX, all exactly splice.ir
   sqrt(width): a Reshape, a MatMul on the last axis, one by A^T from the left (broadcast over the
   leading dims) and a Reshape back, no transpose. Widths with no such split take "kron".
 - "kron": the Kronecker factors of H as small MatMuls, one per axis of x viewed as [f1, .., fm]
-  (rules.lower_hadamard, factors of at most 64), each followed by a Transpose that cycles the
+  (`lower_hadamard_kron`, factors of at most 64), each followed by a Transpose that cycles the
   axes.
 - "fwht": the fast Walsh-Hadamard transform: x viewed as [..., base, 2, 2, .., 2]; each of the
   log2(2^k) butterfly stages splits one axis of size 2 into a and b and concatenates a + b and
@@ -60,13 +60,19 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from splice.backends.common import hadamard_factors, hadamard_signs
 from splice.ir.core import Node
-from .lower import LoweringContext, LoweringError, Rule
+from splice.ir.hadamard import factorize, hadamard_matrix
+from .context import LoweringContext, LoweringError, Rule
 
 STRATEGIES = ("matmul", "two_sided", "kron", "fwht")
 
 # widths (block or size) up to this take the dense MatMul, larger ones the two-sided product
 DENSE_MAX = 128
+# a power-of-two Hadamard factor above this is split in two near-equal powers of two (Sylvester's
+# H_2^k is the Kronecker product of smaller ones), so each dense factor of "kron" costs at most
+# this many multiply-adds per element
+MAX_DENSE_FACTOR = 64
 
 
 def _keep(rank: int) -> list[int]:
@@ -102,8 +108,6 @@ def _back(ctx: LoweringContext, node: Node, y: ir.Value, rank: int) -> ir.Value:
 
 def lower_hadamard_matmul(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     """One MatMul by the dense [width, width] matrix H * scale (float32, rounded once)."""
-    from splice.ir.hadamard import hadamard_matrix
-
     width = _width(node)
     scale = node.attrs["scale"]
     key = ("hadamard_dense", width, scale)
@@ -117,8 +121,6 @@ def lower_hadamard_matmul(ctx: LoweringContext, node: Node) -> Sequence[ir.Value
 def lower_hadamard_fwht(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     """Butterfly stages of Split/Add/Sub/Concat over x viewed as [..., base, 2, .., 2], the base
     factor as one MatMul by its +-1 matrix from the left, then 1/sqrt(width) * scale."""
-    from splice.ir.hadamard import factorize, hadamard_matrix
-
     width = _width(node)
     factors = factorize(width)
     if factors is None:
@@ -136,8 +138,7 @@ def lower_hadamard_fwht(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     if base > 1:
         key = ("hadamard_base_T", base)
         if key not in ctx.cache:
-            signs = np.rint(hadamard_matrix(base).numpy() * np.sqrt(base)).astype(np.float32)
-            ctx.cache[key] = ctx.const(np.ascontiguousarray(signs.T))
+            ctx.cache[key] = ctx.const(np.ascontiguousarray(hadamard_signs(base).T))
         y = ctx.op("Reshape", [y, ctx.ints(*_keep(lead), -1, base, p)])
         y = ctx.op("MatMul", [ctx.cache[key], y])
     y = ctx.op("Reshape", [y, ctx.ints(*_keep(lead), -1)])
@@ -157,9 +158,7 @@ def two_sided_split(width: int) -> tuple[int, int] | None:
     """(a, b) with width = a * b, H = H_a (x) H_b, b the largest power of two of at most
     TWO_SIDED_MAX_RIGHT made of trailing Kronecker factors; None when a would exceed
     TWO_SIDED_MAX_LEFT or when width is a single factor (the dense MatMul's case)."""
-    from .rules import hadamard_factors
-
-    factors = hadamard_factors(width)
+    factors = hadamard_factors(width, max_factor=MAX_DENSE_FACTOR)
     b = 1
     while len(factors) > 1 and b * factors[-1] <= TWO_SIDED_MAX_RIGHT:
         b *= factors.pop()
@@ -171,11 +170,9 @@ def two_sided_split(width: int) -> tuple[int, int] | None:
 
 def _signs_kron(order: int) -> np.ndarray:
     """The +-1 matrix of hadamard_matrix(order) as the Kronecker product of its factors'."""
-    from .rules import _hadamard_signs, hadamard_factors
-
     m = np.ones((1, 1), np.float32)
-    for f in hadamard_factors(order):
-        m = np.kron(m, _hadamard_signs(f))
+    for f in hadamard_factors(order, max_factor=MAX_DENSE_FACTOR):
+        m = np.kron(m, hadamard_signs(f))
     return m
 
 
@@ -202,10 +199,29 @@ def lower_hadamard_two_sided(ctx: LoweringContext, node: Node) -> Sequence[ir.Va
 
 
 def lower_hadamard_kron(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
-    """The Kronecker-factored MatMuls of rules.lower_hadamard."""
-    from .rules import lower_hadamard as kron
-
-    return kron(ctx, node)
+    """y = (x @ H) * scale without forming H: x's runs of `width` channels are viewed as
+    [f1, .., fm] and each axis is multiplied by its +-1 factor (x @ (A (x) B) = A^T X B), cycling
+    the factor axes so every product is a MatMul on the last axis; 1/sqrt(width) is applied at the
+    end as the reference does."""
+    a = node.attrs
+    width = a["block"] or a["size"]
+    rank = len(node.inputs[0].shape)
+    factors = hadamard_factors(width, max_factor=MAX_DENSE_FACTOR)
+    y = ctx.op("Reshape", [ctx.input(node, 0), ctx.ints(*_keep(rank - 1), -1, *factors)])
+    dims = rank + len(factors)
+    cycle = [*range(rank), dims - 1, *range(rank, dims - 1)]
+    for f in reversed(factors):
+        key = ("hadamard_signs", f)
+        if key not in ctx.cache:
+            ctx.cache[key] = ctx.const(hadamard_signs(f))
+        y = ctx.op("MatMul", [y, ctx.cache[key]])
+        if len(factors) > 1:
+            y = ctx.op("Transpose", [y], {"perm": cycle})
+    y = ctx.op("Reshape", [y, ctx.ints(*_keep(rank - 1), -1)])
+    y = ctx.op("Mul", [y, ctx.const(1.0 / np.sqrt(width))])
+    if a["scale"] != 1.0:
+        y = ctx.op("Mul", [y, ctx.const(a["scale"])])
+    return [y]
 
 
 _BY_NAME: dict[str, Rule] = {"matmul": lower_hadamard_matmul, "two_sided": lower_hadamard_two_sided,

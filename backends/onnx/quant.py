@@ -36,7 +36,7 @@ import torch
 
 from splice.ir import quant
 from splice.ir.core import Node
-from .lower import LoweringContext, LoweringError, Rule, describe
+from .context import LoweringContext, LoweringError, Rule, describe
 
 ACCURACY_LEVEL = 4
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)

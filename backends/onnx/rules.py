@@ -16,9 +16,9 @@ import numpy as np
 import onnx_ir as ir
 
 from splice.ir.core import Node
-from .lower import LoweringContext, LoweringError, Rule, describe
-from .quant import lower_qembedding, lower_qlinear, lower_quantize
+from .context import LoweringContext, LoweringError, Rule, describe
 from .hadamard import lower_hadamard as lower_hadamard_by_width
+from .quant import lower_qembedding, lower_qlinear, lower_quantize
 
 
 def _keep(rank: int) -> list[int]:
@@ -224,64 +224,9 @@ def lower_channel_scale(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     return [ctx.op("Mul", [ctx.input(node, 0), ctx.input(node, 1)])]
 
 
-# a power-of-two Hadamard factor above this is split in two (Sylvester's H_2^k is the Kronecker
-# product of smaller ones), so each dense factor costs at most this many multiply-adds per element
-MAX_DENSE_FACTOR = 64
-
-
-def hadamard_factors(width: int) -> list[int]:
-    """Kronecker factors of the `hadamard` op's matrix of order `width`: splice.ir.hadamard's
-    [base, 2^k], with a large 2^k split into near-equal powers of two."""
-    from splice.ir.hadamard import factorize
-
-    factors = factorize(width)
-    if factors is None:
-        raise LoweringError(f"no Hadamard matrix of order {width}")
-    out = []
-    for f in factors:
-        if f > MAX_DENSE_FACTOR and f & (f - 1) == 0:
-            hi = 1 << ((f.bit_length() - 1 + 1) // 2)
-            out += [hi, f // hi]
-        else:
-            out.append(f)
-    return out
-
-
-def _hadamard_signs(f: int) -> np.ndarray:
-    """The +-1 matrix of order f whose normalised form is splice.ir.hadamard's hadamard_matrix."""
-    from splice.ir.hadamard import hadamard_matrix
-
-    return np.rint(hadamard_matrix(f).numpy() * np.sqrt(f)).astype(np.float32)
-
-
-def lower_hadamard(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
-    """y = (x @ H) * scale without forming H: x's runs of `width` channels are viewed as
-    [f1, .., fm] and each axis is multiplied by its +-1 factor (x @ (A (x) B) = A^T X B), cycling
-    the factor axes so every product is a MatMul on the last axis; 1/sqrt(width) is applied at the
-    end as the reference does."""
-    a = node.attrs
-    width = a["block"] or a["size"]
-    rank = len(node.inputs[0].shape)
-    factors = hadamard_factors(width)
-    y = ctx.op("Reshape", [ctx.input(node, 0), ctx.ints(*_keep(rank - 1), -1, *factors)])
-    dims = rank + len(factors)
-    cycle = [*range(rank), dims - 1, *range(rank, dims - 1)]
-    for f in reversed(factors):
-        key = ("hadamard_signs", f)
-        if key not in ctx.cache:
-            ctx.cache[key] = ctx.const(_hadamard_signs(f))
-        y = ctx.op("MatMul", [y, ctx.cache[key]])
-        if len(factors) > 1:
-            y = ctx.op("Transpose", [y], {"perm": cycle})
-    y = ctx.op("Reshape", [y, ctx.ints(*_keep(rank - 1), -1)])
-    y = ctx.op("Mul", [y, ctx.const(1.0 / np.sqrt(width))])
-    if a["scale"] != 1.0:
-        y = ctx.op("Mul", [y, ctx.const(a["scale"])])
-    return [y]
-
-
 RULES: dict[str, Rule] = {
-    # by width: a dense MatMul up to 128, these Kronecker-factored MatMuls above (hadamard.py)
+    # by width: a dense MatMul up to 128, two-sided or Kronecker-factored MatMuls above
+    # (hadamard.py)
     "hadamard": lower_hadamard_by_width,
     "embedding": lower_embedding,
     "rms_norm": lower_rms_norm,

@@ -4,7 +4,8 @@ library with its parameters in safetensors (build.py, export.py)."""
 
 from .build import TARGETS
 from .export import export
-from .lower import Lowered, LoweringError, lower
+from .context import Lowered, LoweringError
+from .lower import lower
 from .rules import RULES
 
 __all__ = ["RULES", "TARGETS", "Lowered", "LoweringError", "export", "lower"]

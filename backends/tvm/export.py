@@ -21,8 +21,7 @@ from tvm.target import codegen
 from splice.errors import InputError
 from splice.ir.core import Module
 from ..artefact import write_artefact
-from ..onnx.export import _tokenizer_files
-from ..onnx.lower import splice_version
+from ..common import decoder_io, manifest_fields, tokenizer_files
 from .attention import KEY_TILE
 from .build import TARGETS, build, export_library, make_target
 from .lower import lower
@@ -71,16 +70,13 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
 
     files: dict[str, Any] = {LIBRARY: lambda dest: export_library(ex, dest, target),
                              PARAMS: write_params}
-    tokenizer = _tokenizer_files(module, files) if module.tokenizer is not None else None
-    from ..onnx.export import decoder_io
-
-    fields = {
-        "backend": "tvm",
-        "target": target,
-        "created_by": f"splice {splice_version()} with TVM {tvm.__version__}",
-        "config": module.config.to_json(),
-        "io": decoder_io(module.graph),
-        "tvm": {
+    tokenizer = tokenizer_files(module, files)
+    report = {**(report if isinstance(report, dict) else {"passes": report}),
+              "lower_s": round(t1 - t0, 3), "build_s": round(t2 - t1, 3)}
+    fields = manifest_fields(
+        module, backend="tvm", target=target, created_by=f"with TVM {tvm.__version__}",
+        io=decoder_io(module.graph), tokenizer=tokenizer, recipe=recipe, report=report,
+        tvm={
             "library": LIBRARY, "params": PARAMS, "functions": ["prefill", "decode"],
             "param_list": [{"name": p.name, "source": p.source, "layout": p.layout,
                             "shape": list(p.shape), "dtype": p.dtype} for p in lowered.params],
@@ -90,12 +86,7 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
             "target": str(tgt), "target_kind": tgt.kind.name, **_machine(target, tgt),
             "threads": threads, "prefill_chunk": prefill_chunk, "scheduled": schedule,
             "tuning": None,
-        },
-        "tokenizer": tokenizer,
-        "recipe": recipe,
-        "report": {**(report if isinstance(report, dict) else {"passes": report}),
-                   "lower_s": round(t1 - t0, 3), "build_s": round(t2 - t1, 3)},
-    }
+        })
     path = write_artefact(out_dir, files, fields)
     log.info("TVM artefact %s: lowering %.1f s, build %.1f s, total %.1f s", path, t1 - t0,
              t2 - t1, time.perf_counter() - t0)

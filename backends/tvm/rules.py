@@ -18,8 +18,8 @@ from tvm.relax import TensorType
 from splice.ir.core import Node
 from . import attention as A
 from . import kernels as K
-from .lower import ROW_TILE, Lowering, LoweringError, _Function, cache_shape, describe, \
-    hadamard_factors
+from .context import ROW_TILE, Lowering, LoweringError, _Function, cache_shape, describe, \
+    hadamard_stages
 from .quant import Q_ROW_TILE, qembedding_kernel, qlinear_kernel, quantize_kernel
 
 
@@ -179,7 +179,7 @@ def _hadamard(low: Lowering, fn: _Function, node: Node):
     width = a["block"] or a["size"]
     x = fn.value(node, 0)
     shape = list(x.ty.shape.values)
-    factors = hadamard_factors(width)
+    factors = hadamard_stages(width)
     runs = [*shape[:-1], tirx.IntImm("int64", int(shape[-1]) // width)]
     y = fn.bb.emit(relax.op.reshape(x, [*runs, *factors]))
     lead = len(runs)

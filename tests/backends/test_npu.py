@@ -21,12 +21,12 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from benchmarks.npu_compare import compare, cpu_decoder, greedy
 from splice.backends.npu import PreflightError, StaticShapes, check, export, lower_static
-from splice.backends.npu.compare import compare, cpu_decoder, greedy
 from splice.backends.npu.qdq import calibrate, quantize_graph
 from splice.errors import InputError
 from splice.ir import run_logits
-from splice.passes.infra.base import PassContext
+from splice.passes.base import PassContext
 from splice.passes.quantize_activations import QuantizeActivationsPass
 from splice.passes.quantize_weights import QuantizeWeightsPass
 from splice.runtime import load
