@@ -6,7 +6,7 @@ Methods:
   (unless output_error = false: that is a calibration run through every layer, which a recipe
   calibrating only its pruning passes may not want to pay for on a large model).
 - "gptq": GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative
-  Pre-trained Transformers", ICLR 2023; the solver is splice.ir.quant.gptq). The Hessian of each
+  Pre-trained Transformers", ICLR 2023; the solver is splice.passes.numerics.quantizers.gptq). The Hessian of each
   linear, H = 2 X^T X / n, comes from its inputs on the calibration tokens, collected layer by
   layer as the paper's reference code does: the graph is run one stage (one decoder layer; the
   nodes between layers form their own stages) at a time over the whole calibration batch, the
@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from splice.ir import quant
+from .numerics import quantizers
 from splice.ir.core import Module, Node, emit
 from .infra.base import PassBase, PassContext, PassError, PassResult
 from .distill_patch import calibration_sequences
@@ -219,7 +220,7 @@ class QuantizeWeightsPass(PassBase):
             results = {}
             for node, bits, group in targets:
                 w = module.weight(node.inputs[1])
-                qw = quant.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
+                qw = quantizers.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
                                float_zero=self._float_zero(bits))
                 rel = qw.rel_error(w)
                 results[id(node)] = qw
@@ -287,7 +288,7 @@ class QuantizeWeightsPass(PassBase):
         runner = StageRunner(module, calib, dtype)
         by_node = {id(n): (n, bits, group) for n, bits, group in targets}
         todo = {runner.stage_of[key] for key in by_node}
-        results: dict[int, quant.QuantizedWeight] = {}
+        results: dict[int, quantizers.QuantizedWeight] = {}
         tokens = report["calibration_tokens"]  # over all processes
         for s in range(max(todo) + 1):
             if s not in todo:
@@ -319,20 +320,20 @@ class QuantizeWeightsPass(PassBase):
         return results
 
     def _quantize(self, module: Module, node: Node, bits: int, group: int, xtx: torch.Tensor,
-                  tokens: int, report: dict) -> tuple[quant.QuantizedWeight, dict[str, Any]]:
+                  tokens: int, report: dict) -> tuple[quantizers.QuantizedWeight, dict[str, Any]]:
         w = module.weight(node.inputs[1]).to(torch.float64)
         k = w.shape[1]
         fz = self._float_zero(bits)
-        rtn = quant.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
+        rtn = quantizers.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
                         float_zero=fz)
-        rtn_err = quant.relative_output_error(w, rtn.dequantize(), xtx)
+        rtn_err = quantizers.relative_output_error(w, rtn.dequantize(), xtx)
         if self.method == "rtn":
             return rtn, {"rel_error": rtn_err}
         damp = self._damp(k, tokens)
-        qw, info = quant.gptq(w, 2.0 * xtx / tokens, bits, group, symmetric=self.symmetric,
+        qw, info = quantizers.gptq(w, 2.0 * xtx / tokens, bits, group, symmetric=self.symmetric,
                               clip=self.clip_search, damp=damp, act_order=self.act_order,
                               block_size=self.block_size, float_zero=fz)
-        err = quant.relative_output_error(w, qw.dequantize(), xtx)
+        err = quantizers.relative_output_error(w, qw.dequantize(), xtx)
         self._damp_warnings(node, tokens, info.damp, report)
         entry = {"rel_error": err, "rtn_rel_error": rtn_err, "damp": info.damp,
                  "dead_inputs": info.dead_inputs}
@@ -358,7 +359,7 @@ class QuantizeWeightsPass(PassBase):
 
     # -- the rewrite -----------------------------------------------------------------------------
     def _rewrite(self, module: Module, targets: list[tuple[Node, int, int]],
-                 results: dict[int, quant.QuantizedWeight]) -> tuple[int, dict, set[str]]:
+                 results: dict[int, quantizers.QuantizedWeight]) -> tuple[int, dict, set[str]]:
         """Replace each target linear by a qlinear over its packed weights; returns their bytes,
         the packed constants by (float weight, bits, group) and the float weights replaced."""
         g = module.graph
@@ -416,7 +417,7 @@ class QuantizeWeightsPass(PassBase):
             if shared is not None and t.dtype == torch.float32:
                 ins = shared
             else:
-                qw = quant.rtn(t, 8, group, symmetric=self.symmetric, clip=self.clip_search)
+                qw = quantizers.rtn(t, 8, group, symmetric=self.symmetric, clip=self.clip_search)
                 packed, scales, zp = qw.packed()
                 base = label(node)
                 ins = [module.add_weight(base + ".qweight", packed),
@@ -446,9 +447,9 @@ class QuantizeWeightsPass(PassBase):
         return before, after
 
 
-def _shared(solved: tuple[quant.QuantizedWeight, dict[str, Any]] | None, node: Node, bits: int,
+def _shared(solved: tuple[quantizers.QuantizedWeight, dict[str, Any]] | None, node: Node, bits: int,
             group: int, symmetric: bool, float_zero: bool,
-            reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[quant.QuantizedWeight,
+            reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[quantizers.QuantizedWeight,
                                                                      dict[str, Any]]:
     """One linear's GPTQ result on every rank: the rank that solved it (`solved`) contributes
     its codes, scales, zero points and report numbers, the others zeros of the same shapes, and
@@ -468,7 +469,7 @@ def _shared(solved: tuple[quant.QuantizedWeight, dict[str, Any]] | None, node: N
         zeros = qw.zeros if float_zero else qw.zeros.to(torch.int32)
         numbers = torch.tensor([float(entry[key]) for key in keys], dtype=torch.float64)
     codes, scales, zeros, numbers = (reduce(t) for t in (codes, scales, zeros, numbers))
-    qw = quant.QuantizedWeight(codes.to(torch.uint8), scales,
+    qw = quantizers.QuantizedWeight(codes.to(torch.uint8), scales,
                                zeros if float_zero else zeros.to(torch.uint8), bits, group,
                                symmetric, float_zero)
     entry = dict(zip(keys, numbers.tolist()))

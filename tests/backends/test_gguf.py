@@ -18,6 +18,7 @@ from splice.backends.gguf.fits import check_recipe  # noqa: E402
 from splice.backends.gguf.llama import _head_rows, llama_layout  # noqa: E402
 from splice.errors import InputError  # noqa: E402
 from splice.ir import quant  # noqa: E402
+from splice.passes.numerics import quantizers
 from splice.recipe import Recipe  # noqa: E402
 
 from tests.paths import STORIES, needs_stories  # noqa: E402
@@ -66,9 +67,9 @@ def test_splice_codes_pack_to_what_gguf_dequantizes():
     its 8-bit symmetric grid as Q8_0: gguf's dequantizer returns splice's dequantized weights."""
     w = torch.from_numpy(_random(seed=1)).double()
     for bits, kind in ((4, "Q4_0"), (8, "Q8_0")):
-        qw = quant.rtn(w, bits, 32, symmetric=True)
+        qw = quantizers.rtn(w, bits, 32, symmetric=True)
         scales = qw.scales.to(torch.float16).float()  # the float16 grid, codes re-chosen on it
-        codes = quant.quantize_codes(w.reshape(37, 4, 32), scales.double()[..., None],
+        codes = quantizers.quantize_codes(w.reshape(37, 4, 32), scales.double()[..., None],
                                      qw.zeros.double()[..., None], bits).reshape(37, 128)
         c = codes.numpy().astype(np.int16)
         data = blocks.pack_q4_0(c, scales.numpy()) if bits == 4 else \

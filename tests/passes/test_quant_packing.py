@@ -15,6 +15,7 @@ from splice.backends.onnx import RULES, lower, save
 from splice.backends.onnx.quant import MS_DOMAIN, nbits_block, qlinear_rules
 from splice.ir import Graph, IRError, Module, emit, verify
 from splice.ir import quant
+from splice.passes.numerics import quantizers
 from splice.ir.interpreter import Interpreter
 
 from tests.passes.models import config
@@ -28,10 +29,10 @@ def random_weight(n: int, k: int, seed: int) -> torch.Tensor:
 
 
 def qlinear_module(k: int, n: int, bits: int, group: int, symmetric: bool, *, bias: bool = False,
-                   seed: int = 0, float_zero: bool = False) -> tuple[Module, quant.QuantizedWeight]:
+                   seed: int = 0, float_zero: bool = False) -> tuple[Module, quantizers.QuantizedWeight]:
     """x [batch, k] -> qlinear -> y [batch, n], with an RTN-quantized random weight."""
     group = group or k
-    qw = quant.rtn(random_weight(n, k, seed), bits, group, symmetric=symmetric,
+    qw = quantizers.rtn(random_weight(n, k, seed), bits, group, symmetric=symmetric,
                    float_zero=float_zero)
     packed, scales, zp = qw.packed()
     weights = {"w.packed": packed, "w.scales": scales}
@@ -187,12 +188,12 @@ def test_float_zero_points_recover_a_q4_1_grid_exactly():
     d = (torch.rand(8, 4, 1, generator=gen) * 0.01 + 0.001).half().float()
     m = (-torch.rand(8, 4, 1, generator=gen) * 0.05).half().float()
     w = (q.reshape(8, 4, 32).float() * d + m).reshape(8, 128)
-    exact = quant.rtn(w, 4, 32, float_zero=True).dequantize(torch.float32)
+    exact = quantizers.rtn(w, 4, 32, float_zero=True).dequantize(torch.float32)
     assert (exact - w).abs().max() <= 1e-6 * w.abs().max()
-    integer = quant.rtn(w, 4, 32).dequantize(torch.float32)
+    integer = quantizers.rtn(w, 4, 32).dequantize(torch.float32)
     assert (integer - w).abs().max() > 1e-3 * w.abs().max()
     with pytest.raises(IRError, match="float zero points need asymmetric 4-bit quantization"):
-        quant.rtn(w, 8, 32, float_zero=True)
+        quantizers.rtn(w, 8, 32, float_zero=True)
 
 
 # -- the op ---------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def test_quantizers_keep_codes_in_range_and_round_trip_exactly():
     w[0] = 0.0  # an all-zero row dequantizes to zeros exactly
     for bits, sym in itertools.product((4, 8), (True, False)):
         for clip in (False, True):
-            qw = quant.rtn(w, bits, 32, symmetric=sym, clip=clip)
+            qw = quantizers.rtn(w, bits, 32, symmetric=sym, clip=clip)
             assert int(qw.codes.max()) < (1 << bits)
             assert torch.equal(qw.dequantize()[0], torch.zeros(64, dtype=torch.float64))
             err = (qw.dequantize() - w).abs()
@@ -236,19 +237,19 @@ def test_quantizers_keep_codes_in_range_and_round_trip_exactly():
             step = qw.scales.double().repeat_interleave(32, dim=1)
             if not clip and not sym:
                 assert bool((err <= step / 2 + 1e-12).all())
-        plain = quant.rtn(w, bits, 32, symmetric=False)
-        clipped = quant.rtn(w, bits, 32, symmetric=False, clip=True)
+        plain = quantizers.rtn(w, bits, 32, symmetric=False)
+        clipped = quantizers.rtn(w, bits, 32, symmetric=False, clip=True)
         assert ((clipped.dequantize() - w) ** 2).sum() <= ((plain.dequantize() - w) ** 2).sum()
 
 
 @pytest.mark.parametrize("float_zero", [False, True])
 def test_rtn_and_its_error_by_blocks_of_rows_equal_the_whole_weight(monkeypatch, float_zero):
     w = random_weight(37, 80, 4)  # 80 inputs: a partial last group of 32
-    whole = quant.rtn(w, 4, 32, clip=True, float_zero=float_zero)
+    whole = quantizers.rtn(w, 4, 32, clip=True, float_zero=float_zero)
     direct = float((whole.dequantize() - w.double()).norm() / w.double().norm())
-    monkeypatch.setattr(quant, "ROW_CHUNK_ELEMENTS", 5 * 80)  # 5 rows a block, 2 in the last
-    rows = quant.rtn(w, 4, 32, clip=True, float_zero=float_zero)
+    monkeypatch.setattr(quantizers, "ROW_CHUNK_ELEMENTS", 5 * 80)  # 5 rows a block, 2 in the last
+    rows = quantizers.rtn(w, 4, 32, clip=True, float_zero=float_zero)
     for a, b in zip((whole.codes, whole.scales, whole.zeros), (rows.codes, rows.scales, rows.zeros)):
         assert torch.equal(a, b)
     assert rows.rel_error(w) == pytest.approx(direct, rel=1e-12)
-    assert quant.rtn(torch.zeros(3, 32), 4, 32).rel_error(torch.zeros(3, 32)) == 0.0
+    assert quantizers.rtn(torch.zeros(3, 32), 4, 32).rel_error(torch.zeros(3, 32)) == 0.0

@@ -13,6 +13,7 @@ from splice.backends.onnx.quant import qlinear_rules
 from splice.frontend.decoder import build_decoder
 from splice.ir import Module, run_logits
 from splice.ir import quant
+from splice.passes.numerics import quantizers
 from splice.ir.interpreter import Interpreter, default_feeds
 from splice.passes import PassManager
 from splice.passes.infra.base import PassContext, PassError
@@ -183,7 +184,7 @@ def test_numeric_int8_embedding_rows_dequantize_exactly():
     table = module.weights["embed.weight"].clone()
     QuantizeWeightsPass(group_size=16, embeddings="int8", symmetric=True, roles=())(module)
     (emb,) = module.graph.find(op="qembedding")
-    qw = quant.rtn(table, 8, 16, symmetric=True)
+    qw = quantizers.rtn(table, 8, 16, symmetric=True)
     ids = token_batch()
     out = Interpreter(module, torch.float64).run(
         default_feeds(module, ids, None, torch.float64), capture=["embed"])["embed"]
@@ -235,9 +236,9 @@ def test_numeric_gptq_with_identity_hessian_is_rtn():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     for group, sym, act, clip in [(16, False, False, False), (64, True, True, False),
                                   (16, False, True, True)]:
-        q, info = quant.gptq(w, torch.eye(64), 4, group, symmetric=sym, act_order=act, clip=clip,
+        q, info = quantizers.gptq(w, torch.eye(64), 4, group, symmetric=sym, act_order=act, clip=clip,
                              block_size=32)
-        r = quant.rtn(w, 4, group, symmetric=sym, clip=clip)
+        r = quantizers.rtn(w, 4, group, symmetric=sym, clip=clip)
         assert torch.equal(q.codes, r.codes) and torch.equal(q.scales, r.scales), (group, sym, act)
         assert info.dead_inputs == 0
 
@@ -248,7 +249,7 @@ def test_numeric_symmetric_int4_uses_the_signed_max_grid():
     the grid (at most one step); the whole [-8, 7] grid is used, so the error is below the absmax
     grid's (2 * absmax / 15) on Gaussian weights."""
     w = torch.randn(64, 128, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    q = quant.rtn(w, 4, 32, symmetric=True)
+    q = quantizers.rtn(w, 4, 32, symmetric=True)
     groups = w.reshape(64, 4, 32)
     at = groups.abs().argmax(-1, keepdim=True)
     m = torch.gather(groups, -1, at)[..., 0]
@@ -262,7 +263,7 @@ def test_numeric_symmetric_int4_uses_the_signed_max_grid():
     absmax = 2 * groups.abs().amax(-1, keepdim=True) / 15
     old = (torch.clamp(torch.round(groups / absmax) + 8, 0, 15) - 8) * absmax
     assert q.rel_error(w) < float((old - groups).norm() / groups.norm())
-    q8 = quant.rtn(w, 8, 32, symmetric=True)  # 8 bits keep positive absmax scales
+    q8 = quantizers.rtn(w, 8, 32, symmetric=True)  # 8 bits keep positive absmax scales
     assert bool((q8.scales > 0).all())
 
 
@@ -270,7 +271,7 @@ def test_numeric_gptq_dead_inputs_and_few_tokens():
     w = torch.randn(8, 32, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     x = torch.randn(100, 32, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     x[:, 5] = 0.0
-    q, info = quant.gptq(w, 2 * x.T @ x / 100, 4, 16)
+    q, info = quantizers.gptq(w, 2 * x.T @ x / 100, 4, 16)
     assert info.dead_inputs == 1 and bool((q.dequantize()[:, 5] == 0).all())
     module = tiny_model("llama")
     few = QuantizeWeightsPass(method="gptq", group_size=16)(

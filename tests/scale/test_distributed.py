@@ -43,15 +43,15 @@ def statistics(ctx: PassContext) -> dict[str, torch.Tensor]:
     wanted = {id(n) for n in runner.stages[stage] if n.op == "linear"}
     for k, h in enumerate(stage_hessians(runner, stage, wanted, ctx.reduce).values()):
         out[f"hessian.{k}"] = h
-    from splice.ir import quant
+    from splice.passes.numerics import quantizers
 
     solves = []
-    plain = quant.gptq
-    quant.gptq = lambda *a, **k: (solves.append(1), plain(*a, **k))[1]
+    plain = quantizers.gptq
+    quantizers.gptq = lambda *a, **k: (solves.append(1), plain(*a, **k))[1]
     try:
         q = QuantizeWeightsPass(method="gptq", bits=4, group_size=16)(deep_model(layers=2), ctx)
     finally:
-        quant.gptq = plain
+        quantizers.gptq = plain
     out["gptq.tokens"] = torch.tensor(float(q.report["calibration_tokens"]))
     out[SOLVES] = torch.tensor(float(len(solves)))
     for name in sorted(q.module.weights):
