@@ -26,7 +26,7 @@ from splice.backends.npu import PreflightError, StaticShapes, check, export, low
 from splice.backends.npu.qdq import calibrate, quantize_graph
 from splice.errors import InputError
 from splice.ir import run_logits
-from splice.passes.base import PassContext
+from splice.passes.infra.base import PassContext
 from splice.passes.quantize_activations import QuantizeActivationsPass
 from splice.passes.quantize_weights import QuantizeWeightsPass
 from splice.runtime import load

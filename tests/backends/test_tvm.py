@@ -35,7 +35,7 @@ DECODE = 32
 
 def quantized(**settings):
     def make():
-        from splice.passes.base import PassContext
+        from splice.passes.infra.base import PassContext
         from splice.passes.quantize_activations import QuantizeActivationsPass
         from splice.passes.quantize_weights import QuantizeWeightsPass
 
@@ -248,7 +248,7 @@ def test_cli_compiles_with_the_tvm_backend(tmp_path):
 def test_cuda_library_builds_without_a_gpu(tmp_path, bits):
     module = tiny_module(num_layers=1)
     if bits:  # the dequantize + matmul form dlight's GPU rules schedule
-        from splice.passes.base import PassContext
+        from splice.passes.infra.base import PassContext
         from splice.passes.quantize_weights import QuantizeWeightsPass
 
         module = QuantizeWeightsPass(bits=bits, group_size=32).call(module, PassContext()).module
