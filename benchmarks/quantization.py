@@ -249,9 +249,9 @@ def _with_accuracy_level(art_dir: Path, level: int) -> Path:
 def _accuracy_levels(art, row: dict, ids: list[int], prompt: list[int],
                      bos: int | None, cfg: dict) -> dict[str, Any]:
     """The GPTQ artefact at MatMulNBits accuracy_level 4 (int8 compute) against level 0."""
-    from splice.runtime.artefact import Artefact
+    from splice.runtime.onnx_runtime import OnnxArtefact
 
-    art0 = Artefact(art.path, art.manifest, _session(_with_accuracy_level(art.path, 0)))
+    art0 = OnnxArtefact(art.path, art.manifest, _session(_with_accuracy_level(art.path, 0)))
     window = np.asarray([([bos] if bos is not None else []) + ids[: cfg["window"]]])
     l4, l0 = art.logits(window)[0], art0.logits(window)[0]
     diff = np.abs(l4 - l0)

@@ -6,8 +6,8 @@ EPContext models (the QNN context binary the HTP loads without recompiling): a p
 fixed chunk of tokens and a decode graph over one token, both over a fixed-size cache. This module
 drives them (`StaticDecoder`): a prompt runs chunk by chunk (the last chunk padded), the runtime
 builds the attention mask from the positions and writes each step's new keys and values into its
-cache at their positions. `NpuArtefact` adds the Artefact's tokenizer, sampling and generation on
-top, so generate() / stream() behave as for the ONNX backend.
+cache at their positions. `NpuArtefact` adds the shared `generation.Artefact`'s tokenizer, sampling
+and generation on top, so generate() / stream() behave as for the other backends.
 
 On x86-64 the plugin's HTP library simulates the NPU on the CPU: times measured here are not
 device times.
@@ -26,8 +26,8 @@ import numpy as np
 import onnxruntime as ort
 
 from splice.errors import ArtefactError, InputError
-from .artefact import Artefact
-from .manifest import check_relpath, verify_artefact
+from .generation import Artefact
+from .opening import check_config, checked_manifest, listed_file, require_sections
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 # constant ~5 output steps off ONNX Runtime CPU (measured on a one-MatMul QDQ graph); on v73 and
 # later it agrees to within a step
 DEFAULT_ARCH = "75"
+OPTIONS = ("expected_manifest_sha256", "htp_arch", "source")
 
 
 class NpuUnavailable(InputError):
@@ -192,18 +193,13 @@ class NpuArtefact(Artefact):
     def __init__(self, path: Path, manifest: dict, sessions: Mapping[int, ort.InferenceSession],
                  session_s: Mapping[int, float]):
         io = manifest["io"]
-        self.path, self.manifest = path, manifest
-        self.config = manifest["config"]
         self.sessions = dict(sessions)
         self.session_s = dict(session_s)
-        self.last_stats = {}
-        self._tokenizer = None
         self.decoder = StaticDecoder(io, {s: session_runner(sess, ["logits"] + [
             n for layer in io["layers"] for n in (layer["new_key"], layer["new_value"])])
             for s, sess in self.sessions.items()})
         # the graphs' context (the cache's slots), which the Artefact's prompt check reads
-        self.max_position = self.decoder.context
-        self.vocab_size = int(self.config["vocab_size"])
+        super().__init__(path, manifest, max_position=self.decoder.context)
 
     def logits(self, ids: Any, past: NpuCache | None = None) -> tuple[np.ndarray, NpuCache]:
         """Logits [1, seq, vocab] for `ids` ([seq] or [1, seq]) after `past` (None: empty), and
@@ -228,9 +224,9 @@ class NpuArtefact(Artefact):
 def _check_io(path: Path, manifest: dict) -> None:
     """The io section holds what StaticDecoder reads, of the right types: a hand-edited manifest
     fails here, naming the field, not with a KeyError in the middle of a generation."""
-    io = manifest.get("io")
-    if not isinstance(io, dict):
-        raise ArtefactError(f"artefact {path}: the manifest has no io section")
+    require_sections(path, manifest, "config", "io")
+    check_config(path, manifest, positive=("vocab_size",))
+    io = manifest["io"]
     for key in ("chunk", "context"):
         if not isinstance(io.get(key), int) or isinstance(io[key], bool) or io[key] < 1:
             raise ArtefactError(f"artefact {path}: io.{key} is {io.get(key)!r}; expected a "
@@ -244,9 +240,6 @@ def _check_io(path: Path, manifest: dict) -> None:
                                                for x in layers):
         raise ArtefactError(f"artefact {path}: io.layers must list per-layer tables with "
                             f"{', '.join(keys)}")
-    if not isinstance(manifest.get("config"), dict) or not isinstance(
-            manifest["config"].get("vocab_size"), int):
-        raise ArtefactError(f"artefact {path}: the manifest's config has no vocab_size")
 
 
 def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
@@ -254,11 +247,15 @@ def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
     """Check and open an NPU artefact: its EPContext models (compiled ahead of time) on the HTP,
     CPU fallback disabled. source=True compiles the QDQ source models instead (slower: the graph
     is prepared again)."""
-    path = Path(path)
-    manifest = verify_artefact(path, expected_manifest_sha256=expected_manifest_sha256)
-    if manifest.get("backend") != "npu":
-        raise ArtefactError(f"artefact {path}: backend {manifest.get('backend')!r}; this runtime "
-                            "runs 'npu' artefacts")
+    path, manifest = checked_manifest(path, backend="npu",
+                                      expected_manifest_sha256=expected_manifest_sha256)
+    return open_checked(path, manifest, htp_arch=htp_arch, source=source)
+
+
+def open_checked(path: Path, manifest: dict, *, htp_arch: str | None = None,
+                 source: bool = False) -> NpuArtefact:
+    """Open an NPU artefact whose manifest `opening.checked_manifest` returned (`load`'s
+    options)."""
     npu = manifest.get("npu")
     if not isinstance(npu, dict) or not isinstance(npu.get("graphs"), dict):
         raise ArtefactError(f"artefact {path}: the manifest has no npu.graphs section")
@@ -269,9 +266,8 @@ def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
         if not (isinstance(seq, str) and seq.isdigit() and isinstance(g, dict)):
             raise ArtefactError(f"artefact {path}: npu.graphs[{seq!r}] is not a graph table "
                                 "keyed by its sequence length")
-        rel = check_relpath(g.get("source" if source else "context"))
-        if rel not in manifest["files"]:
-            raise ArtefactError(f"artefact {path}: graph file {rel!r} is not among its files")
+        rel = listed_file(path, manifest, g.get("source" if source else "context"),
+                          "graph file")
         t = time.perf_counter()
         try:
             sessions[int(seq)] = htp_session(path / rel, htp_arch=arch)

@@ -9,8 +9,8 @@ runs is the code that was hashed even if the artefact directory changes meanwhil
 library for another architecture or for CPU features this machine lacks is refused up front
 rather than crashing on its first instruction.
 
-Generation (sampling, streaming, stop tokens, timings) is the ONNX runtime's `Artefact`; this
-module supplies `logits()` and the cache.
+Generation (sampling, streaming, stop tokens, timings) is the shared `generation.Artefact`'s;
+this module supplies `logits()` and the cache.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from splice.errors import ArtefactError, InputError
-from .artefact import Artefact, FunctionalCache
-from .manifest import check_relpath, verify_artefact
+from .generation import Artefact, FunctionalCache
+from .opening import check_config, checked_manifest, listed_file, require_sections
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +35,27 @@ INITIAL_CAPACITY = 256  # cache positions allocated first; doubled whenever a st
 KEY_LAYOUT = ["batch", "kv_heads", "head_dim", "capacity"]  # keys transposed (attention.py)
 VALUE_LAYOUT = ["batch", "kv_heads", "capacity", "head_dim"]
 MACHINES = {"x86_64": ("x86_64", "amd64"), "aarch64": ("aarch64", "arm64")}
+OPTIONS = ("expected_manifest_sha256", "threads", "device")
 
 
 def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
          threads: int | None = None, device: str | None = None) -> TVMArtefact:
     """Check and open the TVM artefact at `path`. threads: worker threads of TVM's pool (None:
     the manifest's). device: "cpu" or "cuda" (None: from the manifest's target)."""
+    path, manifest = checked_manifest(path, backend="tvm",
+                                      expected_manifest_sha256=expected_manifest_sha256)
+    return open_checked(path, manifest, threads=threads, device=device)
+
+
+def open_checked(path: Path, manifest: dict, *, threads: int | None = None,
+                 device: str | None = None) -> TVMArtefact:
+    """Open a TVM artefact whose manifest `opening.checked_manifest` returned (`load`'s
+    options)."""
     import tvm
 
-    path = Path(path)
-    manifest = verify_artefact(path, expected_manifest_sha256=expected_manifest_sha256)
-    if manifest.get("backend") != "tvm":
-        raise ArtefactError(f"artefact {path}: backend {manifest.get('backend')!r}; this runtime "
-                            "runs 'tvm' artefacts")
-    section = manifest.get("tvm")
-    for key, kind in (("config", dict), ("io", dict), ("tvm", dict)):
-        if not isinstance(manifest.get(key), kind):
-            raise ArtefactError(f"artefact {path}: the manifest has no {key!r} section")
+    require_sections(path, manifest, "config", "io", "tvm")
+    check_config(path, manifest)
+    section = manifest["tvm"]
     cache = section.get("cache") or {}
     if cache.get("key") != KEY_LAYOUT or cache.get("value") != VALUE_LAYOUT:
         raise ArtefactError(f"artefact {path}: KV cache layout {cache!r:.120}; this runtime reads "
@@ -65,7 +69,7 @@ def load(path: str | Path, *, expected_manifest_sha256: str | None = None,
     if kind not in ("cpu", "cuda"):
         raise InputError(f"device={device!r}; accepted: 'cpu', 'cuda'")
     dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
-    lib = _load_library(tvm, path, manifest, check_relpath(section.get("library")))
+    lib = _load_library(tvm, path, manifest, section.get("library"))
     vm = tvm.runtime.vm.VirtualMachine(lib, dev)
     params = _load_params(tvm, path, manifest, section, dev)
     return TVMArtefact(path, manifest, vm, params, dev)
@@ -110,9 +114,8 @@ def _configure_threads(tvm: Any, threads: int) -> None:
                                                                    cpus[:threads]])
 
 
-def _load_library(tvm: Any, path: Path, manifest: dict, rel: str) -> Any:
-    if rel not in manifest["files"]:
-        raise ArtefactError(f"artefact {path}: the library {rel!r} is not among its files")
+def _load_library(tvm: Any, path: Path, manifest: dict, rel: Any) -> Any:
+    rel = listed_file(path, manifest, rel, "the library")
     data = (path / rel).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != manifest["files"][rel]:
@@ -132,9 +135,7 @@ def _load_library(tvm: Any, path: Path, manifest: dict, rel: str) -> Any:
 def _load_params(tvm: Any, path: Path, manifest: dict, section: dict, dev: Any) -> list:
     from safetensors.numpy import load_file
 
-    rel = check_relpath(section.get("params"))
-    if rel not in manifest["files"]:
-        raise ArtefactError(f"artefact {path}: the parameter file {rel!r} is not among its files")
+    rel = listed_file(path, manifest, section.get("params"), "the parameter file")
     arrays = load_file(str(path / rel))
     out = []
     for spec in section.get("param_list") or ():
@@ -201,14 +202,15 @@ class _GenerationCache(FunctionalCache):
 
 class TVMArtefact(Artefact):
     """A loaded TVM artefact: `logits()` runs prefill (several tokens) or decode (one) in the VM;
-    generation and the tokenizer are the shared `Artefact`'s."""
+    generation and the tokenizer are the shared `generation.Artefact`'s."""
 
     def __init__(self, path: Path, manifest: dict, vm: Any, params: list, device: Any):
-        super().__init__(path, manifest, session=None)
+        super().__init__(path, manifest)
         import tvm
 
         self._tvm, self.vm, self.device = tvm, vm, device
         self._params = params
+        self._layers = manifest["io"]["past"]
         self._names = [layer[kv] for layer in self._layers for kv in ("key", "value")]
         self._shapes = [(layer["kv_heads"], layer["head_dim"]) for layer in self._layers
                         for _ in (0, 1)]

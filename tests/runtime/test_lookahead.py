@@ -9,7 +9,7 @@ import pytest
 from splice.backends.onnx import export
 from splice.errors import InputError
 from splice.runtime import load
-from splice.runtime.artefact import Generation
+from splice.runtime.generation import Generation
 from splice.runtime.lookahead import PromptLookup
 from splice.runtime.sampling import Sampling
 
