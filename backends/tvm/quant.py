@@ -43,6 +43,7 @@ from .kernels import epilogue
 # prefill rows per tile of the streamed product: each unpacked vector of codes feeds 8 rows, and
 # the 8 independent accumulator chains cover the FMA latency (measured 1.2x faster than 4)
 Q_ROW_TILE = 8
+QLANES = 16  # partial sums per (row, output) of the streamed product: a block's bytes, 16 at a time
 LAYOUTS = {1: "q_weight", 2: "q_scales", 3: "q_zeros"}
 
 
@@ -107,7 +108,7 @@ def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | Non
     fmt = _Format(w, s, zp, bits=bits, group_size=group_size, symmetric=symmetric, dtype=x.dtype)
     tile = max(row_tile, 1)
     blocks = int(w.shape[1])
-    if k_in == blocks * group_size and streamed:
+    if streamed:
         return _streamed(x, w, s, zp, bias, residual, bits=bits, blocks=blocks,
                          group_size=group_size, symmetric=symmetric, tile=tile)
     # one row per tile (decode): the product is [rows, out] itself
@@ -133,21 +134,37 @@ def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | Non
                     rows, n_out, bias, residual)
 
 
+def _lanes(width: int) -> int:
+    """Partial sums per (row, output): QLANES, or the largest power of two dividing a block's
+    bytes when they are fewer or not a multiple of it."""
+    return next(n for n in (QLANES, 8, 4, 2, 1) if width % n == 0)
+
+
 def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
               bias: te.Tensor | None, residual: te.Tensor | None, *, bits: int, blocks: int,
               group_size: int, symmetric: bool, tile: int) -> te.Tensor:
-    """The CPU product: one vector of partial sums per output and row, the bytes of a block as
-    its lanes.
+    """The CPU product: a vector of `lanes` partial sums per (row, output); a block's bytes are
+    read `lanes` at a time (its chunks), so the registers a task holds do not grow with the group
+    size.
 
-    part[.., n, i] = sum_g sum_t x[.., channel(g, t, i)] * (float(code(n, g, i, t) - z) * s_g):
-    the code minus the zero point is an int32 operation on a whole vector of unpacked codes
-    (both are integers; a float zero point is subtracted in float), times the block's scale, a
-    broadcast; the weight so rebuilt is the reference's dequantized weight bit for bit, and the
-    only difference from the reference is the order of the sum. With a tile of rows, each
-    unpacked vector of codes meets every row of the tile (LLVM shares the unpacking across the
-    unrolled rows). The lanes are summed once per output at the end (qsum)."""
+    The input is padded with zeros to whole blocks (a partial last group's padding codes then
+    meet zeros) and, for int4, split into even and odd channels (x_split[m, g, t, i] =
+    x[m, g*gs + 2i + t]; tiny, once per call): one load of code bytes meets two contiguous
+    vectors of x, the low nibbles with the even channels and the high ones with the odd.
+
+    Decode (tile 1), where a step reads every weight once: per block, the chunks' codes minus
+    the zero point (int32 vector work), converted to float, FMA'd with x into the block's own
+    partial sums (qblock), which are then FMA'd into the output's (qpart) with the block's scale
+    broadcast: one multiply per lane and block instead of one per weight. Prefill (a tile of
+    rows): each weight is rebuilt as the reference's (q - z) * s once and feeds every row of the
+    tile (qpart), the rebuilding shared across the tile's unrolled rows. Either way the lanes
+    are summed pairwise once per output (qsum). The sum's order is the only difference from the
+    reference (and, in decode, the scale applied to a block's sum rather than to each weight)."""
     rows, n_out, dt = x.shape[0], int(w.shape[0]), x.dtype
+    k_in = int(x.shape[-1])
     width = int(w.shape[2])  # bytes per block: group_size / 2 (int4) or group_size (int8)
+    lanes = _lanes(width)
+    chunks = width // lanes
     tiled = (tirx.floordiv(rows - 1, tile) + 1, tile) if tile > 1 else (rows,)
 
     def row(t):
@@ -162,24 +179,50 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
             return zp[n, g].astype("int32")
         return _nibble(zp[n, g // 2], g % 2)
 
-    def weight(n, g, code):
+    def centred(n, g, code):
+        """code - z as float: an int32 subtraction for an integer zero point, a float one for a
+        float zero point."""
         z = zero(n, g)
-        q = (code - z).astype(dt) if z is not None else code.astype(dt) - zp[n, g].astype(dt)
-        return q * s[n, g].astype(dt)
+        return (code - z).astype(dt) if z is not None else code.astype(dt) - zp[n, g].astype(dt)
+
+    def xin(m, ch):
+        if blocks * group_size == k_in:
+            return x[m, ch]
+        return tirx.if_then_else(ch < k_in, x[m, tirx.min(ch, k_in - 1)], tirx.const(0.0, dt))
 
     g = te.reduce_axis((0, blocks), name="g")
+    c = te.reduce_axis((0, chunks), name="c")
     if bits == 4:
         # the nibble is a reduction axis too, so that each is one FMA into the accumulator
         t = te.reduce_axis((0, 2), name="t")
         xs = te.compute((rows, blocks, 2, width),
-                        lambda m, gg, tt, i: x[m, gg * group_size + 2 * i + tt], name="split")
-        part = te.compute((*tiled, n_out, width), lambda *o: te.sum(
-            xs[row(o[:-2]), g, t, o[-1]] * weight(o[-2], g, _nibble(w[o[-2], g, o[-1]], t)),
-            axis=[g, t]), name="qpart")
+                        lambda m, gg, tt, i: xin(m, gg * group_size + 2 * i + tt), name="split")
+
+        def term(m, n, gg, i, f):
+            return xs[m, gg, t, i] * f(n, gg, _nibble(w[n, gg, i], t))
+        red = [c, t]
     else:
-        part = te.compute((*tiled, n_out, width), lambda *o: te.sum(
-            x[row(o[:-2]), g * group_size + o[-1]]
-            * weight(o[-2], g, w[o[-2], g, o[-1]].astype("int32")), axis=g), name="qpart")
+        xs = None
+        if blocks * group_size != k_in:
+            xs = te.compute((rows, blocks, width), lambda m, gg, i: xin(m, gg * group_size + i),
+                            name="split")
+
+        def term(m, n, gg, i, f):
+            xv = xs[m, gg, i] if xs is not None else x[m, gg * group_size + i]
+            return xv * f(n, gg, w[n, gg, i].astype("int32"))
+        red = [c]
+
+    if tile == 1:
+        blk = te.compute((rows, n_out, blocks, lanes), lambda m, n, gg, l: te.sum(
+            term(m, n, gg, c * lanes + l, centred), axis=red), name="qblock")
+        part = te.compute((rows, n_out, lanes), lambda m, n, l: te.sum(
+            blk[m, n, g, l] * s[n, g].astype(dt), axis=g), name="qpart")
+    else:
+        def weight(n, gg, code):
+            return centred(n, gg, code) * s[n, gg].astype(dt)
+        part = te.compute((*tiled, n_out, lanes), lambda *o: te.sum(
+            term(row(o[:-2]), o[-2], g, c * lanes + o[-1], weight), axis=[g, *red]),
+            name="qpart")
 
     def tree(o, lo: int, n: int):
         """The lanes lo..lo+n-1 summed pairwise: depth log2(n), where a reduction would be a
@@ -188,7 +231,7 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
             return part[(*o, lo)]
         half = n // 2
         return tree(o, lo, half) + tree(o, lo + half, n - half)
-    total = te.compute((*tiled, n_out), lambda *o: tree(o, 0, width), name="qsum")
+    total = te.compute((*tiled, n_out), lambda *o: tree(o, 0, lanes), name="qsum")
     if tile == 1 and bias is None and residual is None:
         return total
 

@@ -47,6 +47,7 @@ from tvm.target import Target
 
 log = logging.getLogger(__name__)
 
+DECODE_OUTPUTS = 4  # outputs per task of a decode product: independent accumulator chains
 VEC = 16  # float32 lanes of one AVX-512 register; LLVM splits it for narrower targets
 # The accumulator tile's scope. TVM 0.27 gives a "local" buffer on the CPU a heap workspace,
 # and whether LLVM then keeps the tile in registers depends on alias analysis that other
@@ -183,9 +184,10 @@ def _gemm_tiles(sch: s_tir.Schedule) -> None:
 
 
 def _qstreamed(sch: s_tir.Schedule, many: bool) -> None:
-    """quant.py's streamed product: per (tile of rows, output) in prefill, per (row, 4 outputs)
-    in decode, parallel, the block loop over the task's vectors of partial sums (rows or
-    outputs unrolled, the block's bytes a vector), then the lanes' sum."""
+    """quant.py's streamed product: per (tile of rows, output) in prefill, per (row, a few
+    outputs) in decode, parallel; under each task the loop over blocks (and their chunks) with
+    the task's vectors of partial sums in registers (rows or outputs unrolled, the lanes a
+    vector), then the lanes' sum."""
     total = sch.get_sblock("qsum")
     loops = sch.get_loops(total)
     if len(loops) == 3:  # [row tiles, tile, out]
@@ -193,32 +195,70 @@ def _qstreamed(sch: s_tir.Schedule, many: bool) -> None:
         sch.reorder(o, n, r)
         task = sch.fuse(o, n)
         anchor = task
-    else:  # [rows, out]: 4 outputs a task, 4 independent accumulator chains (one would wait
+    else:  # [rows, out]: a few outputs a task, independent accumulator chains (one would wait
         # on the FMA latency at every step)
         m, n = loops
-        width = next((b for b in (4, 2) if (_extent(sch, n) or 1) % b == 0), 1)
+        width = next((b for b in (DECODE_OUTPUTS, 2) if (_extent(sch, n) or 1) % b == 0), 1)
         task, ni = sch.split(n, [None, width])
         sch.reorder(task, m, ni)
         anchor = m
     sch.parallel(task)
+    if _has_block(sch, "qblock"):
+        _qblocks(sch, anchor)
+    else:
+        _qtiles(sch, anchor)
+    if _has_block(sch, "split"):
+        _generic_block(sch, sch.get_sblock("split"), many)
+    if _has_block(sch, "epilogue"):
+        _generic_block(sch, sch.get_sblock("epilogue"), many)
+
+
+def _qblocks(sch: s_tir.Schedule, anchor) -> None:
+    """Decode: per block, its partial sums (qblock: chunks and nibbles unrolled, outputs
+    unrolled, lanes a vector) then one FMA by the block's scale into the output's (qpart)."""
+    part = sch.get_sblock("qpart")
+    sch.compute_at(part, anchor, preserve_unit_loops=True)
+    n, lane, g = sch.get_loops(part)[-3:]
+    sch.reorder(g, n, lane)
+    sch.unroll(n)
+    _try(sch.vectorize, lane)
+    blk = sch.get_sblock("qblock")
+    sch.compute_at(blk, g, preserve_unit_loops=True)
+    n_red = sum(1 for iv in sch.get(blk).iter_vars if iv.iter_type != tirx.IterVar.DataPar)
+    blk_loops = sch.get_loops(blk)
+    red = blk_loops[-n_red:]
+    bn, bl = blk_loops[-n_red - 3], blk_loops[-n_red - 1]  # (rows, outputs, block, lanes)
+    sch.reorder(*red, bn, bl)
+    for lp in [*red[1:], bn]:
+        sch.unroll(lp)
+    if (_extent(sch, red[0]) or 0) <= 8:
+        sch.unroll(red[0])
+    _try(sch.vectorize, bl)
+    init = sch.decompose_reduction(blk, red[0])
+    _try(sch.vectorize, sch.get_loops(init)[-1])
+    init = sch.decompose_reduction(part, g)
+    _try(sch.vectorize, sch.get_loops(init)[-1])
+
+
+def _qtiles(sch: s_tir.Schedule, anchor) -> None:
+    """Prefill: the blocks, chunks and nibbles as the reduction, each rebuilt weight vector
+    feeding the tile's rows (unrolled), the lanes a vector."""
     part = sch.get_sblock("qpart")
     sch.compute_at(part, anchor, preserve_unit_loops=True)
     n_red = sum(1 for iv in sch.get(part).iter_vars if iv.iter_type != tirx.IterVar.DataPar)
     *outer, i = sch.get_loops(part)[:-n_red]
-    red = sch.get_loops(part)[-n_red:]  # the blocks, then (int4) the nibble
+    red = sch.get_loops(part)[-n_red:]  # the blocks, the chunks, then (int4) the nibble
     tile_rows = [lp for lp in outer[1:] if _extent(sch, lp) not in (None, 1)]
     sch.reorder(*red, *tile_rows, i)
-    for lp in [*red[1:], *tile_rows]:
+    for lp in [*red[2:], *tile_rows]:
         sch.unroll(lp)
+    if (_extent(sch, red[1]) or 0) <= 4:
+        sch.unroll(red[1])
     vo, vi = _vector_split(sch, i)
     if vo is not None and vi is not None:
         sch.unroll(vo)
     init = sch.decompose_reduction(part, red[0])
     _try(sch.vectorize, sch.get_loops(init)[-1])
-    if _has_block(sch, "split"):
-        _generic_block(sch, sch.get_sblock("split"), many)
-    if _has_block(sch, "epilogue"):
-        _generic_block(sch, sch.get_sblock("epilogue"), many)
 
 
 def _qlinear(sch: s_tir.Schedule, many: bool) -> None:
