@@ -120,7 +120,29 @@ def verify_artefact(directory: str | Path, *, expected_manifest_sha256: str | No
         if rel != MANIFEST and rel not in files:
             raise ArtefactError(f"artefact {directory}: file {rel!r} is not listed in the "
                                 f"manifest (added after the artefact was written); remove it")
+    cross_check(manifest, str(directory))
     return manifest
+
+
+def cross_check(manifest: dict[str, Any], where: str) -> None:
+    """The model config that `inspect` shows agrees with the graph's inputs that `run` feeds: the
+    layer count and each layer's cache shape (where the manifest describes its cache)."""
+    config, io = manifest.get("config"), manifest.get("io")
+    if not isinstance(config, dict) or not isinstance(io, dict):
+        return
+    past = io.get("past")
+    layers = {"config num_layers": config.get("num_layers"), "io num_layers": io.get("num_layers"),
+              "io past entries": len(past) if isinstance(past, list) else None}
+    known = {k: v for k, v in layers.items() if v is not None}
+    if len(set(map(str, known.values()))) > 1:
+        raise ArtefactError(f"artefact {where}: the manifest disagrees with itself about the layer "
+                            f"count ({', '.join(f'{k} {v}' for k, v in known.items())})")
+    for i, entry in enumerate(past if isinstance(past, list) else ()):
+        for key, cfg_key in (("kv_heads", "num_kv_heads"), ("head_dim", "head_dim")):
+            if isinstance(entry, dict) and key in entry and cfg_key in config \
+                    and entry[key] != config[cfg_key]:
+                raise ArtefactError(f"artefact {where}: layer {i}'s cache has {key} {entry[key]} "
+                                    f"but the config's {cfg_key} is {config[cfg_key]}")
 
 
 def _inside(directory: Path, rel: str) -> Path:

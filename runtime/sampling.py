@@ -7,6 +7,7 @@ text on every machine that runs the same model.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -24,15 +25,15 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise InputError(f"temperature={self.temperature!r}; expected a number > 0 "
+        if not (isinstance(self.temperature, (int, float)) and 0 < self.temperature < math.inf):
+            raise InputError(f"temperature={self.temperature!r}; expected a finite number > 0 "
                              "(greedy=True for deterministic decoding)")
         if not (isinstance(self.top_k, int) and self.top_k >= 0):
             raise InputError(f"top_k={self.top_k!r}; expected an integer >= 0 (0 = off)")
         if not (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1):
             raise InputError(f"top_p={self.top_p!r}; expected a number in (0, 1] (1 = off)")
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise InputError(f"seed={self.seed!r}; expected an integer or None")
+        if self.seed is not None and not (isinstance(self.seed, int) and self.seed >= 0):
+            raise InputError(f"seed={self.seed!r}; expected an integer >= 0 or None")
 
 
 class Sampler:

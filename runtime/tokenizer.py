@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 
-from splice.errors import ArtefactError
+from splice.errors import ArtefactError, InputError
 
 KINDS = ("hf", "llama2c")
 
@@ -46,7 +46,7 @@ class HFTokenizer:
         return self._tok.token_to_id(token) if isinstance(token, str) else None
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=bos).ids
+        return self._tok.encode(checked_text(text), add_special_tokens=bos).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -103,7 +103,7 @@ class Llama2cTokenizerAdapter:
         self.eos_ids = (self._tok.eos_id,)
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
-        return self._tok.encode(text, bos=bos)
+        return self._tok.encode(checked_text(text), bos=bos)
 
     def decode(self, ids: Sequence[int]) -> str:
         return self._tok.decode(ids)
@@ -114,6 +114,19 @@ class Llama2cTokenizerAdapter:
     @property
     def vocab_size(self) -> int:
         return self._tok.vocab_size
+
+
+def checked_text(text) -> str:
+    """`text` if it is a str that encodes as UTF-8; InputError otherwise (a lone surrogate, as
+    Python makes of undecodable command-line bytes, would fail deep inside the tokenizer)."""
+    if not isinstance(text, str):
+        raise InputError(f"text to encode must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"the text is not valid Unicode ({e.reason} at character {e.start}); "
+                         "give text that encodes as UTF-8") from None
+    return text
 
 
 def load_tokenizer(kind: str, files: Mapping[str, bytes]):
