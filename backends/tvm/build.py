@@ -26,7 +26,8 @@ from tvm.s_tir import dlight as dl
 from tvm.target import codegen
 
 from splice.errors import InputError
-from .schedule import cpu_rules, gpu_rules
+from .cuda_schedule import cuda_rules
+from .schedule import cpu_rules
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ def pipeline(target: tvm.target.Target, *, schedule: bool = True) -> tvm.transfo
     schedule=False leaves the CPU kernels as the lowering wrote them (plain loop nests; tests
     compare both, so a schedule cannot hide a lowering bug, nor a lowering bug a schedule's);
     GPU kernels always need their thread bindings."""
-    rules = gpu_rules() if target.kind.name == "cuda" else cpu_rules() if schedule else []
+    rules = cuda_rules() if target.kind.name == "cuda" else cpu_rules() if schedule else []
     passes = [relax.backend.DispatchSampling(), relax.backend.DispatchSortScan(),
               relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
               # reshapes become views before anything schedules their copy kernels
