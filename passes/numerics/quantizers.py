@@ -3,7 +3,10 @@ that fill the `qlinear` format (splice.ir.quant, whose docstring gives the layou
 at a time. Used by passes only; the IR needs the format, not how it was filled.
 
 Quantizers (all math on float64 tensors, scales rounded to float32 before codes are computed, so
-the stored (codes, scale) pair is exactly what was optimised):
+the stored (codes, scale) pair is exactly what was optimised; with scale_dtype = torch.float16 the
+scales, and the minimums of the float-zero grid, are rounded to float16 values instead, as
+llama.cpp's Q4_0, Q4_1 and Q8_0 blocks store them, so that the codes chosen are the codes such a
+file holds):
 - `group_params`: min/max asymmetric (range widened to hold 0, as GPTQ's quantizer does);
   symmetric, for 4 bits the signed-max rule of llama.cpp's Q4_0 and ONNX Runtime's MatMulNBits
   quantizer (the group's value of largest magnitude m, scale = m / -8, so m is code 0 exactly and
@@ -86,24 +89,29 @@ class QuantizedWeight:
 
 
 def group_params(w: torch.Tensor, bits: int, symmetric: bool, ratio: float | torch.Tensor = 1.0,
-                 float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 float_zero: bool = False, scale_dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) over the last dim of `w` [..., g] (float64), the range shrunk by `ratio`.
-    Scales are rounded to float32 values; zeros are integers (as float64), or float32 values
-    with float_zero (the range [min, max] itself, shrunk about its middle)."""
+    Scales are rounded to `scale_dtype` values (float32, or float16 for llama.cpp's blocks);
+    zeros are integers (as float64), or float32 values with float_zero (the range [min, max]
+    itself, shrunk about its middle; with float16 scales the minimum is a float16 value m and the
+    zero -m / scale, so that -zero * scale is m again to float32 rounding)."""
     maxq = (1 << bits) - 1
     if float_zero:
         lo, hi = w.min(-1).values, w.max(-1).values
         mid, half = (hi + lo) / 2, (hi - lo) / 2 * ratio
         lo, hi = mid - half, mid + half
-        scale = ((hi - lo) / maxq).to(torch.float32).to(torch.float64)
+        scale = ((hi - lo) / maxq).to(scale_dtype).to(torch.float64)
         scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        if scale_dtype != torch.float32:
+            lo = lo.to(scale_dtype).to(torch.float64)
         zero = (-lo / scale).to(torch.float32).to(torch.float64)
         return scale, zero
     if symmetric and bits == 4:
         m = torch.gather(w, -1, w.abs().argmax(-1, keepdim=True))[..., 0] * ratio
         scale = torch.where(m == 0, torch.ones_like(m), m / -float(zero_point_default(bits)))
         zero = torch.full_like(scale, float(zero_point_default(bits)))
-        return _float32_scale(scale), zero
+        return _round_scale(scale, scale_dtype), zero
     lo = torch.clamp(w.min(-1).values, max=0.0) * ratio
     hi = torch.clamp(w.max(-1).values, min=0.0) * ratio
     if symmetric:
@@ -117,13 +125,19 @@ def group_params(w: torch.Tensor, bits: int, symmetric: bool, ratio: float | tor
         hi = torch.where(empty, torch.ones_like(hi), hi)
         scale = (hi - lo) / maxq
         zero = torch.clamp(torch.round(-lo / scale), 0, maxq)
-    return _float32_scale(scale), zero
+    return _round_scale(scale, scale_dtype), zero
 
 
-def _float32_scale(scale: torch.Tensor) -> torch.Tensor:
-    """The scale rounded to a float32 value (as float64), never 0."""
-    scale = scale.to(torch.float32).to(torch.float64)
-    return torch.where(scale == 0, torch.full_like(scale, torch.finfo(torch.float32).tiny), scale)
+SCALE_DTYPES = (torch.float32, torch.float16)
+
+
+def _round_scale(scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The scale rounded to a `dtype` value (as float64), never 0 and never infinite."""
+    if dtype not in SCALE_DTYPES:
+        raise IRError(f"scale dtype {dtype}; accepted: float32, float16")
+    info = torch.finfo(dtype)
+    scale = scale.clamp(-info.max, info.max).to(dtype).to(torch.float64)
+    return torch.where(scale == 0, torch.full_like(scale, info.tiny), scale)
 
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
@@ -133,13 +147,14 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
 
 
 def clip_search(w: torch.Tensor, bits: int, symmetric: bool, grid: tuple[float, ...] = CLIP_GRID,
-                float_zero: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                float_zero: bool = False, scale_dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) for each group of `w` [..., g] with the clip ratio of `grid` that gives the
-    smallest squared error of that group."""
-    best_scale, best_zero = group_params(w, bits, symmetric, grid[0], float_zero)
+    smallest squared error of that group (scales in `scale_dtype`, as group_params)."""
+    best_scale, best_zero = group_params(w, bits, symmetric, grid[0], float_zero, scale_dtype)
     best_err = _group_error(w, best_scale, best_zero, bits)
     for r in grid[1:]:
-        scale, zero = group_params(w, bits, symmetric, r, float_zero)
+        scale, zero = group_params(w, bits, symmetric, r, float_zero, scale_dtype)
         err = _group_error(w, scale, zero, bits)
         better = err < best_err
         best_scale = torch.where(better, scale, best_scale)
@@ -153,10 +168,11 @@ def _group_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits:
     return ((quantize_codes(w, s, z, bits) - z) * s - w).pow(2).sum(-1)
 
 
-def _params(w: torch.Tensor, bits: int, symmetric: bool, clip: bool, float_zero: bool = False):
+def _params(w: torch.Tensor, bits: int, symmetric: bool, clip: bool, float_zero: bool = False,
+            scale_dtype: torch.dtype = torch.float32):
     if clip:
-        return clip_search(w, bits, symmetric, float_zero=float_zero)
-    return group_params(w, bits, symmetric, float_zero=float_zero)
+        return clip_search(w, bits, symmetric, float_zero=float_zero, scale_dtype=scale_dtype)
+    return group_params(w, bits, symmetric, float_zero=float_zero, scale_dtype=scale_dtype)
 
 
 def _result(codes, scales, zeros, bits, group_size, symmetric, float_zero) -> QuantizedWeight:
@@ -182,9 +198,10 @@ def _row_chunks(n: int, k: int) -> range:
 
 
 def rtn(weight: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = False,
-        clip: bool = False, float_zero: bool = False) -> QuantizedWeight:
+        clip: bool = False, float_zero: bool = False,
+        scale_dtype: torch.dtype = torch.float32) -> QuantizedWeight:
     """Round-to-nearest quantization of `weight` [N, K] in groups of `group_size` along K, in
-    float64, a block of rows at a time."""
+    float64, a block of rows at a time; scales rounded to `scale_dtype` values first."""
     n, k = weight.shape
     blocks = check_format(bits, group_size, k, n)
     _check_float_zero(bits, symmetric, float_zero)
@@ -193,7 +210,7 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = F
     for i in range(0, n, step):
         w = pad_edge(weight[i:i + step].detach().to(torch.float64), blocks * group_size)
         w = w.reshape(-1, blocks, group_size)
-        scale, zero = _params(w, bits, symmetric, clip, float_zero)
+        scale, zero = _params(w, bits, symmetric, clip, float_zero, scale_dtype)
         codes = quantize_codes(w, scale[..., None], zero[..., None], bits)
         parts.append(_result(codes.reshape(w.shape[0], -1)[:, :k], scale, zero, bits, group_size,
                              symmetric, float_zero))
@@ -212,9 +229,11 @@ class GPTQInfo:
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *,
          symmetric: bool = False, clip: bool = False, damp: float = 0.01, act_order: bool = False,
-         block_size: int = 128, float_zero: bool = False) -> tuple[QuantizedWeight, GPTQInfo]:
+         block_size: int = 128, float_zero: bool = False,
+         scale_dtype: torch.dtype = torch.float32) -> tuple[QuantizedWeight, GPTQInfo]:
     """GPTQ of `weight` [N, K] against the Hessian `hessian` [K, K] (2 X^T X of its inputs, any
-    positive scale). Dead inputs (zero diagonal) get diagonal 1 and a zero weight column; when the
+    positive scale); every group's scale is rounded to `scale_dtype` before its codes are chosen
+    and its error is propagated. Dead inputs (zero diagonal) get diagonal 1 and a zero weight column; when the
     damped Hessian is still not positive definite the dampening is multiplied by 10 (up to 1.0).
     A partial last group is padded with copies of the last column that no input multiplies (a
     Hessian row and column of zeros, diagonal at the mean): they take no part in the updates."""
@@ -237,7 +256,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     W[:, dead] = 0.0
     static = None
     if act_order and group_size < k:
-        static = _params(W.reshape(n, blocks, group_size), bits, symmetric, clip, float_zero)
+        static = _params(W.reshape(n, blocks, group_size), bits, symmetric, clip, float_zero,
+                         scale_dtype)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
     hinv, used = _inverse_cholesky(H, damp)
@@ -259,7 +279,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
             elif (i1 + i) % group_size == 0:
                 # this group's columns as updated so far: the rest of this block, then the next
                 ahead = torch.cat((W1[:, i:], W[:, i2:]), dim=1)[:, :group_size]
-                scale, zero = _params(ahead, bits, symmetric, clip, float_zero)
+                scale, zero = _params(ahead, bits, symmetric, clip, float_zero, scale_dtype)
                 scales[:, g], zeros[:, g] = scale, zero
             w = W1[:, i]
             q = quantize_codes(w, scale, zero, bits)

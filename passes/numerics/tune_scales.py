@@ -103,10 +103,11 @@ class ScaledLinears:
         bias = args[4] if len(args) > 4 else None
         return (torch.nn.functional.linear(args[0], w[:, :node.attrs["in_features"]], bias),)
 
-    def write(self) -> None:
-        """Store the tuned scales in the module (float32, the MatMulNBits scales' dtype)."""
+    def write(self, scale_dtype: torch.dtype = torch.float32) -> None:
+        """Store the tuned scales in the module (float32, the MatMulNBits scales' dtype), rounded
+        to `scale_dtype` values (float16: llama.cpp's block scales)."""
         for node, _, s0, theta in self.entries.values():
-            scales = (s0 * theta.detach().exp()).to(torch.float32)
+            scales = (s0 * theta.detach().exp()).to(scale_dtype).to(torch.float32)
             self.module.set_weight(node.inputs[2], scales.reshape(node.inputs[2].shape))
 
 
@@ -126,9 +127,11 @@ def tunable(module: Module) -> tuple[list[Node], list[str]]:
 
 
 def tune_scales(module: Module, ids: torch.Tensor, logp: torch.Tensor, idx: torch.Tensor, *,
-                steps: int, lr: float, seed: int, pass_name: str) -> dict[str, Any]:
+                steps: int, lr: float, seed: int, pass_name: str,
+                scale_dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Train the group scales of every tunable qlinear of `module` towards the teacher targets
-    (teacher_targets of the float module on `ids`); write them back when the held-out KL falls."""
+    (teacher_targets of the float module on `ids`); write them back, rounded to `scale_dtype`
+    values, when the held-out KL falls (the KL of the unrounded scales)."""
     nodes, skipped = tunable(module)
     if not nodes:
         raise PassError(f"{pass_name}: tune_steps = {steps}, but the module has no quantized "
@@ -168,7 +171,7 @@ def tune_scales(module: Module, ids: torch.Tensor, logp: torch.Tensor, idx: torc
     after = held_out()
     kept = math.isfinite(after) and after < before
     if kept:
-        lin.write()
+        lin.write(scale_dtype)
     logger.info("%s: scale tuning: held-out KL %.4g -> %.4g over %d steps%s", pass_name, before,
                 after, steps, "" if kept else " (no gain: scales kept)")
     return {"linears": len(nodes), "parameters": sum(p.numel() for p in lin.parameters()),
