@@ -29,6 +29,7 @@ from splice.errors import InputError
 from splice.ir import quant
 from splice.ir.core import Module, Node
 from ..artefact import write_artefact
+from ..common import decoder_io, manifest_fields, tokenizer_files
 from . import blocks
 from .llama import Entry, llama_layout
 from .vocab import tokenizer_metadata
@@ -39,7 +40,6 @@ MODEL_FILE = "model.gguf"
 TARGETS = ("cpu",)
 FLOAT_TYPES = ("f32", "f16")
 KV_TYPES = ("f32", "f16")
-TOKENIZER_MAIN = {"hf": "tokenizer.json", "llama2c": "tokenizer.bin"}
 FILE_TYPE = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7}
 FITS = ("Q4_0: quantize_weights bits = 4, symmetric = true, group_size = 32, scale_dtype = "
         "'float16'; Q4_1: bits = 4, float_zero_points = true, group_size = 32, scale_dtype = "
@@ -70,21 +70,22 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
         write_gguf(dest, module, layout, tok_keys, tensors)
 
     files: dict[str, Any] = {MODEL_FILE: write}
-    tokenizer = _tokenizer_files(module, files)
-    fields = {
-        "backend": "gguf",
-        "target": target,
-        "config": module.config.to_json(),
-        "gguf": {"file": MODEL_FILE, "arch": layout.arch, "tied_embeddings": layout.tied,
-                 "types": dict(sorted(types.items())),
-                 "tensors": {name: kind for name, _, kind in tensors},
-                 "tokenizer_metadata": tok_source},
-        "runtime": {"threads": threads, "kv_type": kv_type},
-        "tokenizer": tokenizer,
-        "recipe": recipe,
-        "report": report,
-    }
+    tokenizer = tokenizer_files(module, files)
+    fields = manifest_fields(
+        module, backend="gguf", target=target, io=decoder_io(module.graph), tokenizer=tokenizer,
+        recipe=recipe, report=report, created_by=f"with gguf {_gguf_version()}",
+        gguf={"file": MODEL_FILE, "arch": layout.arch, "tied_embeddings": layout.tied,
+              "types": dict(sorted(types.items())),
+              "tensors": {name: kind for name, _, kind in tensors},
+              "tokenizer_metadata": tok_source},
+        runtime={"threads": threads, "kv_type": kv_type})
     return write_artefact(out_dir, files, fields)
+
+
+def _gguf_version() -> str:
+    from importlib.metadata import version
+
+    return version("gguf")
 
 
 def encode(module: Module, entry: Entry, float_type: str = "f32") -> tuple[np.ndarray, str]:
@@ -162,19 +163,3 @@ def write_gguf(dest: Path, module: Module, layout, tok_keys: dict[str, Any],
     w.write_tensors_to_file()
     w.close()
     log.info("wrote %s: %d tensors", dest, len(tensors))
-
-
-def _tokenizer_files(module: Module, files: dict[str, Any]) -> dict[str, Any] | None:
-    """The tokenizer's own files, for splice's runtime (llama.cpp reads the GGUF metadata)."""
-    tok = module.tokenizer
-    if tok is None:
-        return None
-    main = TOKENIZER_MAIN.get(tok.kind)
-    if main is None or main not in tok.files:
-        raise InputError(f"tokenizer kind {tok.kind!r} with files {sorted(tok.files)}; the "
-                         f"runtime reads {', '.join(f'{k}: {v}' for k, v in TOKENIZER_MAIN.items())}")
-    for name, data in tok.files.items():
-        if "/" in name or "\\" in name or name in ("", ".", "..", MODEL_FILE, "manifest.json"):
-            raise InputError(f"tokenizer file name {name!r}: expected a plain file name")
-        files[name] = bytes(data)
-    return {"kind": tok.kind, "path": main, "files": sorted(tok.files)}
