@@ -11,7 +11,10 @@ each step copies the cache once inside ONNX Runtime. A contrib graph whose atten
 GroupQueryAttention (the manifest's io.share_buffer) takes an attention_mask and writes the new
 keys in place: generation then binds one max-length buffer per cache tensor as both past and
 present (IO binding), so a decode step copies nothing but its logits. `logits()` keeps the
-functional form (a new cache per call) for every artefact.
+functional form (a new cache per call) for every artefact. On the CUDA provider the cache stays on
+the device: `logits()` binds the present outputs to it and feeds them back as they are, and the
+in-place buffers are allocated there; only ids in and logits out cross to the host. The cache's
+dtype is the graph's (float16 for a cuda artefact).
 """
 
 from __future__ import annotations
@@ -157,6 +160,12 @@ class OnnxArtefact(Artefact):
                                           for n in (layer["present_key"], layer["present_value"])]
         self._feed_of = {layer[f"present_{kv}"]: layer[kv] for layer in self._layers
                          for kv in ("key", "value")}
+        # on the CUDA provider the cache lives on the device between steps (IO binding); its
+        # dtype is the graph's (a cuda artefact's cache is float16)
+        self._device = "cuda" if session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        past_type = {i.name: i.type for i in session.get_inputs()}.get(
+            self._layers[0]["key"] if self._layers else "", "tensor(float)")
+        self._cache_dtype = np.float16 if past_type == "tensor(float16)" else np.float32
 
     # -- one forward step ----------------------------------------------------------------------
     def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None
@@ -176,14 +185,30 @@ class OnnxArtefact(Artefact):
         if self._mask_name is not None:
             feeds[self._mask_name] = ort.OrtValue.ortvalue_from_numpy(
                 np.ones((b, past_len + s), np.int64))
-        outs = self.session.run_with_ort_values(self._outputs, feeds)
+        if self._device == "cpu":
+            outs = self.session.run_with_ort_values(self._outputs, feeds)
+        else:  # the logits come to the host, the present cache stays on the device
+            binding = self.session.io_binding()
+            for name, value in feeds.items():
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output(self._outputs[0], "cpu")
+            for name in self._outputs[1:]:
+                binding.bind_output(name, self._device)
+            self.session.run_with_iobinding(binding)
+            outs = binding.get_outputs()
         present = {self._feed_of[name]: v for name, v in zip(self._outputs[1:], outs[1:])}
-        return outs[0].numpy(), KVCache(present, past_len + s, b)
+        return np.asarray(outs[0].numpy(), np.float32), KVCache(present, past_len + s, b)
+
+    def _ortvalue(self, arr: np.ndarray) -> ort.OrtValue:
+        """A cache tensor where the session keeps it (host or device)."""
+        if self._device == "cpu":
+            return ort.OrtValue.ortvalue_from_numpy(arr)
+        return ort.OrtValue.ortvalue_from_numpy(arr, self._device, 0)
 
     def _past_feeds(self, past, batch: int) -> tuple[dict[str, ort.OrtValue], int]:
         if past is None:
-            return {layer[kv]: ort.OrtValue.ortvalue_from_numpy(
-                        np.zeros((batch, layer["kv_heads"], 0, layer["head_dim"]), np.float32))
+            return {layer[kv]: self._ortvalue(np.zeros(
+                        (batch, layer["kv_heads"], 0, layer["head_dim"]), self._cache_dtype))
                     for layer in self._layers for kv in ("key", "value")}, 0
         if isinstance(past, KVCache):
             if past.batch != batch:
@@ -196,7 +221,7 @@ class OnnxArtefact(Artefact):
                 if arr is None:
                     raise InputError(f"past: no {layer[kv]!r}; expected a KVCache or a dict with "
                                      f"{len(self._layers) * 2} arrays past.{{i}}.key/value")
-                arr = np.ascontiguousarray(arr, dtype=np.float32)
+                arr = np.ascontiguousarray(arr, dtype=self._cache_dtype)
                 want = (batch, layer["kv_heads"], arr.shape[2] if arr.ndim == 4 else -1,
                         layer["head_dim"])
                 if arr.shape != want or (length is not None and arr.shape[2] != length):
@@ -204,7 +229,7 @@ class OnnxArtefact(Artefact):
                                      f"[{batch}, {layer['kv_heads']}, past, {layer['head_dim']}] "
                                      "with one past length for all layers")
                 length = arr.shape[2]
-                feeds[layer[kv]] = ort.OrtValue.ortvalue_from_numpy(arr)
+                feeds[layer[kv]] = self._ortvalue(arr)
         return feeds, int(length or 0)
 
     def _cache(self, capacity: int) -> SharedCache | FunctionalCache:

@@ -29,8 +29,8 @@ class SharedCache:
         self.buffers = []
         for layer in art._layers:
             for kv in ("key", "value"):
-                buf = ort.OrtValue.ortvalue_from_numpy(
-                    np.zeros((1, layer["kv_heads"], capacity, layer["head_dim"]), np.float32))
+                buf = art._ortvalue(np.zeros((1, layer["kv_heads"], capacity, layer["head_dim"]),
+                                             art._cache_dtype))  # on the session's device
                 self.binding.bind_ortvalue_input(layer[kv], buf)
                 self.binding.bind_ortvalue_output(layer[f"present_{kv}"], buf)
                 self.buffers.append(buf)

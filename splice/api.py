@@ -16,9 +16,10 @@ from .recipe import Recipe
 
 log = logging.getLogger(__name__)
 
-# backend -> the targets it builds for (the ONNX backend's CUDA artefacts wait for a GPU runner;
-# the TVM backend compiles cuda without one, and cross-compiles aarch64 Linux)
-TARGETS = {"onnx": ("cpu",), "tvm": ("cpu", "cuda", "aarch64"), "npu": ("npu",)}
+# backend -> the targets it builds for (cuda artefacts build without a GPU: ONNX's float16 graph
+# for ONNX Runtime's CUDA provider, TVM's CUDA library; TVM also cross-compiles aarch64 Linux)
+TARGETS = {"onnx": ("cpu", "cuda"), "tvm": ("cpu", "cuda", "aarch64"), "npu": ("npu",),
+           "gguf": ("cpu",)}
 
 
 def resolve_recipe(recipe: Recipe | str | Path | None) -> Recipe:
@@ -45,7 +46,7 @@ def calibration_batches(module, calibration: Any, *, seq_len: int = 512,
     if isinstance(calibration, torch.Tensor):
         ids = calibration.to(torch.int64)
         return ids if ids.dim() == 2 else ids.reshape(1, -1)
-    from .text import encode_text, read_text
+    from splice.frontend.text import encode_text, read_text
 
     if isinstance(calibration, Path) or (isinstance(calibration, str) and _is_file(calibration)):
         calibration = read_text(Path(calibration))
@@ -101,15 +102,16 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
             out: str | Path = "artefact", *, calibration: Any = None, instruments=(),
             seed: int | None = None, load: bool = True, memory_limit: int | float | None = None,
             backend: str = "onnx", layerwise: bool = False, distributed: bool = False,
-            export_options: dict[str, Any] | None = None):
+            export_options: dict[str, Any] | None = None, progress=None):
     """Compile `model` with `recipe` for `target` into the artefact directory `out`.
 
     model: anything frontend.load_model accepts (a path, "smollm2-135m", a transformers model, an
-    ir.Module). backend: "onnx" (ONNX Runtime) or "tvm" (a compiled library; targets cpu, cuda,
-    aarch64). Calibration data is explicit: token batches, a list of ids, or text. Returns the
+    ir.Module). backend: "onnx" (ONNX Runtime), "tvm" (a compiled library; targets cpu, cuda,
+    aarch64), "npu", or "gguf" (a GGUF file for llama.cpp; recipes that change llama.cpp's graph
+    are refused before the model is loaded, backends/gguf/fits.py). Calibration data is explicit: token batches, a list of ids, or text. Returns the
     loaded artefact (splice.runtime.Artefact), or its path when `load` is False. The artefact is
     written to a temporary directory and renamed into place, so a failure leaves `out` as it was.
-    Before loading, the memory the compile needs is estimated (splice/memory.py) and checked
+    Before loading, the memory the compile needs is estimated (frontend/memory.py) and checked
     against `memory_limit` bytes (None: what the machine has available).
     layerwise: import a Hugging Face directory or a GGUF file lazily and run the passes one
     decoder layer at a time, after the whole-model ones (passes/infra/layerwise.py), for models larger
@@ -119,6 +121,8 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     export_options: the backend's own export settings, e.g. for ONNX {"ops": "standard"} (no
     contrib ops), {"accuracy_level": 0} (MatMulNBits in float32), {"threads": 4} (the session
     default); an option the backend does not have is refused before the model is loaded.
+    progress: a callable given the name of each step as it starts ("import", "pass NAME",
+    "export", ...), e.g. splice.progress.Progress.stage; None for none.
     """
     from splice.frontend import load_model
 
@@ -132,9 +136,13 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
         raise InputError(f"the {backend} backend has no target {target!r}; supported: "
                          f"{', '.join(TARGETS[backend])}")
     recipe = resolve_recipe(recipe)  # a bad recipe fails here, before the model is loaded
+    if backend == "gguf":  # llama.cpp's graph holds weights-only changes: refuse the rest now
+        from splice.backends.gguf.fits import check_recipe
+
+        check_recipe(recipe.build())
     export_options = dict(export_options or {})
     _check_export_options(backend, export_options)
-    from .memory import check_memory
+    from splice.frontend.memory import check_memory
 
     if layerwise:
         from splice.passes.infra.layerwise import check_supported
@@ -142,7 +150,16 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
         check_supported(recipe.build())
     else:
         check_memory(model, recipe, memory_limit)
+    from .presets import check_calibration
+
+    check_calibration(recipe, calibration)  # after the model's own checks, before loading it
+    stage = progress or (lambda name: None)
+    if progress is not None:
+        from .progress import StageInstrument
+
+        instruments = [*instruments, StageInstrument(progress)]
     t0 = time.perf_counter()
+    stage("import")
     from splice.frontend.lazy_gguf import gguf_source  # the default model's name, or a .gguf file
 
     if layerwise and isinstance(model, (str, Path)) and (Path(model) / "config.json").is_file():
@@ -156,11 +173,13 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     else:
         module = load_model(model)
     t_import = time.perf_counter() - t0
+    if calibration is not None:
+        stage("calibration text")
     calib = calibration_batches(module, calibration, seq_len=recipe.calibration_seq_len,
                                 max_batches=recipe.calibration_samples or 16)
     reducer = None
     if distributed:
-        from . import distributed as dist
+        from splice.passes.infra import distributed as dist
 
         reducer = dist.init()
         calib = dist.shard(calib, reducer.rank, reducer.world_size)
@@ -171,7 +190,7 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
                                               dir=Path(out).resolve().parent)
     try:
         return _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, target,
-                      out, t0, t_import, load, export_options)
+                      out, t0, t_import, load, export_options, stage)
     finally:
         if scratch is not None:
             scratch.cleanup()
@@ -191,7 +210,7 @@ def check_compile_arguments(model: Any, out: Any, *, instruments=(), seed=None,
     out = checks.output_dir(out, "output directory (out)", "artefact")
     for inst in instruments:
         if getattr(inst, "directory", None) is not None:   # DumpInstrument writes there
-            checks.output_dir(inst.directory, f"{type(inst).__name__} directory")
+            checks.output_dir(inst.directory, f"IR dump directory ({type(inst).__name__})")
     checks.integer(seed, "seed", minimum=0, optional=True)
     checks.number(memory_limit, "memory_limit (bytes)", above=0, optional=True)
     if isinstance(calibration, Path):
@@ -220,6 +239,8 @@ def _exporter(backend: str):
         from splice.backends.tvm import export
     elif backend == "npu":
         from splice.backends.npu import export
+    elif backend == "gguf":
+        from splice.backends.gguf import export
     else:
         from splice.backends.onnx import export
     return export
@@ -228,6 +249,8 @@ def _exporter(backend: str):
 def _check_export_options(backend: str, options: dict[str, Any]) -> None:
     import inspect
 
+    if "threads" in options:
+        checks.integer(options["threads"], "export option threads", minimum=0, optional=True)
     accepted = [k for k in inspect.signature(_exporter(backend)).parameters if k not in _FILLED]
     bad = sorted(set(options) - set(accepted))
     if bad:
@@ -236,13 +259,13 @@ def _check_export_options(backend: str, options: dict[str, Any]) -> None:
 
 
 def _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, target, out, t0,
-           t_import, load, export_options):
+           t_import, load, export_options, stage):
     """compile() after the import: passes, then (on rank 0) the backend and loading."""
     module, report = run_passes(module, recipe, calibration=calib, instruments=instruments,
                                 seed=seed, reducer=reducer,
                                 layerwise_dir=scratch.name if scratch is not None else None)
     if reducer is not None and reducer.rank != 0:
-        from .distributed import barrier
+        from splice.passes.infra.distributed import barrier
 
         barrier()  # rank 0 writes the artefact
         return None
@@ -253,16 +276,18 @@ def _lower(module, recipe, calib, instruments, seed, reducer, scratch, backend, 
         extra["calibration"] = calib
 
     t1 = time.perf_counter()
+    stage(f"export ({backend})")
     path = export(module, Path(out), target=target, recipe=recipe.to_dict(),
                   report={"import_s": round(t_import, 3), "passes": report}, **extra)
     log.info("compiled %s in %.1f s (import %.1f s, lowering %.1f s)", path,
              time.perf_counter() - t0, t_import, time.perf_counter() - t1)
     if reducer is not None:
-        from .distributed import barrier
+        from splice.passes.infra.distributed import barrier
 
         barrier()
     if not load:
         return path
+    stage("load")
     from splice.runtime import load as load_artefact
 
     return load_artefact(path)

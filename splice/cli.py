@@ -3,7 +3,7 @@
 Exit codes: 0 success, 2 bad input (one line naming the problem and what is accepted), 1 an
 internal failure (a bug: the message says so; --debug shows the traceback for either).
 `splice debug` also returns 1 when a pass or the lowering check failed (its report says where),
-`splice bisect` returns 3 when no pass crosses the tolerance (see splice/debug/commands.py).
+`splice bisect` returns 3 when no pass crosses the tolerance (see splice/cli_debug.py).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -31,6 +32,8 @@ EXAMPLES = """examples:
   splice inspect smollm2-135m --calib wikitext2_valid_tokenized.txt --tokens 2048
   splice debug smollm2-135m --recipe fold_norms --out out/debug --calib tinystories_val.txt
   splice bisect model.bin --recipe my.toml --metric kl --tolerance 0.01 --out out/bisect
+  splice presets
+  splice presets show balanced > my.toml
   splice passes
 """
 
@@ -47,7 +50,7 @@ NUMBERS = {   # dest -> (check, its name, its range)
     "temperature": (checks.number, "--temperature (0 = greedy)", dict(minimum=0)),
     "top_k": (_int, "--top-k (top_k, 0 = off)", dict(minimum=0)),
     "top_p": (checks.number, "--top-p (top_p, 1 = off)", dict(above=0, maximum=1)),
-    "threads": (_int, "--threads", dict(minimum=1, optional=True)),
+    "threads": (_int, "--threads (0: the runtime's default)", dict(minimum=0, optional=True)),
     "lookahead": (_int, "--lookahead", dict(minimum=0)),
     "max_tokens": (_int, "--max-tokens", dict(minimum=1)),
     "window": (_int, "--window", dict(minimum=2, optional=True)),
@@ -94,23 +97,52 @@ def cmd_compile(a: argparse.Namespace) -> int:
         import onnx_ir  # noqa: F401
     from .api import compile
 
-    from .distributed import launched_by_torchrun
+    from splice.passes.infra.distributed import launched_by_torchrun
 
     t0 = time.perf_counter()
     # --calib names a file: a Path, so that a missing one is reported as such (a str that is not
     # a file would be taken as the calibration text itself)
-    path = compile(a.model, a.recipe, a.target, a.out,
-                   calibration=Path(a.calib) if a.calib is not None else None,
-                   instruments=_instruments(a), seed=a.seed, load=False,
-                   memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9,
-                   backend=a.backend, layerwise=a.layerwise,
-                   distributed=launched_by_torchrun(), export_options=_export_options(a))
+    recipe = _compile_recipe(a)
+    from .progress import Progress
+
+    with Progress("splice compile", len(recipe.passes) + 2, enabled=_progress_on(a)) as shown:
+        path = compile(a.model, recipe, a.target, a.out,
+                       calibration=Path(a.calib) if a.calib is not None else None,
+                       instruments=_instruments(a), seed=a.seed, load=False,
+                       memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9,
+                       backend=a.backend, layerwise=a.layerwise,
+                       distributed=launched_by_torchrun(), export_options=_export_options(a),
+                       progress=shown.stage)
     if path is None:  # a torchrun rank other than 0: rank 0 wrote the artefact
         return 0
     manifest = json.loads((path / "manifest.json").read_text())
     _print_report(manifest.get("report", {}))
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"artefact: {path} ({size / 1e6:.1f} MB) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _compile_recipe(a: argparse.Namespace):
+    """--recipe, or with none the target's default preset (splice/presets.py; fold_norms for a
+    target without one). compile() refuses a recipe that calibrates given no --calib."""
+    from . import presets
+    from .api import resolve_recipe
+
+    name = a.recipe
+    if name is None:
+        target = "npu" if a.backend == "npu" else a.target
+        has_default = any(p.default for p in presets.presets(target))
+        name = presets.default_preset(target) if has_default else "fold_norms"
+    return resolve_recipe(name)
+
+
+def cmd_presets(a: argparse.Namespace) -> int:
+    from . import presets
+
+    if a.action == "show" and a.name is None:
+        raise InputError("splice presets show NAME: name the preset to print; presets: "
+                         + ", ".join(p.name for p in presets.presets()))
+    print(presets.show(a.name) if a.action == "show" else presets.table(), end="\n")
     return 0
 
 
@@ -155,7 +187,7 @@ def _numeric(rec: dict | None) -> str:
 
 def _print_report(report: dict) -> None:
     """One line per pass: what changed, how long it took, and what the numeric check saw."""
-    rows = report.get("passes", [])
+    rows = (report or {}).get("passes") or []   # an artefact written without a report has null
     if not rows:
         print("passes: none")
         return
@@ -206,14 +238,13 @@ def cmd_eval(a: argparse.Namespace) -> int:
 
     r = perplexity_of(a.model, Path(a.text), max_tokens=a.max_tokens, window=a.window,
                       progress=_progress_on(a))
-    print(f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens "
-          f"({r['windows']} windows of {r['window']}) [{r['engine']}]")
+    print(f"perplexity {r['ppl']:.3f} over {r['tokens']} tokens ({r['protocol']}) [{r['engine']}]")
     return 0
 
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     if a.calib is not None:
-        from .debug.commands import check_inspect_calib
+        from .cli_debug import check_inspect_calib
 
         check_inspect_calib(a)
     if _is_artefact(a.model):
@@ -238,7 +269,7 @@ def cmd_inspect(a: argparse.Namespace) -> int:
     if a.graph:
         print(module.graph)
     if a.calib is not None:
-        from .debug.commands import print_activation_stats
+        from .cli_debug import print_activation_stats
 
         print_activation_stats(module, a.calib, a.tokens)
     return 0
@@ -297,11 +328,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compile", help="compile a model into an artefact directory")
     c.add_argument("model", metavar="MODEL", help=model_help)
-    c.add_argument("--recipe", default="fold_norms", help="a built-in recipe name or a .toml file")
-    c.add_argument("--backend", default="onnx", choices=("onnx", "tvm", "npu"),
-                   help="onnx (ONNX Runtime), tvm (a compiled library) or npu (Qualcomm HTP)")
+    c.add_argument("--recipe", default=None,
+                   help="a built-in recipe or preset name, or a .toml file (default: the "
+                        "target's default preset, `splice presets`; fold_norms where none)")
+    c.add_argument("--backend", default="onnx", choices=("onnx", "tvm", "npu", "gguf"),
+                   help="onnx (ONNX Runtime), tvm (a compiled library), npu (Qualcomm HTP) or "
+                        "gguf (a GGUF file for llama.cpp)")
     c.add_argument("--target", default="cpu",
-                   help="cpu; with --backend tvm also cuda, or aarch64 (cross-compiled); npu "
+                   help="cpu; cuda (--backend onnx or tvm); aarch64 (tvm, cross-compiled); npu "
                         "(Qualcomm HTP through QNN, static QDQ graphs; needs --calib)")
     c.add_argument("--out", required=True, help="artefact directory (replaced atomically)")
     c.add_argument("--calib", help="calibration text file (for passes that need it)")
@@ -315,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
                    help="ONNX: MatMulNBits compute precision (4: int8, the default; 0: float32)")
     c.add_argument("--threads", type=int, default=None,
-                   help="ONNX, TVM: the artefact's default thread count")
+                   help="ONNX, TVM, GGUF: the artefact's default thread count")
     c.add_argument("--layerwise", action="store_true",
                    help="read the weights lazily (a Hugging Face directory or a .gguf file) "
                         "and run the passes one decoder layer at a time, after the whole-model "
@@ -335,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=None,
                    help="sampling seed, an integer >= 0 (default: a fresh one)")
     r.add_argument("--threads", type=int, default=None,
-                   help="ONNX, TVM: threads (default: the artefact's own setting)")
+                   help="ONNX, TVM, GGUF: threads (default: the artefact's own setting)")
     r.add_argument("--lookahead", type=int, default=0, metavar="K",
                    help="greedy only: prompt lookup decoding, up to K tokens copied from the "
                         "context and checked in one step, how many adapted to how many are "
@@ -359,10 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--tokens", type=int, default=2048, help="calibration tokens for --calib")
     i.set_defaults(fn=cmd_inspect)
 
+    ps = sub.add_parser("presets", help="list the presets with their measured figures, or "
+                                        "print one as TOML to edit (presets show NAME)")
+    ps.add_argument("action", nargs="?", choices=("list", "show"), default="list")
+    ps.add_argument("name", nargs="?", metavar="NAME", help="with show: the preset to print")
+    ps.set_defaults(fn=cmd_presets)
+
     s = sub.add_parser("passes", help="list the registered passes and their settings")
     s.set_defaults(fn=cmd_passes)
 
-    from .debug.commands import add_arguments as add_debug_commands
+    from .cli_debug import add_arguments as add_debug_commands
 
     add_debug_commands(sub, model_help)
     sub.choices["debug"].epilog = DEBUG_EPILOG
@@ -376,9 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _no_progress_bars() -> None:
-    """Hugging Face's weight-loading progress bars are off unless -v or --debug, so that a failing
-    command's stderr is its one error line. transformers copies the hub's switch when it is
-    imported, hence both calls."""
+    """Libraries' progress bars are off, so that splice's own display (splice/progress.py) is the
+    one on stderr and a failing command's stderr is its one error line. transformers copies the
+    hub's switch when it is imported, hence both calls; its GGUF reader draws a tqdm bar of its
+    own, which only tqdm's TQDM_DISABLE default reaches (main() sets it for the command and puts
+    it back; splice's own bars ask for disable=False)."""
     try:
         from huggingface_hub.utils import disable_progress_bars
     except ImportError:     # a runtime-only install has no Hugging Face libraries to quiet
@@ -483,10 +525,17 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO if a.verbose
                             else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        if not (a.verbose or a.debug):
-            _no_progress_bars()
+        _no_progress_bars()
         check_arguments(a)
-        return a.fn(a)
+        tqdm_before = os.environ.get("TQDM_DISABLE")
+        os.environ["TQDM_DISABLE"] = "1"
+        try:
+            return a.fn(a)
+        finally:
+            if tqdm_before is None:
+                os.environ.pop("TQDM_DISABLE", None)
+            else:
+                os.environ["TQDM_DISABLE"] = tqdm_before
     except InputError as e:
         if _interrupted(e):
             return _report_interrupt()
@@ -499,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return _report_interrupt()
+    except BrokenPipeError:   # `splice inspect ... | head`: the reader left, nothing is wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 141
     except Exception as e:  # noqa: BLE001 - the one place that turns a bug into exit code 1
         if _interrupted(e):
             return _report_interrupt()

@@ -19,6 +19,7 @@ from splice.ir.core import Module
 from ..artefact import write_artefact
 from ..common import decoder_io, manifest_fields, tokenizer_files
 from .contrib import ATTENTION_MASK, OPS_MODES, rule_table
+from .cuda import to_float16
 from .genai import genai_config
 from .lower import DATA_FILE, MODEL_FILE, OPSET, lower, save
 from .quant import ACCURACY_LEVEL
@@ -29,13 +30,17 @@ TARGETS = {
 }
 # contrib ops on both: the CUDA provider has GroupQueryAttention, MatMulNBits and the fused norms
 DEFAULT_OPS = {"cpu": "contrib", "cuda": "contrib"}
+# compute dtype per target: the CUDA kernels' fast paths take float16 (cuda.py says which)
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "float16"}
+DTYPES = ("float32", "float16")
 GENAI_FILE = "genai_config.json"
 
 
 def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
            recipe: dict | None = None, report: list | dict | None = None,
            threads: int = 2, graph_optimization: str = "all", ops: str | None = None,
-           accuracy_level: int = ACCURACY_LEVEL, spinning: bool = True) -> Path:
+           accuracy_level: int = ACCURACY_LEVEL, spinning: bool = True,
+           dtype: str | None = None) -> Path:
     """Lower `module` to ONNX and write the artefact into `out_dir` (atomically; see
     backends.artefact). `recipe` and `report` are recorded in the manifest as given. `threads`
     and `graph_optimization` are the session defaults the runtime starts from. `ops`: "contrib"
@@ -44,10 +49,15 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     "standard" (ONNX-domain ops only, for runtimes without them); `accuracy_level` is
     MatMulNBits' compute precision in contrib mode (4: int8, 0: float32). Both are recorded in
     the manifest's onnx section. `spinning`: whether ONNX Runtime's idle intra-op threads spin
-    (its default; fastest on dedicated cores, slow on cores shared with other processes)."""
+    (its default; fastest on dedicated cores, slow on cores shared with other processes).
+    `dtype`: the compute dtype, "float32" or "float16" (weights, activations and KV cache; the
+    logits stay float32; cuda.py); default float16 for cuda, float32 for cpu."""
     if target not in TARGETS:
         raise InputError(f"ONNX backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
     ops = DEFAULT_OPS[target] if ops is None else ops
+    dtype = DEFAULT_DTYPE[target] if dtype is None else dtype
+    if dtype not in DTYPES:
+        raise InputError(f"ONNX backend: dtype={dtype!r}; accepted: {', '.join(DTYPES)}")
     if ops not in OPS_MODES:
         raise InputError(f"ONNX backend: ops={ops!r}; accepted: {', '.join(OPS_MODES)}")
     if not isinstance(threads, int) or threads < 1:
@@ -57,8 +67,11 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
                          "disable, basic, extended, all")
     io = decoder_io(module.graph)
     model = lower(module, rules=rule_table(ops, accuracy_level=accuracy_level))
+    if dtype == "float16":
+        to_float16(model)
     _cache_io(module, model, io)
-    genai = genai_config(module, io, MODEL_FILE, threads=threads, spinning=spinning)
+    genai = genai_config(module, io, MODEL_FILE, threads=threads, spinning=spinning,
+                         provider="cuda" if target == "cuda" else None)
     files: dict[str, Any] = {MODEL_FILE: lambda dest: save(model, dest.parent),
                              GENAI_FILE: json.dumps(genai, indent=2).encode()}
     tokenizer = tokenizer_files(module, files)
@@ -66,7 +79,7 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
         module, backend="onnx", target=target, io=io, tokenizer=tokenizer, recipe=recipe,
         report=report,
         onnx={"model": MODEL_FILE, "external_data": DATA_FILE, "opset": OPSET,
-              "dtype": "float32", "ops": ops,
+              "dtype": dtype, "ops": ops,
               "accuracy_level": accuracy_level if ops == "contrib" else None},
         session={"providers": TARGETS[target], "intra_op_num_threads": threads,
                  "inter_op_num_threads": 1, "graph_optimization": graph_optimization,

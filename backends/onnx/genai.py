@@ -18,7 +18,8 @@ from splice.ir.core import Module
 
 
 def genai_config(module: Module, io: dict[str, Any], model_file: str, *,
-                 threads: int | None = None, spinning: bool = True) -> dict[str, Any]:
+                 threads: int | None = None, spinning: bool = True,
+                 provider: str | None = None) -> dict[str, Any]:
     """The config for `module`'s decoder in `model_file`; `threads` and `spinning` (the
     manifest's session settings) go into the session options so both runtimes start from the
     same ones."""
@@ -27,7 +28,10 @@ def genai_config(module: Module, io: dict[str, Any], model_file: str, *,
               "past_key_names": "past.%d.key", "past_value_names": "past.%d.value"}
     if io.get("attention_mask"):
         inputs["attention_mask"] = io["attention_mask"]
-    session: dict[str, Any] = {"log_id": "onnxruntime-genai", "provider_options": []}
+    # no provider: genai's CPU default; "cuda": its CUDA provider, which keeps the cache on the
+    # device and binds it in place between steps
+    session: dict[str, Any] = {"log_id": "onnxruntime-genai",
+                               "provider_options": [{provider: {}}] if provider else []}
     if threads is not None:
         session.update(intra_op_num_threads=threads, inter_op_num_threads=1)
     if not spinning:  # genai passes session.* keys on to ONNX Runtime as config entries
