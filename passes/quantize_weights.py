@@ -35,7 +35,9 @@ lm_head follows `lm_head` ("keep", "int8" or "int4"; a tied lm_head gets its own
 the embedding keeps the float table). Group sizes: 0 = per output channel, or 16/32/64/128/256
 (MatMulNBits' block sizes). A group that does not divide in_features leaves a partial last group,
 as MatMulNBits does (SmolLM2's 576 inputs in groups of 128: 4 groups and one of 64); a group
-larger than some selected linear's in_features is refused, naming them, before anything changes.
+larger than some selected linear's in_features is refused, naming them, before anything changes,
+unless `fit_groups` is set: such a linear (or embedding table) then gets one group per row (the
+presets set it, so that one preset compiles a 64-wide toy model as well as SmolLM2).
 Symmetric quantization stores no zero points (8 for int4, 128 for int8: MatMulNBits' default);
 `float_zero_points` stores a float32 zero point per group instead of a 4-bit integer (the min-max
 grid q * s + min of llama.cpp's Q4_1: a model published as Q4_1 with groups of 32, SmolLM2-135M,
@@ -103,7 +105,8 @@ class QuantizeWeightsPass(PassBase):
     linear's output error on them); hessian_samples (calibration rows that GPTQ's Hessians and
     the output errors use, the first ones; 0 = all); tune_steps, tune_lr, tune_samples,
     tune_seq_len, tune_teacher (end-to-end tuning of the scales after quantizing, 0 steps =
-    none).
+    none); fit_groups (a linear or table narrower than group_size: one group per row, not a
+    refusal).
     """
 
     name = "quantize_weights"
@@ -128,6 +131,7 @@ class QuantizeWeightsPass(PassBase):
     tune_samples: int = 128
     tune_seq_len: int = 512
     tune_teacher: str = "input"
+    fit_groups: bool = False
 
     def __post_init__(self) -> None:
         p = f"pass {self.name!r}:"
@@ -186,7 +190,9 @@ class QuantizeWeightsPass(PassBase):
                 continue
             n, k = w.shape
             group = self.group_size or k
-            if group > k:
+            if group > k and self.fit_groups:
+                group = k
+            elif group > k:
                 bad.append(f"{label(node)} (in_features {k})")
             targets.append((node, bits, group))
         if bad:
@@ -396,7 +402,7 @@ class QuantizeWeightsPass(PassBase):
         tables = [n for n in module.graph.find(op="embedding") if n.inputs[1].is_const
                   and module.weight(n.inputs[1]).is_floating_point()]
         for n in tables:
-            if self.group_size > n.inputs[1].shape[1]:
+            if self.group_size > n.inputs[1].shape[1] and not self.fit_groups:
                 raise PassError(f"pass {self.name!r}: group_size {self.group_size} exceeds the "
                                 f"embedding width {n.inputs[1].shape[1]} of {label(n)}; choose "
                                 "a smaller group or group_size 0 (per row)")
@@ -412,7 +418,8 @@ class QuantizeWeightsPass(PassBase):
             table = node.inputs[1]
             t = module.weight(table)
             v, d = t.shape
-            group = self.group_size or d
+            group = min(self.group_size, d) if self.fit_groups else self.group_size
+            group = group or d
             shared = made.get((table.const, 8, group))
             if shared is not None and t.dtype == torch.float32:
                 ins = shared

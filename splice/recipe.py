@@ -14,6 +14,11 @@ A Recipe is a frozen dataclass; it is also readable from TOML, one `[[pass]]` ta
     name = "fold_norms"              # a registered pass (`splice passes` lists them)
     untie = true                     # the pass's settings, checked against its fields
 
+A `[preset]` table (target, goal, measured figures: splice/presets.py) is read by `splice presets`
+and ignored by the recipe itself, so a preset printed with `splice presets show` and edited is a
+recipe file as it stands. The built-in recipes, presets included, are TOML files in the package
+(splice/recipes/); `Recipe.named` reads them.
+
 Passes are validated when the recipe is made (unknown pass, unknown setting, wrong type: a
 one-line PassError, an InputError), so a bad recipe fails before any model is loaded.
 """
@@ -21,17 +26,19 @@ one-line PassError, an InputError), so a bad recipe fails before any model is lo
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import tomllib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from splice.passes.infra.base import PassBase, PassError
 from splice.passes.infra.registry import make_pass
 
-_TOP_KEYS = ("name", "description", "seed", "calibration", "pass")
+_TOP_KEYS = ("name", "description", "seed", "calibration", "pass", "preset")
 _CALIBRATION_KEYS = ("samples", "seq_len")
 
 
@@ -146,7 +153,7 @@ class Recipe:
             if not path.is_file():
                 raise PassError(f"recipe file {str(path)!r} does not exist"
                                 + ("" if path.suffix else "; built-in recipes: "
-                                   + ", ".join(BUILTIN_RECIPES)))
+                                   + ", ".join(builtin_names())))
             try:
                 text, where, stem = path.read_text(encoding="utf-8"), str(path), path.stem
             except UnicodeDecodeError as e:
@@ -167,22 +174,23 @@ class Recipe:
 
     @classmethod
     def named(cls, name: str) -> Recipe:
-        """A built-in recipe: "none" (no passes) or "fold_norms"."""
-        factory = BUILTIN_RECIPES.get(name)
-        if factory is None:
-            raise PassError(f"unknown recipe {name!r}; built-in recipes: "
-                            f"{', '.join(BUILTIN_RECIPES)}, or give a .toml file")
-        return factory()
+        """A built-in recipe (`builtin_names()`: "none", "fold_norms", the presets "fastest",
+        "balanced", "closest_to_float", ...), read from its TOML file in the package."""
+        text = builtin_text(name)
+        try:
+            return cls.from_dict(tomllib.loads(text), default_name=name)
+        except (PassError, tomllib.TOMLDecodeError) as e:  # a shipped file: a bug, not bad input
+            raise RuntimeError(f"built-in recipe {name!r} is broken: {e}") from e
 
     @classmethod
     def resolve(cls, spec: str | Path | Recipe) -> Recipe:
         """What `--recipe FILE|NAME` means: a Recipe as is, a built-in name, or a TOML file."""
         if isinstance(spec, Recipe):
             return spec
-        if isinstance(spec, str) and spec in BUILTIN_RECIPES:
+        if isinstance(spec, str) and spec in builtin_names():
             return cls.named(spec)
         if not isinstance(spec, (str, Path)):
-            raise PassError(f"a recipe is a Recipe, a built-in name ({', '.join(BUILTIN_RECIPES)}) "
+            raise PassError(f"a recipe is a Recipe, a built-in name ({', '.join(builtin_names())}) "
                             f"or a TOML file, got {type(spec).__name__}")
         return cls.from_toml(Path(spec))
 
@@ -229,113 +237,28 @@ def _toml_value(v: Any) -> str:
     raise PassError(f"cannot write {type(v).__name__} {v!r} as a TOML value")
 
 
-# int4 asymmetric g128 GPTQ with act-order (static groups) and the MSE clip search, and the
-# pruning of prune4_mlp_patch: parts of several recipes below
+# int4 asymmetric g128 GPTQ with act-order (static groups) and the MSE clip search: the settings
+# of the w4_gptq recipe, for code that builds its own pass lists (benchmarks)
 GPTQ_W4 = {"method": "gptq", "bits": 4, "group_size": 128, "symmetric": False, "act_order": True,
            "clip_search": True}
-PRUNE4_MLP_PATCH = (
-    ("select_layers", {"n": 4}),
-    ("estimate_patch", {"kind": "mlp", "mlp_rank": 512, "mlp_steps": 8000}),
-    ("prune_layers", {}), ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {}))
 
-BUILTIN_RECIPES: dict[str, Callable[[], Recipe]] = {
-    "none": lambda: Recipe("none", (), "no passes: the imported model as is"),
-    "fold_norms": lambda: Recipe("fold_norms", (("fold_norms", {}),),
-                                 "fold every pre-norm's scale into the following linears (exact)"),
-    "rotate": lambda: Recipe("rotate", (("fold_norms", {}), ("rotate", {})),
-                             "fold the pre-norms, then QuaRot's Hadamard rotations R1, R2 and R4 "
-                             "(exact; Gemma needs absorb_post_norm first, or rotate r1 = false)"),
-    # No fold_norms before weight-only quantization: folding the norm scales into the weight
-    # columns widens every group holding a channel with a large scale (SmolLM2-135M W4 g128 RTN,
-    # 4 WikiText-2 windows: ppl 32.7 unfolded, 50.1 folded; float 23.1), and unties a tied
-    # lm_head. Fold when a rotation follows, which spreads those channels out again.
-    "w4_rtn": lambda: Recipe("w4_rtn", (("quantize_weights", {
-        "method": "rtn", "bits": 4, "group_size": 128}),),
-        "int4 weights, groups of 128, round to nearest (no calibration)"),
-    # act-order and the clip search: SmolLM2-135M, WikiText-2 27.19 against 30.65 without them
-    "w4_gptq": lambda: Recipe("w4_gptq", (("quantize_weights", GPTQ_W4),),
-        "int4 asymmetric weights, groups of 128, GPTQ with act-order (static groups) and the MSE "
-        "clip search on 128 x 512 calibration tokens",
-        calibration_samples=128, calibration_seq_len=512),
-    # SmolLM2-135M, WikiText-2: 25.39 against float 22.88 (w4_gptq alone 27.19)
-    "w4_gptq_rotate": lambda: Recipe("w4_gptq_rotate", (
-        ("fold_norms", {}), ("rotate", {}), ("quantize_weights", GPTQ_W4)),
-        "fold norms, QuaRot rotations R1, R2, R4, then int4 asymmetric g128 GPTQ with act-order "
-        "(static groups) and the MSE clip search, on 128 x 512 calibration tokens",
-        calibration_samples=128, calibration_seq_len=512),
-    # R4 is for activations: with weights only quantized it buys little and costs an online
-    # Hadamard a step. SmolLM2-135M, WikiText-2: 25.50 (w4_gptq_rotate 25.39); without R4 the
-    # pruned pipeline decodes 5-8% faster on ONNX Runtime, 2 cores (benchmarks/onnx_speed.py)
-    "w4_gptq_rotate_r12": lambda: Recipe("w4_gptq_rotate_r12", (
-        ("fold_norms", {}), ("rotate", {"r4": False}), ("quantize_weights", GPTQ_W4)),
-        "fold norms, QuaRot rotations R1 and R2 only (fused into the weights: no online op), "
-        "then int4 asymmetric g128 GPTQ with act-order (static groups) and the MSE clip search, "
-        "on 128 x 512 calibration tokens",
-        calibration_samples=128, calibration_seq_len=512),
-    # the same (GPTQ on the first 128 sequences), then the group scales tuned end to end by
-    # distillation from the float model, 600 steps of one 512-token sequence out of 224 (~47 min
-    # on 2 cores): SmolLM2-135M, WikiText-2 23.89 against float 22.88, +4.4% (w4_gptq_rotate
-    # 25.39; 300 steps over 112 sequences 24.06)
-    "w4_gptq_rotate_tuned": lambda: Recipe("w4_gptq_rotate_tuned", (
-        ("fold_norms", {}), ("rotate", {}),
-        ("quantize_weights", {**GPTQ_W4, "hessian_samples": 128, "tune_steps": 600,
-                              "tune_lr": 1e-3, "tune_samples": 256, "tune_seq_len": 512})),
-        "w4_gptq_rotate, then the int4 group scales tuned end to end (codes fixed) by "
-        "distillation from the float model's next-token distribution",
-        calibration_samples=256, calibration_seq_len=512),
-    "w8": lambda: Recipe("w8", (("quantize_weights", {"method": "rtn", "bits": 8,
-                                                      "group_size": 0}),),
-                         "int8 weights per output channel, round to nearest"),
-    "prune4_patch": lambda: Recipe(
-        "prune4_patch",
-        (("select_layers", {"n": 4}), ("estimate_patch", {}), ("prune_layers", {}),
-         ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {})),
-        "prune the 4 least important contiguous layers (cosine), bridge the cut with the better "
-        "of LinearPatch and a ridge least-squares patch, then fold norms",
-        calibration_samples=16, calibration_seq_len=512),
-    # SmolLM2-135M, block [12, 16), WikiText-2: 26.94 (81% of the gap to the dense 22.88 from
-    # the pruned 44.11; least squares alone 31.36, distilled 29.38), ~15 min on 2 cores
-    "prune4_mlp_patch": lambda: Recipe(
-        "prune4_mlp_patch", PRUNE4_MLP_PATCH,
-        "prune the 4 least important contiguous layers (cosine), bridge the cut with the "
-        "least-squares patch and a gated MLP block (rank 512) trained on the calibration "
-        "streams, then fold norms",
-        calibration_samples=512, calibration_seq_len=512),
-    # the full pipeline: prune4_mlp_patch, rotate, GPTQ W4 g128 on the first 128 sequences, the
-    # scales tuned towards the unpruned float model, int8 per-token activations. SmolLM2-135M,
-    # WikiText-2: 27.14 against float 22.88 (+18.6%; 29.56 with the scales untuned)
-    "prune4_mlp_patch_w4a8": lambda: Recipe(
-        "prune4_mlp_patch_w4a8",
-        (*PRUNE4_MLP_PATCH, ("rotate", {}),
-         ("quantize_weights", {**GPTQ_W4, "hessian_samples": 128, "tune_steps": 300,
-                               "tune_lr": 1e-3, "tune_samples": 128, "tune_seq_len": 512,
-                               "tune_teacher": "original"}),
-         ("quantize_activations", {"mode": "dynamic_per_token", "bits": 8})),
-        "prune4_mlp_patch, QuaRot rotations, int4 g128 GPTQ (on 128 of the calibration "
-        "sequences) with its scales tuned end to end towards the unpruned float model, then int8 "
-        "per-token activations: the whole compression pipeline",
-        calibration_samples=512, calibration_seq_len=512),
-    # NPU (--target npu): the HTP wants symmetric per-channel weights; the backend quantizes every
-    # activation on static calibrated grids (16-bit, or 8-bit when static int8 nodes are present).
-    # Norms stay unfolded: the HTP's RmsNorm takes its scale, and folding it into the weights
-    # widens their per-channel ranges
-    "npu_w8a16": lambda: Recipe("npu_w8a16", (("quantize_weights", {
-        "method": "rtn", "bits": 8, "group_size": 0, "symmetric": True}),),
-        "NPU: int8 symmetric per-channel weights; the backend adds static 16-bit activations"),
-    "npu_w8a8": lambda: Recipe("npu_w8a8", (("quantize_weights", {
-        "method": "rtn", "bits": 8, "group_size": 0, "symmetric": True}), (
-        "quantize_activations", {"mode": "static_per_tensor", "bits": 8, "symmetric": True})),
-        "NPU: int8 per-channel weights, static int8 activations at the linears (calibrated); "
-        "the backend puts every other activation on 8-bit grids too",
-        calibration_samples=8, calibration_seq_len=256),
-    "prune4_patch_rotate": lambda: Recipe(
-        "prune4_patch_rotate",
-        (("select_layers", {"n": 4}),
-         ("estimate_patch", {"kind": "linearpatch", "basis": "r1", "basis_seed": 0}),
-         ("prune_layers", {}), ("fuse_patch", {"strategy": "auto"}), ("fold_norms", {}),
-         ("rotate", {"seed": 0})),
-        "prune 4 layers, bridge the cut with LinearPatch measured in rotate's R1 Hadamard basis, "
-        "fold norms and rotate (QuaRot R1, R2, R4), which turns the patch into one channel scale "
-        "of d parameters, exactly",
-        calibration_samples=16, calibration_seq_len=512),
-}
+
+def _recipes_dir():
+    """The built-in recipes: TOML files shipped in the package (splice/recipes/*.toml)."""
+    return resources.files("splice") / "recipes"
+
+
+@functools.cache
+def builtin_names() -> tuple[str, ...]:
+    """The built-in recipe names (the stems of the shipped TOML files), sorted."""
+    return tuple(sorted(f.name[:-5] for f in _recipes_dir().iterdir()
+                        if f.name.endswith(".toml")))
+
+
+def builtin_text(name: str) -> str:
+    """The shipped TOML text of a built-in recipe, comments included (what `splice presets show`
+    prints to edit)."""
+    if name not in builtin_names():
+        raise PassError(f"unknown recipe {name!r}; built-in recipes: {', '.join(builtin_names())}, "
+                        "or give a .toml file")
+    return (_recipes_dir() / f"{name}.toml").read_text(encoding="utf-8")

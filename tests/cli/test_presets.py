@@ -1,0 +1,118 @@
+"""Built-in recipes as TOML data, the presets, `splice presets`, and the default compile."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+
+from splice import presets
+from splice.errors import InputError
+from splice.recipe import Recipe, builtin_names, builtin_text
+from tests.paths import STORIES, needs_stories
+from tests.tiny import tiny_module
+
+
+def splice(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splice", *args], capture_output=True, text=True,
+                          timeout=600)
+
+
+def _settings(r: Recipe) -> list:
+    return [(p.name, p.settings()) for p in r.passes]
+
+
+def test_every_builtin_recipe_is_a_shipped_toml_file_that_round_trips():
+    names = builtin_names()
+    assert {"none", "fold_norms", "w4_gptq_rotate", "prune4_mlp_patch_w4a8", "npu_w8a8",
+            "fastest", "balanced", "closest_to_float"} <= set(names)
+    for name in names:
+        r = Recipe.named(name)
+        assert r.name == name
+        back = Recipe.from_toml(r.to_toml())
+        assert _settings(back) == _settings(r)
+        assert (back.calibration_samples, back.calibration_seq_len) == \
+            (r.calibration_samples, r.calibration_seq_len)
+    assert Recipe.resolve("balanced").name == "balanced"
+    with pytest.raises(InputError, match="built-in recipes: .*balanced"):
+        Recipe.named("no_such")
+
+
+def test_presets_cover_the_goals_with_one_default_per_target():
+    cpu = {p.goal: p for p in presets.presets("cpu")}
+    assert set(cpu) == {"fastest", "balanced", "closest to float"}
+    assert presets.default_preset("cpu") == "balanced" == cpu["balanced"].name
+    assert presets.default_preset("npu") in {p.name for p in presets.presets("npu")}
+    for target in presets.TARGETS:
+        assert sum(p.default for p in presets.presets(target)) == 1
+    # quantized CPU presets quantize the lm_head and the embedding (the ONNX speed benchmark's
+    # measured setting: an int4 head read every step, an int8 table gathered)
+    for p in cpu.values():
+        q = [x for x in Recipe.named(p.name).passes if x.name == "quantize_weights"]
+        assert q and q[0].lm_head != "keep" and q[0].embeddings == "int8", p.name
+    assert cpu["balanced"].calibrates and cpu["balanced"].calibration_text
+    with pytest.raises(InputError, match="presets: balanced"):
+        presets.get("nope")
+    with pytest.raises(InputError, match="has no default preset"):
+        presets.default_preset("cuda")
+
+
+def test_a_recipe_that_calibrates_without_text_names_the_text():
+    presets.check_calibration(Recipe.named("fastest"), None)
+    presets.check_calibration(Recipe.named("balanced"), Path("x.txt"))
+    with pytest.raises(InputError, match="needs calibration text .*--calib FILE.*WikiText-2"):
+        presets.check_calibration(Recipe.named("balanced"), None)
+
+
+def test_presets_command_lists_and_shows():
+    r = splice("presets")
+    assert r.returncode == 0, r.stderr
+    for name in ("fastest", "balanced", "closest_to_float", "npu_w8a16"):
+        assert name in r.stdout
+    assert "(default)" in r.stdout and "measured:" in r.stdout
+    r = splice("presets", "show", "balanced")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == builtin_text("balanced").strip()
+    data = tomllib.loads(r.stdout)
+    assert data["preset"]["target"] == "cpu"
+    edited = Recipe.from_toml(r.stdout)  # the printed preset is a recipe file as it stands
+    assert _settings(edited) == _settings(Recipe.named("balanced"))
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["presets", "show", "nope"], "unknown preset 'nope'; presets: balanced"),
+    (["presets", "show"], "name the preset"),
+])
+def test_bad_preset_name_is_one_line_exit_2(args, needle):
+    r = splice(*args)
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr
+
+
+@needs_stories
+def test_default_compile_takes_the_balanced_preset_and_wants_calibration(tmp_path):
+    out = tmp_path / "out"
+    r = splice("compile", str(STORIES), "--target", "cpu", "--out", str(out))
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert "'balanced' needs calibration text" in line and "--calib" in line
+    assert len(line.splitlines()) == 1 and not out.exists()
+
+
+@pytest.mark.parametrize("name", ["fastest", "balanced", "closest_to_float"])
+def test_each_cpu_preset_compiles_a_tiny_random_model(name, tmp_path):
+    import splice as api
+
+    torch.set_num_threads(1)
+    calib = torch.randint(0, 258, (4, 32), generator=torch.Generator().manual_seed(0))
+    art = api.compile(tiny_module(), name, "cpu", tmp_path / name, calibration=calib)
+    logits, _ = art.logits([[1, 2, 3, 4]])
+    assert logits.shape == (1, 4, 258) and torch.isfinite(torch.from_numpy(logits)).all()
+    assert art.manifest["recipe"]["name"] == name
+    ops = {p["name"] for p in art.manifest["report"]["passes"]}
+    assert "quantize_weights" in ops
