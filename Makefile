@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.splice-installed
 
-.PHONY: demo test bench venv clean fuzz browser cross
+.PHONY: demo test bench venv clean fuzz browser cross llama
 
 venv: $(STAMP)
 
@@ -44,6 +44,19 @@ cross: $(STAMP)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user >/dev/null
 	$(PY) -m splice.backends.tvm.cross
+
+# llama.cpp as the benchmarks' peer (benchmarks/presets.py): llama-cpp-python's sdist builds
+# llama.cpp with cmake (about 20 minutes on 2 cores, -march=native) into a wheel kept in a cache
+# outside the checkout, built once; the target installs that wheel into .venv. Not part of `make
+# test`: the benchmark says it skipped the peer where it is not installed.
+LLAMA_CPP_PYTHON := 0.3.36
+WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/splice/wheels
+
+llama: $(STAMP)
+	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip wheel --no-deps -w $(WHEELS) \
+	  llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	$(PY) -m pip install -q $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run

@@ -1,0 +1,93 @@
+"""Perplexity against calibration size: how many calibration tokens a calibrated preset needs.
+
+    python -m benchmarks.calibration_curve --preset balanced --sizes 4 8 16 32 64
+
+For each size N the preset is compiled on the first N x seq_len tokens of WikiText-2's validation
+text (the import done once, the passes and the ONNX export timed in this process, torch at the
+threads given), and the artefact's WikiText-2 test perplexity is measured through splice's
+runtime with the usual protocol (first 16,384 tokens, 1024-token windows, no BOS). The presets'
+calibration sizes are chosen from this curve: the smallest size past which more tokens stop
+paying. Not a `make bench` section (it takes about a compile per size); quick mode (stories260K,
+tiny sizes) checks that it runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def run(preset: str = "balanced", sizes: tuple[int, ...] = (8, 16, 32, 64), quick: bool = False,
+        threads: int = 2, eval_tokens: int = 16384) -> dict:
+    import torch
+
+    from splice.api import compile as splice_compile
+    from splice.evaluate import perplexity
+    from splice.frontend import load_model
+    from splice.passes.infra.instruments import TimingInstrument
+    from splice.recipe import Recipe
+    from splice.runtime import load
+    from splice.frontend.text import encode_text
+
+    torch.set_num_threads(threads)
+    recipe = Recipe.named(preset)
+    if quick:
+        model = load_model(str(REPO.parent / "shared" / "models" / "stories260K" / "stories260K.bin"))
+        calib_text, test_text, seq, window, eval_tokens = (
+            DATA / "tinystories_val.txt", DATA / "tinystories_val.txt", 64, 64, 512)
+    else:
+        model = load_model("smollm2-135m")
+        calib_text, test_text, seq, window = (DATA / "wikitext2_valid_tokenized.txt",
+                                              DATA / "wikitext2_test.txt",
+                                              recipe.calibration_seq_len, 1024)
+    calib_ids = encode_text(model, calib_text.read_text()[:2_000_000])
+    test_ids = encode_text(model, test_text.read_text()[-400_000 if quick else 0:][:200_000])
+    test_ids = test_ids[:eval_tokens]
+    rows = []
+    for n in sizes:
+        if len(calib_ids) < n * seq:
+            raise RuntimeError(f"{calib_text} has {len(calib_ids)} tokens, fewer than {n} x {seq}")
+        calib = torch.tensor(calib_ids[:n * seq]).reshape(n, seq)
+        r = Recipe(recipe.name, recipe.passes, recipe.description, recipe.seed, n, seq)
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            path = splice_compile(model.clone(), r, "cpu", Path(tmp) / "a", calibration=calib,
+                                  instruments=[TimingInstrument()], load=False)
+            compile_s = time.perf_counter() - t0
+            report = json.loads((path / "manifest.json").read_text())["report"]["passes"]
+            art = load(path, threads=threads)
+            ppl = perplexity(lambda x: art.logits(x)[0], test_ids, window=window)["ppl"]
+        rows.append({"samples": n, "seq_len": seq, "tokens": n * seq, "compile_s": compile_s,
+                     "passes_s": {p["name"]: round(p.get("time_s", 0.0), 1) for p in report},
+                     "ppl": ppl})
+        print(json.dumps(rows[-1]), flush=True)
+    return {"preset": preset, "threads": threads, "eval_tokens": len(test_ids),
+            "window": window, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.calibration_curve")
+    ap.add_argument("--preset", default="balanced")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+    res = run(a.preset, tuple(a.sizes), quick=a.quick, threads=a.threads)
+    print(f"| calibration sequences x {res['rows'][0]['seq_len']} | compile s | WikiText-2 ppl |")
+    for r in res["rows"]:
+        print(f"| {r['samples']} | {r['compile_s']:.0f} | {r['ppl']:.2f} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
