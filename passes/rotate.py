@@ -23,8 +23,14 @@ W' = Q^T W, b' = b Q (output side).
   in the report and in config.extra["rotation"]["r1"]["patches_to_channel_scale"]. Any other factored patch (the plain-H form, or signs of another
   seed) is refused, naming fuse_patch. Sandwich post-norms
   (Gemma 2/3) sit between o_proj/down_proj and the stream: rmsnorm(o Q) = rmsnorm(o) Q, but a
-  per-channel gamma does not commute with Q, so R1 refuses them unless their scale is uniform;
-  run absorb_post_norm first, or leave r1 off (R2, R3 and R4 still apply).
+  per-channel gamma does not commute with Q. A post-norm of uniform scale passes (its linear
+  takes Q on its output side); one with a per-channel gamma is, with post_norms = "online" (the
+  default), rotated after it: y Q1 = (y * s) H, so the norm's gamma becomes (offset + w) * s
+  (offset 0) and an online `hadamard` node (role "<norm role>.hadamard") follows it, while its
+  linear stays unrotated on its output side. Exact, and R1 then covers the whole network (every
+  reader of the stream, lm_head included, takes Q1) at the cost of one Hadamard of the hidden
+  size per post-norm and token; absorb_post_norm first removes the norms it can absorb, and with
+  them their online transforms. post_norms = "refuse" raises instead.
 - R2, attention values, per head: Q2 = random_hadamard(head_dim, seed + 1) on each kv head's rows
   of v_proj (output side) and on each query head's columns of o_proj (input side). The KV cache
   then holds rotated values, which is the point (KV-cache quantization), and the logits do not move.
@@ -69,6 +75,7 @@ logger = logging.getLogger(__name__)
 STREAM_NORMS = ("attn_norm", "mlp_norm", "final_norm")
 R4_ROLE = "mlp.down_proj.hadamard"
 R3_ROLES = ("attn.q_hadamard", "attn.k_hadamard")
+POST_NORMS = ("online", "refuse")
 BLOCK_NOTE = ("a block-diagonal Hadamard spreads outliers only within each block of {b} "
               "channels, less than a full one of order {n}")
 
@@ -104,6 +111,7 @@ class _Stream:
     writers: list[Node]   # linears taking Q on their output side
     through: list[Node]   # stream-to-stream matmuls (a dense linear patch): both sides
     collapse: list[Patch]  # signed LinearPatches in R1's basis: become channel_scale(s)
+    online: list[Node] = dataclasses.field(default_factory=list)  # post-norms rotated after them
 
 
 def _gamma_uniform(module: Module, norm: Node) -> bool:
@@ -114,18 +122,25 @@ def _gamma_uniform(module: Module, norm: Node) -> bool:
     return bool(torch.all(gamma == gamma[0]))
 
 
-def _writer(module: Module, value: Value, add: Node) -> Node:
+def _writer(module: Module, value: Value, add: Node, online: bool = False) -> Node:
     """The linear whose output (through an optional uniform-scale post-norm) `add` writes into
-    the stream."""
+    the stream; with `online`, a post-norm with a per-channel scale is returned itself (it is
+    rotated after, online)."""
     consumer, p = add, value.producer
     if p is not None and p.op == "rms_norm" and not p.attrs["group"]:
+        nw = p.inputs[1] if len(p.inputs) > 1 else None
+        if online and not _gamma_uniform(module, p) and (nw is None or nw.is_const):
+            if value.users() != [add] or len(value.uses) != 1:
+                raise PassError(f"rotate (r1): the output of {_label(p)} feeds more than the "
+                                f"residual add {_label(add)}")
+            return p
         if not _gamma_uniform(module, p):
             raise PassError(
                 f"rotate (r1): {_label(p)} is a post-norm with a per-channel scale between "
                 f"{_label(p.inputs[0].producer) if p.inputs[0].producer else 'its input'} and the "
-                "residual stream; a rotated stream does not commute with it. Put absorb_post_norm "
-                "before rotate to remove the post-norms, or set r1=False (r2, r3 and r4 still "
-                "apply)")
+                "residual stream; a rotated stream does not commute with it. Set post_norms = "
+                "\"online\" (a Hadamard after each such norm), put absorb_post_norm before rotate "
+                "to remove the post-norms, or set r1=False (r2, r3 and r4 still apply)")
         if value.users() != [add]:
             raise PassError(f"rotate (r1): the output of {_label(p)} feeds more than the residual "
                             f"add {_label(add)}")
@@ -142,7 +157,7 @@ def _writer(module: Module, value: Value, add: Node) -> Node:
 
 
 def residual_stream(module: Module, collapsible: dict[int, Patch] | None = None,
-                    refused: dict[int, str] | None = None) -> _Stream:
+                    refused: dict[int, str] | None = None, online: bool = False) -> _Stream:
     """Trace the stream from the embedding through the residual adds, classifying every node that
     touches it; anything R1 cannot rotate raises a PassError naming the node. `collapsible` maps
     the first node of each signed patch in R1's basis to it (the stream goes on from its output);
@@ -163,7 +178,8 @@ def residual_stream(module: Module, collapsible: dict[int, Patch] | None = None,
         reached.add(id(node))
         if node.op == "add":
             if len(ins) == 1:
-                s.writers.append(_writer(module, node.inputs[1 - ins[0]], node))
+                w = _writer(module, node.inputs[1 - ins[0]], node, online)
+                (s.online if w.op == "rms_norm" else s.writers).append(w)
             stream.add(id(node.output))
         elif node.op == "rms_norm" and ins == [0]:
             if len(node.inputs) > 1 and node.inputs[1] is not None:
@@ -264,7 +280,9 @@ class RotatePass(PassBase):
     insert online Hadamard transforms (R4 before down_proj, R3 on q and k), QuaRot-style.
 
     Settings: r1, r2, r4 (on) and r3 (off) choose the rotations; `seed` draws R1's signs (R2 uses
-    seed + 1); `allow_block` permits a block-diagonal Hadamard where a size has no construction.
+    seed + 1); `allow_block` permits a block-diagonal Hadamard where a size has no construction;
+    `post_norms` "online" rotates the stream after each post-norm with a per-channel scale (an
+    online Hadamard), "refuse" makes R1 refuse them.
     """
 
     name = "rotate"
@@ -276,6 +294,12 @@ class RotatePass(PassBase):
     r3: bool = False
     seed: int = 0
     allow_block: bool = False
+    post_norms: str = "online"
+
+    def __post_init__(self) -> None:
+        if self.post_norms not in POST_NORMS:
+            raise PassError(f"pass 'rotate': post_norms {self.post_norms!r}; accepted: "
+                            f"{', '.join(POST_NORMS)}")
 
     def call(self, module: Module, ctx: PassContext) -> PassResult:
         g = module.graph
@@ -322,7 +346,7 @@ class RotatePass(PassBase):
         block = _hadamard_plan(n, self.allow_block, "the hidden size (r1)") if n else 0
         signs = random_signs(n, self.seed)
         collapsible, refused = r1_basis_patches(module, n, block, signs, self.seed)
-        s = residual_stream(module, collapsible, refused)
+        s = residual_stream(module, collapsible, refused, online=self.post_norms == "online")
         q = _Rotation(n, block, signs)
         self._note_block(report, "r1", n, block)
         plan.add(s.embeddings[0], 1, "r1.in", q.input_side)
@@ -337,13 +361,30 @@ class RotatePass(PassBase):
                 plan.add(node, 2, "r1.bias", q.output_side)
         for p in s.collapse:
             inserts.append(lambda p=p: to_channel_scale(module, p, self.name))
+        for norm in s.online:  # gamma' = (offset + w) * s, then x @ H online: (y * s) H = y Q1
+            plan.add(norm, 1, "r1.post_norm",
+                     lambda w, off=float(norm.attrs["offset"]): (w + off) * signs)
+            inserts.append(lambda norm=norm: self._rotate_after(module, norm, n, block))
         collapsed = [p.y.name for p in s.collapse]
         if collapsed:
             logger.info("rotate: r1 turns signed patch(es) %s into channel scales",
                         ", ".join(collapsed))
+        if s.online:
+            logger.info("rotate: r1 rotates the stream online after %d post-norm(s)",
+                        len(s.online))
         return {**q.record(), "seed": self.seed, "readers": len(s.readers),
                 "writers": len(s.writers),
+                **({"online_post_norms": [_label(m) for m in s.online]} if s.online else {}),
                 **({"patches_to_channel_scale": collapsed} if collapsed else {})}
+
+    def _rotate_after(self, module: Module, norm: Node, n: int, block: int) -> None:
+        """A hadamard node after the post-norm `norm`, whose gamma already carries R1's signs."""
+        norm.attrs["offset"] = 0.0
+        hn = emit(module.graph, "hadamard", [norm.output], {"size": n, "block": block},
+                  layer=norm.layer, role=f"{norm.role}.hadamard", origin=self.name, after=norm)
+        for user, index in list(norm.output.uses):
+            if user is not hn:
+                user.replace_input(index, hn.output)
 
     # -- R2 --------------------------------------------------------------------------------------
     def _plan_r2(self, module: Module, plan: _WeightPlan, report: dict) -> dict[str, Any]:

@@ -129,6 +129,31 @@ def test_structural_weights_and_online_transforms():
     assert result.report["r4"] == {"size": 48, "factors": [12, 4], "block": 0, "layers": 2}
 
 
+def test_structural_r1_rotates_online_after_post_norms_with_a_scale():
+    module = folded("gemma", seed=2)
+    spec = SPECS["gemma"]
+    w0 = {k: v.clone() for k, v in module.weights.items()}
+    counts = module.graph.op_counts()
+    result = RotatePass(r2=False, r4=False, seed=5)(module)
+    assert result.report["applied"] == ["r1"]
+    online = [f"layers.{i}.{r}" for i in range(spec.num_layers)
+              for r in ("attn_post_norm", "mlp_post_norm")]
+    assert result.report["r1"]["online_post_norms"] == online
+    assert module.graph.op_counts() == {**counts, "hadamard": 2 * spec.num_layers}
+    signs = random_signs(spec.hidden_size, 5)
+    for norm in module.graph.find(op="rms_norm"):
+        if "post_norm" not in norm.role:
+            continue
+        had = norm.output.users()[0]
+        assert (had.op, had.role, had.origin) == ("hadamard", norm.role + ".hadamard", "rotate")
+        assert had.attrs == {"size": spec.hidden_size, "block": 0, "group": 0, "scale": 1.0}
+        assert [u.op for u in had.output.users()] == ["add"] and norm.attrs["offset"] == 0.0
+        w = norm.inputs[1].const
+        torch.testing.assert_close(module.weights[w], (w0[w] + 1.0) * signs, rtol=0, atol=1e-15)
+        lin = norm.inputs[0].producer  # o_proj / down_proj: not rotated on its output side
+        assert torch.equal(module.weights[lin.inputs[1].const], w0[lin.inputs[1].const])
+
+
 def test_structural_tied_head_stays_tied():
     module = folded("tied", unit_final_norm=True)  # all-ones final norm: fold_norms keeps the tie
     head = module.graph.find(role="lm_head")[0]
@@ -167,9 +192,8 @@ def test_structural_block_diagonal_fallback():
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_numeric_tiny_models_float64(kind):
     module = tiny_model(kind, seed=1)
-    gemma = SPECS[kind].post_norms
     check = NumericCheckInstrument(token_batch(1))
-    out, report = PassManager([FoldNormsPass(), RotatePass(r1=not gemma, r3=True)],
+    out, report = PassManager([FoldNormsPass(), RotatePass(r3=True)],
                               [check]).run(module)
     assert report[1]["modified"]
     assert report[1]["numeric"]["max_rel_diff"] <= 1e-9
@@ -207,6 +231,18 @@ def test_numeric_every_family_float64_and_float32(hf_modules, family):
              diffs["f32"])
     assert diffs["f64"] <= 1e-9
     assert diffs["f32"] <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_numeric_gemma_r1_online_after_post_norms(hf_modules, family):
+    """R1 through Gemma's sandwich post-norms, rotated online after them: exact in float64."""
+    imported, ids = hf_modules[family]
+    module = imported["f64"].clone()
+    before = logits64(module, ids)
+    out, report = PassManager([FoldNormsPass(), RotatePass(r3=True)]).run(module)
+    assert report[1]["report"]["applied"] == ["r1", "r2", "r3", "r4"]
+    assert len(report[1]["report"]["r1"]["online_post_norms"]) == 2 * module.config.num_layers
+    assert rel_diff(logits64(out, ids), before) <= 1e-9
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
@@ -297,10 +333,15 @@ def test_negative_r1_refuses_post_norms_with_a_scale():
     module = folded("gemma")
     snap = snapshot(module)
     with pytest.raises(PassError, match=r"layers\.0\.attn_post_norm is a post-norm with a "
-                                        r"per-channel scale.*absorb_post_norm.*r1=False"):
-        RotatePass()(module)
+                                        r"per-channel scale.*online.*absorb_post_norm.*r1=False"):
+        RotatePass(post_norms="refuse")(module)
     assert unchanged(module, snap)
     assert RotatePass(r1=False).call(module, PassContext()).modified  # R2 and R4 still apply
+
+
+def test_negative_unknown_post_norms_setting():
+    with pytest.raises(PassError, match=r"post_norms 'absorb'; accepted: online, refuse"):
+        RotatePass(post_norms="absorb")
 
 
 def test_negative_nothing_requested_changes_nothing():
@@ -316,7 +357,7 @@ def test_negative_nothing_requested_changes_nothing():
 @pytest.mark.parametrize("kind", sorted(SPECS))
 def test_idempotent_second_run_changes_nothing(kind):
     module = folded(kind)
-    rot = RotatePass(r1=not SPECS[kind].post_norms, r3=True)
+    rot = RotatePass(r3=True)  # Gemma: R1 with online transforms after its post-norms
     assert rot(module).modified
     snap = snapshot(module)
     again = rot(module)
