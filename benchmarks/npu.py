@@ -41,7 +41,7 @@ def run(quick: bool = False, eval_tokens: int | None = None) -> tuple[str, dict]
     from splice.ir import run_logits
     from splice.recipe import Recipe
     from splice.runtime import load
-    from splice.text import encode_text, read_text
+    from splice.frontend.text import encode_text, read_text
 
     name = "stories260K" if quick else "SmolLM2-135M"
     module = load_model(str(STORIES) if quick else "smollm2-135m")

@@ -261,7 +261,7 @@ def _model_section(name: str, module, calib: torch.Tensor, eval_ids: list[int], 
 
 def _smollm2(distill: bool) -> dict[str, Any]:
     from splice.frontend import load_model
-    from splice.text import module_tokenizer, read_text
+    from splice.frontend.text import module_tokenizer, read_text
 
     module = load_model("smollm2-135m")
     tok = module_tokenizer(module)
@@ -288,7 +288,7 @@ def _smollm2(distill: bool) -> dict[str, Any]:
 
 def _stories(quick: bool) -> dict[str, Any]:
     from splice.frontend import load_model
-    from splice.text import module_tokenizer, read_text
+    from splice.frontend.text import module_tokenizer, read_text
 
     module = load_model(str(STORIES))
     tok = module_tokenizer(module)

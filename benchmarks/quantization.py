@@ -122,7 +122,7 @@ def _recipe(name: str, changes: dict[str, dict], quick: bool) -> tuple[list, int
 
 
 def _calibration(module, text: str, samples: int, seq: int) -> torch.Tensor:
-    from splice.text import encode_text
+    from splice.frontend.text import encode_text
 
     ids = encode_text(module, text)[: samples * seq]
     if len(ids) < samples * seq:
@@ -267,7 +267,7 @@ def rotation_statistics(cfg: dict, rows: int = 4) -> dict[str, Any]:
     """Where rotation helps: kurtosis and max/median |x| of every linear's input (the tensors
     activation quantization rounds), and of the residual stream, on `rows` calibration
     sequences, after fold_norms and after fold_norms + rotate (R1, R2, R4)."""
-    from splice.debug.stats import activation_stats
+    from splice.ir.stats import activation_stats
     from splice.frontend import load_model
     from splice.passes.infra.base import PassContext
     from splice.passes.infra.manager import PassManager

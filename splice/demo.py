@@ -24,7 +24,7 @@ CALIB = REPO.parent / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 def _pinned_batch(module) -> torch.Tensor:
     """The numeric check's batch: 64 tokens of the calibration text (real text gives a perplexity
     proxy that means something), or seeded random ids where the text is absent."""
-    from .text import encode_text
+    from splice.frontend.text import encode_text
 
     if CALIB.is_file():
         return torch.tensor([encode_text(module, CALIB.read_text()[:4000])[:64]])

@@ -9,7 +9,7 @@ once, where it finishes accumulating; `Reducer` (one process) returns the tensor
 `TorchDistributedReducer` all-reduces it over the default torch.distributed process group (gloo
 on CPU; with nccl the tensor goes through the GPU). Every process then holds the same combined
 statistic and computes the same transform from it, so the ranks' modules stay identical and
-rank 0 alone writes the artefact (splice/distributed.py launches and shards). Where the
+rank 0 alone writes the artefact (passes/infra/distributed.py launches and shards). Where the
 transform is costly (GPTQ's solves) one rank computes each part and a sum in which the other
 ranks put zeros hands it to all (quantize_weights._shared).
 """
@@ -46,7 +46,7 @@ class TorchDistributedReducer(Reducer):
 
         if not dist.is_available() or not dist.is_initialized():
             raise InputError("TorchDistributedReducer needs an initialised torch.distributed "
-                             "process group (launch with torchrun; see splice.distributed)")
+                             "process group (launch with torchrun; see splice.passes.infra.distributed)")
         self._dist = dist
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from splice.debug.bisect import LayerSpliceError, bisect, splice_layers
+from splice.passes.infra.bisect import LayerSpliceError, bisect, splice_layers
 from splice.errors import InputError
 from splice.ir.interpreter import run_logits
 from splice.passes.infra.registry import make_pass

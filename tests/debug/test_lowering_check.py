@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from splice.backends.onnx import RULES
-from splice.debug.lowering_check import check_lowering
+from splice.backends.onnx.lowering_check import check_lowering
 from splice.errors import InputError
 
 from tests.passes.models import token_batch, tiny_model

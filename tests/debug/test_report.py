@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from splice.debug.commands import build_report
-from splice.debug.report import render
-from splice.debug.trace import debug_run, ir_diff
+from splice.cli_debug import build_report
+from splice.passes.infra.report import render
+from splice.passes.infra.trace import debug_run, ir_diff
 from splice.recipe import Recipe
 
 from tests.debug.helpers import FalselyExactPass, five_layer_model, registered

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from splice.debug.stats import activation_stats, format_stats, layer_boundaries
+from splice.ir.stats import activation_stats, format_stats, layer_boundaries
 
 from tests.passes.models import tiny_model
 

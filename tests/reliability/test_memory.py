@@ -1,5 +1,5 @@
 """A compile that would not fit in memory is refused before anything heavy is loaded, with the
-estimate, what it is made of, and what to change (splice/memory.py)."""
+estimate, what it is made of, and what to change (frontend/memory.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 import splice
 from splice.errors import InputError
-from splice.memory import (BASE_BYTES, BYTES_PER_PARAM, COPIES, available_memory, check_memory,
+from splice.frontend.memory import (BASE_BYTES, BYTES_PER_PARAM, COPIES, available_memory, check_memory,
                            parameter_count)
 from splice.recipe import Recipe
 from tests.reliability.conftest import TRIED

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from splice import distributed
+from splice.passes.infra import distributed
 from splice.errors import InputError
 from splice.passes.infra.base import PassContext
 from splice.passes.estimate_patch import EstimatePatchPass

@@ -265,7 +265,7 @@ def _lowering_section(lc: dict | None) -> str:
 def _stats_section(st: dict | None) -> str:
     if not st:
         return ""
-    from .stats import stats_html
+    from splice.ir.stats import stats_html
 
     return "<h2>Activation statistics</h2>" + "".join(
         f"<h3>{esc(label)}</h3>{stats_html(s)}" for label, s in st.items())

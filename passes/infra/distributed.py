@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .errors import InputError
+from splice.errors import InputError
 from splice.passes.infra.reduce import Reducer, TorchDistributedReducer
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..errors import InputError
+from splice.errors import InputError
 from splice.ir.core import Module, Value
 from splice.ir.interpreter import Interpreter, default_feeds
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import networkx as nx
 
-from ..errors import InputError
+from splice.errors import InputError
 from splice.ir.core import Graph, Node
 from splice.ir.printer import format_type
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import InputError
+from .errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def _check_args(a: argparse.Namespace) -> None:
 def _load(a: argparse.Namespace):
     _check_args(a)
     from splice.frontend import load_model
-    from ..recipe import Recipe
+    from .recipe import Recipe
 
     recipe = Recipe.resolve(a.recipe)  # a bad recipe fails before the model is loaded
     module = load_model(a.model)
@@ -47,7 +47,7 @@ def _load(a: argparse.Namespace):
 
 def _calibration(module, recipe, calib: str | None):
     """Token windows for passes that calibrate, from the start of the text (recipe's size)."""
-    from .tokens import calibration_windows
+    from splice.frontend.tokens import calibration_windows
 
     if calib is None or recipe.calibration_samples == 0:
         return None
@@ -56,7 +56,7 @@ def _calibration(module, recipe, calib: str | None):
 
 
 def _stats_batches(module, calib: str, tokens: int):
-    from .tokens import calibration_windows
+    from splice.frontend.tokens import calibration_windows
 
     return calibration_windows(module, calib, tokens, seq_len=256)
 
@@ -68,11 +68,11 @@ def build_report(module, recipe, out: Path, *, calib: str | None, tokens: int,
     """Run `recipe` with every instrument on `module` (which it may change), add the optional
     sections and write out/report.html + report.json. Returns (data, html path). Activation
     statistics (with `calib`) use `stats_tokens` tokens, by default 4 × `tokens`."""
-    from .graph_svg import draw_graph
-    from .report import write_report
-    from .stats import activation_stats
-    from .tokens import pinned_batch
-    from .trace import debug_run
+    from splice.ir.graph_svg import draw_graph
+    from splice.passes.infra.report import write_report
+    from splice.ir.stats import activation_stats
+    from splice.frontend.tokens import pinned_batch
+    from splice.passes.infra.trace import debug_run
 
     batch, source = pinned_batch(module, calib, tokens)
     calibration = _calibration(module, recipe, calib)
@@ -97,7 +97,7 @@ def build_report(module, recipe, out: Path, *, calib: str | None, tokens: int,
 
 def _lowering(module, batch) -> dict[str, Any]:
     from splice.backends.onnx.lower import LoweringError
-    from .lowering_check import check_lowering
+    from splice.backends.onnx.lowering_check import check_lowering
 
     try:
         return check_lowering(module, batch[:1]).to_json()
@@ -106,7 +106,7 @@ def _lowering(module, batch) -> dict[str, Any]:
 
 
 def _print_passes(data: dict) -> None:
-    from .report import numeric_verdict
+    from splice.passes.infra.report import numeric_verdict
 
     print(f"{'step':>4} {'pass':<20} {'modified':>8} {'time s':>8} {'peak MB':>8}  numeric check")
     for p in data["passes"]:
@@ -145,8 +145,8 @@ def cmd_bisect(a: argparse.Namespace) -> int:
     """`splice bisect`: the metric after each pass, the layer search, the culprit line, then the
     debug report of the run up to the culprit (its layer expanded in the drawing)."""
     _check_args(a)
-    from .bisect import bisect
-    from .tokens import pinned_batch
+    from splice.passes.infra.bisect import bisect
+    from splice.frontend.tokens import pinned_batch
 
     t0 = time.perf_counter()
     module, recipe = _load(a)
@@ -165,7 +165,7 @@ def cmd_bisect(a: argparse.Namespace) -> int:
     print(result.summary)
     if result.layer_note:
         print(f"({result.layer_note})")
-    from ..recipe import Recipe
+    from .recipe import Recipe
 
     upto = len(recipe.passes) if result.culprit_step is None else result.culprit_step + 1
     part = Recipe(f"{recipe.name} up to {result.culprit_name}" if result.found else recipe.name,
@@ -189,7 +189,7 @@ def check_inspect_calib(a: argparse.Namespace) -> None:
 
 def print_activation_stats(module, calib: str, tokens: int) -> None:
     """`splice inspect MODEL --calib FILE [--tokens N]`: the activation statistics tables."""
-    from .stats import activation_stats, format_stats
+    from splice.ir.stats import activation_stats, format_stats
 
     print(format_stats(activation_stats(module, _stats_batches(module, calib, tokens))))
 

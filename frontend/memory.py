@@ -29,7 +29,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+from splice.errors import InputError
 
 COPIES = 3
 BYTES_PER_PARAM = 4

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import InputError
+from splice.errors import InputError
 from splice.ir.core import Module
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def text_tokens(module: Module, path: str | Path, n_tokens: int, *,
     """The first `n_tokens` token ids of the text file `path`, from the fraction `start` (0..1) of
     its characters on (cut back to a paragraph or line start, so no word is split). Raises when the
     text (from `start`) holds fewer tokens than asked."""
-    from ..text import encode_text, read_text
+    from .text import encode_text, read_text
 
     if not isinstance(n_tokens, int) or n_tokens < 2:
         raise InputError(f"need at least 2 tokens, got {n_tokens!r}")

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import InputError
+from splice.errors import InputError
 from splice.ir.core import Module, Node
 from splice.ir.interpreter import Interpreter, default_feeds
 

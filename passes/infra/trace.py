@@ -22,17 +22,19 @@ import difflib
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import InputError
+from splice.errors import InputError
 from splice.ir.core import Module
-from splice.passes.infra.base import PassBase, PassContext, PassResult
-from splice.passes.infra.instruments import (DumpInstrument, Instrument, NumericCheckInstrument,
-                                  TimingInstrument, VerifyInstrument)
-from splice.passes.infra.manager import PassFailure, PassManager, jsonable
-from ..recipe import Recipe
+from .base import PassBase, PassContext, PassResult
+from .instruments import (DumpInstrument, Instrument, NumericCheckInstrument, TimingInstrument,
+                          VerifyInstrument)
+from .manager import PassFailure, PassManager, jsonable
+
+if TYPE_CHECKING:  # only annotated: the recipe (splice/) is above the pass infrastructure
+    from splice.recipe import Recipe
 
 log = logging.getLogger(__name__)
 

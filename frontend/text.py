@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import InputError
+from splice.errors import InputError
 
 
 def read_text(path: Path) -> str:

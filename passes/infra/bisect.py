@@ -29,21 +29,23 @@ import json
 import logging
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import InputError
+from splice.errors import InputError
 from splice.ir.core import Module
 from splice.ir.interpreter import run_logits
 from splice.ir.parser import parse_graph
 from splice.ir.printer import format_type
 from splice.ir.serialize import load_module, save_module
 from splice.ir.verify import verify
-from splice.passes.infra.base import PassBase, PassContext
-from splice.passes.infra.instruments import Instrument, VerifyInstrument, compare_logits
-from splice.passes.infra.manager import PassFailure, PassManager
-from ..recipe import Recipe
+from .base import PassBase, PassContext
+from .instruments import Instrument, VerifyInstrument, compare_logits
+from .manager import PassFailure, PassManager
+
+if TYPE_CHECKING:  # only annotated: the recipe (splice/) is above the pass infrastructure
+    from splice.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
