@@ -183,9 +183,7 @@ def _read_arrays(path: Path, size: int, h: dict[str, int], version: int, offset:
     if flat.size * 4 != size - offset:      # the file changed under us
         raise FrontendError(f"llama2.c checkpoint {path}: read {flat.size * 4} bytes of weights, "
                             f"expected {size - offset}")
-    bad = int(flat.size - np.count_nonzero(np.isfinite(flat)))
-    if bad:
-        log.warning("llama2.c checkpoint %s: %d weights are NaN or infinite", path, bad)
+    # NaN or infinite weights are refused by load_model (frontend/__init__.py), naming the tensor
     arrays: dict[str, np.ndarray] = {}
     pos = 0
     for name, shape in layout:      # views into `flat`: no copies of the weights

@@ -64,9 +64,15 @@ class QuantizeActivationsPass(PassBase):
 
     def call(self, module: Module, ctx: PassContext) -> PassResult:
         g = module.graph
+        linears = [n for n in g.nodes if n.op in ("linear", "qlinear")]
+        if not any(n.role in self.roles for n in linears):
+            # a recipe whose roles name no linear would otherwise pass silently, quantizing nothing
+            present = sorted({n.role for n in linears if n.role})
+            raise PassError(f"pass {self.name!r}: roles {list(self.roles)} match no linear of "
+                            f"this model; its linears' roles: {', '.join(present) or 'none'}")
         targets: dict[int, tuple[Value, list[Node]]] = {}
-        for node in g.nodes:
-            if node.op not in ("linear", "qlinear") or node.role not in self.roles:
+        for node in linears:
+            if node.role not in self.roles:
                 continue
             x = node.inputs[0]
             if x.producer is not None and x.producer.op == "quantize":

@@ -112,6 +112,8 @@ class DumpInstrument(Instrument):
     pass that modified the module (NNN = step + 1), as MLIR's print-after-change does."""
 
     def __init__(self, directory: str | Path):
+        if not str(directory).strip():      # Path("") would be the current directory
+            raise PassError("IR dump directory is an empty path; give a directory name")
         self.directory = Path(directory)
 
     def _write(self, filename: str, module: Module) -> Path:

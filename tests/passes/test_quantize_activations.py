@@ -153,11 +153,14 @@ def test_negative_bad_settings_and_missing_calibration():
     assert str(module.graph) == text
 
 
-def test_negative_no_selected_linears():
+def test_negative_roles_matching_no_linear_are_refused_and_nothing_changes():
+    """Roles that name no linear of the model are a recipe mistake (issue 26): refused, naming
+    the roles the model has, rather than a silent run that quantizes nothing."""
     module = tiny_model("llama")
     text = str(module.graph)
-    result = QuantizeActivationsPass(roles=("lm_head_only",))(module)
-    assert not result.modified and str(module.graph) == text
+    with pytest.raises(PassError, match=r"roles \['lm_head_only'\] match no linear.*mlp\.down_proj"):
+        QuantizeActivationsPass(roles=("lm_head_only",))(module)
+    assert str(module.graph) == text
 
 
 # -- idempotent --------------------------------------------------------------------------------

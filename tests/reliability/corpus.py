@@ -27,13 +27,18 @@ class Case:
     needles: tuple[str, ...]
     may_succeed: bool = False
     requires: tuple[str, ...] = ()
+    cli_only: bool = False     # an argument the Python API has no form of (debug, bisect, ...)
 
 
 def case(category: str, id: str, cmd: str, *needles: str, may_succeed: bool = False,
-         requires: tuple[str, ...] = ()) -> Case:
-    """`cmd` is split on whitespace; a "|" separates arguments that hold spaces."""
+         requires: tuple[str, ...] = (), cli_only: bool = False) -> Case:
+    """`cmd` is split on whitespace; a "|" separates arguments that hold spaces. A compile that
+    names no recipe runs fold_norms: the default preset calibrates, and its refusal of a missing
+    --calib would come before the input the case is about."""
     argv = tuple(cmd.split("|")) if "|" in cmd else tuple(cmd.split())
-    return Case(id, category, argv, tuple(needles), may_succeed, requires)
+    if argv[0] == "compile" and "--recipe" not in argv:
+        argv += ("--recipe", "fold_norms")
+    return Case(id, category, argv, tuple(needles), may_succeed, requires, cli_only)
 
 
 _C = "compile {stories} --out {out} --recipe {recipe:%s}"
@@ -75,6 +80,8 @@ RECIPES = {
     "quantize_bad_group": '[[pass]]\nname = "quantize_weights"\ngroup_size = 100\n',
     "gptq_without_calibration": '[[pass]]\nname = "quantize_weights"\nmethod = "gptq"\n'
                                 'group_size = 0\n',
+    "act_roles_match_nothing": '[[pass]]\nname = "quantize_activations"\n'
+                               'roles = ["attention.wq"]\n',
 }
 
 _ART = "run {%s} Once --max-new-tokens 2"
@@ -131,6 +138,12 @@ CASES: list[Case] = [
         ("gguf_flip_counts.gguf", "gguf"),
         ("gguf_flip_meta.gguf", LOADS),
         ("gguf_flip_weights.gguf", LOADS),
+        # weights that load but are not usable: named at import
+        ("l2c_nan.bin", "NaN"),
+        ("l2c_inf.bin", "infinite"),
+        ("hf_nan_st", "layers.1.mlp.up_proj.weight", "NaN"),
+        ("hf_int_st", "model.layers.0.mlp.down_proj.weight", "I32", "floating point"),
+        ("gguf_bloom.gguf", "general.architecture='bloom'", "supported"),
     )),
     *compiles("config", (   # configs with impossible sizes, or sizes the weights do not have
         ("hf_heads_not_dividing", "does not divide hidden_size"),
@@ -187,6 +200,9 @@ CASES: list[Case] = [
         ("quantize_bad_group", "group_size 100", "accepted"),
         ("gptq_without_calibration", "calibration"),
     ), requires=("quantize_weights", "bits")),
+    *recipes((
+        ("act_roles_match_nothing", "attention.wq", "match no linear", "mlp.down_proj"),
+    ), requires=("quantize_activations", "roles")),
     *(case("calibration", name, "compile {stories} --out {out} --calib {%s.txt} "
            "--recipe {recipe:select_too_many}" % name, *needles) for name, *needles in (
         ("calib_empty", "is empty"),
@@ -236,6 +252,86 @@ CASES: list[Case] = [
     case("output", "out_is_foreign_dir", "compile {stories} --out {hf}", "not a splice artefact",
          "refusing"),
     case("output", "out_is_file", "compile {stories} --out {calib_short.txt}", "not a directory"),
+]
+
+
+# -- generated over every argument of every command -------------------------------------------
+# A good command line per command; each argument that names a file or a directory, or holds a
+# number, is then given every bad value of its kind (the CLI's own tables say which arguments
+# those are), so a new argument is covered by being in the table.
+BASES = {
+    "compile": "compile {stories} --out {out}",
+    "run": "run {artefact} Once --max-new-tokens 2 --temperature 0.5",
+    "eval": "eval {artefact} --text {calib_ok.txt} --max-tokens 600",
+    "inspect": "inspect {stories}",
+    "debug": "debug {stories} --out {out}",
+    "bisect": "bisect {stories} --recipe none --metric kl --tolerance 0.1 --out {out}",
+}
+# arguments the Python API takes too (test_bad_inputs.call_api); the rest are CLI-only
+API_FORMS = {"compile": {"out", "calib", "dump_ir", "seed", "memory_limit", "threads"},
+             "run": {"max_new_tokens", "temperature", "top_k", "top_p", "seed", "threads",
+                     "lookahead"},
+             "eval": {"text", "max_tokens", "window"}}
+BAD_INPUT_FILES = (("{a_directory}", "is a directory"), ("{calib_missing.txt}", "not found"))
+BAD_OUTPUTS = (("{a_file.txt}", "not a directory"), ("{a_file.txt}/sub", "not a directory"),
+               ("/proc/splice-no-such-dir/out", "cannot write"))
+
+
+def _bad_numbers(check, limits: dict) -> list[str]:
+    """Values of the right type but out of range (argparse itself refuses the wrong type)."""
+    from splice import checks
+
+    lo, above, hi = limits.get("minimum"), limits.get("above"), limits.get("maximum")
+    if check is checks.integer:
+        return [str(lo - 1)] if lo is not None else []
+    bad = ["inf", "nan"]
+    bad += [str(lo - 0.5)] if lo is not None else []
+    bad += [str(above)] if above is not None else []
+    bad += [str(hi + 0.5)] if hi is not None else []
+    return bad
+
+
+def generated() -> list[Case]:
+    from splice.cli import INPUT_FILES, NUMBERS, OUTPUT_DIRS, build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    out: list[Case] = []
+    for command, base in BASES.items():
+        for action in sub[command]._actions:
+            dest, flag = action.dest, (action.option_strings or [""])[-1]
+            cli_only = dest not in API_FORMS.get(command, ())
+            rows: list[tuple[str, str, tuple[str, ...]]] = []
+            # needles that the CLI's message and the API's share: the argument's name as the
+            # CLI's table writes it without the flag ("calibration text"), or the keyword
+            if dest in INPUT_FILES:
+                what = INPUT_FILES[dest].split(" (")[0]
+                rows = [(v, "path", (what, need)) for v, need in BAD_INPUT_FILES]
+            elif dest in OUTPUT_DIRS:
+                what = OUTPUT_DIRS[dest].split(" (")[0]
+                rows = [(v, "output", (what, need)) for v, need in BAD_OUTPUTS]
+                rows.append(("|", "output", (what, "empty path")))
+            elif dest in NUMBERS:
+                check, what, limits = NUMBERS[dest]
+                name = dest if dest in what else dest.split("_")[-1]
+                rows = [(v, "number", (name,)) for v in _bad_numbers(check, limits)]
+            for i, (value, category, needles) in enumerate(rows):
+                cmd = f"{base.replace(' ', '|')}|{flag}|{value.strip('|')}"
+                out.append(case(category, f"gen_{command}_{dest}_{i}", cmd, *needles,
+                                cli_only=cli_only))
+    return out
+
+
+CASES += generated()
+# a built-in recipe on the README's tiny model (64 inputs, groups of 128): it compiles with
+# smaller groups or is refused on one line naming the group and the narrow linears
+CASES.append(case("recipe", "w4_rtn_on_64_inputs", "compile {stories} --out {out} --recipe w4_rtn",
+                  "group_size 128", "in_features", may_succeed=True))
+CASES += [
+    # text that is not valid Unicode: what Python makes of undecodable command-line bytes
+    case("prompt", "prompt_lone_surrogate", "run|{artefact}|Once \udcff upon|--max-new-tokens|2",
+         "not valid Unicode"),
+    case("output", "out_empty_dir_parent_is_file", "compile {stories} --out {a_file.txt}/x/y",
+         "not a directory"),
 ]
 
 

@@ -156,6 +156,49 @@ def _llama70b_config(d: Path) -> None:
         "rms_norm_eps": 1e-5, "tie_word_embeddings": False}))
 
 
+def _float_at(src: Path, dst: Path, offset: int, value: float) -> Path:
+    """`dst` is `src` with the float32 at byte `offset` replaced by `value` (NaN, inf)."""
+    import struct
+
+    data = bytearray(src.read_bytes())
+    data[offset:offset + 4] = struct.pack("<f", value)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _st_tensor(name: str, how: Callable) -> Callable[[Path], None]:
+    """Edit one tensor of the directory's model.safetensors (`how(tensor) -> tensor`)."""
+    def edit(d: Path) -> None:
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(d / "model.safetensors")
+        tensors[name] = how(tensors[name])
+        save_file(tensors, d / "model.safetensors", metadata={"format": "pt"})
+    return edit
+
+
+def _nan_row(t):
+    t = t.clone()
+    t[3] = float("nan")
+    return t
+
+
+def _as_int32(t):
+    import torch
+
+    return (t * 100).to(torch.int32)
+
+
+def _gguf_arch(src: Path, dst: Path, arch: bytes) -> Path:
+    """`dst` is `src` with general.architecture's value ("llama") replaced by `arch` (5 bytes)."""
+    data = bytearray(src.read_bytes())
+    key = data.index(b"general.architecture")
+    at = data.index(b"llama", key + len(b"general.architecture"))
+    data[at:at + 5] = arch
+    dst.write_bytes(bytes(data))
+    return dst
+
+
 def _text(content: str | bytes) -> Callable[[Path], Path]:
     def write(p: Path) -> Path:
         if isinstance(content, bytes):
@@ -187,6 +230,10 @@ BUILDERS: dict[str, Callable[[Path, Bases], Path]] = {
     "l2c_flip_exponent.bin": lambda p, b: flipped(b["stories"], _copy_stories(
         p.parent / "fx", p.name), L2C_HEADER + 4003, 6),                  # a weight -> huge/inf
     "l2c_random.bin": lambda p, b: _text(random.Random(3).randbytes(4096))(p),
+    "l2c_nan.bin": lambda p, b: _float_at(b["stories"], _copy_stories(p.parent / "nan", p.name),
+                                          L2C_HEADER + 4 * 1000, float("nan")),
+    "l2c_inf.bin": lambda p, b: _float_at(b["stories"], _copy_stories(p.parent / "inf", p.name),
+                                          L2C_HEADER + 4 * 70000, float("-inf")),
     # Hugging Face safetensors directories
     "hf_missing": lambda p, b: p,
     "hf_no_config": lambda p, b: _hf_variant(
@@ -219,6 +266,14 @@ BUILDERS: dict[str, Callable[[Path, Bases], Path]] = {
     "hf_sizes_disagree": lambda p, b: _hf_variant(b["hf"], p, {"hidden_size": 128}),
     "hf_unknown_type": lambda p, b: _hf_variant(b["hf"], p, {"model_type": "frobnicator"}),
     "hf_70b_no_weights": lambda p, b: (_llama70b_config(p), p)[1],
+    "hf_nan_st": lambda p, b: _hf_variant(b["hf"], p, edit=_st_tensor(
+        "model.layers.1.mlp.up_proj.weight", _nan_row)),
+    "hf_int_st": lambda p, b: _hf_variant(b["hf"], p, edit=_st_tensor(
+        "model.layers.0.mlp.down_proj.weight", _as_int32)),
+    "gguf_bloom.gguf": lambda p, b: _gguf_arch(b["gguf"], p, b"bloom"),
+    # paths of the wrong kind, for every argument that names a file or a directory
+    "a_directory": lambda p, b: (p.mkdir(), p)[1],
+    "a_file.txt": lambda p, b: _text("a file where a directory is expected\n")(p),
     # GGUF
     "gguf_missing.gguf": lambda p, b: p,
     "gguf_empty.gguf": lambda p, b: truncated(b["gguf"], p, 0),

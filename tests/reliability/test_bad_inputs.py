@@ -111,15 +111,21 @@ def call_api(argv: list[str]) -> None:
     import splice
     from splice.cli import build_parser
 
+    from splice.cli import _export_options
+    from splice.passes.infra.instruments import DumpInstrument
+
     a = build_parser().parse_args(argv)
     if a.command == "compile":
         splice.compile(a.model, a.recipe, a.target, a.out,
                        calibration=Path(a.calib) if a.calib else None, seed=a.seed,
-                       memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9)
+                       memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9,
+                       instruments=[DumpInstrument(a.dump_ir)] if a.dump_ir is not None else (),
+                       export_options=_export_options(a))
     elif a.command == "run":
         art = splice.load(a.artefact, threads=a.threads)
         art.generate(a.prompt, max_new_tokens=a.max_new_tokens, greedy=a.temperature == 0,
-                     temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed)
+                     temperature=a.temperature or 1.0, top_k=a.top_k, top_p=a.top_p, seed=a.seed,
+                     lookahead=a.lookahead)
     elif a.command == "eval":
         from splice.evaluate import perplexity_of
 
@@ -134,7 +140,7 @@ def call_api(argv: list[str]) -> None:
 
 @pytest.mark.parametrize("c", CASES, ids=IDS)
 def test_api(c: Case, bad_inputs, work, tmp_path):
-    reason = _skip_reason(c)
+    reason = _skip_reason(c) or ("an argument of the CLI only" if c.cli_only else None)
     if reason:
         pytest.skip(reason)
     # through the API, `out` already holds an artefact, which a failure must leave as it was
