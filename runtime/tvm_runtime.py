@@ -52,6 +52,7 @@ def open_checked(path: Path, manifest: dict, *, threads: int | None = None,
     """Open a TVM artefact whose manifest `opening.checked_manifest` returned (`load`'s
     options)."""
     import tvm
+    import tvm.runtime.vm  # runtime-only TVM (TVM_USE_RUNTIME_LIB=1) does not import it
 
     require_sections(path, manifest, "config", "io", "tvm")
     check_config(path, manifest)

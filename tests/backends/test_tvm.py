@@ -9,6 +9,7 @@ int4/int8 product matches numpy, and the aarch64 library runs under qemu-user li
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -419,3 +420,17 @@ def test_a_cache_cut_back_is_written_over(built, name):
     assert np.abs(two - ref[:, 10:12]).max() <= TOL
     with pytest.raises(InputError, match="cannot cut a cache of 12 positions to 13"):
         cache.truncate(13)
+
+
+def test_runtime_only_tvm_runs_an_artefact(built):
+    """The GPU benchmark carries TVM without its compiler library (TVM_USE_RUNTIME_LIB=1,
+    benchmarks/gpu_bundle.py): the runtime alone loads and runs an exported library."""
+    _, path, _ = built("stories260K")
+    ids = [[1, 2, 3, 4]]
+    code = ("import sys, numpy as np, tvm; from splice.runtime import load; "
+            "assert tvm.base._RUNTIME_ONLY; "
+            f"np.save(sys.argv[1], load({str(path)!r}).logits(np.asarray({ids}))[0])")
+    out = path.parent / "runtime_only.npy"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True,
+                   env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
+    np.testing.assert_array_equal(np.load(out), load(path).logits(np.asarray(ids))[0])
