@@ -109,8 +109,9 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     ir.Module). backend: "onnx" (ONNX Runtime), "tvm" (a compiled library; targets cpu, cuda,
     aarch64), "npu", or "gguf" (a GGUF file for llama.cpp; recipes that change llama.cpp's graph
     are refused before the model is loaded, backends/gguf/fits.py). Calibration data is
-    explicit: token batches, a list of ids, or text. Returns the loaded artefact (splice.runtime.Artefact), or its path when `load` is False. The artefact is
-    written to a temporary directory and renamed into place, so a failure leaves `out` as it was.
+    explicit: token batches, a list of ids, or text. Returns the loaded artefact
+    (splice.runtime.Artefact), or its path when `load` is False. The artefact is written to a
+    temporary directory and renamed into place, so a failure leaves `out` as it was.
     Before loading, the memory the compile needs is estimated (frontend/memory.py) and checked
     against `memory_limit` bytes (None: what the machine has available).
     layerwise: import a Hugging Face directory or a GGUF file lazily and run the passes one
