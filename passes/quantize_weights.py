@@ -15,7 +15,7 @@ Methods:
   (activations in ctx.precision; each chunk's X^T X in that precision, the sum over chunks and the
   solver in float64). Later layers therefore see the error of earlier ones, and memory holds the
   residual stream at one layer boundary plus one layer's activations for one chunk of tokens. The
-  embeddings (embeddings = "int8") are RTN-quantized into a `qembedding`. Linears that
+  embeddings (embeddings = "int8" or "int4") are RTN-quantized into a `qembedding`. Linears that
   read the same value (q/k/v, gate/up) share one Hessian. Within a layer all linears are quantized
   from the same forward pass (the reference code's default, not its "true sequential" option).
   Across processes (torch.distributed, passes/infra/reduce.py) each holds a share of the calibration
@@ -51,6 +51,9 @@ per sequence, `tune_lr`). `tune_teacher` "input" is the module as it was before 
 scales also learn back some of what the pruning lost. A whole-model training run: refused across
 processes and in layer-by-layer mode.
 
+`scale_dtype` = "float16" rounds scales to float16 before codes are chosen (and tuned scales when
+stored): the codes of llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks (backends/gguf).
+
 Never exact: `exact = False`, the numeric check reports the logit error. A second run finds no
 `linear` of the selected roles and reports modified=False.
 """
@@ -80,7 +83,8 @@ logger = logging.getLogger(__name__)
 DECODER_LINEARS = ("attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.o_proj", "mlp.gate_proj",
                    "mlp.up_proj", "mlp.down_proj")
 GROUP_SIZES = (0, 16, 32, 64, 128, 256)
-LM_HEAD = {"keep": 0, "int8": 8, "int4": 4}
+LM_HEAD = {"keep": 0, "int8": 8, "int4": 4}  # also the embeddings' settings
+SCALE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 TEACHERS = ("input", "original")  # tune_teacher: the module before this pass, or before all
 MIN_DAMP_FEW_TOKENS = 0.1    # dampening when there are fewer tokens than inputs
 
@@ -99,14 +103,15 @@ class QuantizeWeightsPass(PassBase):
     Settings: method "rtn" | "gptq"; bits 4 | 8; group_size 0 (per channel) | 16..256; symmetric;
     float_zero_points (4-bit min-max grid with a float32 zero point per group, as Q4_1); clip_search (MSE grid of clip ratios 1.0..0.7 per group); damp (GPTQ dampening, a fraction of
     mean(diag H)); act_order (GPTQ columns by decreasing diag H, with static groups); block_size
-    (GPTQ lazy-batch width); lm_head "keep" | "int8" | "int4"; embeddings "keep" | "int8" (RTN,
+    (GPTQ lazy-batch width); lm_head "keep" | "int8" | "int4"; embeddings "keep" | "int8" | "int4" (RTN,
     a qembedding op; a tied int8 lm_head with the same groups shares its packed table); roles
     (linear roles to quantize); output_error (RTN given calibration tokens: measure each
     linear's output error on them); hessian_samples (calibration rows that GPTQ's Hessians and
     the output errors use, the first ones; 0 = all); tune_steps, tune_lr, tune_samples,
     tune_seq_len, tune_teacher (end-to-end tuning of the scales after quantizing, 0 steps =
     none); fit_groups (a linear or table narrower than group_size: one group per row, not a
-    refusal).
+    refusal); scale_dtype "float32" | "float16" (the value type scales are rounded to before
+    codes are chosen: float16 is llama.cpp's, for the gguf backend).
     """
 
     name = "quantize_weights"
@@ -131,6 +136,7 @@ class QuantizeWeightsPass(PassBase):
     tune_samples: int = 128
     tune_seq_len: int = 512
     tune_teacher: str = "input"
+    scale_dtype: str = "float32"
     fit_groups: bool = False
 
     def __post_init__(self) -> None:
@@ -149,8 +155,9 @@ class QuantizeWeightsPass(PassBase):
         if self.float_zero_points and (self.symmetric or self.bits != 4):
             raise PassError(f"{p} float_zero_points needs asymmetric 4-bit weights (MatMulNBits "
                             "takes float zero points only for 4 bits); set symmetric=false, bits=4")
-        if self.embeddings not in ("keep", "int8"):
-            raise PassError(f"{p} embeddings {self.embeddings!r}; accepted: keep, int8")
+        if self.embeddings not in LM_HEAD:
+            raise PassError(f"{p} embeddings {self.embeddings!r}; accepted: "
+                            f"{', '.join(LM_HEAD)}")
         if self.lm_head not in LM_HEAD:
             raise PassError(f"{p} lm_head {self.lm_head!r}; accepted: {', '.join(LM_HEAD)}")
         for key, least in (("hessian_samples", 0), ("tune_steps", 0), ("tune_samples", 2),
@@ -163,11 +170,15 @@ class QuantizeWeightsPass(PassBase):
         if self.tune_teacher not in TEACHERS:
             raise PassError(f"{p} tune_teacher {self.tune_teacher!r}; accepted: "
                             f"{', '.join(TEACHERS)}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise PassError(f"{p} scale_dtype {self.scale_dtype!r}; accepted: float32, float16")
         if "lm_head" in self.roles:
             raise PassError(f"{p} the lm_head is chosen by lm_head = 'int8' | 'int4', not roles")
 
     def wants_reference(self) -> bool:
         return self.tune_steps > 0 and self.tune_teacher == "original"
+
+    _dtype = property(lambda self: SCALE_DTYPES[self.scale_dtype])
 
     def _float_zero(self, bits: int) -> bool:
         """Float zero points apply to the 4-bit weights; an int8 lm_head keeps integer ones."""
@@ -227,7 +238,7 @@ class QuantizeWeightsPass(PassBase):
             for node, bits, group in targets:
                 w = module.weight(node.inputs[1])
                 qw = quantizers.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
-                               float_zero=self._float_zero(bits))
+                                    float_zero=self._float_zero(bits), scale_dtype=self._dtype)
                 rel = qw.rel_error(w)
                 results[id(node)] = qw
                 report["layers"][label(node)] = {"weight_rel_error": rel}
@@ -245,7 +256,7 @@ class QuantizeWeightsPass(PassBase):
         if tuning is not None:
             report["tune"] = {"teacher": self.tune_teacher, **tune_scales(
                 module, *tuning, steps=self.tune_steps, lr=self.tune_lr, seed=ctx.seed,
-                pass_name=self.name)}
+                pass_name=self.name, scale_dtype=self._dtype)}
         report["quantized"] = [label(n) for n, _, _ in targets] + [label(n) for n in tables]
         report["bytes"] = {"float": before, "quantized": after}
         errors = [v["rel_error"] for v in report["layers"].values() if "rel_error" in v]
@@ -331,14 +342,15 @@ class QuantizeWeightsPass(PassBase):
         k = w.shape[1]
         fz = self._float_zero(bits)
         rtn = quantizers.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
-                        float_zero=fz)
+                             float_zero=fz, scale_dtype=self._dtype)
         rtn_err = quantizers.relative_output_error(w, rtn.dequantize(), xtx)
         if self.method == "rtn":
             return rtn, {"rel_error": rtn_err}
         damp = self._damp(k, tokens)
         qw, info = quantizers.gptq(w, 2.0 * xtx / tokens, bits, group, symmetric=self.symmetric,
                               clip=self.clip_search, damp=damp, act_order=self.act_order,
-                              block_size=self.block_size, float_zero=fz)
+                              block_size=self.block_size, float_zero=fz,
+                              scale_dtype=self._dtype)
         err = quantizers.relative_output_error(w, qw.dequantize(), xtx)
         self._damp_warnings(node, tokens, info.damp, report)
         entry = {"rel_error": err, "rtn_rel_error": rtn_err, "damp": info.damp,
@@ -410,21 +422,25 @@ class QuantizeWeightsPass(PassBase):
 
     def _embeddings(self, module: Module, tables: list[Node], made: dict,
                     report: dict) -> tuple[int, int]:
-        """Replace each embedding by a qembedding over an int8 (RTN) copy of its table, shared
-        with a tied lm_head quantized the same way; returns (float bytes, quantized bytes)."""
+        """Replace each embedding by a qembedding over an int8 or int4 (RTN) copy of its table,
+        shared with a tied lm_head quantized the same way; returns (float bytes, quantized
+        bytes)."""
         g = module.graph
         before = after = 0
+        bits = LM_HEAD[self.embeddings]
         for node in tables:
             table = node.inputs[1]
             t = module.weight(table)
             v, d = t.shape
             group = min(self.group_size, d) if self.fit_groups else self.group_size
             group = group or d
-            shared = made.get((table.const, 8, group))
+            shared = made.get((table.const, bits, group))
             if shared is not None and t.dtype == torch.float32:
                 ins = shared
             else:
-                qw = quantizers.rtn(t, 8, group, symmetric=self.symmetric, clip=self.clip_search)
+                qw = quantizers.rtn(t, bits, group, symmetric=self.symmetric,
+                                    clip=self.clip_search, float_zero=self._float_zero(bits),
+                                    scale_dtype=self._dtype)
                 packed, scales, zp = qw.packed()
                 base = label(node)
                 ins = [module.add_weight(base + ".qweight", packed),
@@ -440,7 +456,7 @@ class QuantizeWeightsPass(PassBase):
             ins = [node.inputs[0], *ins]
             while ins[-1] is None:
                 ins.pop()
-            new = emit(g, "qembedding", ins, {"bits": 8, "group_size": group, "embedding_dim": d,
+            new = emit(g, "qembedding", ins, {"bits": bits, "group_size": group, "embedding_dim": d,
                                               "num_embeddings": v, "symmetric": self.symmetric,
                                               "scale": node.attrs["scale"]},
                        name=node.output.name + ".q", layer=node.layer, role=node.role,

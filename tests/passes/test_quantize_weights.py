@@ -338,8 +338,10 @@ def test_negative_unsupported_bits_and_settings():
         QuantizeWeightsPass(group_size=96)
     with pytest.raises(PassError, match="lm_head 'int2'; accepted: keep, int8, int4"):
         QuantizeWeightsPass(lm_head="int2")
-    with pytest.raises(PassError, match="embeddings 'int4'; accepted: keep, int8"):
-        QuantizeWeightsPass(embeddings="int4")
+    with pytest.raises(PassError, match="embeddings 'int2'; accepted: keep, int8, int4"):
+        QuantizeWeightsPass(embeddings="int2")
+    with pytest.raises(PassError, match="scale_dtype 'bfloat16'; accepted: float32, float16"):
+        QuantizeWeightsPass(scale_dtype="bfloat16")
     with pytest.raises(PassError, match="float_zero_points needs asymmetric 4-bit weights"):
         QuantizeWeightsPass(float_zero_points=True, symmetric=True)
     with pytest.raises(PassError, match="hessian_samples = -1; it must be >= 0"):
