@@ -80,6 +80,47 @@ def test_splice_codes_pack_to_what_gguf_dequantizes():
         np.testing.assert_array_equal(got, expect)
 
 
+def _quantize(module, calibration=None, **settings):
+    from splice.passes.infra.base import PassContext
+    from splice.passes.quantize_weights import QuantizeWeightsPass
+
+    qw = QuantizeWeightsPass(**{"group_size": 32, "symmetric": True, "scale_dtype": "float16",
+                                **settings})
+    return qw.call(module, PassContext(calibration=calibration)).module
+
+
+@pytest.mark.parametrize("settings", [
+    {"bits": 4}, {"bits": 8}, {"bits": 4, "symmetric": False, "float_zero_points": True},
+    {"bits": 4, "method": "gptq", "act_order": True, "clip_search": True},
+    {"bits": 4, "lm_head": "int4", "embeddings": "int4"}],
+    ids=["q4_0", "q8_0", "q4_1", "q4_0_gptq", "q4_0_head_table"])
+def test_float16_scales_write_exactly(tmp_path, settings):
+    """quantize_weights with scale_dtype = "float16" stores scales (and Q4_1 minimums) that
+    float16 holds, codes chosen on those scales: the file holds exactly the IR's weights."""
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    module = _quantize(tiny_module(seed=2), calib, **settings)
+    for n in module.graph.nodes:
+        if n.op in ("qlinear", "qembedding"):
+            s = module.weight(n.inputs[2])
+            assert torch.equal(s.to(torch.float16).float(), s.float()), n.output.name
+    tensors, _, _ = _check_readback(module, export(module, tmp_path / "q"))
+    kinds = {kind for _, kind in tensors.values()}
+    assert kinds - {"F32"} == {"Q8_0" if settings["bits"] == 8 else
+                               "Q4_1" if settings.get("float_zero_points") else "Q4_0"}
+    if "embeddings" in settings:
+        assert tensors["token_embd.weight"][1] == tensors["output.weight"][1] == "Q4_0"
+
+
+def test_float32_scales_and_other_grids_are_refused(tmp_path):
+    with pytest.raises(InputError, match="not a float16 value.*scale_dtype = 'float16'"):
+        export(_quantize(tiny_module(seed=2), scale_dtype="float32"), tmp_path / "a")
+    with pytest.raises(InputError, match="groups of 64.*groups of 32"):
+        export(_quantize(tiny_module(seed=2), group_size=64), tmp_path / "b")
+    with pytest.raises(InputError, match="asymmetric 8-bit"):
+        export(_quantize(tiny_module(seed=2), bits=8, symmetric=False), tmp_path / "c")
+    assert not any(tmp_path.iterdir())
+
+
 def test_scales_that_are_not_float16_are_refused():
     codes = np.zeros((2, 32), np.uint8)
     with pytest.raises(InputError, match="not a float16 value.*scale_dtype = 'float16'"):
@@ -140,7 +181,10 @@ def _check_readback(module, path, float_type="f32"):
         got, kind = tensors[name]
         if kind == "F16":
             w = w.astype(np.float16).astype(np.float32)
-        np.testing.assert_array_equal(got, w, err_msg=name)
+        if kind == "Q4_1":  # q * d + m against splice's (q - z) * s: float32 rounding apart
+            np.testing.assert_allclose(got, w, rtol=0, atol=1e-6 * np.abs(w).max(), err_msg=name)
+        else:
+            np.testing.assert_array_equal(got, w, err_msg=name)
     cfg = module.config
     assert fields["general.architecture"] == "llama"
     assert fields["llama.block_count"] == cfg.num_layers
@@ -217,3 +261,49 @@ def test_recipes_that_fit_pass():
     check_recipe(Recipe("prune", (("select_layers", {"n": 1}), ("estimate_patch", {}),
                                   ("prune_layers", {}), ("fuse_patch", {"strategy": "fold"}))
                         ).build())
+
+
+def test_compile_refuses_before_loading_the_model(tmp_path, monkeypatch):
+    import splice.frontend
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the recipe was checked")
+
+    monkeypatch.setattr(splice.frontend, "load_model", no_load)
+    from splice.api import compile
+
+    recipe = Recipe("r", (("fold_norms", {}), ("rotate", {}),))
+    with pytest.raises(InputError, match="pass 'rotate': r4 = true"):
+        compile(tiny_module(seed=2), recipe, out=tmp_path / "x", backend="gguf")
+    assert not (tmp_path / "x").exists()
+
+
+def test_compile_writes_an_artefact(tmp_path):
+    from splice.api import compile
+
+    recipe = Recipe("q", (("fold_norms", {}), ("rotate", {"r4": False}), ("quantize_weights", {
+        "bits": 4, "group_size": 32, "symmetric": True, "scale_dtype": "float16"})))
+    path = compile(tiny_module(seed=2), recipe, out=tmp_path / "a", backend="gguf", load=False)
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["gguf"]["types"] == {"F32": 7, "Q4_0": 14}
+    assert [p["name"] for p in manifest["recipe"]["passes"]] == ["fold_norms", "rotate",
+                                                                 "quantize_weights"]
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["f32", "q4_0"])
+def test_file_reimported_by_transformers_computes_the_same_logits(tmp_path, quantized):
+    """An independent reader: splice's own GGUF frontend (transformers' GGUF loader, which undoes
+    the q/k row permutation and dequantizes the blocks itself) imports the written file, and the
+    reference interpreter gives the logits of the module that was written."""
+    from splice.frontend import load_model
+    from splice.ir.interpreter import run_logits
+
+    module = tiny_module(seed=2)
+    if quantized:
+        module = _quantize(module, bits=4, lm_head="int4", embeddings="int4")
+    path = export(module, tmp_path / "a")
+    again = load_model(path / "model.gguf")
+    ids = torch.tensor([[256, 72, 101, 108, 108, 111, 3, 200]])
+    want = run_logits(module, ids)["logits"]
+    got = run_logits(again, ids)["logits"]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
