@@ -194,14 +194,12 @@ def _print_report(report: dict) -> None:
     # the numeric check is an instrument of `splice debug`; a compile without it shows no column
     checked = any(r.get("numeric") for r in rows)
     numeric = f"{'numeric check':<44} " if checked else ""
-    # the timing instrument's peak RSS of the process when the pass ended (a high-water mark)
-    print(f"{'pass':<22} {'modified':>8} {'time s':>7} {'peak MB':>8}  {numeric}report")
+    print(f"{'pass':<22} {'modified':>8} {'time s':>7}  {numeric}report")
     for r in rows:
         own = ", ".join(f"{k} {_summary(v)}" for k, v in r.get("report", {}).items())
         numeric = f"{_numeric(r.get('numeric')):<44} " if checked else ""
-        peak = (r.get("timing") or {}).get("peak_rss_mb")
-        print(f"{r['name']:<22} {str(r['modified']):>8} {r.get('time_s', 0):>7.2f} "
-              f"{'-' if peak is None else f'{peak:.0f}':>8}  {numeric}{own}")
+        print(f"{r['name']:<22} {str(r['modified']):>8} {r.get('time_s', 0):>7.2f}  "
+              f"{numeric}{own}")
 
 
 def cmd_run(a: argparse.Namespace) -> int:

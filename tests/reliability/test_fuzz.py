@@ -12,7 +12,10 @@
   * the tokenizer readers (tokenizer.json, llama2.c tok*.bin): only InputError, and a tokenizer
     that loads encodes, decodes and streams;
   * the checkpoint readers behind transformers (a safetensors directory, a GGUF file, through
-    `load_model`): only FrontendError; a fifth as many inputs, as each one costs a model build.
+    `load_model`): only FrontendError; a fifth as many inputs, as each one costs a model build;
+  * what is read before any work (issue 26): the GGUF architecture peek never raises (a str or
+    None); the path checks of splice/checks.py raise only InputError and leave the directory they
+    look at as it was; the number checks return a value in range or raise InputError.
 
 In CI each target tries a fixed, derandomised 150 inputs; `make fuzz` (pytest --fuzz-examples N)
 tries N fresh random ones per target. The counts appear in the summary at the end.
@@ -360,3 +363,78 @@ def test_fuzz_checkpoint_readers(bases, fuzz_examples):
             st.tuples(st.just("gguf"), byte_mutants(gguf_data)))
         run_property("checkpoint readers (safetensors, GGUF)", strategy, check,
                      (max(20, n // 5), derandomize))
+
+
+# -- what is read before any work: the GGUF architecture peek, the argument checks ----------------
+
+def _check_gguf_architecture(path: Path, data: bytes) -> str | None:
+    from splice.frontend.hf import _gguf_architecture
+
+    path.write_bytes(data)
+    arch = _gguf_architecture(path)     # never raises: None where the header cannot be read
+    assert arch is None or isinstance(arch, str)
+    return arch
+
+
+def test_fuzz_gguf_architecture_peek(bases, fuzz_examples):
+    data = bases["gguf"].read_bytes()[:4096]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "m.gguf"
+        assert _check_gguf_architecture(path, data) == "llama"
+        strategy = st.one_of(byte_mutants(data, 6),
+                             st.binary(max_size=300).map(lambda b: b"GGUF" + b))
+        run_property("GGUF architecture peek", strategy,
+                     lambda d: _check_gguf_architecture(path, d), fuzz_examples)
+
+
+def _check_path_arguments(root: Path, text: str) -> None:
+    """Only InputError from the path checks, and nothing under `root` created or removed."""
+    from splice import checks
+    from tests.reliability.conftest import tree_digest
+
+    before = tree_digest(root)
+    value = str(root / text.lstrip("/")) if text.strip() else text
+    for check in (lambda v: checks.input_file(v, "input"),
+                  lambda v: checks.output_dir(v, "out", "artefact"),
+                  lambda v: checks.output_dir(v, "dump")):
+        try:
+            check(value)
+        except InputError:
+            pass
+    assert tree_digest(root) == before
+
+
+def test_fuzz_path_arguments(fuzz_examples, tmp_path):
+    root = tmp_path / "root"
+    (root / "art").mkdir(parents=True)
+    (root / "art" / "manifest.json").write_text("{}")
+    (root / "file.txt").write_text("x")
+    (root / "dir" / "sub").mkdir(parents=True)
+    names = st.sampled_from(["art", "file.txt", "dir", "dir/sub", "missing", "file.txt/x", ".",
+                             "..", ""])
+    strategy = st.one_of(st.text(max_size=40), st.lists(names, max_size=4).map("/".join),
+                         st.tuples(names, st.text(max_size=10)).map("/".join))
+    run_property("path argument checks", strategy, lambda t: _check_path_arguments(root, t),
+                 fuzz_examples)
+
+
+def test_fuzz_number_arguments(fuzz_examples):
+    import math
+
+    from splice import checks
+
+    def check(value) -> None:
+        try:
+            n = checks.integer(value, "n", minimum=0, optional=True)
+            assert n is None or (type(n) is int and n >= 0)
+        except InputError:
+            pass
+        try:
+            x = checks.number(value, "x", above=0, maximum=1)
+            assert math.isfinite(x) and 0 < x <= 1
+        except InputError:
+            pass
+
+    strategy = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=5),
+                         st.floats(allow_nan=True, allow_infinity=True))
+    run_property("number argument checks", strategy, check, fuzz_examples)
