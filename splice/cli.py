@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import checks
+from .cli_args import BISECT_EPILOG, DEBUG_EPILOG, GLOBAL_FLAGS, HelpFormatter, check_arguments
+from .cli_args import progress_on as _progress_on
 from .errors import InputError
 
 log = logging.getLogger("splice")
@@ -36,50 +37,6 @@ EXAMPLES = """examples:
   splice presets show balanced > my.toml
   splice passes
 """
-
-
-# Every argument of every command is checked where it is parsed, by its name (argparse's dest),
-# before any work: a file to read, a directory to write, a number's range, a text's encoding.
-INPUT_FILES = {"calib": "calibration text (--calib)", "text": "text file (--text)"}
-OUTPUT_DIRS = {"out": "output directory (--out)", "dump_ir": "IR dump directory (--dump-ir)",
-               "cache_dir": "cache directory (--cache-dir)"}
-_int = checks.integer
-NUMBERS = {   # dest -> (check, its name, its range)
-    "seed": (_int, "--seed", dict(minimum=0, optional=True)),
-    "max_new_tokens": (_int, "--max-new-tokens (max_new_tokens)", dict(minimum=0)),
-    "temperature": (checks.number, "--temperature (0 = greedy)", dict(minimum=0)),
-    "top_k": (_int, "--top-k (top_k, 0 = off)", dict(minimum=0)),
-    "top_p": (checks.number, "--top-p (top_p, 1 = off)", dict(above=0, maximum=1)),
-    "threads": (_int, "--threads (0: the runtime's default)", dict(minimum=0, optional=True)),
-    "lookahead": (_int, "--lookahead", dict(minimum=0)),
-    "max_tokens": (_int, "--max-tokens", dict(minimum=1)),
-    "window": (_int, "--window", dict(minimum=2, optional=True)),
-    "tokens": (_int, "--tokens", dict(minimum=2)),
-    "tolerance": (checks.number, "--tolerance", dict(minimum=0)),
-    "memory_limit": (checks.number, "--memory-limit (GB)", dict(above=0, optional=True)),
-}
-TEXTS = {"prompt": "the prompt", "model": "MODEL", "artefact": "ARTEFACT", "recipe": "--recipe"}
-
-
-def check_arguments(a: argparse.Namespace) -> None:
-    """Refuse a bad argument of any command before anything is loaded or written."""
-    for dest, what in TEXTS.items():
-        value = getattr(a, dest, None)
-        if value is not None:
-            checks.text_argument(value, what, allow_empty=dest == "prompt")
-            if dest != "prompt" and not value.strip():
-                raise InputError(f"{what} is empty; give a path or a name")
-    for dest, (check, what, limits) in NUMBERS.items():
-        if hasattr(a, dest):
-            check(getattr(a, dest), what, **limits)
-    for dest, what in INPUT_FILES.items():
-        if getattr(a, dest, None) is not None:
-            checks.input_file(getattr(a, dest), what)
-    for dest, what in OUTPUT_DIRS.items():
-        if getattr(a, dest, None) is not None:
-            # compile replaces an artefact; debug, bisect and the dumps write into a directory
-            kind = "artefact" if (a.command, dest) == ("compile", "out") else "dir"
-            checks.output_dir(getattr(a, dest), what, kind)
 
 
 def _is_artefact(path: str) -> bool:
@@ -194,12 +151,14 @@ def _print_report(report: dict) -> None:
     # the numeric check is an instrument of `splice debug`; a compile without it shows no column
     checked = any(r.get("numeric") for r in rows)
     numeric = f"{'numeric check':<44} " if checked else ""
-    print(f"{'pass':<22} {'modified':>8} {'time s':>7}  {numeric}report")
+    # the timing instrument's peak RSS of the process when the pass ended (a high-water mark)
+    print(f"{'pass':<22} {'modified':>8} {'time s':>7} {'peak MB':>8}  {numeric}report")
     for r in rows:
         own = ", ".join(f"{k} {_summary(v)}" for k, v in r.get("report", {}).items())
         numeric = f"{_numeric(r.get('numeric')):<44} " if checked else ""
-        print(f"{r['name']:<22} {str(r['modified']):>8} {r.get('time_s', 0):>7.2f}  "
-              f"{numeric}{own}")
+        peak = (r.get("timing") or {}).get("peak_rss_mb")
+        print(f"{r['name']:<22} {str(r['modified']):>8} {r.get('time_s', 0):>7.2f} "
+              f"{'-' if peak is None else f'{peak:.0f}':>8}  {numeric}{own}")
 
 
 def cmd_run(a: argparse.Namespace) -> int:
@@ -288,39 +247,10 @@ def cmd_passes(a: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_on(a: argparse.Namespace) -> bool:
-    """splice's own progress display: on a terminal, unless -q."""
-    return not a.quiet and sys.stderr.isatty()
-
-
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions as written, and every option's default after its help (unless it has none)."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        text = action.help
-        if (not text or "%(default)" in text or not action.option_strings
-                or any(action.default is d for d in (None, False, argparse.SUPPRESS))):
-            return text
-        return f"{text} (default: %(default)s)"
-
-
-# the flags every command accepts, before or after its name
-_GLOBAL_FLAGS = (
-    (("--debug",), "show tracebacks and debug logging"),
-    (("-v", "--verbose"), "log what each step does"),
-    (("-q", "--quiet"), "no progress display (it is shown only on a terminal anyway)"),
-)
-DEBUG_EPILOG = ("exit codes: 0 every pass and check passed; 1 a pass or the lowering check "
-                "failed (the report says where); 2 bad input")
-BISECT_EPILOG = ("exit codes: 0 a pass crosses the tolerance (the culprit is named); 3 no pass "
-                 "crosses it (the largest value seen is given); 2 bad input. The report is "
-                 "written to --out, by default ./splice-bisect")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="splice", description="A compiler for large language models.",
-                                epilog=EXAMPLES, formatter_class=_HelpFormatter)
-    for flags, text in _GLOBAL_FLAGS:
+                                epilog=EXAMPLES, formatter_class=HelpFormatter)
+    for flags, text in GLOBAL_FLAGS:
         p.add_argument(*flags, action="store_true", help=text)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     model_help = ("a Hugging Face directory, a .gguf file, a llama2.c .bin, or 'smollm2-135m' "
@@ -408,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.choices["debug"].epilog = DEBUG_EPILOG
     sub.choices["bisect"].epilog = BISECT_EPILOG
     for command in sub.choices.values():
-        command.formatter_class = _HelpFormatter
-        for flags, text in _GLOBAL_FLAGS:  # SUPPRESS: absent after the name, the value before it
+        command.formatter_class = HelpFormatter
+        for flags, text in GLOBAL_FLAGS:  # SUPPRESS: absent after the name, the value before it
             command.add_argument(*flags, action="store_true", default=argparse.SUPPRESS,
                                  help=text)
     return p

@@ -292,7 +292,8 @@ def _bad_numbers(check, limits: dict) -> list[str]:
 
 
 def generated() -> list[Case]:
-    from splice.cli import INPUT_FILES, NUMBERS, OUTPUT_DIRS, build_parser
+    from splice.cli import build_parser
+    from splice.cli_args import INPUT_FILES, NUMBERS, OUTPUT_DIRS
 
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices
     out: list[Case] = []
