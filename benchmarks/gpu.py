@@ -56,10 +56,11 @@ PROMPT, STEPS, REPEATS, CHECK = 64, 128, 3, 32
 VARIANTS = ("int4", "float")
 BACKENDS = ("onnx", "tvm")
 SCHEMA = 1
-# float16 compute against the float32 reference: each of ~30 layers rounds its activations to
-# float16 (unit roundoff 2^-11 ~ 4.9e-4) and its residual sum grows; tests/backends/
-# test_onnx_cuda.py measures what the float16 graph gives on the CPU provider
-LOGIT_BOUND = 0.05  # max |logit diff| / max |reference logit|
+# float16 compute against the float32 reference: each of 30 layers rounds its activations to
+# float16 (unit roundoff 2^-11 ~ 4.9e-4). SmolLM2-135M's float16 ONNX graph on the CPU
+# provider, 32 tokens: 3.7e-3 (float) and 5.4e-3 (int4) of the largest logit, top-1 all equal;
+# the bound leaves ~4x for the CUDA kernels' other summation orders
+LOGIT_BOUND = 0.02  # max |logit diff| / max |reference logit|
 TEXT = ("The history of the city begins with a small settlement on the river, where farmers and "
         "traders met every spring to exchange grain, wool and salt. Over the following centuries "
         "the market grew into a town with stone walls, a bridge and a cathedral, and its "
@@ -349,7 +350,13 @@ def _artefact(a, backend: str, variant: str, module, work: Path, tvm_libs: Path 
         return export(module, out, target="cuda", cuda_arch=a.arch)
     lib = tvm_libs / f"tvm_{variant}"
     fields = json.loads((lib / "fields.json").read_text())
-    return gb.write_tvm_artefact(module, lib / fields["tvm"]["library"], fields, out)
+    path = gb.write_tvm_artefact(module, lib / fields["tvm"]["library"], fields, out)
+    packed = lib / gb.PARAMS_SHA
+    if packed.is_file() and gb.sha256(path / fields["tvm"]["params"]) != packed.read_text():
+        # a different torch/transformers there imported other weights than pack's: the library
+        # still fits (same shapes), and the logits check compares with this machine's reference
+        log.warning("tvm/%s: the parameters differ from those pack wrote", variant)
+    return path
 
 
 def _cuda_libraries(res: dict) -> None:

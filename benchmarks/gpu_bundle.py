@@ -50,6 +50,7 @@ WHEELS = ("onnxruntime-gpu==1.31.1", "onnxruntime-genai-cuda==0.18.0", "apache-t
 TVM_COMPILER = "tvm/lib/libtvm_compiler.so"
 SITE = Path("/tmp/splice-gpu-site")
 TVM_VARIANTS = ("int4", "float")  # the TVM cuda libraries compiled by `pack`
+PARAMS_SHA = "params.sha256"
 
 
 def sha256(path: Path) -> str:
@@ -166,12 +167,26 @@ def join(bundle: Path, dest: Path) -> dict[str, Path]:
 
 
 def install(wheels: list[Path], repo: Path, site: Path = SITE) -> None:
-    """pip-install the wheels and splice itself (no index, no dependencies) into `site`."""
+    """pip-install the wheels (no index, no dependencies) and splice itself into `site`."""
     site.mkdir(parents=True, exist_ok=True)
-    base = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-            "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site)]
-    subprocess.run(base + [str(w) for w in wheels], check=True)
-    subprocess.run(base + ["--no-build-isolation", str(repo)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+                    "--no-compile", "--no-cache-dir", "--upgrade", "--target", str(site),
+                    *[str(w) for w in wheels]], check=True)
+    install_splice(repo, site)
+
+
+def install_splice(repo: Path, site: Path) -> None:
+    """splice laid out as `pip install .` lays it out (pyproject's package-dir: splice.ir from
+    ir/, ...), by copying the folders: no build step, so the machine's setuptools and wheel
+    versions do not matter."""
+    import tomllib
+
+    dirs = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"]
+    shutil.rmtree(site / "splice", ignore_errors=True)
+    for name, folder in sorted(dirs.items(), key=lambda kv: kv[0].count(".")):
+        shutil.copytree(repo / folder, site.joinpath(*name.split(".")), dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
 
 
 def cuda_library_dirs() -> list[str]:
@@ -239,3 +254,5 @@ def copy_library_fields(art: Path, dest: Path) -> None:
         manifest.pop(key, None)
     shutil.copyfile(art / manifest["tvm"]["library"], dest / manifest["tvm"]["library"])
     (dest / "fields.json").write_text(json.dumps(manifest, indent=2))
+    # the parameters written here, to check that the GPU machine writes the same bytes
+    (dest / PARAMS_SHA).write_text(sha256(art / manifest["tvm"]["params"]))

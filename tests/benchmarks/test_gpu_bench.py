@@ -106,3 +106,19 @@ def test_tvm_wheel_is_repacked_without_its_compiler(tmp_path):
         names = z.namelist()
         assert gb.TVM_COMPILER not in names and "tvm/__init__.py" in names
         assert b"libtvm_compiler" not in z.read("apache_tvm-0.27.0.dist-info/RECORD")
+
+
+def test_splice_is_laid_out_as_installed(tmp_path):
+    """The GPU machine gets splice by copying pyproject's package-dir folders (no build)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    gb.install_splice(repo, tmp_path)
+    assert (tmp_path / "splice" / "ir" / "core.py").is_file()
+    assert (tmp_path / "splice" / "backends" / "onnx" / "cuda.py").is_file()
+    code = "import splice.backends.onnx.cuda as c, splice.ir.core; print(c.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, check=True, env={"PYTHONPATH": str(tmp_path)}).stdout
+    assert out.startswith(str(tmp_path))
