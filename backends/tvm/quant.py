@@ -3,31 +3,37 @@ dequantize on the fly.
 
 The stored tensors are the IR's, byte for byte (splice.ir.quant): codes uint8 [N, blocks, blob]
 (int4 two per byte, low nibble first), scales [N, blocks], zero points uint8 [N, ceil(blocks *
-bits / 8)] or implicit (symmetric). Each weight is rebuilt as (q - z) * scale, the reference's
-float32 arithmetic (so a dequantized weight is bit-identical to the interpreter's), and used at
-once; the float32 matrix never exists in memory.
+bits / 8)] or implicit (symmetric). The float32 matrix never exists in memory: prefill rebuilds
+each weight as (q - z) * scale, the reference's float32 arithmetic, bit-identical to the
+interpreter's dequantized weight, and uses it at once; decode takes z and the scale out of the
+inner sum (below), so it agrees with the reference to float32 rounding, not bit for bit.
 
-The CPU product (_streamed) streams each output row's bytes once per tile of input rows. For
-int4 the input is first split into even and odd channels (x_split[g, 0, i] = x[g*gs + 2i],
-x_split[g, 1, i] = x[g*gs + 2i + 1]; tiny, once per call), so that one 16-byte load of codes
-meets two contiguous 16-lane vectors of x, the low nibbles with the even channels and the high
-ones with the odd; int8 bytes meet x directly. Per block the unpacking is int32 vector work
-(zero-extend, mask, shift, minus the zero point), then one int-to-float conversion and one
-multiply by the block's broadcast scale per nibble, and one FMA per row of the tile; the lanes
-are summed once per output, pairwise. Decode runs one row and 4 outputs per task (4
-independent accumulator chains: with one, each step waits on the FMA latency); prefill tiles of
-Q_ROW_TILE rows, so each unpacked vector of codes feeds every row of the tile. Against the
-previous form, which rebuilt each weight in float with int64 unpacking and split the reduction
-over lanes with rfactor, SmolLM2-135M int4 went from 0.27x to 1.40x ONNX Runtime's
-MatMulNBits (accuracy level 4) in decode and from 0.88x to 1.09x in prefill (benchmarks/
-tvm_bench.py, two threads, same run). With one thread each, decode measured ~0.9x: MatMulNBits
-at that level quantizes x to int8 and uses int8 dot products, more work per instruction than
-float FMAs, at the cost of its accuracy. A dequantize-to-float pass ahead of a float GEMM was 3x
-slower: its stores into the packed layout are scatters.
+The CPU product (_streamed) streams each output row's bytes once per tile of input rows, for
+every group size (a partial last group included: the input is padded with zeros to whole blocks,
+so the padding codes meet zeros) and every zero-point form. The partial sums are a vector of
+QLANES floats per (row, output) whatever the group, a block's bytes read QLANES at a time (its
+chunks): the registers a task holds do not grow with the group size (with the block's bytes as
+the lanes, as before, g128 needed 64 lanes per output and spilled, and a partial last group fell
+back to a per-weight form: SmolLM2's [1536, 576] in groups of 128 took 5.3x longer per
+decode call than now, one thread, same run).
+For int4 the input is first split into even and odd channels (x_split[m, g, t, i] =
+x[m, g*gs + 2i + t]; tiny, once per call), so that one load of codes meets two contiguous
+vectors of x, the low nibbles with the even channels and the high ones with the odd; int8 bytes
+meet x directly. Decode (one row: every weight is read once) sums, per block, codes times x
+(zero-extend, mask or shift, convert, FMA: the zero point and the scale are out of the inner
+loop: sum (q - z) x = sum q x - z sum x, with the input's per-lane block sums computed once per
+call), then one FMA by the block's scale; 4 outputs per task (independent accumulator chains).
+Prefill rebuilds each weight as the reference's (q - z) * s once and feeds every row of a tile of
+Q_ROW_TILE rows with it (unrolled). Either way the lanes are summed pairwise once per output.
 
-The other classic formulation, accumulating sum_j q_j x_j per block and correcting with
-s * zero * sum_j x_j afterwards, saves the subtraction and a multiply per vector but needs a
-scalar correction per (row, output, block); it was not measured against this form.
+What bounds it (measured on an AVX2 CPU, one thread, kernel alone: benchmarks/tvm_limits.py and
+README): the float path costs ~4.5 vector instructions per 8 weights (unpack, convert, FMA),
+so an int4 GEMV computes at ~4-5 GB/s per core, about half of ONNX Runtime's MatMulNBits at
+accuracy level 4, which quantizes x to int8 and multiplies bytes (vpmaddubsw/VNNI): several
+times fewer instructions per weight. On AVX-512 the float path's vectors are twice as wide.
+
+The other classic formulation for prefill, a dequantize-to-float pass ahead of a float GEMM, was
+3x slower: its stores into the packed layout are scatters.
 
 On the GPU the product is the plain dequantizing form (dequantize block + matmul) that dlight's
 GEMV and Matmul rules schedule, as MLC-LLM's are.
@@ -213,10 +219,27 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
         red = [c]
 
     if tile == 1:
+        # sum_i (q_i - z) x_i = sum_i q_i x_i - z sum_i x_i, per lane: the zero point leaves the
+        # inner loop (one FMA per lane and block against the input's own lane sums, xsum)
+        cx = te.reduce_axis((0, chunks), name="cx")
+        if bits == 4:
+            tx = te.reduce_axis((0, 2), name="tx")
+            xsum = te.compute((rows, blocks, lanes), lambda m, gg, l: te.sum(
+                xs[m, gg, tx, cx * lanes + l], axis=[cx, tx]), name="xsum")
+        else:
+            xsum = te.compute((rows, blocks, lanes), lambda m, gg, l: te.sum(
+                xs[m, gg, cx * lanes + l] if xs is not None
+                else x[m, gg * group_size + cx * lanes + l], axis=cx), name="xsum")
+
+        def z_float(n, gg):
+            z = zero(n, gg)
+            return z.astype(dt) if z is not None else zp[n, gg].astype(dt)
         blk = te.compute((rows, n_out, blocks, lanes), lambda m, n, gg, l: te.sum(
-            term(m, n, gg, c * lanes + l, centred), axis=red), name="qblock")
+            term(m, n, gg, c * lanes + l, lambda _n, _g, code: code.astype(dt)), axis=red),
+            name="qblock")
         part = te.compute((rows, n_out, lanes), lambda m, n, l: te.sum(
-            blk[m, n, g, l] * s[n, g].astype(dt), axis=g), name="qpart")
+            (blk[m, n, g, l] - z_float(n, g) * xsum[m, g, l]) * s[n, g].astype(dt), axis=g),
+            name="qpart")
     else:
         def weight(n, gg, code):
             return centred(n, gg, code) * s[n, gg].astype(dt)

@@ -207,8 +207,9 @@ def _qstreamed(sch: s_tir.Schedule, many: bool) -> None:
         _qblocks(sch, anchor)
     else:
         _qtiles(sch, anchor)
-    if _has_block(sch, "split"):
-        _generic_block(sch, sch.get_sblock("split"), many)
+    for name in ("split", "xsum"):
+        if _has_block(sch, name):
+            _generic_block(sch, sch.get_sblock(name), many)
     if _has_block(sch, "epilogue"):
         _generic_block(sch, sch.get_sblock("epilogue"), many)
 
