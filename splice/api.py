@@ -151,9 +151,6 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
         check_supported(recipe.build())
     else:
         check_memory(model, recipe, memory_limit)
-    from .presets import check_calibration
-
-    check_calibration(recipe, calibration)  # after the model's own checks, before loading it
     stage = progress or (lambda name: None)
     if progress is not None:
         from .progress import StageInstrument
@@ -174,6 +171,11 @@ def compile(model: Any, recipe: Recipe | str | Path | None = "fold_norms", targe
     else:
         module = load_model(model)
     t_import = time.perf_counter() - t0
+    from .presets import check_calibration
+
+    # after the import, so that a model that cannot be read is reported first, as it was before
+    # the default recipe calibrated (a missing, empty or unknown file is found only by loading it)
+    check_calibration(recipe, calibration)
     if calibration is not None:
         stage("calibration text")
     calib = calibration_batches(module, calibration, seq_len=recipe.calibration_seq_len,
