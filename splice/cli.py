@@ -80,15 +80,17 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def _compile_recipe(a: argparse.Namespace):
-    """--recipe, or with none the target's default preset (splice/presets.py; fold_norms for a
-    target without one). compile() refuses a recipe that calibrates given no --calib."""
+    """--recipe, or with none the target's default preset (splice/presets.py) on the backends
+    the presets were measured on (onnx, npu); fold_norms elsewhere. compile() refuses a recipe
+    that calibrates given no --calib."""
     from . import presets
     from .api import resolve_recipe
 
     name = a.recipe
     if name is None:
         target = "npu" if a.backend == "npu" else a.target
-        has_default = any(p.default for p in presets.presets(target))
+        has_default = a.backend in ("onnx", "npu") and any(
+            p.default for p in presets.presets(target))
         name = presets.default_preset(target) if has_default else "fold_norms"
     return resolve_recipe(name)
 
@@ -260,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL", help=model_help)
     c.add_argument("--recipe", default=None,
                    help="a built-in recipe or preset name, or a .toml file (default: the "
-                        "target's default preset, `splice presets`; fold_norms where none)")
+                        "target's default preset on the onnx and npu backends, `splice "
+                        "presets`; fold_norms elsewhere)")
     c.add_argument("--backend", default="onnx", choices=("onnx", "tvm", "npu", "gguf"),
                    help="onnx (ONNX Runtime), tvm (a compiled library), npu (Qualcomm HTP) or "
                         "gguf (a GGUF file for llama.cpp)")
