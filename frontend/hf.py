@@ -15,6 +15,8 @@ traceback; whatever transformers still rejects is re-raised as a FrontendError n
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -185,6 +187,27 @@ def default_model_path() -> Path:
 
 # -- helpers ---------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def _no_gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar ("Converting and de-quantizing GGUF
+    tensors"), which neither its progress-bar switch nor the hub's reaches: the reader module's
+    tqdm is swapped for a disabled one for the load (splice's CLI shows its own display)."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as reader
+    except ImportError:
+        yield
+        return
+    bar = getattr(reader, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
+
+
 def _load_model(path: Path, folder: Path, **kwargs: Any):
     """transformers' AutoModelForCausalLM in float32, local files only; its failures re-raised as
     a FrontendError naming the checkpoint."""
@@ -197,9 +220,10 @@ def _load_model(path: Path, folder: Path, **kwargs: Any):
     report_logger = logging.getLogger("transformers.modeling_utils")
     report_logger.addFilter(_drop_load_report)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(
-            str(folder), dtype=torch.float32, local_files_only=True, output_loading_info=True,
-            ignore_mismatched_sizes=True, **kwargs)
+        with _no_gguf_bar():
+            model, info = AutoModelForCausalLM.from_pretrained(
+                str(folder), dtype=torch.float32, local_files_only=True,
+                output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad checkpoint: one line
         if "gguf_file" in kwargs:
             _check_gguf_readable(path)

@@ -351,9 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _no_progress_bars() -> None:
     """Libraries' progress bars are off, so that splice's own display (splice/progress.py) is the
     one on stderr and a failing command's stderr is its one error line. transformers copies the
-    hub's switch when it is imported, hence both calls; its GGUF reader draws a tqdm bar of its
-    own, which only tqdm's TQDM_DISABLE default reaches (main() sets it for the command and puts
-    it back; splice's own bars ask for disable=False)."""
+    hub's switch when it is imported, hence both calls; its GGUF reader's own bar is turned off
+    where the frontend calls it (frontend/hf.py)."""
     try:
         from huggingface_hub.utils import disable_progress_bars
     except ImportError:     # a runtime-only install has no Hugging Face libraries to quiet
@@ -460,15 +459,7 @@ def main(argv: list[str] | None = None) -> int:
                             else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         _no_progress_bars()
         check_arguments(a)
-        tqdm_before = os.environ.get("TQDM_DISABLE")
-        os.environ["TQDM_DISABLE"] = "1"
-        try:
-            return a.fn(a)
-        finally:
-            if tqdm_before is None:
-                os.environ.pop("TQDM_DISABLE", None)
-            else:
-                os.environ["TQDM_DISABLE"] = tqdm_before
+        return a.fn(a)
     except InputError as e:
         if _interrupted(e):
             return _report_interrupt()

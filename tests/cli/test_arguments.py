@@ -123,3 +123,14 @@ def test_an_unsupported_gguf_architecture_is_refused_before_transformers(tmp_pat
     with pytest.raises(InputError, match="general.architecture='bloom'.*supported: llama"):
         check_gguf_file(bad)
     assert Path(bad).stat().st_size == Path(good).stat().st_size
+
+
+def test_transformers_gguf_bar_is_silenced(tmp_path):
+    """transformers' own GGUF bar never reaches stderr: splice's display is the one (issue 26)."""
+    from tests.reliability.inputs import write_gguf_file
+
+    gguf = write_gguf_file(tmp_path / "tiny.gguf")
+    r = subprocess.run([sys.executable, "-m", "splice", "inspect", str(gguf)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "GGUF tensors" not in r.stderr and "%|" not in r.stderr, r.stderr
