@@ -257,16 +257,18 @@ def builder(hf_dir: Path, out: Path, precision: str) -> Path:
     return out
 
 
-def decode_bytes(module) -> int:
-    """Bytes of weights a decode step reads: every product's weight tensors (the embedding
-    table's gather reads one row per token, and is left out unless the lm_head shares it)."""
+def decode_bytes(module, float_bytes: int) -> int:
+    """Bytes of weights a decode step reads: every product's weight tensors, their float ones
+    (weights, scales) at `float_bytes` each as the artefact stores them (ONNX cuda 2, TVM 4);
+    the embedding table's gather reads one row per token, and counts only as the tied lm_head."""
     total = 0
     for node in module.graph.nodes:
         if node.op in ("linear", "qlinear", "matmul"):
             for v in node.inputs[1:]:
                 if v is not None and v.is_const:
                     t = module.weights[v.const]
-                    total += t.numel() * t.element_size()
+                    total += t.numel() * (float_bytes if t.is_floating_point()
+                                          else t.element_size())
     return total
 
 
@@ -333,7 +335,7 @@ def measure(a: argparse.Namespace, gguf: Path | None, tvm_libs: Path | None) -> 
                             f"speed-genai/{key}/{batch}", speed_genai, path, ids, batch)
         if not a.dry_run:
             _peer(a, res, step, gguf, work, ids)
-            res["bandwidth"] = step("bandwidth", _bandwidth, mods)
+            res["bandwidth"] = step("bandwidth", _bandwidth, mods, a.backends)
             res["goals"] = goals(res)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -393,12 +395,16 @@ def _peer(a, res: dict, step: Steps, gguf: Path, work: Path, ids: list[int]) -> 
                 f"peer/speed/{precision}/{batch}", speed_genai, path, ids, batch)
 
 
-def _bandwidth(mods: dict) -> dict[str, Any]:
+def _bandwidth(mods: dict, backends: list[str]) -> dict[str, Any]:
+    """Per artefact: the bytes a batch-1 decode step reads and the tok/s they allow at the
+    copy bandwidth measured here."""
     gbs = bandwidth_gbs()
-    out = {"copy_gb_s": round(gbs, 1)}
-    for v, m in mods.items():
-        b = decode_bytes(m)
-        out[v] = {"decode_weight_bytes": b, "limit_decode_tok_s_batch1": round(gbs * 1e9 / b, 1)}
+    out: dict[str, Any] = {"copy_gb_s": round(gbs, 1)}
+    for backend in backends:
+        for v, m in mods.items():
+            b = decode_bytes(m, 2 if backend == "onnx" else 4)
+            out[f"{backend}/{v}"] = {"decode_weight_bytes": b,
+                                     "limit_decode_tok_s_batch1": round(gbs * 1e9 / b, 1)}
     return out
 
 
@@ -410,11 +416,11 @@ def goals(res: dict) -> dict[str, Any]:
 
     peer = dec("builder int4 cuda/batch 1")
     bw = res.get("bandwidth") or {}
-    limit = (bw.get("int4") or {}).get("limit_decode_tok_s_batch1")
     out = {}
     for key in ("onnx/int4/onnxruntime-genai/batch 1", "onnx/int4/splice runtime/batch 1",
                 "tvm/int4/splice runtime/batch 1"):
         d = dec(key)
+        limit = (bw.get(key.split("/")[0] + "/int4") or {}).get("limit_decode_tok_s_batch1")
         out[key] = {"decode_tok_s": d,
                     "vs_builder_int4": round(d / peer, 3) if d and peer else None,
                     "goal_1_2x_builder": bool(d and peer and d >= 1.2 * peer),

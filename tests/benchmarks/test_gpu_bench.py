@@ -44,7 +44,7 @@ def test_compare_and_goals():
     res = gpu.new_results(False, "m", ["onnx", "tvm"])
     res["speed"]["tvm/int4/splice runtime/batch 1"] = {"decode_tok_s": 600.0}
     res["peer"]["builder int4 cuda/batch 1"] = {"decode_tok_s": 400.0}
-    res["bandwidth"] = {"int4": {"limit_decode_tok_s_batch1": 1000.0}}
+    res["bandwidth"] = {"tvm/int4": {"limit_decode_tok_s_batch1": 1000.0}}
     g = gpu.goals(res)["tvm/int4/splice runtime/batch 1"]
     assert g["vs_builder_int4"] == 1.5 and g["goal_1_2x_builder"]
     assert g["fraction_of_bandwidth_limit"] == 0.6
@@ -122,3 +122,14 @@ def test_splice_is_laid_out_as_installed(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                          text=True, check=True, env={"PYTHONPATH": str(tmp_path)}).stdout
     assert out.startswith(str(tmp_path))
+
+
+def test_decode_bytes_count_weights_as_the_artefact_stores_them():
+    from tests.tiny import tiny_module
+
+    module = tiny_module(num_layers=1)
+    mods = gpu.variants(module)
+    f2, f4 = gpu.decode_bytes(mods["float"], 2), gpu.decode_bytes(mods["float"], 4)
+    assert f4 == 2 * f2 > 0
+    q2, q4 = gpu.decode_bytes(mods["int4"], 2), gpu.decode_bytes(mods["int4"], 4)
+    assert q2 < f2 and q2 < q4 < f4  # int4 codes are bytes whatever the float width
