@@ -85,7 +85,7 @@ def _texts(art_path: Path, quick: bool) -> tuple[list[int], list[int], int]:
 
 
 def run(quick: bool = False, work: str | Path | None = None, rounds: int | None = None,
-        skip_llama: bool = False) -> tuple[str, dict]:
+        skip_llama: bool = False, presets: tuple[str, ...] = PRESETS) -> tuple[str, dict]:
     """Compile (kept in `work` when given, so a second run only measures), then measure."""
     rounds = rounds or (1 if quick else 3)
     new = 8 if quick else 128
@@ -100,7 +100,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         calib = DATA / ("tinystories_val.txt" if quick else "wikitext2_valid_tokenized.txt")
         rows: dict[str, dict] = {}
         paths: dict[str, tuple[str, Path]] = {}
-        for name in (FLOAT, *PRESETS):
+        for name in (FLOAT, *presets):
             out = work / name
             rows[name] = _compile(model, "none" if name == FLOAT else name, calib, out, quick)
             paths[name] = ("splice", out)
@@ -145,7 +145,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                "prompt_tokens": len(ids), "new_tokens": new, "threads": list(THREADS),
                "ppl_tokens": len(eval_ids), "ppl_window": window, "rows": rows,
                "ppl_text": "TinyStories" if quick else "WikiText-2's test text",
-               "llama_note": llama_note, "date": time.strftime("%Y-%m-%d"),
+               "llama_note": llama_note, "date": time.strftime("%Y-%m-%d"), "presets": presets,
                "machine": _machine()}
         return markdown(res), res
     finally:
@@ -195,7 +195,7 @@ def markdown(res: dict) -> str:
               + "; ".join(f"{name}: " + ", ".join(
                   f"{p['name']} {p['time_s']:.1f} s" + (f" ({p['peak_rss_mb']:.0f} MB)"
                                                         if p.get("peak_rss_mb") else "")
-                  for p in rows[name]["passes"]) for name in PRESETS) + "."]
+                  for p in rows[name]["passes"]) for name in res["presets"]) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -221,7 +221,7 @@ def write_presets(res: dict) -> None:
     """Replace each CPU preset file's [preset.measured] table (kept last in the file)."""
     from splice.recipe import _toml_value
 
-    for name in PRESETS:
+    for name in res["presets"]:
         path = REPO / "splice" / "recipes" / f"{name}.toml"
         text = path.read_text(encoding="utf-8")
         cut = text.find("\n[preset.measured]")
@@ -239,11 +239,13 @@ if __name__ == "__main__":
     ap.add_argument("--work", default=None, help="keep the compiled models here and reuse them")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
     ap.add_argument("--json", default=None)
     ap.add_argument("--write-presets", action="store_true",
                     help="write the figures into splice/recipes/<preset>.toml")
     a = ap.parse_args()
-    text, figures = run(quick=a.quick, work=a.work, rounds=a.rounds, skip_llama=a.skip_llama)
+    text, figures = run(quick=a.quick, work=a.work, rounds=a.rounds, skip_llama=a.skip_llama,
+                        presets=tuple(a.presets))
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2, default=float))
     if a.write_presets and not a.quick:

@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("presets", "foundation", "prune_patch", "tvm_bench", "npu", "scale", "hadamard", "onnx_speed")
+SECTIONS = ("presets", "foundation", "prune_patch", "tvm_bench", "npu", "scale", "hadamard",
+            "onnx_speed")
 
 
 def machine() -> str:
