@@ -73,20 +73,28 @@ def llama_quantize(path: str, args: dict) -> dict:
 
 def llama_speed(path: str, args: dict) -> dict:
     """args: {"ids": prompt, "new": tokens, "threads": n}."""
+    import llama_cpp
+
     ids, new = args["ids"], args["new"]
     llm = _llama(path, args["threads"], n_ctx=len(ids) + new + 8, all_logits=False)
+    vocab = llm.n_vocab()
+
+    def last() -> int:
+        # without logits_all, Llama.eval keeps no logits: the last position's, read in place
+        row = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(row, shape=(vocab,))))
 
     def generate(prompt: list[int], n: int) -> tuple[float, float, list[int]]:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
         t1 = time.perf_counter()
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last()
         out = [tok]
         t2 = time.perf_counter()
         for _ in range(n - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = last()
             out.append(tok)
         t3 = time.perf_counter()
         return t1 - t0, t3 - t2, out
