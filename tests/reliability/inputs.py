@@ -325,6 +325,11 @@ BUILDERS: dict[str, Callable[[Path, Bases], Path]] = {
     "art_bad_tokenizer_kind": lambda p, b: _artefact_variant(
         b["artefact"], p, _edit_manifest(lambda m: m["tokenizer"].update(kind="sentencepiece"))),
     "art_not_dir": lambda p, b: _text("not an artefact")(p),
+    # a manifest whose config disagrees with the graph it describes (issue 26: inspect said fine)
+    "art_config_layers": lambda p, b: _artefact_variant(
+        b["artefact"], p, _edit_manifest(lambda m: m["config"].update(num_layers=7))),
+    "art_config_kv_heads": lambda p, b: _artefact_variant(
+        b["artefact"], p, _edit_manifest(lambda m: m["config"].update(num_kv_heads=1))),
 }
 
 
