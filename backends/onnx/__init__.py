@@ -7,7 +7,8 @@ weights, `export` writes the whole artefact (model, tokenizer, manifest) atomica
 
 from .contrib import OPS_MODES, rule_table
 from .export import export
-from .lower import OPSET, LoweringContext, LoweringError, lower, save
+from .context import LoweringContext, LoweringError
+from .lower import OPSET, lower, save
 from .rules import RULES
 
 __all__ = ["OPSET", "OPS_MODES", "LoweringContext", "LoweringError", "RULES", "export", "lower",

@@ -19,6 +19,10 @@ lowered graph has spread over initializers and attribute encodings. Each rule st
 value for every IR output (a Split part, an Identity for an absorbed rotary), so a rule that does
 not fuse never depends on another that did; what the fused consumer does not read is removed by
 dead-node elimination at the end of `lower`.
+
+What GroupQueryAttention and RotaryEmbedding refuse (`gqa_refusal`, `rotary_refusal`) is decided
+here too: both the fusions and contrib.py's rules ask, and contrib.py imports this module, never
+the other way.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The TVM backend's entry: an ir.Module -> an artefact directory that runtime.load runs.
 
 The artefact holds model.so (the Relax VM executable with every kernel, `export_library`),
-params.safetensors (the weights in the layouts the kernels read, lower.Param), the tokenizer files
-and a manifest: the model config, the decoder's I/O names (the ONNX backend's `io` section, so the
-runtimes share their generation code), the parameter list in argument order, and the target (kind,
+params.safetensors (the weights in the layouts the kernels read, context.Param), the tokenizer files
+and a manifest: the model config, the decoder's I/O names (common.decoder_io, the `io` section
+every backend writes), the parameter list in argument order, and the target (kind,
 architecture, the CPU features the code was compiled to use) so that a runtime refuses a library
 its machine cannot run.
 """

@@ -51,20 +51,26 @@ def _unflat(fn: _Function, y, shape: list, out: int):
     return fn.bb.emit(relax.op.reshape(y, [*shape[:-1], out]))
 
 
-def _emit_linear(low, fn, node, x, w, bias, out, packed):
+def _product(low: Lowering, fn: _Function, node: Node, x, out: int, emit: Callable):
+    """A product kernel over x's rows, `emit(rows, residual)`, with the residual `add` that alone
+    reads its output computed in its epilogue (the add node is then skipped)."""
     fused = low.fusable_residual(fn, node)
     residual = None
     if fused is not None:
         fn.skip.add(id(fused[0]))
         residual = _flat(fn, fused[1])[0]
     x2, shape = _flat(fn, x)
-    y = fn.te(K.linear, x2, w, bias, residual, out=out, packed=packed,
-              row_tile=ROW_TILE if fn.rows == "many" else 0,
-              kind="linear_packed" if packed else "linear")
-    y = _unflat(fn, y, shape, out)
+    y = _unflat(fn, emit(x2, residual), shape, out)
     if fused is not None:
         fn.env[id(fused[0].outputs[0])] = y
     return [y]
+
+
+def _emit_linear(low, fn, node, x, w, bias, out, packed):
+    return _product(low, fn, node, x, out, lambda rows, residual: fn.te(
+        K.linear, rows, w, bias, residual, out=out, packed=packed,
+        row_tile=ROW_TILE if fn.rows == "many" else 0,
+        kind="linear_packed" if packed else "linear"))
 
 
 def _matmul(low: Lowering, fn: _Function, node: Node):
@@ -84,20 +90,11 @@ def _qlinear(low: Lowering, fn: _Function, node: Node):
     w, s = fn.value(node, 1, "q_weight"), fn.value(node, 2, "q_scales")
     zp = fn.value(node, 3, "q_zeros") if len(node.inputs) > 3 else None
     bias = fn.value(node, 4) if len(node.inputs) > 4 else None
-    fused = low.fusable_residual(fn, node)
-    residual = None
-    if fused is not None:
-        fn.skip.add(id(fused[0]))
-        residual = _flat(fn, fused[1])[0]
-    x2, shape = _flat(fn, x)
-    y = fn.te(qlinear_kernel, x2, w, s, zp, bias, residual, bits=a["bits"],
-              group_size=a["group_size"], symmetric=a["symmetric"],
-              row_tile=Q_ROW_TILE if fn.rows == "many" and low.packed else 1,
-              streamed=low.packed, kind="qlinear")
-    y = _unflat(fn, y, shape, a["out_features"])
-    if fused is not None:
-        fn.env[id(fused[0].outputs[0])] = y
-    return [y]
+    return _product(low, fn, node, x, a["out_features"], lambda rows, residual: fn.te(
+        qlinear_kernel, rows, w, s, zp, bias, residual, bits=a["bits"],
+        group_size=a["group_size"], symmetric=a["symmetric"],
+        row_tile=Q_ROW_TILE if fn.rows == "many" and low.packed else 1,
+        streamed=low.packed, kind="qlinear"))
 
 
 def _embedding(low: Lowering, fn: _Function, node: Node):

@@ -17,11 +17,10 @@ from splice.ir import (
     ModelConfig,
     Module,
     emit,
-    past_from_present,
-    run_logits,
     verify,
 )
 
+from tests.backends.trajectory import reference_trajectory, worst_difference
 from tests.tiny import VARIANTS, add_extra_ops, tiny_module
 
 TOL = 1e-4
@@ -54,29 +53,16 @@ def ort_step(sess, module, ids: np.ndarray, past: dict[str, np.ndarray] | None):
     return out["logits"], {"past." + k[8:]: v for k, v in out.items() if k.startswith("present.")}
 
 
-def reference_trajectory(module, ids: torch.Tensor, steps: int):
-    """Logits and caches of the interpreter for a prefill then `steps` greedy decode steps."""
-    out = run_logits(module, ids)
-    traj = [(ids.numpy(), out)]
-    for _ in range(steps):
-        tok = out["logits"][:, -1:].argmax(-1)
-        out = run_logits(module, tok, past=past_from_present(out))
-        traj.append((tok.numpy(), out))
-    return traj
-
-
 def compare(sess, module, traj) -> float:
     """Run the trajectory's inputs through ONNX Runtime, feeding its own cache back; returns
     the largest difference from the reference over logits and present KV."""
-    worst = 0.0
     past = None
-    for ids, ref in traj:
+
+    def step(ids):
+        nonlocal past
         logits, past = ort_step(sess, module, ids, past)
-        worst = max(worst, float(np.abs(logits - ref["logits"].numpy()).max()))
-        for name, value in past_from_present(ref).items():
-            assert past[name].shape == tuple(value.shape), name
-            worst = max(worst, float(np.abs(past[name] - value.numpy()).max()))
-    return worst
+        return logits, past
+    return worst_difference(traj, step)
 
 
 @pytest.fixture(scope="module")

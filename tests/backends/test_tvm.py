@@ -22,10 +22,11 @@ tvm = pytest.importorskip("tvm", reason="apache-tvm is not installed (pip instal
 
 from splice.backends.tvm import RULES, LoweringError, export, lower  # noqa: E402
 from splice.errors import ArtefactError, InputError  # noqa: E402
-from splice.ir import OPS, past_from_present, run_logits, verify  # noqa: E402
+from splice.ir import OPS, run_logits, verify  # noqa: E402
 from splice.runtime import load  # noqa: E402
 from splice.runtime import tvm_runtime  # noqa: E402
 
+from tests.backends.trajectory import reference_trajectory, worst_difference  # noqa: E402
 from tests.paths import STORIES  # noqa: E402
 from tests.tiny import VARIANTS, add_extra_ops, tiny_module  # noqa: E402
 
@@ -65,28 +66,16 @@ MODELS = {
 }
 
 
-def reference_trajectory(module, ids: torch.Tensor, steps: int):
-    out = run_logits(module, ids)
-    traj = [(ids.numpy(), out)]
-    for _ in range(steps):
-        tok = out["logits"][:, -1:].argmax(-1)
-        out = run_logits(module, tok, past=past_from_present(out))
-        traj.append((tok.numpy(), out))
-    return traj
-
-
 def compare(artefact, traj) -> float:
     """Run the trajectory's inputs through the artefact with its own cache; the largest
     difference from the reference over logits and present KV."""
-    worst, cache = 0.0, None
-    for ids, ref in traj:
+    cache = None
+
+    def step(ids):
+        nonlocal cache
         logits, cache = artefact.logits(ids, cache)
-        worst = max(worst, float(np.abs(logits - ref["logits"].numpy()).max()))
-        mine = cache.numpy()
-        for name, value in past_from_present(ref).items():
-            assert mine[name].shape == tuple(value.shape), name
-            worst = max(worst, float(np.abs(mine[name] - value.numpy()).max()))
-    return worst
+        return logits, cache.numpy()
+    return worst_difference(traj, step)
 
 
 @pytest.fixture(scope="module")
