@@ -53,7 +53,12 @@ def calibration_batches(module, calibration: Any, *, seq_len: int = 512,
     if isinstance(calibration, str):
         ids = encode_text(module, calibration)
     else:
-        ids = [int(t) for t in calibration]
+        try:
+            ids = [int(t) for t in calibration]
+        except (TypeError, ValueError, OverflowError):
+            raise InputError("calibration: expected token batches (a tensor), a list of token "
+                             f"ids or text, got {type(calibration).__name__} holding something "
+                             "that is not an integer id") from None
     seq_len = min(seq_len, module.config.max_position)
     n = min(len(ids) // seq_len, max_batches)
     if n == 0:
@@ -216,6 +221,10 @@ def check_compile_arguments(model: Any, out: Any, *, instruments=(), seed=None,
             checks.output_dir(inst.directory, f"IR dump directory ({type(inst).__name__})")
     checks.integer(seed, "seed", minimum=0, optional=True)
     checks.number(memory_limit, "memory_limit (bytes)", above=0, optional=True)
+    if calibration is not None and (isinstance(calibration, (bytes, dict))
+                                    or not hasattr(calibration, "__iter__")):
+        raise InputError(f"calibration: expected token batches (a tensor), a list of token ids, "
+                         f"text or a text file's Path, got {type(calibration).__name__}")
     if isinstance(calibration, Path):
         checks.input_file(calibration, "calibration text")
     elif isinstance(calibration, str):
