@@ -11,7 +11,7 @@ Kinds of output directory:
               after the work; here it is refused before);
   "dir"       written into (IR dumps, debug reports, caches): a new path or an existing directory.
 
-torch-free: the runtime imports nothing of this, but an install without torch can still use it.
+Standard library only (and splice.errors), so that checking costs nothing before an import.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def path_argument(value: Any, what: str) -> Path:
         raise InputError(f"{what} must be a path (str or pathlib.Path), got "
                          f"{type(value).__name__}")
     text = os.fspath(value)
+    if isinstance(text, bytes):
+        raise InputError(f"{what} must be a text path, got a bytes path {text!r:.60}")
     if not text.strip():
         raise InputError(f"{what} is an empty path; give a file or directory name")
     if "\0" in text:
