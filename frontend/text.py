@@ -12,6 +12,10 @@ def read_text(path: Path) -> str:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(f"text file {path} not found") from None
+    except IsADirectoryError:
+        raise InputError(f"text file {path} is a directory; give a UTF-8 text file") from None
+    except OSError as e:
+        raise InputError(f"text file {path} cannot be read ({e.strerror})") from None
     except UnicodeDecodeError as e:
         raise InputError(f"text file {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.strip():
