@@ -2,13 +2,14 @@
 backends, checked against the reference interpreter and timed beside onnxruntime-genai's
 builder, in one JSON.
 
-    python -m benchmarks.gpu pack  [--bundle .gpu] [--arch sm_90]     # here: wheels, model, TVM libs
+    python -m benchmarks.gpu pack  [--bundle .gpu] [--arch sm_90]     # here: wheels, model, libs
     python3 -m benchmarks.gpu stage --bundle .gpu                     # there: one call per part
     python3 -m benchmarks.gpu run  --bundle .gpu --json $OUT/gpu.json # there: the run (< 10 min)
-    python -m benchmarks.gpu run --dry-run [--model M] [--json F]     # here: compile for cuda, run nothing
+    python -m benchmarks.gpu run --dry-run [--model M] [--json F]     # here: compile, run nothing
 
 Why three steps: the device tool carries 64 MiB a call and the GPU machine reaches no index, and
-the wheels plus the model are ~390 MB (gpu_bundle.py); `pack` writes plan.json with the calls.
+the wheels plus the model are ~385 MB (gpu_bundle.py): seven parts. `pack` writes plan.json with
+the calls; the one that brings the TVM half's last part also runs it (`run --backends tvm`).
 
 What `run` does, in this order, each step's failure recorded in "errors" and the next step run:
 1. the model from the bundle's GGUF (the same frontend as everywhere); int4 = RTN 4-bit
@@ -37,7 +38,6 @@ import logging
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import gpu_bundle as gb
+from benchmarks.gpu_peer import builder, hf_dir_from_gguf, speed_genai
 
 log = logging.getLogger("benchmarks.gpu")
 
@@ -202,61 +203,6 @@ def speed_splice(art, ids: list[int], batch: int) -> dict[str, float]:
     return best
 
 
-def speed_genai(path: Path, ids: list[int], batch: int) -> dict[str, float]:
-    """The same protocol through onnxruntime-genai (its cache stays on the device)."""
-    import onnxruntime_genai as og
-
-    model = og.Model(og.Config(str(path)))
-    rows = np.asarray([ids] * batch, np.int32)
-    best = {"prefill_tok_s": 0.0, "decode_tok_s": 0.0}
-    for _ in range(REPEATS):
-        params = og.GeneratorParams(model)
-        length = len(ids) + STEPS + 1
-        params.set_search_options(max_length=length, min_length=length, do_sample=False,
-                                  batch_size=batch)
-        gen = og.Generator(model, params)
-        t0 = time.perf_counter()
-        gen.append_tokens(rows)
-        gen.generate_next_token()  # the first token comes from the prompt's logits
-        gen.get_next_tokens()
-        t1 = time.perf_counter()
-        for _ in range(STEPS):
-            gen.generate_next_token()
-        gen.get_next_tokens()
-        t2 = time.perf_counter()
-        best["prefill_tok_s"] = max(best["prefill_tok_s"], batch * len(ids) / (t1 - t0))
-        best["decode_tok_s"] = max(best["decode_tok_s"], batch * STEPS / (t2 - t1))
-    return best
-
-
-def hf_dir_from_gguf(gguf: Path, out: Path) -> Path:
-    """The GGUF as a Hugging Face directory of float32 safetensors (what the builder reads)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
-                                              dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    cfg = hf.config
-    if hasattr(cfg, "quantization_config"):  # a GGUF load is marked quantized: save a fresh copy
-        del cfg.quantization_config
-    fresh = type(hf)(cfg).eval()
-    fresh.load_state_dict(hf.state_dict())
-    fresh.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-def builder(hf_dir: Path, out: Path, precision: str) -> Path:
-    with tempfile.TemporaryDirectory() as cache:
-        r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i",
-                            str(hf_dir), "-o", str(out), "-p", precision, "-e", "cuda", "-c",
-                            cache], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise RuntimeError(f"builder -p {precision} -e cuda failed: {r.stderr[-1500:]}")
-    return out
-
-
 def decode_bytes(module, float_bytes: int) -> int:
     """Bytes of weights a decode step reads: every product's weight tensors, their float ones
     (weights, scales) at `float_bytes` each as the artefact stores them (ONNX cuda 2, TVM 4);
@@ -303,7 +249,7 @@ def measure(a: argparse.Namespace, gguf: Path | None, tvm_libs: Path | None) -> 
         import torch
 
         res["device"] = torch.cuda.get_device_name(0)
-        step("cuda-libraries", _cuda_libraries, res)
+        step("cuda-libraries", _cuda_libraries, res, a.backends)
     work = Path(tempfile.mkdtemp(prefix="splice-gpu-"))
     try:
         for backend in a.backends:
@@ -332,8 +278,9 @@ def measure(a: argparse.Namespace, gguf: Path | None, tvm_libs: Path | None) -> 
                         f"speed/{key}/{batch}", speed_splice, art, ids, batch)
                     if backend == "onnx":
                         res["speed"][f"{key}/onnxruntime-genai/batch {batch}"] = step(
-                            f"speed-genai/{key}/{batch}", speed_genai, path, ids, batch)
-        if not a.dry_run:
+                            f"speed-genai/{key}/{batch}", speed_genai, path, ids, batch,
+                            steps=STEPS, repeats=REPEATS)
+        if not a.dry_run and "onnx" in a.backends:  # the peer runs on ONNX Runtime too
             _peer(a, res, step, gguf, work, ids)
             res["bandwidth"] = step("bandwidth", _bandwidth, mods, a.backends)
             res["goals"] = goals(res)
@@ -361,14 +308,19 @@ def _artefact(a, backend: str, variant: str, module, work: Path, tvm_libs: Path 
     return path
 
 
-def _cuda_libraries(res: dict) -> None:
+def _cuda_libraries(res: dict, backends: list[str]) -> None:
     """ONNX Runtime's CUDA provider loads cuBLAS/cuDNN from the nvidia packages torch brought
     (preload_dlls); TVM's CUDA runtime must have found libcudart (gpu_bundle sets the path)."""
-    import onnxruntime as ort
+    if "onnx" in backends:
+        import onnxruntime as ort
+
+        ort.preload_dlls()
+        res["onnxruntime"] = {"version": ort.__version__,
+                              "providers": ort.get_available_providers()}
+    if "tvm" not in backends:
+        return
     import tvm
 
-    ort.preload_dlls()
-    res["onnxruntime"] = {"version": ort.__version__, "providers": ort.get_available_providers()}
     res["tvm"] = {"version": tvm.__version__, "cuda_visible": bool(tvm.cuda(0).exist)}
     if not res["tvm"]["cuda_visible"]:
         raise RuntimeError("TVM sees no CUDA device: libtvm_runtime_cuda.so did not load "
@@ -392,7 +344,8 @@ def _peer(a, res: dict, step: Steps, gguf: Path, work: Path, ids: list[int]) -> 
             continue
         for batch in BATCHES:
             res["peer"][f"builder {precision} cuda/batch {batch}"] = step(
-                f"peer/speed/{precision}/{batch}", speed_genai, path, ids, batch)
+                f"peer/speed/{precision}/{batch}", speed_genai, path, ids, batch,
+                steps=STEPS, repeats=REPEATS)
 
 
 def _bandwidth(mods: dict, backends: list[str]) -> dict[str, Any]:
@@ -448,8 +401,9 @@ def cmd_pack(a: argparse.Namespace) -> int:
         for v in gb.TVM_VARIANTS:
             art = export(mods[v], Path(tmp) / v, target="cuda", cuda_arch=a.arch)
             gb.copy_library_fields(art, files / f"tvm_{v}")
-    index = gb.split_parts(sorted(p for p in files.rglob("*") if p.is_file()), files, bundle,
-                           a.part_mib)
+    index = gb.split_parts(sorted((p for p in files.rglob("*") if p.is_file()), key=lambda p:
+                                  gb.pack_order(p.relative_to(files).as_posix())),
+                           files, bundle, a.part_mib)
     meta = gb.plan(bundle, index, {"model": gguf.name, "arch": a.arch})
     print(json.dumps(meta["calls"], indent=2))
     return 0
@@ -467,8 +421,8 @@ def cmd_run(a: argparse.Namespace, argv: list[str]) -> int:
     else:
         bundle = Path(a.bundle)
         joined = bundle / "joined"
-        if "SPLICE_GPU_SITE" not in os.environ:
-            files = gb.join(bundle, joined)
+        if "SPLICE_GPU_SITE" not in os.environ:  # the TVM half runs before ORT's parts arrive
+            files = gb.join(bundle, joined, partial=a.backends == ["tvm"])
             gb.install([p for k, p in files.items() if k.endswith(".whl")], Path.cwd())
             gb.reexec_with(gb.SITE, argv)  # does not return
         gguf = next((joined / "model").glob("*.gguf"))

