@@ -11,11 +11,11 @@ inner sum (below), so it agrees with the reference to float32 rounding, not bit 
 The CPU product (_streamed) streams each output row's bytes once per tile of input rows, for
 every group size (a partial last group included: the input is padded with zeros to whole blocks,
 so the padding codes meet zeros) and every zero-point form. The partial sums are a vector of
-QLANES floats per (row, output) whatever the group, a block's bytes read QLANES at a time (its
-chunks): the registers a task holds do not grow with the group size (with the block's bytes as
-the lanes, as before, g128 needed 64 lanes per output and spilled, and a partial last group fell
-back to a per-weight form: SmolLM2's [1536, 576] in groups of 128 took 5.3x longer per
-decode call than now, one thread, same run).
+QLANES floats per (row, output) whatever the group (PREFILL_LANES in prefill), a block's bytes
+read that many at a time (its chunks): the registers a task holds do not grow with the group
+size (with the block's bytes as the lanes, as before, g128 needed 64 lanes per output and
+spilled, and a partial last group fell back to a per-weight form: SmolLM2's [1536, 576] in
+groups of 128 took 5.3x longer per decode call than now, one thread, same run).
 For int4 the input is first split into even and odd channels (x_split[m, g, t, i] =
 x[m, g*gs + 2i + t]; tiny, once per call), so that one load of codes meets two contiguous
 vectors of x, the low nibbles with the even channels and the high ones with the odd; int8 bytes
@@ -49,7 +49,11 @@ from .kernels import epilogue
 # prefill rows per tile of the streamed product: each unpacked vector of codes feeds 8 rows, and
 # the 8 independent accumulator chains cover the FMA latency (measured 1.2x faster than 4)
 Q_ROW_TILE = 8
-QLANES = 16  # partial sums per (row, output) of the streamed product: a block's bytes, 16 at a time
+# partial sums per (row, output) of the streamed product, a block's bytes read this many at a
+# time: 16 in decode; 8 in prefill, where a tile's 8 rows x 8 lanes fit AVX2's 16 registers with
+# room for the weights (16 lanes: 16 registers of sums alone, spilled, 1.8x slower measured)
+QLANES = 16
+PREFILL_LANES = 8
 LAYOUTS = {1: "q_weight", 2: "q_scales", 3: "q_zeros"}
 
 
@@ -140,10 +144,10 @@ def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | Non
                     rows, n_out, bias, residual)
 
 
-def _lanes(width: int) -> int:
-    """Partial sums per (row, output): QLANES, or the largest power of two dividing a block's
+def _lanes(width: int, most: int) -> int:
+    """Partial sums per (row, output): `most`, or the largest power of two dividing a block's
     bytes when they are fewer or not a multiple of it."""
-    return next(n for n in (QLANES, 8, 4, 2, 1) if width % n == 0)
+    return next(n for n in (16, 8, 4, 2, 1) if n <= most and width % n == 0)
 
 
 def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
@@ -169,7 +173,7 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
     rows, n_out, dt = x.shape[0], int(w.shape[0]), x.dtype
     k_in = int(x.shape[-1])
     width = int(w.shape[2])  # bytes per block: group_size / 2 (int4) or group_size (int8)
-    lanes = _lanes(width)
+    lanes = _lanes(width, QLANES if tile == 1 else PREFILL_LANES)
     chunks = width // lanes
     tiled = (tirx.floordiv(rows - 1, tile) + 1, tile) if tile > 1 else (rows,)
 
