@@ -21,7 +21,7 @@ from .opening import checked_manifest
 __all__ = ["BACKENDS", "open_artefact"]
 
 # the backends this splice runs, and how an error names their artefacts
-BACKENDS = {"onnx": "an ONNX", "tvm": "a TVM", "npu": "an NPU"}
+BACKENDS = {"onnx": "an ONNX", "tvm": "a TVM", "npu": "an NPU", "gguf": "a GGUF"}
 
 
 def _runtime(backend: str) -> ModuleType:
@@ -32,6 +32,9 @@ def _runtime(backend: str) -> ModuleType:
     if backend == "npu":
         from . import npu_runtime
         return npu_runtime
+    if backend == "gguf":
+        from . import gguf_runtime
+        return gguf_runtime
     from . import onnx_runtime
     return onnx_runtime
 
@@ -39,8 +42,9 @@ def _runtime(backend: str) -> ModuleType:
 def open_artefact(path: str | Path, **options: Any) -> Artefact:
     """Check and open the artefact at `path` with the runtime its manifest names: "onnx"
     (onnx_runtime.py: expected_manifest_sha256, providers, graph_optimization, threads,
-    spinning), "tvm" (tvm_runtime.py: expected_manifest_sha256, threads, device) or "npu"
-    (npu_runtime.py: expected_manifest_sha256, htp_arch, source). An option given as None counts
+    spinning), "tvm" (tvm_runtime.py: expected_manifest_sha256, threads, device), "npu"
+    (npu_runtime.py: expected_manifest_sha256, htp_arch, source) or "gguf" (gguf_runtime.py,
+    llama.cpp: expected_manifest_sha256, threads, n_ctx, kv_type). An option given as None counts
     as not given."""
     if path is None or isinstance(path, bytes) or not isinstance(path, (str, PathLike)) \
             or not str(path).strip():

@@ -153,11 +153,18 @@ def _from_tokenizer_json(files: dict[str, bytes], module: Module) -> dict[str, A
         "tokenizer.ggml.token_type": (types, t.ARRAY, t.INT32),
         "tokenizer.ggml.merges": (merges, t.ARRAY, t.STRING),
     }
-    bos, eos = module.config.bos_token_id, module.config.eos_token_ids
+    bos, eos = module.config.bos_token_id, list(module.config.eos_token_ids)
+    named = cfg.get("eos_token")
+    named = named.get("content") if isinstance(named, dict) else named
+    if not eos and isinstance(named, str) and named in vocab:
+        eos = [vocab[named]]
     if bos is not None:
         out["tokenizer.ggml.bos_token_id"] = (int(bos), t.UINT32, None)
     if eos:
         out["tokenizer.ggml.eos_token_id"] = (int(eos[0]), t.UINT32, None)
+    else:  # llama.cpp then takes a default id and warns that it is not an end-of-generation one
+        log.warning("the model names no EOS token; llama.cpp will warn that its default EOS id "
+                    "is not an end-of-generation token")
     out["tokenizer.ggml.add_bos_token"] = (bool(cfg.get("add_bos_token", False)), t.BOOL, None)
     if module.config.chat_template:
         out["tokenizer.chat_template"] = (module.config.chat_template, t.STRING, None)
