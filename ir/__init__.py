@@ -4,7 +4,9 @@ reference interpreter, serialisation and a networkx view."""
 from .core import (DTYPES, Dim, Graph, IRError, Module, ModelConfig, Node, Shape, Tokenizer, Value,
                    emit)
 from .interpreter import Interpreter, default_feeds, past_from_present, run_logits
-from .ops import OPS, OpDef, get_op
+from .opdef import OPS, OpDef, get_op
+# the op declarations: importing them fills opdef.OPS (explicitly here, for every part of splice.ir)
+from . import ops, qops  # noqa: F401  (isort: skip)
 from .parser import ParseError, parse_graph
 from .printer import print_graph
 from .serialize import load_module, save_module

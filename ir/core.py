@@ -17,7 +17,9 @@ from typing import Any
 
 import torch
 
-from splice.errors import InputError
+from .errors import IRError
+from .opdef import get_op
+from .printer import print_graph
 
 Dim = int | str
 Shape = tuple[Dim, ...]
@@ -29,10 +31,6 @@ TORCH_DTYPES = {
     "i64": torch.int64, "i32": torch.int32, "i8": torch.int8, "u8": torch.uint8, "bool": torch.bool,
 }
 DTYPE_OF_TORCH = {v: k for k, v in TORCH_DTYPES.items()}
-
-
-class IRError(InputError):
-    """A malformed graph or a misuse of the IR's API."""
 
 
 class Value:
@@ -251,9 +249,38 @@ class Graph:
             counts[n.op] = counts.get(n.op, 0) + 1
         return dict(sorted(counts.items()))
 
-    def __str__(self) -> str:
-        from .printer import print_graph
+    def copy(self) -> Graph:
+        """A structural copy: new Values and Nodes with the same names, types, attributes and
+        metadata, the attributes copied through JSON and completed as the parser does, so the copy
+        is what printing and parsing back would give (without the text, and without core having to
+        import the parser, which imports core)."""
+        g = Graph()
+        env: dict[int, Value] = {}
+        for v in self.inputs:
+            env[id(v)] = g.add_input(v.name, v.dtype, v.shape)
+        for v in self.consts.values():
+            env[id(v)] = g.const(v.name, v.dtype, v.shape)
+        for n in self.nodes:
+            inputs: list[Value | None] = []
+            for v in n.inputs:
+                if v is not None and id(v) not in env:
+                    raise IRError(f"{n.op}: use of undefined value %{v.name}")
+                inputs.append(None if v is None else env[id(v)])
+            outs = []
+            for v in n.outputs:
+                g.claim_name(v.name)
+                outs.append(Value(v.name, v.dtype, v.shape))
+            attrs = get_op(n.op).check_attrs(json.loads(json.dumps(n.attrs, sort_keys=True)))
+            g.append(Node(n.op, inputs, outs, attrs, layer=n.layer, role=str(n.role),
+                          origin=str(n.origin)))
+            env.update((id(v), o) for v, o in zip(n.outputs, outs))
+        for v in self.outputs:
+            if id(v) not in env:
+                raise IRError(f"return of undefined value %{v.name}")
+            g.outputs.append(env[id(v)])
+        return g
 
+    def __str__(self) -> str:
         return print_graph(self)
 
 
@@ -380,10 +407,7 @@ class Module:
     def clone(self) -> Module:
         """A deep copy: graph structure and weight tensors are both copied (weights still on
         disk stay there, shared: their files are never written in place)."""
-        from .printer import print_graph
-        from .parser import parse_graph
-
-        graph = parse_graph(print_graph(self.graph))
+        graph = self.graph.copy()
         own = getattr(self.weights, "clone", None)  # a lazy store copies its references
         weights = own() if callable(own) else {k: v.clone() for k, v in self.weights.items()}
         return Module(graph, weights, self.config, copy.deepcopy(self.tokenizer))
@@ -403,8 +427,6 @@ def emit(graph: Graph, op: str, inputs: Sequence[Value | None], attrs: dict[str,
     """Create a node of `op`: attributes checked and completed with defaults, output values named
     (from `name`, or the op) and shaped by the op's shape rule, placed at the end of the graph or
     before/after an anchor node."""
-    from .ops import get_op
-
     opdef = get_op(op)
     attrs = opdef.check_attrs(attrs or {})
     n_in = len(inputs)

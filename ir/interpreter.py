@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from .core import IRError, Module, Value
-from .ops import get_op
+from .opdef import get_op
 
 
 def default_feeds(module: Module, input_ids: torch.Tensor, past: dict[str, torch.Tensor] | None,

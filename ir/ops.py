@@ -4,151 +4,28 @@ implementation (torch, any float dtype).
 The reference implementations are the semantics every backend must reproduce; the interpreter in
 interpreter.py only wires them together. Shapes may hold symbolic dims ("batch", "seq", "past");
 shape rules combine them as strings ("past+seq"). The quantized ops (qlinear, quantize,
-qembedding) are declared in qops.py, which this module imports at its end.
+qembedding) are declared in qops.py. Both declare into opdef.OPS (opdef.py holds the table and
+the `op` decorator; shapes.py the shape helpers); the package's __init__ imports both.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from collections.abc import Callable, Sequence
-from typing import Any
 
 import torch
 
-from .core import Dim, IRError, Node, Shape, Value
+from .core import IRError, Node, Shape
+from .hadamard import check_hadamard_attrs, hadamard_transform
+from .opdef import OPS, Attr, OpDef, get_op, op
+from .shapes import broadcast_rule, check_last_dim, dim_add, operand, same_as_first
 
-
-_REQUIRED = object()
-
-
-@dataclasses.dataclass(frozen=True)
-class Attr:
-    type: type | tuple[type, ...]
-    default: Any = _REQUIRED
-
-    @property
-    def required(self) -> bool:
-        return self.default is _REQUIRED
-
-
-@dataclasses.dataclass(frozen=True)
-class OpDef:
-    """An op: `inputs` names the operands (a trailing "?" marks an optional one), `outputs` names
-    the results; `shape(node) -> [(dtype, shape)]` and `reference(attrs, *tensors) -> tensors`."""
-
-    name: str
-    inputs: tuple[str, ...]
-    outputs: tuple[str, ...]
-    attrs: dict[str, Attr]
-    shape: Callable[[Node], list[tuple[str, Shape]]]
-    reference: Callable[..., tuple[torch.Tensor, ...]]
-    doc: str = ""
-
-    @property
-    def min_inputs(self) -> int:
-        return sum(1 for i in self.inputs if not i.endswith("?"))
-
-    def check_attrs(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        """Attributes with defaults filled in; an unknown, missing or mistyped one raises."""
-        unknown = set(attrs) - set(self.attrs)
-        if unknown:
-            raise IRError(f"{self.name}: unknown attributes {sorted(unknown)}; "
-                          f"accepted: {sorted(self.attrs)}")
-        out = {}
-        for name, spec in self.attrs.items():
-            if name in attrs:
-                v = attrs[name]
-                if isinstance(v, bool) and spec.type is not bool and not (
-                        isinstance(spec.type, tuple) and bool in spec.type):
-                    raise IRError(f"{self.name}.{name}: expected {spec.type}, got bool")
-                if spec.type is float and isinstance(v, int):
-                    v = float(v)
-                if not isinstance(v, spec.type):
-                    raise IRError(f"{self.name}.{name}: expected {spec.type}, got {type(v).__name__}")
-                out[name] = v
-            elif spec.required:
-                raise IRError(f"{self.name}: missing attribute {name!r}")
-            else:
-                out[name] = spec.default
-        return out
-
-
-OPS: dict[str, OpDef] = {}
-
-
-def op(name: str, inputs: Sequence[str], outputs: Sequence[str], attrs: dict[str, Attr] | None = None,
-       *, shape: Callable, doc: str = "") -> Callable:
-    def register(fn: Callable) -> Callable:
-        if name in OPS:
-            raise IRError(f"op {name!r} declared twice")
-        OPS[name] = OpDef(name, tuple(inputs), tuple(outputs), dict(attrs or {}), shape, fn, doc)
-        return fn
-    return register
-
-
-def get_op(name: str) -> OpDef:
-    try:
-        return OPS[name]
-    except KeyError:
-        raise IRError(f"unknown op {name!r}; known ops: {', '.join(sorted(OPS))}") from None
-
-
-# -- shape helpers ---------------------------------------------------------------------------------
-
-def dim_add(a: Dim, b: Dim) -> Dim:
-    if isinstance(a, int) and isinstance(b, int):
-        return a + b
-    if a == 0:
-        return b
-    if b == 0:
-        return a
-    return f"{a}+{b}"
-
-
-def dims_equal(a: Dim, b: Dim) -> bool:
-    return a == b
-
-
-def broadcast(a: Shape, b: Shape) -> Shape:
-    out: list[Dim] = []
-    for i in range(max(len(a), len(b))):
-        da = a[len(a) - 1 - i] if i < len(a) else 1
-        db = b[len(b) - 1 - i] if i < len(b) else 1
-        if da == 1:
-            out.append(db)
-        elif db == 1 or da == db:
-            out.append(da)
-        else:
-            raise IRError(f"shapes {list(a)} and {list(b)} do not broadcast")
-    return tuple(reversed(out))
-
-
-def _in(node: Node, i: int) -> Value:
-    v = node.inputs[i]
-    assert v is not None
-    return v
-
-
-def same_as_first(node: Node) -> list[tuple[str, Shape]]:
-    x = _in(node, 0)
-    return [(x.dtype, x.shape)]
-
-
-def _broadcast_rule(node: Node) -> list[tuple[str, Shape]]:
-    a, b = _in(node, 0), _in(node, 1)
-    return [(a.dtype, broadcast(a.shape, b.shape))]
-
-
-def _last_dim_check(x: Value, n: Dim, what: str) -> None:
-    if x.shape[-1] != n:
-        raise IRError(f"{what}: last dim of %{x.name} is {x.shape[-1]}, expected {n}")
+__all__ = ["OPS", "Attr", "OpDef", "default_attention_scale", "get_op", "op"]
 
 
 # -- ops -------------------------------------------------------------------------------------------
 
 def _embedding_shape(node: Node) -> list[tuple[str, Shape]]:
-    ids, table = _in(node, 0), _in(node, 1)
+    ids, table = operand(node, 0), operand(node, 1)
     if ids.dtype not in ("i64", "i32"):
         raise IRError(f"embedding: ids %{ids.name} must be integer, got {ids.dtype}")
     if len(table.shape) != 2:
@@ -167,7 +44,7 @@ def _embedding(a: dict, ids: torch.Tensor, table: torch.Tensor) -> tuple[torch.T
 
 
 def _rms_norm_shape(node: Node) -> list[tuple[str, Shape]]:
-    x, w = _in(node, 0), node.inputs[1] if len(node.inputs) > 1 else None
+    x, w = operand(node, 0), node.inputs[1] if len(node.inputs) > 1 else None
     group = node.attrs.get("group", 0)
     width = group or x.shape[-1]
     if w is not None and w.shape != (width,):
@@ -193,10 +70,10 @@ def _rms_norm(a: dict, x: torch.Tensor, w: torch.Tensor | None = None) -> tuple[
 
 
 def _linear_shape(node: Node) -> list[tuple[str, Shape]]:
-    x, w = _in(node, 0), _in(node, 1)
+    x, w = operand(node, 0), operand(node, 1)
     if len(w.shape) != 2:
         raise IRError(f"linear: weight %{w.name} must be [out, in], got {list(w.shape)}")
-    _last_dim_check(x, w.shape[1], f"linear (weight %{w.name})")
+    check_last_dim(x, w.shape[1], f"linear (weight %{w.name})")
     b = node.inputs[2] if len(node.inputs) > 2 else None
     if b is not None and b.shape != (w.shape[0],):
         raise IRError(f"linear: bias %{b.name} has shape {list(b.shape)}, expected [{w.shape[0]}]")
@@ -210,10 +87,10 @@ def _linear(a: dict, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = 
 
 
 def _matmul_shape(node: Node) -> list[tuple[str, Shape]]:
-    x, w = _in(node, 0), _in(node, 1)
+    x, w = operand(node, 0), operand(node, 1)
     if len(w.shape) != 2:
         raise IRError(f"matmul: right operand %{w.name} must be 2-D [in, out]")
-    _last_dim_check(x, w.shape[0], f"matmul (%{w.name})")
+    check_last_dim(x, w.shape[0], f"matmul (%{w.name})")
     return [(x.dtype, (*x.shape[:-1], w.shape[1]))]
 
 
@@ -222,18 +99,18 @@ def _matmul(a: dict, x: torch.Tensor, w: torch.Tensor):
     return (x @ w,)
 
 
-@op("add", ["a", "b"], ["y"], shape=_broadcast_rule, doc="a + b (broadcasting).")
+@op("add", ["a", "b"], ["y"], shape=broadcast_rule, doc="a + b (broadcasting).")
 def _add(a: dict, x: torch.Tensor, y: torch.Tensor):
     return (x + y,)
 
 
-@op("mul", ["a", "b"], ["y"], shape=_broadcast_rule, doc="a * b (broadcasting).")
+@op("mul", ["a", "b"], ["y"], shape=broadcast_rule, doc="a * b (broadcasting).")
 def _mul(a: dict, x: torch.Tensor, y: torch.Tensor):
     return (x * y,)
 
 
 def _channel_scale_shape(node: Node) -> list[tuple[str, Shape]]:
-    x, s = _in(node, 0), _in(node, 1)
+    x, s = operand(node, 0), operand(node, 1)
     if s.shape != (x.shape[-1],):
         raise IRError(f"channel_scale: scale %{s.name} must be [{x.shape[-1]}], got {list(s.shape)}")
     return [(x.dtype, x.shape)]
@@ -265,7 +142,7 @@ def _softcap(a: dict, x: torch.Tensor):
 
 
 def _rotary_shape(node: Node) -> list[tuple[str, Shape]]:
-    x, pos, inv = _in(node, 0), _in(node, 1), _in(node, 2)
+    x, pos, inv = operand(node, 0), operand(node, 1), operand(node, 2)
     hd, rd = node.attrs["head_dim"], node.attrs.get("rotary_dim", 0) or node.attrs["head_dim"]
     if isinstance(x.shape[-1], int) and x.shape[-1] % hd:
         raise IRError(f"rotary: head_dim {hd} does not divide {x.shape[-1]}")
@@ -304,14 +181,14 @@ def _rotary(a: dict, x: torch.Tensor, pos: torch.Tensor, inv: torch.Tensor):
 
 
 def _attention_shape(node: Node) -> list[tuple[str, Shape]]:
-    q, k, v, pk, pv = (_in(node, i) for i in range(5))
+    q, k, v, pk, pv = (operand(node, i) for i in range(5))
     a = node.attrs
     h, kv, hd = a["num_heads"], a["num_kv_heads"], a["head_dim"]
     if h % kv:
         raise IRError(f"attention: num_heads {h} is not a multiple of num_kv_heads {kv}")
-    _last_dim_check(q, h * hd, "attention q")
-    _last_dim_check(k, kv * hd, "attention k")
-    _last_dim_check(v, kv * hd, "attention v")
+    check_last_dim(q, h * hd, "attention q")
+    check_last_dim(k, kv * hd, "attention k")
+    check_last_dim(v, kv * hd, "attention v")
     for p in (pk, pv):
         if len(p.shape) != 4 or p.shape[1] != kv or p.shape[3] != hd:
             raise IRError(f"attention: past %{p.name} must be [batch, {kv}, past, {hd}], "
@@ -362,9 +239,7 @@ def default_attention_scale(head_dim: int) -> float:
 
 
 def _hadamard_shape(node: Node) -> list[tuple[str, Shape]]:
-    from .hadamard import check_hadamard_attrs
-
-    x = _in(node, 0)
+    x = operand(node, 0)
     if x.dtype not in ("f64", "f32", "f16", "bf16"):
         raise IRError(f"hadamard: %{x.name} must be floating point, got {x.dtype}")
     a = node.attrs
@@ -383,10 +258,4 @@ def _hadamard_shape(node: Node) -> list[tuple[str, Shape]]:
         "construction, H_n = H_b (x) H_(2^k) with [b, 2^k] = factorize(n) (base outer, Sylvester "
         "inner; e.g. 11008 = 172 (Williamson) x 64, 576 = 36 (Paley II) x 16, 4096 = Sylvester).")
 def _hadamard(a: dict, x: torch.Tensor):
-    from .hadamard import hadamard_transform
-
     return (hadamard_transform(x, a["size"], block=a["block"], group=a["group"], scale=a["scale"]),)
-
-
-# the quantized ops live in qops.py; importing it here registers them whenever ops is imported
-from . import qops  # noqa: F401

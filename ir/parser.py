@@ -6,7 +6,7 @@ import json
 import re
 
 from .core import Dim, Graph, IRError, Node, Value
-from .ops import get_op
+from .opdef import get_op
 
 _NAME = r"%([A-Za-z0-9_.\-/:+]+)"
 _TYPE = r"([a-z0-9]+)\[([^\]]*)\]"

@@ -1,7 +1,7 @@
 """The quantized ops (`qlinear`, `quantize`, `qembedding`): shape rules and torch references.
 
-Their storage format and arithmetic live in quant.py; this module only declares the ops. It
-registers them into ops.OPS on import, which ops.py does at its end.
+Their storage format and arithmetic live in quant.py; this module only declares the ops, into
+opdef.OPS, when the package's __init__ imports it.
 """
 
 from __future__ import annotations
@@ -9,19 +9,19 @@ from __future__ import annotations
 import torch
 
 from .core import IRError, Node, Shape
-from .ops import Attr, _in, _last_dim_check, op
+from .opdef import Attr, op
+from .quant import ACT_MODES, check_format, dequantize, fake_quantize, zero_points_shape
+from .shapes import check_last_dim, operand
 
 
 def _qlinear_shape(node: Node) -> list[tuple[str, Shape]]:
-    from .quant import check_format, zero_points_shape
-
     a = node.attrs
-    x, w, s = _in(node, 0), _in(node, 1), _in(node, 2)
+    x, w, s = operand(node, 0), operand(node, 1), operand(node, 2)
     zp = node.inputs[3] if len(node.inputs) > 3 else None
     b = node.inputs[4] if len(node.inputs) > 4 else None
     k, n, bits, group = a["in_features"], a["out_features"], a["bits"], a["group_size"]
     blocks = check_format(bits, group, k, n)
-    _last_dim_check(x, k, "qlinear")
+    check_last_dim(x, k, "qlinear")
     expected = (n, blocks, group * bits // 8)
     if w.dtype != "u8" or w.shape != expected:
         raise IRError(f"qlinear: packed weight %{w.name} is {w.dtype}{list(w.shape)}, expected "
@@ -57,17 +57,13 @@ def _qlinear_shape(node: Node) -> list[tuple[str, Shape]]:
         "zero point per block), or absent when symmetric (z = 8 for int4, 128 for int8).")
 def _qlinear(a: dict, x: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
              zp: torch.Tensor | None = None, b: torch.Tensor | None = None):
-    from .quant import dequantize
-
     weight = dequantize(w, s, zp, a["bits"], a["group_size"], x.dtype, a["in_features"])
     return (torch.nn.functional.linear(x, weight, b),)
 
 
 def _quantize_shape(node: Node) -> list[tuple[str, Shape]]:
-    from .quant import ACT_MODES
-
     a = node.attrs
-    x = _in(node, 0)
+    x = operand(node, 0)
     s = node.inputs[1] if len(node.inputs) > 1 else None
     z = node.inputs[2] if len(node.inputs) > 2 else None
     if a["mode"] not in ACT_MODES:
@@ -107,17 +103,13 @@ def _quantize_shape(node: Node) -> list[tuple[str, Shape]]:
         "splice.ir.quant.fake_quantize is the exact formula and order of operations.")
 def _quantize(a: dict, x: torch.Tensor, s: torch.Tensor | None = None,
               z: torch.Tensor | None = None):
-    from .quant import fake_quantize
-
     return (fake_quantize(x, mode=a["mode"], bits=a["bits"], symmetric=a["symmetric"],
                           group=a["group"], clip_ratio=a["clip_ratio"], scale=s, zero_point=z),)
 
 
 def _qembedding_shape(node: Node) -> list[tuple[str, Shape]]:
-    from .quant import check_format, zero_points_shape
-
     a = node.attrs
-    ids, w, s = _in(node, 0), _in(node, 1), _in(node, 2)
+    ids, w, s = operand(node, 0), operand(node, 1), operand(node, 2)
     zp = node.inputs[3] if len(node.inputs) > 3 else None
     if ids.dtype not in ("i64", "i32"):
         raise IRError(f"qembedding: ids %{ids.name} must be integer, got {ids.dtype}")
@@ -144,8 +136,6 @@ def _qembedding_shape(node: Node) -> list[tuple[str, Shape]]:
         "A tied lm_head's qlinear can share the same packed constants.")
 def _qembedding(a: dict, ids: torch.Tensor, w: torch.Tensor, s: torch.Tensor,
                 zp: torch.Tensor | None = None):
-    from .quant import dequantize
-
     flat = ids.reshape(-1)
     rows = dequantize(w[flat], s[flat], None if zp is None else zp[flat], a["bits"],
                       a["group_size"], s.dtype, a["embedding_dim"])

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from .core import Graph, IRError, Module
-from .ops import get_op
+from .core import DTYPE_OF_TORCH, Graph, IRError, Module
+from .opdef import get_op
 
 
 class VerifyError(IRError):
@@ -86,8 +86,6 @@ def verify_graph(graph: Graph) -> None:
 def verify(module: Module) -> None:
     """Check the graph's invariants and that every constant has a weight of its dtype and shape."""
     verify_graph(module.graph)
-    from .core import DTYPE_OF_TORCH
-
     for name, v in module.graph.consts.items():
         t = module.weights.get(name)
         if t is None:

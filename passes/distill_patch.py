@@ -32,7 +32,7 @@ import torch
 from splice.ir.core import Module, Node, Value
 from splice.ir.hadamard import hadamard_matrix
 from splice.ir.interpreter import Interpreter, default_feeds
-from splice.ir.ops import get_op
+from splice.ir.opdef import get_op
 from .infra.base import PassBase, PassContext, PassError, PassResult
 from .estimate_patch import Patch, find_patches
 from .prune_layers import check_calibration, resolve_block, stream_in, stream_out

@@ -10,7 +10,7 @@ import torch
 
 from splice.ir.core import Module, Node
 from splice.ir.interpreter import default_feeds
-from splice.ir.ops import get_op
+from splice.ir.opdef import get_op
 
 CHUNK_TOKENS = 4096          # calibration tokens run through one stage at a time
 
