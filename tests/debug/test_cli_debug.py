@@ -87,7 +87,7 @@ def _bad(args: list[str], needle: str) -> None:
 
 def test_bad_inputs_exit_2(tmp_path: Path):
     _bad(["bisect", str(STORIES), "--recipe", "fold_norms", "--metric", "kl", "--tolerance",
-          "-1", "--out", str(tmp_path / "b")], "tolerance must be a number >= 0")
+          "-1", "--out", str(tmp_path / "b")], "tolerance must be a finite number >= 0")
     _bad(["debug", str(STORIES), "--recipe", "fold_norms", "--out", str(tmp_path / "d"),
           "--calib", str(tmp_path / "missing.txt")], "missing.txt not found")
     assert not (tmp_path / "d").exists()
