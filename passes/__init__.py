@@ -17,6 +17,7 @@ from .infra.registry import PASSES, describe_passes, get_pass, make_pass, regist
 
 # the built-in passes, in alphabetical order (each registers itself with @register_pass)
 from .absorb_post_norm import AbsorbPostNormPass
+from .center_inputs import CenterInputsPass
 from .distill_patch import DistillPatchPass
 from .estimate_patch import EstimatePatchPass
 from .fold_norms import FoldNormsPass
@@ -29,13 +30,13 @@ from .rotate import RotatePass
 from .select_layers import SelectLayersPass
 
 BUILTIN_PASSES = (
-    AbsorbPostNormPass, DistillPatchPass, EstimatePatchPass, FoldNormsPass, FusePatchPass,
+    AbsorbPostNormPass, CenterInputsPass, DistillPatchPass, EstimatePatchPass, FoldNormsPass, FusePatchPass,
     PruneLayersPass, QuantizeActivationsPass, QuantizeKVCachePass, QuantizeWeightsPass, RotatePass,
     SelectLayersPass,
 )
 
 __all__ = [
-    "AbsorbPostNormPass", "BUILTIN_PASSES", "DistillPatchPass", "DumpInstrument",
+    "AbsorbPostNormPass", "BUILTIN_PASSES", "CenterInputsPass", "DistillPatchPass", "DumpInstrument",
     "EstimatePatchPass", "FixedPointError", "FoldNormsPass", "FusePatchPass", "Instrument",
     "NumericCheckError", "NumericCheckInstrument", "PASSES", "PassBase", "PassCheckError",
     "PassContext", "PassError", "PassFailure", "PassInputFailure", "PassManager", "PassResult",
