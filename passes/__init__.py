@@ -30,13 +30,14 @@ from .rotate import RotatePass
 from .select_layers import SelectLayersPass
 
 BUILTIN_PASSES = (
-    AbsorbPostNormPass, CenterInputsPass, DistillPatchPass, EstimatePatchPass, FoldNormsPass, FusePatchPass,
-    PruneLayersPass, QuantizeActivationsPass, QuantizeKVCachePass, QuantizeWeightsPass, RotatePass,
-    SelectLayersPass,
+    AbsorbPostNormPass, CenterInputsPass, DistillPatchPass, EstimatePatchPass, FoldNormsPass,
+    FusePatchPass, PruneLayersPass, QuantizeActivationsPass, QuantizeKVCachePass,
+    QuantizeWeightsPass, RotatePass, SelectLayersPass,
 )
 
 __all__ = [
-    "AbsorbPostNormPass", "BUILTIN_PASSES", "CenterInputsPass", "DistillPatchPass", "DumpInstrument",
+    "AbsorbPostNormPass", "BUILTIN_PASSES", "CenterInputsPass", "DistillPatchPass",
+    "DumpInstrument",
     "EstimatePatchPass", "FixedPointError", "FoldNormsPass", "FusePatchPass", "Instrument",
     "NumericCheckError", "NumericCheckInstrument", "PASSES", "PassBase", "PassCheckError",
     "PassContext", "PassError", "PassFailure", "PassInputFailure", "PassManager", "PassResult",

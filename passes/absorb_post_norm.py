@@ -119,8 +119,9 @@ def _logits(module: Module, run: Interpreter, feeds: dict[str, torch.Tensor],
 
 class _Sums:
     """Running sums over calibration tokens for one post-norm y = gamma * o / r (r the token's
-    rms): r's mean and sum of squared deviations (spread), per channel of o^2, o^2 / r and o^2 / r^2 (the fitted
-    scale and the error it leaves) and of the residual stream's squared norm after the add."""
+    rms): r's mean and sum of squared deviations (spread), per channel of o^2, o^2 / r and
+    o^2 / r^2 (the fitted scale and the error it leaves) and of the residual stream's squared
+    norm after the add."""
 
     def __init__(self, norm: Node, lin: Node, module: Module):
         nw = norm.inputs[1] if len(norm.inputs) > 1 else None

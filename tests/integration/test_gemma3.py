@@ -86,7 +86,8 @@ def test_window_bos_follows_the_tokenizer():
     from tokenizers import Tokenizer, processors
 
     tok = Tokenizer.from_str(plain._tok.to_str())
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", BOS)])
     gemma_like = load_tokenizer("hf", {**byte_tokenizer().files,
                                        "tokenizer.json": tok.to_str().encode()})
     assert gemma_like.encode("ab", bos=True) == [BOS, 97, 98]
