@@ -1,8 +1,9 @@
 """Gemma 3 end to end (issue 27). A tiny random Gemma 3 (transformers' Gemma3ForCausalLM, with
 pre-norm scales spread as Gemma 3 270M's are: most near 1-2, a few channels 40x) through fold_norms,
-rotate (R1 rotated online after the sandwich post-norms, R2, R4) and W4 g32 to an ONNX artefact:
-the artefact must compute what the interpreter computes for the quantized module (a broken
-lowering of the online Hadamards or of the int4 weights fails this), and the quantized model must
+rotate (R1 rotated online after the sandwich post-norms, R2, R4), center_inputs and W4 g32 to an
+ONNX artefact: the artefact must compute what the interpreter computes for the quantized module (a
+broken lowering of the online Hadamards, the centering or the int4 weights fails this), and the
+quantized model must
 stay close to the float one (a broken quantizer or rotation fails that). The evaluation protocol
 gives a BOS to every window exactly when the tokenizer adds one. On the real Gemma 3 270M (slow,
 skips without `make gemma`): W4 g128 RTN with the whole rotation stays near float perplexity."""
@@ -23,10 +24,10 @@ from splice.frontend.hf import from_transformers
 from splice.ir import run_logits
 from splice.recipe import Recipe
 from splice.runtime.tokenizer import load_tokenizer
-from tests.paths import GEMMA3, WIKITEXT_TEST, needs_gemma3
+from tests.paths import GEMMA3, WIKITEXT_TEST, WIKITEXT_VALID, needs_gemma3
 from tests.tiny import BOS, byte_tokenizer
 
-W4_ROTATED = Recipe("w4_rotated_gemma", (("fold_norms", {}), ("rotate", {}), (
+W4_ROTATED = Recipe("w4_rotated_gemma", (("fold_norms", {}), ("rotate", {}), ("center_inputs", {}), (
     "quantize_weights", {"method": "rtn", "bits": 4, "group_size": 32})), "issue 27's check")
 
 
@@ -110,8 +111,9 @@ def test_window_bos_follows_the_tokenizer():
 @pytest.mark.slow
 @needs_gemma3
 def test_gemma3_270m_w4_rotated_near_float():
-    """The real model: fold_norms + rotate (R1 online after the post-norms, R2, R4) + RTN W4 g128
-    on the reference interpreter, 2 x 256 WikiText-2 test tokens with a BOS per window."""
+    """The real model: fold_norms + rotate (R1 online after the post-norms, R2, R4) +
+    center_inputs + RTN W4 g128 on the reference interpreter, 2 x 256 WikiText-2 test tokens with
+    a BOS per window (without center_inputs: perplexity ~1e11, its massive channels)."""
     from splice.frontend import load_model
     from splice.frontend.text import module_tokenizer, read_text
 
@@ -126,9 +128,10 @@ def test_gemma3_270m_w4_rotated_near_float():
             with torch.no_grad():
                 return run_logits(m, torch.from_numpy(x))["logits"].numpy()
         return perplexity(fn, ids, window=256, bos=bos)["ppl"]
-    recipe = Recipe("w4_rtn_rotated", (("fold_norms", {}), ("rotate", {}), (
+    recipe = Recipe("w4_rtn_rotated", (("fold_norms", {}), ("rotate", {}), ("center_inputs", {}), (
         "quantize_weights", {"method": "rtn", "bits": 4, "group_size": 128,
                              "output_error": False})), "")
     base = ppl(module)
-    quantized = splice.api.run_passes(module, recipe)[0]
+    calib = torch.tensor(list(tok.encode(read_text(WIKITEXT_VALID)))[:512]).view(2, 256)
+    quantized = splice.api.run_passes(module, recipe, calibration=calib)[0]
     assert ppl(quantized) <= base * 1.5, base
