@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -141,12 +142,18 @@ WORKERS = {"llama_quantize": llama_quantize, "llama_speed": llama_speed, "llama_
            "splice_speed": splice_speed, "splice_ppl": splice_ppl}
 
 
-def child(kind: str, path: Path | str, args: dict, work: Path) -> dict:
-    """Run one worker in its own process; its arguments go through a JSON file in `work`."""
+def child(kind: str, path: Path | str, args: dict, work: Path, passive: bool = False) -> dict:
+    """Run one worker in its own process; its arguments go through a JSON file in `work`.
+    `passive`: llama.cpp's OpenMP threads sleep instead of spinning while they wait
+    (OMP_WAIT_POLICY=PASSIVE). Spinning is llama.cpp's default and its best on an idle machine;
+    on a busy one (more runnable threads than cores) a spinning 2-thread decode was measured
+    at 0.1 tok/s against 7 with one thread. splice's runtime does not spin by default."""
     args_file = Path(work) / f"args_{kind}.json"
     args_file.write_text(json.dumps(args))
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE") if passive and kind.startswith("llama") \
+        else None
     r = subprocess.run([sys.executable, "-m", "benchmarks.peer_engines", kind, str(path),
-                        str(args_file)], capture_output=True, text=True, cwd=REPO)
+                        str(args_file)], capture_output=True, text=True, cwd=REPO, env=env)
     lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
     if r.returncode != 0 or not lines:
         raise RuntimeError(f"{kind} on {path} failed:\n{r.stderr[-3000:]}")

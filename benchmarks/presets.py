@@ -54,8 +54,10 @@ def _compile(model: str, recipe: str, calib: Path, out: Path, quick: bool) -> di
     if not (out / "manifest.json").is_file():
         cmd = [sys.executable, "-m", "splice", "compile", model, "--recipe", recipe, "--out",
                str(out)]
-        if recipe != "none":
-            cmd += ["--calib", str(calib)]
+        from splice.recipe import Recipe
+
+        if Recipe.named(recipe).calibration_samples:  # only where it calibrates: given text,
+            cmd += ["--calib", str(calib)]  # RTN would also measure its output error (minutes)
         t0 = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS="1") if quick else None
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -85,7 +87,8 @@ def _texts(art_path: Path, quick: bool) -> tuple[list[int], list[int], int]:
 
 
 def run(quick: bool = False, work: str | Path | None = None, rounds: int | None = None,
-        skip_llama: bool = False, presets: tuple[str, ...] = PRESETS) -> tuple[str, dict]:
+        skip_llama: bool = False, presets: tuple[str, ...] = PRESETS,
+        llama_passive: bool = False) -> tuple[str, dict]:
     """Compile (kept in `work` when given, so a second run only measures), then measure."""
     rounds = rounds or (1 if quick else 3)
     new = 8 if quick else 128
@@ -119,7 +122,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             for name, ftype in zip(LLAMA[1:], ("Q8_0", "Q4_0")):
                 out = work / f"smollm2-{ftype}.gguf"
                 q = child("llama_quantize", gguf, {"out": str(out), "ftype": ftype,
-                                                   "threads": max(THREADS)}, work)
+                                                   "threads": max(THREADS)}, work, llama_passive)
                 rows[name] = {"compile_s": q["quantize_s"], "size_mb": q["size_mb"]}
                 paths[name] = ("llama", out)
         per_round: dict[tuple[str, int], list[float]] = {}
@@ -127,14 +130,15 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             for threads in THREADS:
                 for name, (engine, path) in paths.items():
                     r = child(f"{engine}_speed", path, {"ids": ids, "new": new,
-                                                        "threads": threads}, work)
+                                                        "threads": threads}, work, llama_passive)
                     per_round.setdefault((name, threads), []).append(r["decode_tok_s"])
                     best = rows[name].setdefault(f"speed_{threads}", dict(r))
                     for k in ("prefill_tok_s", "decode_tok_s"):
                         best[k] = max(best[k], r[k])
         for name, (engine, path) in paths.items():
             rows[name]["ppl"] = child(f"{engine}_ppl", path, {"ids": eval_ids, "window": window,
-                                                              "threads": max(THREADS)}, work)["ppl"]
+                                                              "threads": max(THREADS)}, work,
+                                      llama_passive)["ppl"]
         if Q4_0 in rows:
             for name, row in rows.items():
                 for t in THREADS:
@@ -145,7 +149,8 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                "prompt_tokens": len(ids), "new_tokens": new, "threads": list(THREADS),
                "ppl_tokens": len(eval_ids), "ppl_window": window, "rows": rows,
                "ppl_text": "TinyStories" if quick else "WikiText-2's test text",
-               "llama_note": llama_note, "date": time.strftime("%Y-%m-%d"), "presets": presets,
+               "llama_note": llama_note, "llama_passive": llama_passive, "presets": presets,
+               "date": time.strftime("%Y-%m-%d"),
                "machine": _machine()}
         return markdown(res), res
     finally:
@@ -181,6 +186,9 @@ def markdown(res: dict) -> str:
              "child process (import, passes, export), or llama_model_quantize.", ""]
     if res["llama_note"]:
         lines += [f"Note: {res['llama_note']}.", ""]
+    if res.get("llama_passive"):
+        lines += ["llama.cpp's threads wait passively in this run (OMP_WAIT_POLICY=PASSIVE, "
+                  "--llama-passive: a busy machine), not spinning as it does by default.", ""]
     lines += ["| engine | compile s | ppl | decode tok/s 1 thread | vs Q4_0 | "
               "decode tok/s 2 threads | vs Q4_0 | prefill tok/s 2 threads | size MB |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -240,12 +248,14 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--skip-llama", action="store_true")
     ap.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS))
+    ap.add_argument("--llama-passive", action="store_true",
+                    help="llama.cpp's threads sleep while waiting (a busy machine)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--write-presets", action="store_true",
                     help="write the figures into splice/recipes/<preset>.toml")
     a = ap.parse_args()
     text, figures = run(quick=a.quick, work=a.work, rounds=a.rounds, skip_llama=a.skip_llama,
-                        presets=tuple(a.presets))
+                        presets=tuple(a.presets), llama_passive=a.llama_passive)
     if a.json:
         Path(a.json).write_text(json.dumps(figures, indent=2, default=float))
     if a.write_presets and not a.quick:
