@@ -30,7 +30,9 @@ def _run_splice(path: str, ids: list[int], new: int, spinning: bool | None = Non
                 lookahead: int = 0) -> dict:
     from splice.runtime import load
 
-    art = load(path, threads=THREADS, spinning=spinning)
+    # `spinning` is ONNX Runtime's option: passed only when set, so a TVM artefact loads too
+    options = {} if spinning is None else {"spinning": spinning}
+    art = load(path, threads=THREADS, **options)
     art.generate_ids(ids[:8], max_new_tokens=4, stop_at_eos=False)  # warm-up
     g = art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False, lookahead=lookahead)
     return {"prefill_tok_s": g.prefill_tok_s, "decode_tok_s": g.decode_tok_s, "tokens": g.ids,
@@ -152,7 +154,14 @@ WORKERS = {"splice": _run_splice, "genai": _run_genai, "hf": _run_hf,
            "lookahead_study": _lookahead_study,
            "splice_ppl": lambda path, ids, window: _perplexity("splice", path, ids, window),
            "genai_ppl": lambda path, ids, window: _perplexity("genai", path, ids, window),
-           "genai_nospin": lambda path, ids, new: _run_genai(path, ids, new, spinning=False)}
+           "genai_nospin": lambda path, ids, new: _run_genai(path, ids, new, spinning=False),
+           "tvm_limits": lambda path, ids, runs: _tvm_limits(path, runs)}
+
+
+def _tvm_limits(path: str, runs: int) -> dict:
+    from benchmarks.tvm_limits import limits
+
+    return limits(Path(path), THREADS, runs=runs)
 
 
 def worker(argv: list[str]) -> None:

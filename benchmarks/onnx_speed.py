@@ -14,6 +14,8 @@ SmolLM2-135M (the embedded GGUF, dequantized to float32), a 64-token prompt of W
   SmolLM2's tied table an int4 copy for the lm_head (read every step, as the builder does) and
   an int8 one for the embedding (gathered one row per token; the float table would add 113 MB
   on disk for no speed);
+- the int4 g32 and g128 graphs through the TVM backend too (its own kernels; the weights a step
+  reads and the kernel limit from one recorded decode step, benchmarks/tvm_limits.py);
 - the builder's int4 and float32 models of the same checkpoint (saved as a Hugging Face directory,
   `python -m onnxruntime_genai.models.builder -i HF_DIR -o OUT -p int4|fp32 -e cpu`), run by
   onnxruntime-genai with the same thread count;
@@ -134,6 +136,7 @@ def _builder(hf_dir: Path, out: Path, precision: str) -> Path:
 
 def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]:
     from splice.backends.onnx import export
+    from splice.backends.tvm import export as export_tvm
     from splice.passes.infra.base import PassContext
     from splice.passes.quantize_weights import QuantizeWeightsPass
     from splice.recipe import GPTQ_W4, Recipe
@@ -142,10 +145,10 @@ def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]
 
     arts: dict[str, Path] = {}
 
-    def make(name: str, build, **kw) -> None:
+    def make(name: str, build, tvm: bool = False, **kw) -> None:
         path = work / name
         if not (path / "manifest.json").is_file():
-            export(build(), path, threads=THREADS, **kw)
+            (export_tvm if tvm else export)(build(), path, threads=THREADS, **kw)
         arts[name] = path
 
     def w4(group: int, base=None, **settings):
@@ -161,6 +164,8 @@ def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]
     make("int4_g32_acc0", w4(32), accuracy_level=0)
     make("int4_g32_sym", w4(32, symmetric=True))
     make("int4_g128", w4(128))
+    for group in (32, 128):  # the same graphs through the TVM backend
+        make(f"tvm_int4_g{group}", w4(group), tvm=True)
     prune = Recipe.named("prune4_patch").passes
     gptq = ("quantize_weights", {**GPTQ_W4, "lm_head": LM_HEAD, "embeddings": "int8"})
 
@@ -270,6 +275,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             "splice ONNX int4 g32": ("splice", arts["int4_g32"]),
             "builder int4 (onnxruntime-genai)": ("genai", b4),
             "splice ONNX int4 g128": ("splice", arts["int4_g128"]),
+            **{f"splice TVM int4 g{g}": ("splice", arts[f"tvm_int4_g{g}"]) for g in (32, 128)},
             G32_SYM: ("splice", arts["int4_g32_sym"]),
             GPTQ: ("splice", arts["int4_g128_gptq"]),
             ROTATED: ("splice", arts["int4_g128_gptq_r12"]),
@@ -304,6 +310,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         best: dict[str, dict] = {}
         bandwidth: dict[str, float] = {}
         products: dict[str, float] = {}  # seconds of a step's weight products alone, best
+        tvm_bytes: dict[str, int] = {}
         per_round: dict[str, list[float]] = {}  # decode tok/s of every round
         for _ in range(rounds):
             for name, (kind, path) in engines.items():
@@ -320,6 +327,11 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             for name, path in models.items():
                 t = weight_matmul_seconds(path, threads=THREADS, runs=5 if quick else 20)
                 products[name] = min(products.get(name, float("inf")), t)
+            for g in (32, 128):  # the TVM artefacts' own (benchmarks/tvm_limits.py)
+                r = child("tvm_limits", arts[f"tvm_int4_g{g}"], ids_file, 5 if quick else 20)
+                products[f"splice TVM int4 g{g}"] = min(products.get(
+                    f"splice TVM int4 g{g}", float("inf")), r["product_s"])
+                tvm_bytes[f"splice TVM int4 g{g}"] = r["weight_bytes"]
         study = child("lookahead_study", arts["int4_g128"], study_file, new)
         bw = bandwidth["best"]
         dirs = {k: p for k, (_, p) in engines.items()}
@@ -328,8 +340,9 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         eval_file.write_text(json.dumps(eval_ids))
         for name, row in best.items():
             row["size_mb"] = dir_mb(dirs[name])
-            if name in models:
-                row["weight_mb_per_step"] = weight_bytes_per_step(models[name]) / 1e6
+            if name in models or name in tvm_bytes:
+                row["weight_mb_per_step"] = (tvm_bytes[name] if name in tvm_bytes else
+                                             weight_bytes_per_step(models[name])) / 1e6
                 row["limit_tok_s"] = bw / (row["weight_mb_per_step"] * 1e6)
                 row["kernel_limit_tok_s"] = 1 / products[name]
                 # what the speed is bought with: perplexity of each model, in its own process
@@ -404,6 +417,10 @@ def markdown(res: dict) -> str:
     nospin = (sp["splice ONNX int4 g32, threads not spinning"]["decode_tok_s"]
               / sp["builder int4 (onnxruntime-genai), threads not spinning"]["decode_tok_s"])
     acc = res["accuracy_level_4_vs_0"]
+    def tvm_vs(group: int, what: str) -> str:
+        t, o = sp[f"splice TVM int4 g{group}"], sp[f"splice ONNX int4 g{group}"]
+        return f"{t[f'{what}_tok_s'] / o[f'{what}_tok_s']:.2f}x"
+
     def by_round(name: str) -> str:
         r = sp[name]["vs_builder_int4_by_round"]
         return f"{statistics.median(r):.2f}x" + (f" [{r[0]:.2f}-{r[-1]:.2f}]" if len(r) > 1
@@ -420,6 +437,9 @@ def markdown(res: dict) -> str:
               + f"; threads not spinning, int4 g32: {nospin:.2f}x.",
               f"onnxruntime-genai and splice's runtime give the same greedy tokens for the g32 "
               f"artefact: {res['same_tokens_genai_vs_splice']}.",
+              "TVM against splice's ONNX artefact of the same graph, best against best: "
+              + "; ".join(f"g{g} decode {tvm_vs(g, 'decode')}, prefill {tvm_vs(g, 'prefill')}"
+                          for g in (32, 128)) + ".",
               f"MatMulNBits accuracy_level 4 (int8 activations) against 0 (float32), int4 g32, "
               f"prompt logits: max |diff| {acc['max_abs_logit_diff']:.3g}, relative RMS "
               f"{acc['rel_rms']:.2g}, top-1 agreement {100 * acc['top1_agreement']:.0f}%; for "

@@ -159,7 +159,10 @@ def _attention(low: Lowering, fn: _Function, node: Node):
         gv = fn.memo.get(("kv_append", kv, hd, keys))
         if gv is None:
             gv = fn.memo[("kv_append", kv, hd, keys)] = fn.bb.add_func(
-                A.kv_append_func(kv, hd, "float32", transposed=keys), "kv_append")
+                # decode's append (one position) runs serially: a parallel launch for it only
+                # adds a wait on the pool's second thread, long when another process holds it
+                A.kv_append_func(kv, hd, "float32", transposed=keys).with_attr(
+                    "splice.rows", fn.rows), "kv_append")
         out_ty = TensorType(cache_shape(fn.batch, kv, hd, fn.capacity, slot % 2), "float32")
         caches.append(fn.bb.emit(relax.call_tir_inplace(
             gv, relax.Tuple([fn.cache(slot), fn.value(node, src), relax.prim_value(fn.past)]),
