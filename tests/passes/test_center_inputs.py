@@ -76,11 +76,31 @@ def test_structural_shift_and_biases():
     assert module.graph.outputs[0].name == "logits"
 
 
-def test_numeric_exact_after_rotation_float64():
+def test_structural_directions_project_out_of_what_linears_read():
+    module = folded("llama")
+    counts = module.graph.op_counts()
+    result = CenterInputsPass(directions=2)(module, PassContext(calibration=calibration()))
+    norms, readers = 2 * 2, 2 * (3 + 2)  # the final norm's lm_head writes the graph output
+    assert result.modified and len(result.report["centered"]) == norms
+    assert module.graph.op_counts() == {**counts, "linear": counts["linear"] + 2 * norms + readers,
+                                        "add": counts["add"] + norms + readers}
+    for label, entry in result.report["norms"].items():
+        assert 0 < entry["removed_energy_share"] < 1
+        u = module.weights[label + ".project_in"]
+        torch.testing.assert_close(u @ u.T, torch.eye(2, dtype=u.dtype), atol=1e-12, rtol=0)
+    for lin in module.graph.find(op="linear"):
+        if lin.role in ("attn.q_proj", "mlp.up_proj"):
+            assert lin.inputs[0].producer.role.endswith(".center")
+            (y,) = lin.output.users()
+            assert (y.op, y.role) == ("add", lin.role + ".project")
+
+
+@pytest.mark.parametrize("directions", [0, 2])
+def test_numeric_exact_after_rotation_float64(directions):
     module = folded("gemma", seed=1)
     check = NumericCheckInstrument(token_batch(2))
-    out, report = PassManager([RotatePass(), CenterInputsPass()], [check]).run(
-        module, PassContext(calibration=calibration()))
+    out, report = PassManager([RotatePass(), CenterInputsPass(directions=directions)],
+                              [check]).run(module, PassContext(calibration=calibration()))
     assert report[1]["modified"] and report[1]["numeric"]["max_rel_diff"] <= 1e-12
 
 
@@ -114,7 +134,8 @@ def test_numeric_centering_rescues_w4_on_a_massive_channel():
     plain = w4_kl([FoldNormsPass(), rtn])
     centered = w4_kl([FoldNormsPass(), CenterInputsPass(), rtn])
     rotated = w4_kl([FoldNormsPass(), RotatePass(), CenterInputsPass(), rtn])
-    assert centered * 4 < plain and rotated * 4 < plain, (plain, centered, rotated)
+    projected = w4_kl([FoldNormsPass(), RotatePass(), CenterInputsPass(directions=1), rtn])
+    assert max(centered, rotated, projected) * 4 < plain, (plain, centered, rotated, projected)
     assert math.isfinite(plain)
 
 
@@ -131,16 +152,19 @@ def test_negative_needs_calibration():
     snap = snapshot(module)
     with pytest.raises(PassError, match=r"center_inputs needs at least 16 calibration tokens"):
         CenterInputsPass()(module)
+    with pytest.raises(PassError, match=r"directions >= 0, got 16, 2048 and -1"):
+        CenterInputsPass(directions=-1)(module, PassContext(calibration=calibration()))
     with pytest.raises(PassError, match=r"chunk_tokens must be >= 1"):
         CenterInputsPass(chunk_tokens=0)(module, PassContext(calibration=calibration()))
     assert unchanged(module, snap)
 
 
-def test_idempotent_second_run_changes_nothing():
+@pytest.mark.parametrize("directions", [0, 1])
+def test_idempotent_second_run_changes_nothing(directions):
     module = folded("tied")
     ctx = PassContext(calibration=calibration())
-    assert CenterInputsPass()(module, ctx).modified
+    assert CenterInputsPass(directions=directions)(module, ctx).modified
     snap = snapshot(module)
-    again = CenterInputsPass()(module, ctx)
+    again = CenterInputsPass(directions=directions)(module, ctx)
     assert not again.modified and again.report["centered"] == []
     assert unchanged(module, snap)
