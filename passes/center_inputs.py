@@ -99,8 +99,9 @@ class CenterInputsPass(PassBase):
         calib = ctx.require_calibration(self.name, self.min_tokens)
         calib = (calib[None] if calib.dim() == 1 else calib).to(torch.int64)
         sums = {id(n): torch.zeros(n.output.shape[-1], dtype=torch.float64) for n in norms}
-        moments = {id(n): torch.zeros(n.output.shape[-1], n.output.shape[-1],
-                                      dtype=torch.float64) for n in norms} if self.directions else {}
+        width = {id(n): n.output.shape[-1] for n in norms}
+        moments = {k: torch.zeros(d, d, dtype=torch.float64) for k, d in width.items()} \
+            if self.directions else {}
         count = [0]
 
         def hook(node: Node, outs: tuple[torch.Tensor, ...]) -> None:
