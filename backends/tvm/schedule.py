@@ -14,9 +14,10 @@ nest:
   register-blocked GEMM over whole row tiles (4 rows x up to 3 vector blocks = 12 accumulators,
   one broadcast and three loads per k), parallel over (output blocks x row tiles). Bias and the
   residual add are computed in the accumulator write-back.
-- qlinear (quant.py): per output (parallel) and tile of rows (1 in decode, 8 in prefill), the
-  loop over blocks with one vector of partial sums per row, the block's bytes as lanes, codes
-  unpacked in int32 vectors and shared by the tile's unrolled rows; lanes summed at the end.
+- qlinear (quant.py): decode, DECODE_OUTPUTS outputs a task (parallel), per block its partial
+  sums (chunks of 16 code bytes, nibbles and outputs unrolled, lanes a vector) then one FMA by
+  the block's scale; prefill, one output and a tile of 8 rows a task, each rebuilt weight vector
+  shared by the tile's unrolled rows; lanes summed at the end.
 - rms_norm, Hadamard stages, dynamic fake quantization: dlight's `cpu.Reduction` (the row's
   reduction and the injective block that uses it under one parallel row loop, the injective part
   vectorised); a decode step's single-row norm gets the same without the parallel loop.
