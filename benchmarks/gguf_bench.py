@@ -1,0 +1,164 @@
+"""The gguf backend's benchmark row: llama.cpp running splice's GGUF files against llama.cpp's own
+Q4_0 and Q8_0 of the same model: file size, WikiText-2 perplexity and decode speed, all through
+llama.cpp (llama-cpp-python), in one process, rounds alternating between the files.
+
+    python -m benchmarks.gguf_bench --reference DIR [--splice NAME=DIR ...] [--rounds 3]
+
+--reference is a gguf artefact of the float model (`splice compile MODEL --backend gguf --recipe
+none`): llama.cpp's own quantizer (llama_model_quantize, as llama-quantize) makes the Q4_0 and
+Q8_0 peers from its model.gguf, each wrapped into an artefact beside it (same manifest config and
+tokenizer), so every file runs through the same runtime (runtime/gguf_runtime.py). Perplexity is
+splice's protocol (splice.evaluate: the first 16,384 tokens of WikiText-2's test text, 1024-token
+windows, the first token of a window context only); speed is 128 greedy tokens after a 64-token
+WikiText-2 prompt, `--threads` threads (default 2), the best decode tok/s of the rounds. Writes the
+results as JSON (--out) and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
+PEERS = {"llama.cpp Q4_0": 2, "llama.cpp Q8_0": 7}  # llama_ftype
+PROMPT, NEW = 64, 128
+
+
+def llama_quantize(src: Path, dest: Path, ftype: int, threads: int) -> None:
+    """llama.cpp's own quantizer on a GGUF file (llama-quantize's defaults for `ftype`)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = threads
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dest).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({src}, ftype {ftype}) returned {rc}")
+
+
+def peer_artefact(reference: Path, name: str, ftype: int, work: Path, threads: int) -> Path:
+    """An artefact holding llama.cpp's own quantization of the reference's model.gguf."""
+    from splice.backends.artefact import write_artefact
+    from splice.runtime.manifest import read_manifest
+
+    out = work / name.replace(" ", "_").replace(".", "")
+    if (out / "manifest.json").is_file():
+        return out
+    manifest = read_manifest(reference)
+    tmp = work / f".{out.name}.gguf"
+    llama_quantize(reference / manifest["gguf"]["file"], tmp, ftype, threads)
+    files = {manifest["gguf"]["file"]: tmp}
+    for rel in (manifest.get("tokenizer") or {}).get("files", ()):
+        files[rel] = reference / rel
+    fields = {k: v for k, v in manifest.items() if k not in ("format_version", "files")}
+    fields["gguf"] = {**fields["gguf"], "tensors": None, "types": None,
+                      "made_by": f"llama_model_quantize ftype {ftype}"}
+    fields["recipe"] = {"name": name}
+    path = write_artefact(out, files, fields)
+    tmp.unlink()
+    return path
+
+
+def logit_check(path: Path, tokens: int = 256, threads: int = 2) -> dict:
+    """llama.cpp's logits for the first `tokens` WikiText-2 test tokens against splice's reference
+    interpreter (float32) on the weights the file holds (the file re-imported and dequantized by
+    splice's GGUF frontend, transformers' reader): the largest difference relative to the logits'
+    range, the mean KL of the next-token distributions and how often the argmax agrees."""
+    import numpy as np
+    import torch
+
+    from splice.evaluate import log_softmax
+    from splice.frontend import load_model
+    from splice.ir.interpreter import run_logits
+    from splice.runtime.gguf_runtime import load
+    from splice.runtime.manifest import read_manifest
+
+    art = load(path, threads=threads)
+    ids = art.tokenizer.encode(WIKITEXT.read_text()[:20000])[:tokens]
+    ours = art.logits(ids)[0][0].astype(np.float64)
+    module = load_model(path / read_manifest(path)["gguf"]["file"])
+    ref = run_logits(module, torch.tensor([ids]))["logits"][0].double().numpy()
+    p, q = log_softmax(ref), log_softmax(ours)
+    return {"tokens": len(ids), "max_abs": float(np.abs(ours - ref).max()),
+            "max_rel_range": float(np.abs(ours - ref).max() / (ref.max() - ref.min())),
+            "mean_kl": float((np.exp(p) * (p - q)).sum(-1).mean()),
+            "argmax_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean())}
+
+
+def run(reference: Path, splice_arts: dict[str, Path], work: Path, rounds: int = 3,
+        threads: int = 2, max_tokens: int = 16384, window: int = 1024) -> dict:
+    from splice.evaluate import perplexity_of
+    from splice.runtime.gguf_runtime import load
+    from splice.runtime.manifest import read_manifest
+
+    work.mkdir(parents=True, exist_ok=True)
+    arts = {name: peer_artefact(reference, name, ft, work, threads)
+            for name, ft in PEERS.items()}
+    arts.update(splice_arts)
+    rows = {}
+    for name, path in arts.items():
+        m = read_manifest(path)
+        size = (path / m["gguf"]["file"]).stat().st_size
+        t = time.perf_counter()
+        ppl = perplexity_of(path, WIKITEXT, max_tokens=max_tokens, window=window)
+        rows[name] = {"path": str(path), "bytes": size, "ppl": ppl["ppl"],
+                      "ppl_tokens": ppl["tokens"], "ppl_s": round(time.perf_counter() - t, 1),
+                      "decode_tok_s": [], "prefill_tok_s": []}
+    loaded = {name: load(path, threads=threads) for name, path in arts.items()}
+    first = next(iter(loaded.values()))
+    prompt = first.tokenizer.encode(WIKITEXT.read_text()[:20000])[:PROMPT]
+    for art in loaded.values():  # warm-up
+        art.generate_ids(prompt[:8], max_new_tokens=4, stop_at_eos=False)
+    for _ in range(rounds):
+        for name, art in loaded.items():
+            g = art.generate_ids(prompt, max_new_tokens=NEW, stop_at_eos=False)
+            rows[name]["decode_tok_s"].append(round(g.decode_tok_s, 1))
+            rows[name]["prefill_tok_s"].append(round(g.prefill_tok_s, 1))
+    for row in rows.values():
+        row["best_decode_tok_s"] = max(row["decode_tok_s"])
+    return {"threads": threads, "rounds": rounds, "prompt": PROMPT, "new": NEW,
+            "window": window, "max_tokens": max_tokens, "rows": rows}
+
+
+def markdown(res: dict) -> str:
+    lines = ["| file | MB | WikiText-2 ppl | decode tok/s (best) | rounds |",
+             "| --- | ---: | ---: | ---: | --- |"]
+    for name, r in res["rows"].items():
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.2f} | "
+                     f"{r['best_decode_tok_s']:.1f} | {', '.join(map(str, r['decode_tok_s']))} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reference", required=True, type=Path)
+    p.add_argument("--splice", action="append", default=[], metavar="NAME=DIR")
+    p.add_argument("--work", type=Path, default=None)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--logits", action="store_true",
+                   help="also compare llama.cpp's logits of each splice file with the "
+                        "interpreter's on its dequantized weights")
+    a = p.parse_args(argv)
+    arts = {}
+    for spec in a.splice:
+        name, _, path = spec.partition("=")
+        arts[name] = Path(path)
+    res = run(a.reference, arts, a.work or a.reference.parent / "gguf_peers", a.rounds,
+              a.threads)
+    if a.logits:
+        res["logits"] = {name: logit_check(path, threads=a.threads) for name, path in arts.items()}
+        print(json.dumps(res["logits"], indent=2))
+    if a.out:
+        a.out.write_text(json.dumps(res, indent=2))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
