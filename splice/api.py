@@ -221,8 +221,8 @@ def check_compile_arguments(model: Any, out: Any, *, instruments=(), seed=None,
             checks.output_dir(inst.directory, f"IR dump directory ({type(inst).__name__})")
     checks.integer(seed, "seed", minimum=0, optional=True)
     checks.number(memory_limit, "memory_limit (bytes)", above=0, optional=True)
-    if calibration is not None and (isinstance(calibration, (bytes, dict))
-                                    or not hasattr(calibration, "__iter__")):
+    if calibration is not None and not isinstance(calibration, Path) and (
+            isinstance(calibration, (bytes, dict)) or not hasattr(calibration, "__iter__")):
         raise InputError(f"calibration: expected token batches (a tensor), a list of token ids, "
                          f"text or a text file's Path, got {type(calibration).__name__}")
     if isinstance(calibration, Path):
