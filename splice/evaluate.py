@@ -13,13 +13,6 @@ the reference interpreter and an artefact through the runtime, as `compile()` ru
 the passes and a backend. Below splice/ it would point a layer at one it must not import: in
 runtime/ the torch-free runtime would import the frontend and the IR; in ir/ or frontend/ the
 compile side would import the runtime.
-
-Why this engine stays in splice/ (the public face) when the others moved next to what they work
-on: it is `splice eval`, and it runs both sides of the compiler, a model through the frontend and
-the reference interpreter and an artefact through the runtime, as `compile()` runs the frontend,
-the passes and a backend. Below splice/ it would point a layer at one it must not import: in
-runtime/ the torch-free runtime would import the frontend and the IR; in ir/ or frontend/ the
-compile side would import the runtime.
 """
 
 from __future__ import annotations
