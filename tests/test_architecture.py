@@ -107,6 +107,15 @@ def test_the_checker_sees_a_cycle(tmp_path):
     assert graph.has_edge("splice.a", "splice.b") and graph.has_edge("splice.b", "splice.a")
 
 
+def test_every_package_folder_is_listed_for_installation():
+    """A folder with an __init__.py that pyproject's `packages` leaves out is missing from a
+    non-editable install (the editable one finds it anyway, so nothing else would notice)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"])
+    found = {name for name, (_, is_pkg) in modules().items() if is_pkg}
+    assert found <= listed, f"packages missing from pyproject's list: {sorted(found - listed)}"
+
+
 @pytest.mark.parametrize("pkg", ["splice", "splice.ir", "splice.passes", "splice.backends", "splice.runtime"])
 def test_packages_installed_from_their_folders(pkg):
     """Every package pyproject lists imports, from the folder package-dir maps it to."""
