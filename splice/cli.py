@@ -18,7 +18,8 @@ import sys
 import time
 from pathlib import Path
 
-from .cli_args import BISECT_EPILOG, DEBUG_EPILOG, GLOBAL_FLAGS, HelpFormatter, check_arguments
+from .cli_args import (BISECT_EPILOG, DEBUG_EPILOG, GLOBAL_FLAGS, HelpFormatter, Parser,
+                       check_arguments)
 from .cli_args import progress_on as _progress_on
 from .errors import InputError
 
@@ -250,7 +251,7 @@ def cmd_passes(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="splice", description="A compiler for large language models.",
+    p = Parser(prog="splice", description="A compiler for large language models.",
                                 epilog=EXAMPLES, formatter_class=HelpFormatter)
     for flags, text in GLOBAL_FLAGS:
         p.add_argument(*flags, action="store_true", help=text)

@@ -81,3 +81,12 @@ BISECT_EPILOG = ("exit codes: 0 a pass crosses the tolerance (the culprit is nam
 def progress_on(a: argparse.Namespace) -> bool:
     """splice's own progress display: on a terminal, unless -q."""
     return not a.quiet and sys.stderr.isatty()
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser with the CLI's promise for bad input: one line on stderr, exit 2.
+    (argparse's own error prints the usage block first: two lines or more.) The subcommands'
+    parsers are of this class too, since add_subparsers makes its parsers of the parent's."""
+
+    def error(self, message: str) -> None:
+        self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")

@@ -134,3 +134,16 @@ def test_transformers_gguf_bar_is_silenced(tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "GGUF tensors" not in r.stderr and "%|" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("argv", [["compile", "m", "--out", "o", "--seed", "abc"], ["compile"],
+                                  ["frob"], ["compile", "m", "--out", "o", "--backend", "z"],
+                                  ["run", "a", "b", "--max-new-tokens", "1.5"]])
+def test_parse_errors_are_one_line_exit_2(argv, capsys):
+    """argparse's own errors (a value of the wrong type, a missing or unknown argument) keep the
+    CLI's promise too: one line naming what was wrong, exit 2, nothing on stdout."""
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(argv)
+    out, err = capsys.readouterr()
+    assert exit_.value.code == 2 and out == ""
+    assert err.count("\n") == 1 and "error:" in err and "--help" in err, err
