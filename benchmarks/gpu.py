@@ -26,7 +26,7 @@ What `run` does, in this order, each step's failure recorded in "errors" and the
 5. the memory-bandwidth limit: the bytes a decode step reads (every product's weights, the
    lm_head) over the device-to-device copy bandwidth measured in the same run.
 
-Speed protocol (gpu_tvm.py's): a PROMPT-token prompt of English text copied over the batch,
+Speed protocol: a PROMPT-token prompt of English text copied over the batch,
 STEPS greedy steps without stopping, best of REPEATS; decode tok/s = batch x steps / time.
 """
 
