@@ -5,16 +5,20 @@
 For each size N the preset is compiled on the first N x seq_len tokens of WikiText-2's validation
 text (the import done once, the passes and the ONNX export timed in this process, torch at the
 threads given), and the artefact's WikiText-2 test perplexity is measured through splice's
-runtime with the usual protocol (first 16,384 tokens, 1024-token windows, no BOS). The presets'
-calibration sizes are chosen from this curve: the smallest size past which more tokens stop
-paying. Not a `make bench` section (it takes about a compile per size); quick mode (stories260K,
-tiny sizes) checks that it runs.
+runtime with the usual protocol (first 16,384 tokens, 1024-token windows, no BOS; --eval-tokens
+fewer to screen). The presets' calibration sizes are chosen from this curve: the smallest size past
+which more tokens stop paying. Each compile's cost is given as wall seconds and as CPU seconds
+(user + system of this process, all its threads: on a shared machine the wall time also counts
+the waiting), with the load average when it began. Not a `make bench` section (it takes about a
+compile per size); quick mode (stories260K, tiny sizes) checks that it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import sys
 import tempfile
 import time
@@ -57,19 +61,26 @@ def run(preset: str = "balanced", sizes: tuple[int, ...] = (8, 16, 32, 64), quic
         calib = torch.tensor(calib_ids[:n * seq]).reshape(n, seq)
         r = Recipe(recipe.name, recipe.passes, recipe.description, recipe.seed, n, seq)
         with tempfile.TemporaryDirectory() as tmp:
-            t0 = time.perf_counter()
+            load_avg, cpu0, t0 = os.getloadavg()[0], _cpu_s(), time.perf_counter()
             path = splice_compile(model.clone(), r, "cpu", Path(tmp) / "a", calibration=calib,
                                   instruments=[TimingInstrument()], load=False)
-            compile_s = time.perf_counter() - t0
+            compile_s, compile_cpu_s = time.perf_counter() - t0, _cpu_s() - cpu0
             report = json.loads((path / "manifest.json").read_text())["report"]["passes"]
             art = load(path, threads=threads)
             ppl = perplexity(lambda x: art.logits(x)[0], test_ids, window=window)["ppl"]
         rows.append({"samples": n, "seq_len": seq, "tokens": n * seq, "compile_s": compile_s,
+                     "compile_cpu_s": compile_cpu_s, "load_avg_1min": load_avg,
                      "passes_s": {p["name"]: round(p.get("time_s", 0.0), 1) for p in report},
                      "ppl": ppl})
         print(json.dumps(rows[-1]), flush=True)
     return {"preset": preset, "threads": threads, "eval_tokens": len(test_ids),
             "window": window, "rows": rows}
+
+
+def _cpu_s() -> float:
+    """User + system CPU seconds of this process so far (every thread)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,12 +89,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", type=int, nargs="+", default=[8, 16, 32, 64])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--eval-tokens", type=int, default=16384,
+                    help="test tokens for perplexity (the first N; fewer to screen)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
-    res = run(a.preset, tuple(a.sizes), quick=a.quick, threads=a.threads)
-    print(f"| calibration sequences x {res['rows'][0]['seq_len']} | compile s | WikiText-2 ppl |")
+    res = run(a.preset, tuple(a.sizes), quick=a.quick, threads=a.threads,
+              eval_tokens=a.eval_tokens)
+    print(f"| calibration sequences x {res['rows'][0]['seq_len']} | compile s (wall) | compile "
+          f"CPU s | load avg | ppl ({res['eval_tokens']} test tokens) |")
     for r in res["rows"]:
-        print(f"| {r['samples']} | {r['compile_s']:.0f} | {r['ppl']:.2f} |")
+        print(f"| {r['samples']} | {r['compile_s']:.0f} | {r['compile_cpu_s']:.0f} | "
+              f"{r['load_avg_1min']:.1f} | {r['ppl']:.2f} |")
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=2))
     return 0
