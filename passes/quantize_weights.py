@@ -21,7 +21,7 @@ Methods:
   Across processes (torch.distributed, passes/infra/reduce.py) each holds a share of the calibration
   batches; the X^T X sums and the token count are all-reduced before the solver, so every process
   quantizes from the whole set's Hessian. The solves themselves are shared out: rank j % world
-  solves a stage's j-th linear and one sum hands its result to the others (`_shared`), so with
+  solves a stage's j-th linear and one sum hands its result to the others (quantizers.shared_solve), so with
   N processes each runs about 1/N of the solver's work and all hold the same weights.
 
 Per linear the report gives the relative output error ||X W^T - X Wq^T|| / ||X W^T|| on the
@@ -32,9 +32,12 @@ Hessian is singular: the dampening is raised to at least 0.1 and the report warn
 
 Which linears: `roles` (default every decoder linear: q/k/v/o projections and gate/up/down); the
 lm_head follows `lm_head` ("keep", "int8" or "int4"; a tied lm_head gets its own packed copy and
-the embedding keeps the float table). Group sizes: 0 = per output channel, or 16/32/64/128/256
-(MatMulNBits' block sizes). A group that does not divide in_features leaves a partial last group,
-as MatMulNBits does (SmolLM2's 576 inputs in groups of 128: 4 groups and one of 64); a group
+the embedding keeps the float table). Mixed precision: `int8_linears` names roles
+("attn.v_proj") or single linears ("layers.0.mlp.down_proj") of `roles` that get 8 bits in a
+4-bit pass (same method and groups); a name that matches no linear is refused. Group sizes:
+0 = per output channel, or 16/32/64/128/256 (MatMulNBits' block sizes). A group that does not
+divide in_features leaves a partial last group, as MatMulNBits does (SmolLM2's 576 inputs in
+groups of 128: 4 groups and one of 64); a group
 larger than some selected linear's in_features is refused, naming them, before anything changes,
 unless `fit_groups` is set: such a linear (or embedding table) then gets one group per row (the
 presets set it, so that one preset compiles a 64-wide toy model as well as SmolLM2).
@@ -64,7 +67,6 @@ import dataclasses
 import logging
 import math
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,17 +103,17 @@ class QuantizeWeightsPass(PassBase):
     """Quantize the decoder's linear weights to int4/int8 (RTN or GPTQ) in MatMulNBits' layout.
 
     Settings: method "rtn" | "gptq"; bits 4 | 8; group_size 0 (per channel) | 16..256; symmetric;
-    float_zero_points (4-bit min-max grid with a float32 zero point per group, as Q4_1); clip_search (MSE grid of clip ratios 1.0..0.7 per group); damp (GPTQ dampening, a fraction of
-    mean(diag H)); act_order (GPTQ columns by decreasing diag H, with static groups); block_size
-    (GPTQ lazy-batch width); lm_head "keep" | "int8" | "int4"; embeddings "keep" | "int8" | "int4" (RTN,
-    a qembedding op; a tied int8 lm_head with the same groups shares its packed table); roles
-    (linear roles to quantize); output_error (RTN given calibration tokens: measure each
-    linear's output error on them); hessian_samples (calibration rows that GPTQ's Hessians and
-    the output errors use, the first ones; 0 = all); tune_steps, tune_lr, tune_samples,
-    tune_seq_len, tune_teacher (end-to-end tuning of the scales after quantizing, 0 steps =
-    none); fit_groups (a linear or table narrower than group_size: one group per row, not a
-    refusal); scale_dtype "float32" | "float16" (the value type scales are rounded to before
-    codes are chosen: float16 is llama.cpp's, for the gguf backend).
+    float_zero_points (4-bit min-max grid, a float32 zero point per group, as Q4_1); clip_search
+    (MSE grid of clip ratios 1.0..0.7 per group); damp (GPTQ dampening, a fraction of mean diag
+    H); act_order (GPTQ columns by decreasing diag H, static groups); block_size (GPTQ lazy-batch
+    width); lm_head and embeddings "keep" | "int8" | "int4" (embeddings: RTN, a qembedding op; a
+    tied int8 lm_head with the same groups shares its table); roles (linear roles to quantize);
+    int8_linears (roles or layers.N.role labels at 8 bits); output_error (RTN given calibration
+    tokens: measure each linear's output error); hessian_samples (the first calibration rows
+    GPTQ's Hessians and the output errors use; 0 = all); tune_steps, tune_lr, tune_samples,
+    tune_seq_len, tune_teacher (end-to-end tuning of the scales, 0 steps = none); fit_groups (a
+    linear or table narrower than group_size: one group per row, not a refusal); scale_dtype
+    "float32" | "float16" (scales rounded to it before codes are chosen: llama.cpp's is float16).
     """
 
     name = "quantize_weights"
@@ -129,6 +131,7 @@ class QuantizeWeightsPass(PassBase):
     lm_head: str = "keep"
     embeddings: str = "keep"
     roles: tuple[str, ...] = DECODER_LINEARS
+    int8_linears: tuple[str, ...] = ()
     output_error: bool = True
     hessian_samples: int = 0
     tune_steps: int = 0
@@ -155,11 +158,9 @@ class QuantizeWeightsPass(PassBase):
         if self.float_zero_points and (self.symmetric or self.bits != 4):
             raise PassError(f"{p} float_zero_points needs asymmetric 4-bit weights (MatMulNBits "
                             "takes float zero points only for 4 bits); set symmetric=false, bits=4")
-        if self.embeddings not in LM_HEAD:
-            raise PassError(f"{p} embeddings {self.embeddings!r}; accepted: "
-                            f"{', '.join(LM_HEAD)}")
-        if self.lm_head not in LM_HEAD:
-            raise PassError(f"{p} lm_head {self.lm_head!r}; accepted: {', '.join(LM_HEAD)}")
+        for key in ("embeddings", "lm_head"):
+            if getattr(self, key) not in LM_HEAD:
+                raise PassError(f"{p} {key} {getattr(self, key)!r}; accepted: {', '.join(LM_HEAD)}")
         for key, least in (("hessian_samples", 0), ("tune_steps", 0), ("tune_samples", 2),
                            ("tune_seq_len", 1)):
             if getattr(self, key) < least:
@@ -172,7 +173,7 @@ class QuantizeWeightsPass(PassBase):
                             f"{', '.join(TEACHERS)}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise PassError(f"{p} scale_dtype {self.scale_dtype!r}; accepted: float32, float16")
-        if "lm_head" in self.roles:
+        if "lm_head" in self.roles or "lm_head" in self.int8_linears:
             raise PassError(f"{p} the lm_head is chosen by lm_head = 'int8' | 'int4', not roles")
 
     def wants_reference(self) -> bool:
@@ -187,7 +188,7 @@ class QuantizeWeightsPass(PassBase):
     # -- what to quantize ------------------------------------------------------------------------
     def _targets(self, module: Module) -> tuple[list[tuple[Node, int, int]], dict[str, str]]:
         """(linear, bits, group) for each linear to quantize, and the skipped ones with why."""
-        targets, skipped, bad = [], {}, []
+        targets, skipped, bad, unmatched = [], {}, [], set(self.int8_linears)
         for node in module.graph.nodes:
             if node.op != "linear":
                 continue
@@ -195,6 +196,10 @@ class QuantizeWeightsPass(PassBase):
                 self.bits if node.role in self.roles else 0
             if not bits:
                 continue
+            if node.role in self.int8_linears or label(node) in self.int8_linears:
+                bits = 8
+                unmatched.discard(node.role)
+                unmatched.discard(label(node))
             w = node.inputs[1]
             if not w.is_const or not module.weight(w).is_floating_point():
                 skipped[label(node)] = "its weight is not a constant float tensor"
@@ -211,6 +216,10 @@ class QuantizeWeightsPass(PassBase):
             raise PassError(f"pass {self.name!r}: group_size {self.group_size} exceeds the "
                             f"in_features of {', '.join(bad[:3])}{more}; choose a smaller group, "
                             "group_size 0 (per channel), or leave those roles out")
+        if unmatched and targets:  # (none: a second run, everything already quantized)
+            raise PassError(f"pass {self.name!r}: int8_linears {sorted(unmatched)} match no "
+                            "linear of roles; give roles (attn.v_proj) or labels "
+                            "(layers.0.mlp.down_proj) of the quantized linears")
         return targets, skipped
 
     def call(self, module: Module, ctx: PassContext) -> PassResult:
@@ -259,19 +268,16 @@ class QuantizeWeightsPass(PassBase):
                 pass_name=self.name, scale_dtype=self._dtype)}
         report["quantized"] = [label(n) for n, _, _ in targets] + [label(n) for n in tables]
         report["bytes"] = {"float": before, "quantized": after}
-        errors = [v["rel_error"] for v in report["layers"].values() if "rel_error" in v]
-        if errors:
-            report["mean_rel_error"] = sum(errors) / len(errors)
-        if self.method == "gptq":
-            rtn_errors = [v["rtn_rel_error"] for v in report["layers"].values()
-                          if "rtn_rel_error" in v]
-            report["mean_rtn_rel_error"] = sum(rtn_errors) / len(rtn_errors)
+        for key in ("rel_error", "rtn_rel_error"):  # rtn_rel_error: GPTQ's linears
+            errors = [v[key] for v in report["layers"].values() if key in v]
+            if errors:
+                report[f"mean_{key}"] = sum(errors) / len(errors)
         report["time_s"] = round(time.perf_counter() - t0, 3)
         module.config = module.config.replace(extra={**module.config.extra, "quantization": {
             **module.config.extra.get("quantization", {}),
             "weights": {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                         "symmetric": self.symmetric, "lm_head": self.lm_head,
-                        "embeddings": self.embeddings}}})
+                        "embeddings": self.embeddings, "int8_linears": list(self.int8_linears)}}})
         logger.info("quantize_weights: %s int%d g%d on %d linears in %.1f s", self.method,
                     self.bits, self.group_size, len(targets), report["time_s"])
         return PassResult(module, True, report)
@@ -323,8 +329,9 @@ class QuantizeWeightsPass(PassBase):
                     mine = j % world == ctx.reducer.rank
                     solved = self._quantize(module, node, bits, group, h, tokens, report) \
                         if mine else None
-                    qw, entry = _shared(solved, node, bits, group, self.symmetric,
-                                        self._float_zero(bits), ctx.reduce)
+                    qw, entry = quantizers.shared_solve(solved, node.inputs[1].shape, bits, group,
+                                                        self.symmetric, self._float_zero(bits),
+                                                        ctx.reduce)
                     if not mine:  # the solver's warnings, in this rank's report too
                         self._damp_warnings(node, tokens, entry["damp"], report)
                 results[id(node)] = qw
@@ -469,32 +476,3 @@ class QuantizeWeightsPass(PassBase):
                                              and t.dtype == torch.float32}
         return before, after
 
-
-def _shared(solved: tuple[quantizers.QuantizedWeight, dict[str, Any]] | None, node: Node, bits: int,
-            group: int, symmetric: bool, float_zero: bool,
-            reduce: Callable[[torch.Tensor], torch.Tensor]) -> tuple[quantizers.QuantizedWeight,
-                                                                     dict[str, Any]]:
-    """One linear's GPTQ result on every rank: the rank that solved it (`solved`) contributes
-    its codes, scales, zero points and report numbers, the others zeros of the same shapes, and
-    one sum over the ranks (x + 0 = x, exactly) hands everyone the solver's result bit for bit.
-    So across processes each GPTQ solve runs once, not once per rank."""
-    n, k = node.inputs[1].shape
-    blocks = quant.check_format(bits, group, k, n)
-    keys = ("rel_error", "rtn_rel_error", "damp", "dead_inputs")
-    if solved is None:
-        codes = torch.zeros(n, k, dtype=torch.int32)
-        scales = torch.zeros(n, blocks, dtype=torch.float32)
-        zeros = torch.zeros(n, blocks, dtype=torch.float32 if float_zero else torch.int32)
-        numbers = torch.zeros(len(keys), dtype=torch.float64)
-    else:
-        qw, entry = solved
-        codes, scales = qw.codes.to(torch.int32), qw.scales
-        zeros = qw.zeros if float_zero else qw.zeros.to(torch.int32)
-        numbers = torch.tensor([float(entry[key]) for key in keys], dtype=torch.float64)
-    codes, scales, zeros, numbers = (reduce(t) for t in (codes, scales, zeros, numbers))
-    qw = quantizers.QuantizedWeight(codes.to(torch.uint8), scales,
-                               zeros if float_zero else zeros.to(torch.uint8), bits, group,
-                               symmetric, float_zero)
-    entry = dict(zip(keys, numbers.tolist()))
-    entry["dead_inputs"] = int(entry["dead_inputs"])
-    return qw, entry

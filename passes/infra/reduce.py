@@ -11,7 +11,7 @@ on CPU; with nccl the tensor goes through the GPU). Every process then holds the
 statistic and computes the same transform from it, so the ranks' modules stay identical and
 rank 0 alone writes the artefact (passes/infra/distributed.py launches and shards). Where the
 transform is costly (GPTQ's solves) one rank computes each part and a sum in which the other
-ranks put zeros hands it to all (quantize_weights._shared).
+ranks put zeros hands it to all (numerics/quantizers.shared_solve).
 """
 
 from __future__ import annotations

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -323,3 +325,34 @@ def relative_output_error(weight: torch.Tensor, approx: torch.Tensor, xtx: torch
     if den <= 0:
         return 0.0 if num <= 0 else math.inf
     return math.sqrt(max(num.item(), 0.0) / den.item())
+
+
+def shared_solve(solved: tuple[QuantizedWeight, dict[str, Any]] | None, shape: tuple[int, int],
+                 bits: int, group: int, symmetric: bool, float_zero: bool,
+                 reduce: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> tuple[QuantizedWeight, dict[str, Any]]:
+    """One linear's GPTQ result (weight `shape` [N, K]) on every rank (quantize_weights across
+    processes): the rank that solved it (`solved`) contributes its codes, scales, zero points and
+    report numbers, the others zeros of the same shapes, and one sum over the ranks (x + 0 = x,
+    exactly) hands everyone the solver's result bit for bit. So each GPTQ solve runs once, not
+    once per rank."""
+    n, k = shape
+    blocks = check_format(bits, group, k, n)
+    keys = ("rel_error", "rtn_rel_error", "damp", "dead_inputs")
+    if solved is None:
+        codes = torch.zeros(n, k, dtype=torch.int32)
+        scales = torch.zeros(n, blocks, dtype=torch.float32)
+        zeros = torch.zeros(n, blocks, dtype=torch.float32 if float_zero else torch.int32)
+        numbers = torch.zeros(len(keys), dtype=torch.float64)
+    else:
+        qw, entry = solved
+        codes, scales = qw.codes.to(torch.int32), qw.scales
+        zeros = qw.zeros if float_zero else qw.zeros.to(torch.int32)
+        numbers = torch.tensor([float(entry[key]) for key in keys], dtype=torch.float64)
+    codes, scales, zeros, numbers = (reduce(t) for t in (codes, scales, zeros, numbers))
+    qw = QuantizedWeight(codes.to(torch.uint8), scales,
+                         zeros if float_zero else zeros.to(torch.uint8), bits, group, symmetric,
+                         float_zero)
+    entry = dict(zip(keys, numbers.tolist()))
+    entry["dead_inputs"] = int(entry["dead_inputs"])
+    return qw, entry
