@@ -3,6 +3,7 @@ Q4_0 and Q8_0 of the same model: file size, WikiText-2 perplexity and decode spe
 llama.cpp (llama-cpp-python), in one process, rounds alternating between the files.
 
     python -m benchmarks.gguf_bench --reference DIR [--splice NAME=DIR ...] [--rounds 3]
+                                    [--no-speed] [--no-peers] [--logits]
 
 --reference is a gguf artefact of the float model (`splice compile MODEL --backend gguf --recipe
 none`): llama.cpp's own quantizer (llama_model_quantize, as llama-quantize) makes the Q4_0 and
@@ -10,8 +11,9 @@ Q8_0 peers from its model.gguf, each wrapped into an artefact beside it (same ma
 tokenizer), so every file runs through the same runtime (runtime/gguf_runtime.py). Perplexity is
 splice's protocol (splice.evaluate: the first 16,384 tokens of WikiText-2's test text, 1024-token
 windows, the first token of a window context only); speed is 128 greedy tokens after a 64-token
-WikiText-2 prompt, `--threads` threads (default 2), the best decode tok/s of the rounds. Writes the
-results as JSON (--out) and prints a markdown table.
+WikiText-2 prompt, `--threads` threads (default 2), the best decode tok/s of the rounds
+(--no-speed: size and perplexity only; --no-peers: the splice files only). Writes the results as
+JSON (--out) and prints a markdown table.
 """
 
 from __future__ import annotations
@@ -89,15 +91,19 @@ def logit_check(path: Path, tokens: int = 256, threads: int = 2) -> dict:
             "argmax_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean())}
 
 
-def run(reference: Path, splice_arts: dict[str, Path], work: Path, rounds: int = 3,
-        threads: int = 2, max_tokens: int = 16384, window: int = 1024) -> dict:
+def run(reference: Path | None, splice_arts: dict[str, Path], work: Path, rounds: int = 3,
+        threads: int = 2, max_tokens: int = 16384, window: int = 1024,
+        speed: bool = True) -> dict:
+    """The rows: llama.cpp's peers made from `reference` (None: no peers) and `splice_arts`;
+    size and perplexity each, decode speeds over `rounds` alternating rounds when `speed`."""
     from splice.evaluate import perplexity_of
-    from splice.runtime.gguf_runtime import load
     from splice.runtime.manifest import read_manifest
 
-    work.mkdir(parents=True, exist_ok=True)
-    arts = {name: peer_artefact(reference, name, ft, work, threads)
-            for name, ft in PEERS.items()}
+    arts = {}
+    if reference is not None:
+        work.mkdir(parents=True, exist_ok=True)
+        arts = {name: peer_artefact(reference, name, ft, work, threads)
+                for name, ft in PEERS.items()}
     arts.update(splice_arts)
     rows = {}
     for name, path in arts.items():
@@ -108,6 +114,15 @@ def run(reference: Path, splice_arts: dict[str, Path], work: Path, rounds: int =
         rows[name] = {"path": str(path), "bytes": size, "ppl": ppl["ppl"],
                       "ppl_tokens": ppl["tokens"], "ppl_s": round(time.perf_counter() - t, 1),
                       "decode_tok_s": [], "prefill_tok_s": []}
+    if speed:
+        _speed(arts, rows, rounds, threads)
+    return {"threads": threads, "rounds": rounds if speed else 0, "prompt": PROMPT, "new": NEW,
+            "window": window, "max_tokens": max_tokens, "rows": rows}
+
+
+def _speed(arts: dict[str, Path], rows: dict, rounds: int, threads: int) -> None:
+    from splice.runtime.gguf_runtime import load
+
     loaded = {name: load(path, threads=threads) for name, path in arts.items()}
     first = next(iter(loaded.values()))
     prompt = first.tokenizer.encode(WIKITEXT.read_text()[:20000])[:PROMPT]
@@ -120,37 +135,51 @@ def run(reference: Path, splice_arts: dict[str, Path], work: Path, rounds: int =
             rows[name]["prefill_tok_s"].append(round(g.prefill_tok_s, 1))
     for row in rows.values():
         row["best_decode_tok_s"] = max(row["decode_tok_s"])
-    return {"threads": threads, "rounds": rounds, "prompt": PROMPT, "new": NEW,
-            "window": window, "max_tokens": max_tokens, "rows": rows}
 
 
 def markdown(res: dict) -> str:
     lines = ["| file | MB | WikiText-2 ppl | decode tok/s (best) | rounds |",
              "| --- | ---: | ---: | ---: | --- |"]
     for name, r in res["rows"].items():
-        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.2f} | "
-                     f"{r['best_decode_tok_s']:.1f} | {', '.join(map(str, r['decode_tok_s']))} |")
+        best = f"{r['best_decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.2f} | {best} | "
+                     f"{', '.join(map(str, r['decode_tok_s'])) or 'not timed'} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--reference", required=True, type=Path)
+    p.add_argument("--reference", type=Path, default=None,
+                   help="a gguf artefact of the float model; llama.cpp's Q4_0 and Q8_0 peers "
+                        "are made from it (needed unless --no-peers)")
     p.add_argument("--splice", action="append", default=[], metavar="NAME=DIR")
     p.add_argument("--work", type=Path, default=None)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--no-speed", action="store_true",
+                   help="size and perplexity only (no decode timing)")
+    p.add_argument("--no-peers", action="store_true",
+                   help="only the --splice files (no llama.cpp Q4_0 / Q8_0 peers)")
+    p.add_argument("--max-tokens", type=int, default=16384,
+                   help="perplexity over the text's first N tokens")
+    p.add_argument("--window", type=int, default=1024, help="perplexity window, tokens")
     p.add_argument("--logits", action="store_true",
                    help="also compare llama.cpp's logits of each splice file with the "
                         "interpreter's on its dequantized weights")
     a = p.parse_args(argv)
+    if a.reference is None and not a.no_peers:
+        p.error("--reference is required unless --no-peers")
     arts = {}
     for spec in a.splice:
         name, _, path = spec.partition("=")
         arts[name] = Path(path)
-    res = run(a.reference, arts, a.work or a.reference.parent / "gguf_peers", a.rounds,
-              a.threads)
+    if not arts and a.no_peers:
+        p.error("--no-peers needs at least one --splice NAME=DIR")
+    reference = None if a.no_peers else a.reference
+    work = a.work or (a.reference.parent / "gguf_peers" if a.reference else Path("gguf_peers"))
+    res = run(reference, arts, work, a.rounds, a.threads, max_tokens=a.max_tokens, window=a.window,
+              speed=not a.no_speed)
     if a.logits:
         res["logits"] = {name: logit_check(path, threads=a.threads) for name, path in arts.items()}
         print(json.dumps(res["logits"], indent=2))

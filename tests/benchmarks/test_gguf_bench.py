@@ -3,6 +3,7 @@ are made from the float file and every file gets a size, a perplexity and decode
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -28,3 +29,26 @@ def test_gguf_bench_runs(tmp_path):
         assert math.isfinite(row["ppl"]) and row["bytes"] > 0 and row["best_decode_tok_s"] > 0
     assert res["rows"]["llama.cpp Q4_0"]["bytes"] < res["rows"]["splice f32"]["bytes"]
     assert "| llama.cpp Q4_0 |" in gguf_bench.markdown(res)
+
+
+@needs_stories
+@pytest.mark.skipif(not WIKITEXT_TEST.is_file(), reason="../shared/data is absent")
+def test_gguf_bench_accuracy_only(tmp_path, capsys):
+    """--no-peers --no-speed: the splice files' size and perplexity, nothing timed."""
+    from splice.evaluate import perplexity_of
+    from splice.frontend import load_model
+
+    ref = export(load_model(STORIES), tmp_path / "ref")
+    out = tmp_path / "res.json"
+    assert gguf_bench.main(["--no-peers", "--no-speed", "--splice", f"f32={ref}", "--threads",
+                            "1", "--max-tokens", "256", "--window", "128", "--out",
+                            str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["rows"]) == {"f32"} and res["rounds"] == 0
+    row = res["rows"]["f32"]
+    assert row["decode_tok_s"] == [] and "best_decode_tok_s" not in row
+    assert row["ppl"] == pytest.approx(perplexity_of(ref, WIKITEXT_TEST, max_tokens=256,
+                                                     window=128)["ppl"])
+    assert "| f32 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        gguf_bench.main(["--no-speed"])
