@@ -83,7 +83,9 @@ def load_hf(path: str | Path) -> Module:
 
 
 def check_gguf_file(path: str | Path) -> Path:
-    """`path` as a Path, refused unless it is an existing file that starts with GGUF's magic."""
+    """`path` as a Path, refused unless it is an existing file that starts with GGUF's magic,
+    of a supported architecture, whose tensors are floating point or quantized (the header's
+    tensor table, where it can be read: check_gguf_types)."""
     path = Path(path)
     if not path.exists():
         raise FrontendError(f"GGUF file {path} does not exist")
@@ -94,21 +96,30 @@ def check_gguf_file(path: str | Path) -> Path:
     if magic != b"GGUF":
         raise FrontendError(f"{path} is not a GGUF file (it starts with {magic!r}, not b'GGUF')"
                             if magic else f"GGUF file {path} is empty")
-    arch = _gguf_architecture(path)
+    arch, types = _gguf_header(path)
     if arch is not None and arch not in SUPPORTED_ARCHITECTURES:
         raise FrontendError(f"{path}: unsupported architecture general.architecture={arch!r}; "
                             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if types:
+        check_gguf_types(path, types)
     return path
 
 
 def _gguf_architecture(path: Path) -> str | None:
-    """general.architecture of a GGUF file, read from its first metadata entries before
-    transformers loads anything (gguf's own reader parses every field, seconds for a vocabulary);
-    None when it is not among them or the header cannot be read (the load that follows reports
-    a corrupt file as such)."""
+    """general.architecture of a GGUF file, None when the header cannot be read that far."""
+    return _gguf_header(path)[0]
+
+
+def _gguf_header(path: Path) -> tuple[str | None, dict[str, int] | None]:
+    """(general.architecture, {tensor name: ggml type}) of a GGUF file, read from its header
+    with plain reads before transformers loads anything (gguf's own reader parses every field
+    into arrays, seconds for a vocabulary; this walk skips them). Either is None where the
+    header cannot be read that far: the load that follows reports a corrupt file as such."""
     import struct
 
     scalar = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+    length = struct.Struct("<Q")
+    arch = None
     with path.open("rb") as f:
 
         def take(fmt: str):
@@ -121,7 +132,10 @@ def _gguf_architecture(path: Path) -> str | None:
             n = take("<Q")
             if n > 1 << 16:
                 raise ValueError("key or value too long")
-            return f.read(n)
+            data = f.read(n)
+            if len(data) != n:
+                raise EOFError
+            return data
 
         def skip(kind: int) -> None:
             if kind in scalar:
@@ -132,22 +146,97 @@ def _gguf_architecture(path: Path) -> str | None:
                 item, count = take("<I"), take("<Q")
                 if item in scalar:
                     f.seek(scalar[item] * count, 1)
+                elif item == 8:
+                    skip_strings(count)
                 else:
                     for _ in range(count):
                         skip(item)
             else:
                 raise ValueError(f"value type {kind}")
 
+        def skip_strings(count: int) -> None:
+            # a vocabulary: 50k-250k strings, walked in a buffer rather than a read each
+            start, buf, at = f.tell(), b"", 0
+            for _ in range(count):
+                if at + 8 > len(buf):
+                    start += at
+                    f.seek(start)
+                    buf, at = f.read(1 << 20), 0
+                    if len(buf) < 8:
+                        raise EOFError
+                n = length.unpack_from(buf, at)[0]
+                if n > 1 << 16:
+                    raise ValueError("string too long")
+                at += 8 + n
+            f.seek(start + at)
+
         try:
-            f.seek(16)                       # magic, version, tensor count
-            for _ in range(min(take("<Q"), 64)):
+            f.seek(8)                        # magic, version
+            n_tensors, n_fields = take("<Q"), take("<Q")
+            for _ in range(n_fields):
                 key, kind = string(), take("<I")
-                if key == b"general.architecture" and kind == 8:
-                    return string().decode("utf-8")
-                skip(kind)
-        except (EOFError, ValueError, UnicodeDecodeError, OverflowError, OSError):
-            return None
-    return None
+                if key == b"general.architecture" and kind == 8 and arch is None:
+                    arch = string().decode("utf-8")
+                else:
+                    skip(kind)
+            types: dict[str, int] = {}
+            for _ in range(n_tensors):     # name, dims, ggml type, data offset
+                name = string().decode("utf-8")
+                n_dims = take("<I")
+                if n_dims > 8:
+                    raise ValueError(f"{n_dims} dims")
+                f.seek(8 * n_dims, 1)
+                types[name] = take("<I")
+                f.seek(8, 1)
+            return arch, types
+        except (EOFError, ValueError, UnicodeDecodeError, OverflowError, OSError,
+                RecursionError):    # arrays of arrays nested past Python's stack
+            return arch, None
+
+
+# ggml's integer tensor types: data, not weights (transformers would cast them into floats)
+_GGML_INTEGERS = ("I8", "I16", "I32", "I64")
+
+
+def check_gguf_types(path: Path, types: dict[str, int]) -> None:
+    """Every tensor of `types` ({name: ggml type}) is of a type a weight can have: floating
+    point or quantized, and one the gguf package dequantizes; refused naming the first tensor
+    of each type that is not (an integer tensor where a float weight belongs, a type gguf
+    cannot read), with the types accepted."""
+    import gguf
+
+    first: dict[int, str] = {}
+    for name, ggml_type in types.items():
+        first.setdefault(ggml_type, name)
+    for ggml_type, name in first.items():
+        try:
+            kind = gguf.GGMLQuantizationType(ggml_type).name
+        except ValueError:
+            raise FrontendError(f"{path}: tensor {name} has ggml type {ggml_type}, which is no "
+                                "GGML type; the file is corrupt") from None
+        if kind in _GGML_INTEGERS or not can_dequantize(ggml_type):
+            ok = [t.name for t in gguf.GGMLQuantizationType if can_dequantize(t)]
+            why = ("an integer type, where a weight must be floating point or quantized"
+                   if kind in _GGML_INTEGERS else "which the gguf package cannot dequantize")
+            raise FrontendError(f"{path}: tensor {name} is stored as {kind}, {why}; "
+                                f"supported types: {', '.join(ok)}")
+
+
+def can_dequantize(ggml_type: int) -> bool:
+    """One all-zero block through gguf's dequantize: the package's own answer, not a list."""
+    import gguf
+    import numpy as np
+    from gguf.quants import dequantize
+
+    qtype = gguf.GGMLQuantizationType(ggml_type)
+    block = gguf.GGML_QUANT_SIZES.get(qtype)
+    if block is None or qtype.name in _GGML_INTEGERS:
+        return False
+    try:
+        dequantize(np.zeros((1, block[1]), dtype=np.uint8), qtype)
+    except NotImplementedError:
+        return False
+    return True
 
 
 def load_gguf(path: str | Path) -> Module:

@@ -27,6 +27,11 @@ only those rows. Checkpoint keys that transformers renames while loading (a mode
 parameter names differ from its checkpoint's) are refused with the missing key named. A GGUF
 file is bound lazily by frontend/lazy_gguf.py (`load_gguf_lazy`): its refs read and dequantize
 one GGUF tensor per access, and it shares `meta_model` and `bind_lazy` with this frontend.
+
+Weights that load but are not usable are refused at import, as the eager frontends refuse them:
+an integer tensor where a float weight belongs from the header alone, and NaN or infinite
+values by reading each weight once, one at a time (`bind_lazy`; the import's cost is then one
+read of the checkpoint, which the compile that follows makes at least once anyway).
 """
 
 from __future__ import annotations
@@ -257,9 +262,12 @@ def checkpoint_refs(path: Path) -> dict[str, TensorRef]:
     if not shards:
         raise FrontendError(f"{path} has no *.safetensors weights")
     refs: dict[str, TensorRef] = {}
+    from . import hf
+
     for shard in shards:
         if not shard.is_file():
             raise FrontendError(f"{path}: shard {shard.name} named by the index does not exist")
+        hf._check_safetensors(shard)   # as load_hf: complete, and floating-point weights
         refs.update(file_refs(shard, as_float32=True))
     return refs
 
@@ -392,6 +400,10 @@ def bind_lazy(model, refs: Mapping[str, Any], *, source: str, tokenizer: Tokeniz
                                   if k in module.graph.consts})
     logger.info("%s: %d weights bound lazily, %.1f MB held in memory", source,
                 len(weights._refs), module.weights.resident_bytes() / 1e6)
+    # as load_model refuses them: each weight is read once, one at a time, and dropped
+    from . import check_finite
+
+    check_finite(module, source)
     return module
 
 

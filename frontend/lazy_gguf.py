@@ -41,7 +41,8 @@ tokenizer, each a separate transformers or gguf call; reading all 272 weights ta
 Refused, each with a FrontendError naming what was wrong and what is accepted: a path that is
 not a file, a file that is not GGUF (magic), a truncated or corrupt file, big-endian files, an
 architecture transformers or splice does not import, a tensor the model needs that the file
-lacks or sizes differently, and a tensor type the gguf package cannot dequantize.
+lacks or sizes differently, a tensor type the gguf package cannot dequantize, integer tensors
+(I8..I64) where float weights belong, and NaN or infinite weights (bind_lazy).
 """
 
 from __future__ import annotations
@@ -279,34 +280,13 @@ def _dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
     return dequantize(raw, GGMLQuantizationType(ggml_type))
 
 
-def _can_dequantize(ggml_type: int) -> bool:
-    """One all-zero block through gguf's dequantize: the package's own answer, not a list."""
-    import gguf
-
-    block = gguf.GGML_QUANT_SIZES.get(gguf.GGMLQuantizationType(ggml_type))
-    if block is None:
-        return False
-    try:
-        _dequantize(np.zeros((1, block[1]), dtype=np.uint8), ggml_type)
-    except NotImplementedError:
-        return False
-    return True
-
-
 def _check_dequantizable(path: Path, refs) -> None:
-    """Every tensor the model reads has a ggml type the gguf package can dequantize, checked
-    once per type here rather than when a pass first reads the tensor."""
-    import gguf
+    """Every tensor the model reads is floating point or quantized in a type the gguf package
+    can dequantize, checked once per type here rather than when a pass first reads the tensor
+    (check_gguf_file checked the whole table already where its header walk could read it)."""
+    from .hf import check_gguf_types
 
-    seen: dict[int, str] = {}
-    for ref in refs:
-        seen.setdefault(ref.ggml_type, ref.name)
-    for ggml_type, name in seen.items():
-        if not _can_dequantize(ggml_type):
-            kind = gguf.GGMLQuantizationType(ggml_type).name
-            ok = [t.name for t in gguf.GGMLQuantizationType if _can_dequantize(t)]
-            raise FrontendError(f"{path}: tensor {name} is stored as {kind}, which the gguf "
-                                f"package cannot dequantize; supported types: {', '.join(ok)}")
+    check_gguf_types(path, {ref.name: ref.ggml_type for ref in refs})
 
 
 def _tokenizer(path: Path):
