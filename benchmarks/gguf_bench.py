@@ -68,12 +68,14 @@ def peer_artefact(reference: Path, name: str, ftype: int, work: Path, threads: i
 def logit_check(path: Path, tokens: int = 256, threads: int = 2) -> dict:
     """llama.cpp's logits for the first `tokens` WikiText-2 test tokens against splice's reference
     interpreter (float32) on the weights the file holds (the file re-imported and dequantized by
-    splice's GGUF frontend, transformers' reader): the largest difference relative to the logits'
-    range, the mean KL of the next-token distributions and how often the argmax agrees."""
+    splice's GGUF frontend, transformers' reader), twice: with float activations ("float") and
+    with llama.cpp's own activation rounding (Q8_0 blocks at each quantized linear,
+    backends/gguf/reference.py: "llama_rounding"). Each: the largest difference, relative to the
+    logits' range, the mean KL of the next-token distributions and how often the argmax agrees."""
     import numpy as np
     import torch
 
-    from splice.evaluate import log_softmax
+    from splice.backends.gguf.reference import file_types, llama_logits
     from splice.frontend import load_model
     from splice.ir.interpreter import run_logits
     from splice.runtime.gguf_runtime import load
@@ -82,10 +84,21 @@ def logit_check(path: Path, tokens: int = 256, threads: int = 2) -> dict:
     art = load(path, threads=threads)
     ids = art.tokenizer.encode(WIKITEXT.read_text()[:20000])[:tokens]
     ours = art.logits(ids)[0][0].astype(np.float64)
-    module = load_model(path / read_manifest(path)["gguf"]["file"])
+    file = path / read_manifest(path)["gguf"]["file"]
+    module = load_model(file)
     ref = run_logits(module, torch.tensor([ids]))["logits"][0].double().numpy()
+    sim = llama_logits(module, ids, file_types(file)).double().numpy()
+    return {"tokens": len(ids), "float": _compare(ours, ref),
+            "llama_rounding": _compare(ours, sim)}
+
+
+def _compare(ours, ref) -> dict:
+    import numpy as np
+
+    from splice.evaluate import log_softmax
+
     p, q = log_softmax(ref), log_softmax(ours)
-    return {"tokens": len(ids), "max_abs": float(np.abs(ours - ref).max()),
+    return {"max_abs": float(np.abs(ours - ref).max()),
             "max_rel_range": float(np.abs(ours - ref).max() / (ref.max() - ref.min())),
             "mean_kl": float((np.exp(p) * (p - q)).sum(-1).mean()),
             "argmax_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean())}
