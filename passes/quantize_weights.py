@@ -32,9 +32,9 @@ Hessian is singular: the dampening is raised to at least 0.1 and the report warn
 
 Which linears: `roles` (default every decoder linear: q/k/v/o projections and gate/up/down); the
 lm_head follows `lm_head` ("keep", "int8" or "int4"; a tied lm_head gets its own packed copy and
-the embedding keeps the float table). Mixed precision: `int8_linears` names roles
-("attn.v_proj") or single linears ("layers.0.mlp.down_proj") of `roles` that get 8 bits in a
-4-bit pass (same method and groups); a name that matches no linear is refused. Group sizes:
+the embedding keeps the float table). Mixed formats: `per_linear` maps roles ("mlp.down_proj"),
+single linears ("layers.0.mlp.down_proj", the label wins) or "lm_head" among the selected ones to
+their own [bits, group_size]; a name that matches no selected linear is refused. Group sizes:
 0 = per output channel, or 16/32/64/128/256 (MatMulNBits' block sizes). A group that does not
 divide in_features leaves a partial last group, as MatMulNBits does (SmolLM2's 576 inputs in
 groups of 128: 4 groups and one of 64); a group
@@ -108,7 +108,7 @@ class QuantizeWeightsPass(PassBase):
     H); act_order (GPTQ columns by decreasing diag H, static groups); block_size (GPTQ lazy-batch
     width); lm_head and embeddings "keep" | "int8" | "int4" (embeddings: RTN, a qembedding op; a
     tied int8 lm_head with the same groups shares its table); roles (linear roles to quantize);
-    int8_linears (roles or layers.N.role labels at 8 bits); output_error (RTN given calibration
+    per_linear (role or label -> [bits, group_size]); output_error (RTN given calibration
     tokens: measure each linear's output error); hessian_samples (the first calibration rows
     GPTQ's Hessians and the output errors use; 0 = all); tune_steps, tune_lr, tune_samples,
     tune_seq_len, tune_teacher (end-to-end tuning of the scales, 0 steps = none); fit_groups (a
@@ -131,7 +131,7 @@ class QuantizeWeightsPass(PassBase):
     lm_head: str = "keep"
     embeddings: str = "keep"
     roles: tuple[str, ...] = DECODER_LINEARS
-    int8_linears: tuple[str, ...] = ()
+    per_linear: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict, hash=False)
     output_error: bool = True
     hessian_samples: int = 0
     tune_steps: int = 0
@@ -173,8 +173,12 @@ class QuantizeWeightsPass(PassBase):
                             f"{', '.join(TEACHERS)}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise PassError(f"{p} scale_dtype {self.scale_dtype!r}; accepted: float32, float16")
-        if "lm_head" in self.roles or "lm_head" in self.int8_linears:
+        if "lm_head" in self.roles:
             raise PassError(f"{p} the lm_head is chosen by lm_head = 'int8' | 'int4', not roles")
+        for key, (bits, group) in self.per_linear.items():
+            if bits not in quant.BITS or group not in GROUP_SIZES:
+                raise PassError(f"{p} per_linear {key!r} = [{bits}, {group}]; bits 4 or 8, "
+                                "group_size 0, 16, 32, 64, 128 or 256")
 
     def wants_reference(self) -> bool:
         return self.tune_steps > 0 and self.tune_teacher == "original"
@@ -188,7 +192,7 @@ class QuantizeWeightsPass(PassBase):
     # -- what to quantize ------------------------------------------------------------------------
     def _targets(self, module: Module) -> tuple[list[tuple[Node, int, int]], dict[str, str]]:
         """(linear, bits, group) for each linear to quantize, and the skipped ones with why."""
-        targets, skipped, bad, unmatched = [], {}, [], set(self.int8_linears)
+        targets, skipped, bad, unmatched = [], {}, [], set(self.per_linear)
         for node in module.graph.nodes:
             if node.op != "linear":
                 continue
@@ -196,16 +200,15 @@ class QuantizeWeightsPass(PassBase):
                 self.bits if node.role in self.roles else 0
             if not bits:
                 continue
-            if node.role in self.int8_linears or label(node) in self.int8_linears:
-                bits = 8
-                unmatched.discard(node.role)
-                unmatched.discard(label(node))
+            key = next((x for x in (label(node), node.role) if x in self.per_linear), None)
+            bits, group = self.per_linear[key] if key else (bits, self.group_size)
+            unmatched.discard(key)
             w = node.inputs[1]
             if not w.is_const or not module.weight(w).is_floating_point():
                 skipped[label(node)] = "its weight is not a constant float tensor"
                 continue
             n, k = w.shape
-            group = self.group_size or k
+            group = group or k
             if group > k and self.fit_groups:
                 group = k
             elif group > k:
@@ -217,9 +220,9 @@ class QuantizeWeightsPass(PassBase):
                             f"in_features of {', '.join(bad[:3])}{more}; choose a smaller group, "
                             "group_size 0 (per channel), or leave those roles out")
         if unmatched and targets:  # (none: a second run, everything already quantized)
-            raise PassError(f"pass {self.name!r}: int8_linears {sorted(unmatched)} match no "
-                            "linear of roles; give roles (attn.v_proj) or labels "
-                            "(layers.0.mlp.down_proj) of the quantized linears")
+            raise PassError(f"pass {self.name!r}: per_linear {sorted(unmatched)} match no "
+                            "selected linear; give roles (mlp.down_proj), labels "
+                            "(layers.0.mlp.down_proj) or lm_head, of linears this pass quantizes")
         return targets, skipped
 
     def call(self, module: Module, ctx: PassContext) -> PassResult:
@@ -277,7 +280,8 @@ class QuantizeWeightsPass(PassBase):
             **module.config.extra.get("quantization", {}),
             "weights": {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                         "symmetric": self.symmetric, "lm_head": self.lm_head,
-                        "embeddings": self.embeddings, "int8_linears": list(self.int8_linears)}}})
+                        "embeddings": self.embeddings,
+                        "per_linear": {k: list(v) for k, v in self.per_linear.items()}}}})
         logger.info("quantize_weights: %s int%d g%d on %d linears in %.1f s", self.method,
                     self.bits, self.group_size, len(targets), report["time_s"])
         return PassResult(module, True, report)

@@ -205,40 +205,45 @@ def test_numeric_gptq_beats_rtn_on_correlated_inputs():
         assert gptq["mean_rel_error"] < 0.75 * rtn["mean_rel_error"]
 
 
-def test_int8_linears_by_role_and_by_label_in_one_gptq_pass():
-    """Mixed precision: a role and one layer's linear at 8 bits, the rest at 4; the int8 ones
-    come back with a smaller output error than the same linears at 4 bits, the others unchanged."""
+def test_per_linear_formats_by_role_label_and_lm_head_in_one_gptq_pass():
+    """Mixed formats: a role at int8, one layer's linear at int8 per channel (its label wins over
+    its role's entry), the lm_head in groups of 32, the rest int4 g16; the int8 ones come back
+    with a much smaller output error than at int4, a linear left alone exactly as without."""
     calib = calibration()
-    mixed = QuantizeWeightsPass(method="gptq", bits=4, group_size=16,
-                                int8_linears=("attn.v_proj", "layers.1.mlp.down_proj"))
+    mixed = QuantizeWeightsPass(method="gptq", bits=4, group_size=16, lm_head="int4",
+                                per_linear={"attn.v_proj": (8, 16), "mlp.down_proj": (4, 32),
+                                            "layers.1.mlp.down_proj": (8, 0), "lm_head": (4, 32)})
     module = correlated_model()
     report = mixed(module, PassContext(calibration=calib)).report
-    plain = QuantizeWeightsPass(method="gptq", bits=4, group_size=16)(
+    plain = QuantizeWeightsPass(method="gptq", bits=4, group_size=16, lm_head="int4")(
         correlated_model(), PassContext(calibration=calib)).report
-    eight = {"layers.0.attn.v_proj", "layers.1.attn.v_proj", "layers.1.mlp.down_proj"}
+    want = {"layers.0.attn.v_proj": (8, 16), "layers.1.attn.v_proj": (8, 16),
+            "layers.0.mlp.down_proj": (4, 32), "layers.1.mlp.down_proj": (8, 48), "lm_head": (4, 32)}
     for node in module.graph.find(op="qlinear"):
-        name = f"layers.{node.layer}.{node.role}"
-        assert node.attrs["bits"] == (8 if name in eight else 4), name
-        assert node.attrs["group_size"] == 16
-    assert module.config.extra["quantization"]["weights"]["int8_linears"] == [
-        "attn.v_proj", "layers.1.mlp.down_proj"]
-    for name in eight:
+        name = f"layers.{node.layer}.{node.role}" if node.layer is not None else node.role
+        assert (node.attrs["bits"], node.attrs["group_size"]) == want.get(name, (4, 16)), name
+    assert module.config.extra["quantization"]["weights"]["per_linear"]["lm_head"] == [4, 32]
+    for name in ("layers.0.attn.v_proj", "layers.1.mlp.down_proj"):
         assert report["layers"][name]["rel_error"] < 0.2 * plain["layers"][name]["rel_error"]
     assert report["layers"]["layers.0.attn.q_proj"] == plain["layers"]["layers.0.attn.q_proj"]
+    again = make_pass("quantize_weights", {"per_linear": {"mlp.down_proj": [4, 256]}})
+    assert again.per_linear == {"mlp.down_proj": (4, 256)} and hash(again) == hash(again)
 
 
-def test_negative_int8_linears_that_match_nothing_are_refused():
+def test_negative_per_linear_that_matches_nothing_or_is_no_format_is_refused():
     module = tiny_model("llama")
     snap = snapshot(module)
-    with pytest.raises(PassError, match=r"int8_linears \['layers.7.mlp.down_proj'\] match no "
-                                        "linear of roles"):
-        QuantizeWeightsPass(group_size=16, int8_linears=("layers.7.mlp.down_proj",))(module)
-    with pytest.raises(PassError, match=r"int8_linears \['attn.v_proj'\] match no linear"):
+    with pytest.raises(PassError, match=r"per_linear \['layers.7.mlp.down_proj'\] match no "
+                                        "selected linear"):
+        QuantizeWeightsPass(group_size=16, per_linear={"layers.7.mlp.down_proj": (8, 16)})(module)
+    with pytest.raises(PassError, match=r"per_linear \['attn.v_proj', 'lm_head'\] match no"):
         QuantizeWeightsPass(group_size=16, roles=("attn.q_proj",),
-                            int8_linears=("attn.v_proj",))(module)
+                            per_linear={"attn.v_proj": (8, 16), "lm_head": (4, 16)})(module)
     assert unchanged(module, snap)
-    with pytest.raises(PassError, match="lm_head is chosen by lm_head"):
-        make_pass("quantize_weights", {"int8_linears": ["lm_head"]})
+    with pytest.raises(PassError, match=r"per_linear 'attn.v_proj' = \[3, 16\]; bits 4 or 8"):
+        make_pass("quantize_weights", {"per_linear": {"attn.v_proj": [3, 16]}})
+    with pytest.raises(PassError, match=r"per_linear 'attn.v_proj' = \[4, 96\]"):
+        QuantizeWeightsPass(per_linear={"attn.v_proj": (4, 96)})
 
 
 def test_numeric_hessian_samples_uses_the_first_calibration_rows():
