@@ -12,7 +12,7 @@ SPLICE_CACHE ?= $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/splice
 WHEELS := $(SPLICE_CACHE)/wheels
 LLAMA_CPP_PYTHON := 0.3.36
 
-.PHONY: demo test bench venv clean fuzz browser cross gemma llama
+.PHONY: demo test test-real bench venv clean fuzz browser cross gemma llama
 
 venv: $(STAMP)
 
@@ -34,6 +34,12 @@ demo: $(STAMP)
 
 test: $(STAMP) browser
 	$(PY) -m pytest -q
+
+# the heavy real-model checks that `make test` deselects (pytest marker `real`, pyproject's
+# addopts): the real Gemma 3 270M through rotate and W4 (needs `make gemma`; skips, saying so,
+# without it), minutes on 2 cores
+test-real: $(STAMP)
+	$(PY) -m pytest -q -m real
 
 # the debug report's headless-browser test uses Debian's chromium; installing it needs root and
 # the package index, so a failure only warns: that one test then skips and says why

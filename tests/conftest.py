@@ -7,7 +7,9 @@ single pass directly — so that the result is verified too. `pass_.call(...)` s
 the manager uses, so nothing is verified twice.
 
 Integration tests on real models are marked `slow` and still run by default (no --runslow switch);
-deselect them with `-m "not slow"`.
+deselect them with `-m "not slow"`. The heaviest real-model checks, on models only `make gemma`
+puts in the cache, are marked `real`: pyproject's addopts deselect them (`-m 'not real'`) and
+`make test-real` runs them (`pytest -m real`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: integration tests on real models (run by default)")
+    config.addinivalue_line("markers", "real: heavy real-model checks (deselected; make test-real)")
 
 
 @pytest.fixture(autouse=True)

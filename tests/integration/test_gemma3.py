@@ -5,8 +5,8 @@ ONNX artefact: the artefact must compute what the interpreter computes for the q
 broken lowering of the online Hadamards, the centering or the int4 weights fails this), and the
 quantized model must
 stay close to the float one (a broken quantizer or rotation fails that). The evaluation protocol
-gives a BOS to every window exactly when the tokenizer adds one. On the real Gemma 3 270M (slow,
-skips without `make gemma`): the rotation is exact, W4 g128 RTN stays within 2x of float."""
+gives a BOS to every window exactly when the tokenizer adds one. On the real Gemma 3 270M (marked
+`real`: `make test-real` runs it, `make test` does not; skips without `make gemma`): the rotation is exact, W4 g128 RTN stays within 2x of float."""
 
 from __future__ import annotations
 
@@ -110,7 +110,7 @@ def test_window_bos_follows_the_tokenizer():
                                   "scored")
 
 
-@pytest.mark.slow
+@pytest.mark.real
 @needs_gemma3
 def test_gemma3_270m_rotation_exact_and_w4_near_float():
     """The real model on the reference interpreter, 2 x 256 WikiText-2 test tokens with a BOS per
