@@ -28,6 +28,7 @@ from .lower import lower
 
 log = logging.getLogger(__name__)
 
+ACTIVATIONS = ("float", "int8")  # the activations decode's int4/int8 products multiply
 LIBRARY = "model.so"
 PARAMS = "params.safetensors"
 # LLVM feature name -> /proc/cpuinfo flag, for the vector extensions kernels may use
@@ -40,12 +41,14 @@ CPU_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f1
 def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
            recipe: dict | None = None, report: list | dict | None = None, threads: int = 2,
            mcpu: str | None = None, prefill_chunk: int = 256, schedule: bool = True,
-           cuda_arch: str = "sm_80") -> Path:
+           cuda_arch: str = "sm_80", activations: str = "float") -> Path:
     """Lower, schedule and build `module` for `target` ("cpu", "cuda" or "aarch64") and write the
     artefact into `out_dir` atomically. `threads`: the cores the CPU kernels are split over (and
     the runtime's default pool size); `mcpu`: an LLVM CPU name (default: this machine's);
     `cuda_arch`: the GPU architecture cuda code is compiled for ("sm_90" for an H100);
-    `schedule`: False builds the CPU kernels unscheduled (for tests; ~20x slower)."""
+    `schedule`: False builds the CPU kernels unscheduled (for tests; ~20x slower);
+    `activations`: "float" (default) or "int8": decode's int4/int8 products quantize their input
+    to int8 per block and multiply bytes (qdot.py; x86 with AVX2 only, CPU target)."""
     if target not in TARGETS:
         raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -53,8 +56,15 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
         raise InputError(f"TVM backend: prefill_chunk={prefill_chunk!r}; expected a positive "
                          "integer")
+    if activations not in ACTIVATIONS:
+        raise InputError(f"TVM backend: activations={activations!r}; accepted: "
+                         f"{', '.join(ACTIVATIONS)}")
+    if activations == "int8" and (target != "cpu" or "avx2" not in codegen.llvm_get_cpu_features(
+            make_target(target, threads=threads, mcpu=mcpu))):
+        raise InputError("TVM backend: activations='int8' needs the cpu target on an x86 CPU "
+                         "with AVX2 (its products use vpmaddubsw); use activations='float'")
     t0 = time.perf_counter()
-    lowered = lower(module, packed=target != "cuda")
+    lowered = lower(module, packed=target != "cuda", activations=activations)
     if not (isinstance(cuda_arch, str) and cuda_arch[:3] == "sm_" and cuda_arch[3:].isdigit()):
         raise InputError(f"TVM backend: cuda_arch={cuda_arch!r}; expected 'sm_' and the compute "
                          "capability's digits, such as 'sm_80' or 'sm_90'")
@@ -85,6 +95,7 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
                       "capacity_multiple": KEY_TILE, "update": "in place"},
             "target": str(tgt), "target_kind": tgt.kind.name, **_machine(target, tgt),
             "threads": threads, "prefill_chunk": prefill_chunk, "scheduled": schedule,
+            "activations": activations,
             "tuning": None,
         })
     path = write_artefact(out_dir, files, fields)

@@ -78,9 +78,10 @@ def _body(low: Lowering, fn: _Function):
     return fn.env[id(graph.outputs[0])]
 
 
-def lower(module: Module, *, packed: bool = True, rules: Mapping[str, Callable] | None = None
-          ) -> Lowered:
+def lower(module: Module, *, packed: bool = True, rules: Mapping[str, Callable] | None = None,
+          activations: str = "float") -> Lowered:
     """ir.Module -> Lowered (Relax module with prefill/decode, parameter list, cache slots).
-    `rules` replaces the op table (default `rules.RULES`, read at the call)."""
+    `rules` replaces the op table (default `rules.RULES`, read at the call); `activations`
+    "int8" makes decode's int4/int8 products quantize their input per block (qdot.py)."""
     table = standard.RULES if rules is None else rules
-    return _build(Lowering(module, packed=packed, rules=table))
+    return _build(Lowering(module, packed=packed, rules=table, activations=activations))

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from tvm import relax, tirx
 from tvm.relax import TensorType
 
@@ -20,6 +21,7 @@ from . import attention as A
 from . import kernels as K
 from .context import ROW_TILE, Lowering, LoweringError, _Function, cache_shape, describe, \
     hadamard_stages
+from .qdot import act_block, qdot_decode, quantize_activations
 from .quant import Q_ROW_TILE, qembedding_kernel, qlinear_kernel, quantize_kernel
 
 
@@ -90,11 +92,41 @@ def _qlinear(low: Lowering, fn: _Function, node: Node):
     w, s = fn.value(node, 1, "q_weight"), fn.value(node, 2, "q_scales")
     zp = fn.value(node, 3, "q_zeros") if len(node.inputs) > 3 else None
     bias = fn.value(node, 4) if len(node.inputs) > 4 else None
+    if low.activations == "int8" and fn.rows == "few" and low.packed \
+            and act_block(a["group_size"]) is not None:
+        return _product(low, fn, node, x, a["out_features"], lambda rows, residual: _qdot(
+            low, fn, node, rows, w, s, zp, bias, residual))
     return _product(low, fn, node, x, a["out_features"], lambda rows, residual: fn.te(
         qlinear_kernel, rows, w, s, zp, bias, residual, bits=a["bits"],
         group_size=a["group_size"], symmetric=a["symmetric"],
         row_tile=Q_ROW_TILE if fn.rows == "many" and low.packed else 1,
         streamed=low.packed, kind="qlinear"))
+
+
+def _qdot(low: Lowering, fn: _Function, node: Node, rows, w, s, zp, bias, residual):
+    """The int8-activation decode product (qdot.py): the activations quantized per block, the
+    integer product, then bias and residual as a small epilogue."""
+    a = node.attrs
+    bits, gs, n_out = a["bits"], a["group_size"], a["out_features"]
+    blocks = int(node.inputs[1].shape[1])
+    q = fn.te(quantize_activations, rows, bits=bits, blocks=blocks, group_size=gs, kind="qact")
+    xq, d, ds = (fn.bb.emit(relax.TupleGetItem(q, i)) for i in range(3))
+    zshape = tuple(int(v) for v in node.inputs[3].shape) if zp is not None else None
+    zeros = "symmetric" if a["symmetric"] else "uint8" if low.module.weights[
+        node.inputs[3].const].dtype == torch.uint8 else "float"
+    key = ("qdot", n_out, blocks, gs, bits, zeros, zshape)
+    gv = fn.memo.get(key)
+    if gv is None:
+        gv = fn.memo[key] = fn.bb.add_func(qdot_decode(
+            n_out=n_out, blocks=blocks, group_size=gs, bits=bits, zeros=zeros,
+            zp_shape=zshape).with_attr("splice.rows", fn.rows), "qlinear_i8")
+    n_rows = rows.ty.shape.values[0]
+    y = fn.bb.emit(relax.call_tir(gv, [xq, d, ds, w, s, zp if zp is not None else s],
+                                  TensorType([n_rows, n_out], "float32")))
+    if bias is None and residual is None:
+        return y
+    return fn.te(lambda t, b, r: K.epilogue(lambda m, n: t[m, n], t.shape[0], n_out, b, r),
+                 y, bias, residual, kind="qepilogue")
 
 
 def _embedding(low: Lowering, fn: _Function, node: Node):

@@ -107,8 +107,8 @@ class CPURule(dl.ScheduleRule):
             return None
         kind, rows = _kind(func)
         many = rows == "many"
-        schedule = {"linear_packed": _linear, "qlinear": _qlinear, "attention": _attention}.get(
-            kind)
+        schedule = {"linear_packed": _linear, "qlinear": _qlinear, "attention": _attention,
+                    "qact": _generic}.get(kind)  # qact: qdot.py's activation quantization
         if kind == "rms_norm" and not many:
             schedule = _rms_norm  # one row: dlight's Reduction would launch a 1-task parallel loop
         if schedule is None:

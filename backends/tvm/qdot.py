@@ -1,0 +1,210 @@
+"""Integer-activation decode product (the TVM backend's `activations="int8"` option): the
+activations quantized to int8 per block, multiplied with the int4/int8 weight codes by x86's
+byte dot products, the scales applied per block in float.
+
+Semantics (what tests/backends/test_tvm_kernels.py checks exactly, to float32 rounding): the
+input row x is split into activation blocks of `ab` channels (the weight's group size, or for
+groups over 256 channels the largest of 256, 128, 64, 32 that divides it), padded with zeros to
+whole weight groups; per block a = max |x|, d = a / 127 (1 where a is 0), xq = nearbyint(x / d)
+(round half to even; |xq| <= 127). Then, per output n and block b of weight group g:
+
+    y[n] = sum_b s[n, g] d_b sum_i (q_i - c) xq_i  -  sum_b (z[n, g] - c) s[n, g] d_b sum_i xq_i
+
+with c = 0 for int4 (codes 0..15 meet xq directly) and c = 128 for int8 (codes - 128 are signed
+bytes), which is sum_b s d sum_i (q_i - z) xq_i: the weight's own (q - z) s times the dequantized
+activation xq d. The integer sums are exact; the float ones are float32 (the block terms summed
+over 8 lanes, then the lanes).
+
+The machine code (AVX2: no VNNI on this machine): per 32 weights, vpmaddubsw multiplies
+unsigned bytes by signed bytes and adds adjacent pairs into 16 int16 sums. int4: 16 code bytes
+become 32 unsigned nibbles (mask, shift, the two halves combined), the activations laid out to
+meet them (within every 32 channels, the 16 even ones then the 16 odd ones); |sum| <= 2 * 15 *
+127 per pair, so up to 8 chunks (256 channels, one activation block) add in int16 before one
+vpmaddwd by ones widens them to 8 int32 sums. int8: the codes minus 128 are signed bytes w and
+vpmaddubsw takes |xq| (unsigned) against sign(w, xq) (vpsignb), |pair| <= 2 * 128 * 127 < 2^15;
+each chunk widens at once. Per block: the 8 int32 sums converted and FMA'd into 8 float lanes by
+s d; the zero point's term is one scalar FMA per (output, block) against the block's
+d sum xq (computed once per call with the quantization). 4 outputs per task, parallel over
+tasks.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+from tvm.script import tirx as T
+
+ACT_MAX = 127
+CHUNK = 32  # weights per vpmaddubsw (one 256-bit register of bytes)
+OUTPUTS = 4  # outputs per task: independent accumulator chains
+LANES = 8  # int32 / float32 lanes of one 256-bit register
+
+
+def act_block(group_size: int) -> int | None:
+    """Channels per activation block for a weight group, or None when the group is not a
+    multiple of 32 channels (such products keep float activations)."""
+    if group_size % CHUNK:
+        return None
+    if group_size <= 256:
+        return group_size
+    return next(b for b in (256, 128, 64, 32) if group_size % b == 0)
+
+
+def _source(bits: int, p):
+    """The input channel at position p of an activation block's stored order: for int4, within
+    every 32 channels the 16 even ones then the 16 odd ones (the low nibbles then the high)."""
+    if bits == 8:
+        return p
+    c, i = p // CHUNK, p % CHUNK
+    return c * CHUNK + (i % 16) * 2 + i // 16
+
+
+def quantize_activations(x: te.Tensor, *, bits: int, blocks: int, group_size: int
+                         ) -> list[te.Tensor]:
+    """x [rows, in] -> xq int8 [rows, blocks * group_size] (int4: in the nibbles' order),
+    d [rows, act blocks] and d * sum(xq) [rows, act blocks]."""
+    rows, k_in = x.shape[0], int(x.shape[1])
+    ab = act_block(group_size)
+    nab = blocks * group_size // ab
+    dt = x.dtype
+
+    def xin(m, ch):
+        if ch_static_ok(ch, k_in, blocks * group_size):
+            return x[m, ch]
+        return tirx.if_then_else(ch < k_in, x[m, tirx.min(ch, k_in - 1)], tirx.const(0.0, dt))
+
+    r = te.reduce_axis((0, ab), name="r")
+    amax = te.compute((rows, nab), lambda m, b: te.max(tirx.abs(xin(m, b * ab + r)), axis=r),
+                      name="amax")
+    d = te.compute((rows, nab), lambda m, b: tirx.Select(
+        amax[m, b] == tirx.const(0.0, dt), tirx.const(1.0, dt),
+        amax[m, b] / tirx.const(float(ACT_MAX), dt)), name="xscale")
+
+    def code(m, p):
+        b = p // ab
+        v = tirx.nearbyint(xin(m, b * ab + _source(bits, p % ab)) / d[m, b])
+        return tirx.max(tirx.min(v, tirx.const(float(ACT_MAX), dt)),
+                        tirx.const(-float(ACT_MAX), dt))
+    xqf = te.compute((rows, nab * ab), code, name="xcode")
+    xq = te.compute((rows, nab * ab), lambda m, p: xqf[m, p].astype("int8"), name="xq")
+    r2 = te.reduce_axis((0, ab), name="r2")
+    sums = te.compute((rows, nab), lambda m, b: te.sum(xqf[m, b * ab + r2], axis=r2),
+                      name="xqsum")
+    dsum = te.compute((rows, nab), lambda m, b: d[m, b] * sums[m, b], name="xdsum")
+    return [xq, d, dsum]
+
+
+def ch_static_ok(ch, k_in: int, padded: int) -> bool:
+    """True when every position is a real channel (no padding to test for)."""
+    return padded == k_in
+
+
+def _pmaddubs(u8, s8):
+    return tirx.call_llvm_pure_intrin("int16x16", "llvm.x86.avx2.pmadd.ub.sw", u8, s8)
+
+
+def _pmaddwd(a16):
+    return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", a16,
+                                      tirx.Broadcast(tirx.const(1, "int16"), 16))
+
+
+def _psign(a, b):
+    return tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", a, b)
+
+
+def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: str,
+                zp_shape: tuple[int, ...] | None):
+    """The product's PrimFunc over (xq, [xa,] d, dsum, w, s, zp, y): y [rows, n_out] =
+    the module docstring's sum. `zeros`: "symmetric" (zp unused: pass the scales), "uint8"
+    (int4 two per byte, low nibble first, or int8 one per byte) or "float"."""
+    ab = act_block(group_size)
+    nab = blocks * group_size // ab
+    per = ab // CHUNK  # chunks per activation block
+    ratio = group_size // ab  # activation blocks per weight group
+    width = group_size * bits // 8
+    kp = blocks * group_size
+    tasks = -(-n_out // OUTPUTS)
+    last = n_out - 1
+    c_off = 0 if bits == 4 else 128
+    zshape = zp_shape if zp_shape is not None else (n_out, blocks)
+    zdt = "float32" if zeros in ("symmetric", "float") else "uint8"
+    sym_z = float((1 << (bits - 1)) - c_off)  # z - c for a symmetric weight: 8 or 0
+
+    def zc(zp, n, g):
+        """z - c as float32."""
+        if zeros == "symmetric":
+            return tirx.const(sym_z, "float32")
+        if zeros == "float":
+            return zp[n, g] - tirx.const(float(c_off), "float32")
+        if bits == 8:
+            return (zp[n, g].astype("int32") - c_off).astype("float32")
+        byte = zp[n, g // 2].astype("int32")
+        return tirx.Select(g % 2 == 0, byte & 15, byte >> 4).astype("float32")
+
+    def unpack(v16):
+        lo = v16 & tirx.Broadcast(tirx.const(15, "uint8"), 16)
+        hi = v16 >> tirx.Broadcast(tirx.const(4, "uint8"), 16)
+        return tirx.call_intrin("uint8x32", "tirx.vectorcombine", lo, hi)
+
+    def signed_dot(v32, x32):
+        """The codes minus 128 (signed bytes ws) times xq as vpmaddubsw's pair sums: |ws| is
+        vpsignb(ws, ws) read as unsigned (-128 stays 0x80, which is 128), the sign moved onto
+        xq by vpsignb(xq, ws)."""
+        ws = tirx.reinterpret("int8x32", v32 ^ tirx.Broadcast(tirx.const(128, "uint8"), 32))
+        return _pmaddubs(tirx.reinterpret("uint8x32", _psign(ws, ws)), _psign(x32, ws))
+
+    def hsum(acc, j):
+        """The 8 lanes summed pairwise."""
+        v = [acc[j, i] for i in range(LANES)]
+        while len(v) > 1:
+            v = [v[i] + v[i + 1] for i in range(0, len(v), 2)]
+        return v[0]
+
+    @T.prim_func(private=True)
+    def qdot(var_xq: T.handle, var_d: T.handle, var_ds: T.handle,
+             w: T.Buffer((n_out, blocks, width), "uint8"),
+             s: T.Buffer((n_out, blocks), "float32"),
+             zp: T.Buffer(zshape, zdt), var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
+                     "splice.kernel": "qlinear_i8"})
+        rows = T.int64()
+        xq = T.match_buffer(var_xq, (rows, kp), "int8")
+        d = T.match_buffer(var_d, (rows, nab), "float32")
+        ds = T.match_buffer(var_ds, (rows, nab), "float32")
+        y = T.match_buffer(var_y, (rows, n_out), "float32")
+        for t in T.parallel(tasks):
+            for m in range(rows):
+                acc = T.alloc_buffer((OUTPUTS, LANES), "float32")
+                corr = T.alloc_buffer((OUTPUTS,), "float32")
+                a16 = T.alloc_buffer((OUTPUTS, 16), "int16")
+                a32 = T.alloc_buffer((OUTPUTS, LANES), "int32")
+                for j in T.unroll(OUTPUTS):
+                    acc[j, T.ramp(0, 1, LANES)] = T.broadcast(T.float32(0), LANES)
+                    corr[j] = T.float32(0)
+                for b in range(nab):
+                    for j in T.unroll(OUTPUTS):
+                        a16[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                        a32[j, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
+                    for c in T.unroll(per):
+                        for j in T.unroll(OUTPUTS):
+                            if bits == 4:
+                                a16[j, T.ramp(0, 1, 16)] = a16[j, T.ramp(0, 1, 16)] + _pmaddubs(
+                                    unpack(w[T.min(t * OUTPUTS + j, last), b // ratio,
+                                             T.ramp((b % ratio) * (ab // 2) + c * 16, 1, 16)]),
+                                    xq[m, T.ramp(b * ab + c * CHUNK, 1, CHUNK)])
+                            else:
+                                a32[j, T.ramp(0, 1, LANES)] = a32[j, T.ramp(0, 1, LANES)] + \
+                                    _pmaddwd(signed_dot(
+                                        w[T.min(t * OUTPUTS + j, last), b // ratio,
+                                          T.ramp((b % ratio) * ab + c * CHUNK, 1, CHUNK)],
+                                        xq[m, T.ramp(b * ab + c * CHUNK, 1, CHUNK)]))
+                    for j in T.unroll(OUTPUTS):
+                        n = T.min(t * OUTPUTS + j, last)
+                        if bits == 4:
+                            a32[j, T.ramp(0, 1, LANES)] = _pmaddwd(a16[j, T.ramp(0, 1, 16)])
+                        acc[j, T.ramp(0, 1, LANES)] = acc[j, T.ramp(0, 1, LANES)] + T.Cast(
+                            "float32x8", a32[j, T.ramp(0, 1, LANES)]) * T.broadcast(
+                            s[n, b // ratio] * d[m, b], LANES)
+                        corr[j] = corr[j] + zc(zp, n, b // ratio) * s[n, b // ratio] * ds[m, b]
+                for j in T.unroll(OUTPUTS):
+                    y[m, T.min(t * OUTPUTS + j, last)] = hsum(acc, j) - corr[j]
+    return qdot
