@@ -33,14 +33,9 @@ def load_model(model: Any):
 
 def check_finite(module, source: str) -> None:
     """Refuse a module with a NaN or infinite floating-point weight, naming the first one."""
-    import torch
+    from .finite import check_finite as check_named
 
-    for name, t in module.weights.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = t[~torch.isfinite(t)]
-            what = "NaN" if bool(torch.isnan(bad).any()) else "infinite values"
-            raise FrontendError(f"{source}: weight {name} holds {what} ({bad.numel()} of "
-                                f"{t.numel()}); a usable checkpoint has finite weights")
+    check_named(module.weights.items(), source)
 
 
 def _load(model: Any):

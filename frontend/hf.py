@@ -27,6 +27,7 @@ from typing import Any
 from splice.errors import FrontendError
 from splice.ir.core import IRError, Module, Tokenizer
 from .decoder import build_decoder
+from .finite import check_finite
 from .hf_families import SUPPORTED_ARCHITECTURES, convert
 
 logger = logging.getLogger(__name__)
@@ -334,6 +335,8 @@ def _load_model(path: Path, folder: Path, **kwargs: Any):
         more = " ..." if len(missing) > 6 else ""
         raise FrontendError(f"{path} lacks weights {missing[:6]}{more}; the checkpoint is "
                             "incomplete")
+    # before the tokenizer is parsed, so that a refusal is the one line a command prints
+    check_finite(model.named_parameters(), str(path))
     unexpected = sorted(info.get("unexpected_keys") or ())
     if unexpected:
         logger.warning("%s: ignoring %d weights the model does not use: %s", path, len(unexpected),

@@ -30,8 +30,9 @@ one GGUF tensor per access, and it shares `meta_model` and `bind_lazy` with this
 
 Weights that load but are not usable are refused at import, as the eager frontends refuse them:
 an integer tensor where a float weight belongs from the header alone, and NaN or infinite
-values by reading each weight once, one at a time (`bind_lazy`; the import's cost is then one
-read of the checkpoint, which the compile that follows makes at least once anyway).
+values by reading each weight once, one at a time (`read_each`, before the tokenizer is
+parsed; the import's cost is then one read of the checkpoint, which the compile that follows
+makes at least once anyway).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ import torch
 
 from splice.errors import FrontendError
 from splice.ir.core import IRError, Module, Tokenizer
+from .finite import check_finite
 
 logger = logging.getLogger(__name__)
 
@@ -323,6 +325,7 @@ def load_hf_lazy(path: str | Path) -> Module:
         raise FrontendError(f"transformers cannot build {path}: {type(e).__name__}: "
                             f"{_first_line(e)}") from e
     model = meta_model(config, path)
+    check_finite(read_each(refs, model), str(path))
     files, chat_template = hf._dir_tokenizer(path)
     return bind_lazy(model, refs, source=str(path),
                      tokenizer=Tokenizer("hf", files) if files else None,
@@ -330,6 +333,15 @@ def load_hf_lazy(path: str | Path) -> Module:
 
 
 # -- shared by the lazy frontends (this one and lazy_gguf.py) ------------------------------------
+
+def read_each(refs: Mapping[str, Any], model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(parameter name, its tensor) for each parameter of `model` (from `meta_model`) that `refs`
+    holds, read one at a time: what `finite.check_finite` walks before the lazy import goes on,
+    as the eager frontends check the parameters transformers loaded."""
+    for name, _ in model.named_parameters():
+        if name in refs:
+            yield name, refs[name].load()
+
 
 def meta_model(config, source: str | Path):
     """transformers' causal LM for `config` with its parameters on the meta device (buffers, such
@@ -400,10 +412,6 @@ def bind_lazy(model, refs: Mapping[str, Any], *, source: str, tokenizer: Tokeniz
                                   if k in module.graph.consts})
     logger.info("%s: %d weights bound lazily, %.1f MB held in memory", source,
                 len(weights._refs), module.weights.resident_bytes() / 1e6)
-    # as load_model refuses them: each weight is read once, one at a time, and dropped
-    from . import check_finite
-
-    check_finite(module, source)
     return module
 
 

@@ -42,7 +42,7 @@ Refused, each with a FrontendError naming what was wrong and what is accepted: a
 not a file, a file that is not GGUF (magic), a truncated or corrupt file, big-endian files, an
 architecture transformers or splice does not import, a tensor the model needs that the file
 lacks or sizes differently, a tensor type the gguf package cannot dequantize, integer tensors
-(I8..I64) where float weights belong, and NaN or infinite weights (bind_lazy).
+(I8..I64) where float weights belong, and NaN or infinite weights (read before the tokenizer).
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ import torch
 
 from splice.errors import FrontendError
 from splice.ir.core import Module
-from .lazy import RowRange, _first_line, bind_lazy, meta_model, read_bytes
+from .finite import check_finite
+from .lazy import RowRange, _first_line, bind_lazy, meta_model, read_bytes, read_each
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def load_gguf_lazy(path: str | Path) -> Module:
                                 "and the tensors must describe the same model")
         refs[param] = ref
     _check_dequantizable(path, refs.values())
+    check_finite(read_each(refs, model), str(path))
     tokenizer, chat_template = _tokenizer(path)
     return bind_lazy(model, refs, source=str(path), tokenizer=tokenizer,
                      chat_template=chat_template)

@@ -144,6 +144,16 @@ CASES: list[Case] = [
         ("hf_nan_st", "layers.1.mlp.up_proj.weight", "NaN"),
         ("hf_int_st", "model.layers.0.mlp.down_proj.weight", "I32", "floating point"),
         ("gguf_bloom.gguf", "general.architecture='bloom'", "supported"),
+        ("gguf_inf.gguf", "layers.1.self_attn.v_proj.weight", "infinite"),
+        ("gguf_int.gguf", "blk.0.ffn_down.weight", "I32", "floating point", "Q4_0"),
+    )),
+    # the same through the lazy loaders of --layerwise (frontend/lazy.py, lazy_gguf.py)
+    *(case("checkpoint", f"{name.split('.')[0]}_layerwise",
+           f"compile {{{name}}} --out {{out}} --layerwise", *needles) for name, *needles in (
+        ("hf_nan_st", "layers.1.mlp.up_proj.weight", "NaN"),
+        ("hf_int_st", "model.layers.0.mlp.down_proj.weight", "I32", "floating point"),
+        ("gguf_inf.gguf", "layers.1.self_attn.v_proj.weight", "infinite"),
+        ("gguf_int.gguf", "blk.0.ffn_down.weight", "I32", "floating point"),
     )),
     *compiles("config", (   # configs with impossible sizes, or sizes the weights do not have
         ("hf_heads_not_dividing", "does not divide hidden_size"),

@@ -189,6 +189,32 @@ def _as_int32(t):
     return (t * 100).to(torch.int32)
 
 
+def _gguf_edited(dst: Path, edit: Callable) -> Path:
+    """The tiny GGUF of the tiny model, one of its weights edited first (`edit(model)`)."""
+    from tests.frontend.test_hf import write_gguf
+
+    model = tiny_hf_model()
+    edit(model)
+    write_gguf(model, dst)
+    return dst
+
+
+def _gguf_inf(model) -> None:
+    import torch
+
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.weight[2, 5] = float("inf")
+
+
+def _gguf_int32(model) -> None:
+    """down_proj of layer 0 as int32 (a parameter without gradient may hold integers); the
+    writer stores it as GGML's I32."""
+    import torch
+
+    lin = model.model.layers[0].mlp.down_proj
+    lin.weight = torch.nn.Parameter(_as_int32(lin.weight.detach()), requires_grad=False)
+
+
 def _gguf_arch(src: Path, dst: Path, arch: bytes) -> Path:
     """`dst` is `src` with general.architecture's value ("llama") replaced by `arch` (5 bytes)."""
     data = bytearray(src.read_bytes())
@@ -271,6 +297,8 @@ BUILDERS: dict[str, Callable[[Path, Bases], Path]] = {
     "hf_int_st": lambda p, b: _hf_variant(b["hf"], p, edit=_st_tensor(
         "model.layers.0.mlp.down_proj.weight", _as_int32)),
     "gguf_bloom.gguf": lambda p, b: _gguf_arch(b["gguf"], p, b"bloom"),
+    "gguf_inf.gguf": lambda p, b: _gguf_edited(p, _gguf_inf),
+    "gguf_int.gguf": lambda p, b: _gguf_edited(p, _gguf_int32),
     # paths of the wrong kind, for every argument that names a file or a directory
     "a_directory": lambda p, b: (p.mkdir(), p)[1],
     "a_file.txt": lambda p, b: _text("a file where a directory is expected\n")(p),
