@@ -18,6 +18,24 @@ embedding, so the fold unties it: lm_head gets a new weight `lm_head.weight`. Wh
 gamma is all ones there is nothing to scale, and nothing is untied. The same holds for any linear
 weight shared with another node.
 
+Norms whose fold would hurt a quantizer are left in place too (`max_gain`). Folding turns the
+linear's input from `n * g` into `n` (n the normalised stream) and its weight from W into
+W * g. When the norm scales down the channels that carry the stream's energy — massive activations
+(Sun et al. 2024): in Gemma 3 270M, 1-4 channels hold 80-98% of n's energy and their g is 0-2
+against a median of 3-30 — the folded weight's scale follows the large g while its input's energy
+sits on the small ones, so a quantizer's error (a group's step on every column, or the same error
+spread over all columns after a rotation) is multiplied by the whole of |n|. The pass measures,
+per norm, gain = sqrt(mean(g^2) * E|n|^2 / E|g * n|^2): 1 when g and the input energy are
+unrelated, the factor by which the fold multiplies the input energy per unit of weight scale.
+Measured on 128 tokens: SmolLM2-135M 0.8-2.0 on every norm; Gemma 3 270M 3-39 on every pre-norm
+but layer 0's attention norm (0.8), and there W4 g128 RTN of q_proj's output goes from 7% relative
+error unfolded to 35-47% folded (61% -> 9% on gate_proj). A norm whose gain exceeds `max_gain`
+(default 2.5) is left, with the reason; `max_gain = 0` folds every norm without measuring. The
+statistics come from one run of the module over the first `probe_tokens` calibration tokens, or,
+without calibration, over `probe_tokens` token ids drawn from the vocabulary with a fixed seed
+(massive activations do not depend on the text: Gemma's gains agree within 30% on both).
+rotate's R1 refuses a stream read by a norm that kept its weight.
+
 Exactness: exact in exact arithmetic (the product is reassociated: (n * g) @ W.T = n @ (W * g).T).
 The fold is computed in float64 and cast back to the weight's dtype, so on float32 weights it only
 changes rounding (one rounding of W * g instead of rounding n * g at run time).
@@ -27,12 +45,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import torch
 
 from splice.ir.core import Module, Node, Value, emit
-from .infra.base import PassBase, PassContext, PassResult
+from splice.ir.interpreter import Interpreter, default_feeds
+from .infra.base import PassBase, PassContext, PassError, PassResult
 from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
@@ -58,13 +78,22 @@ class FoldNormsPass(PassBase):
     """Fold every pre-norm's gamma (offset + w) into the columns of the linears it feeds.
 
     Settings: `untie` allows giving a linear that shares its weight (a tied lm_head) its own
-    folded copy; with untie=False such a norm is left in place.
+    folded copy; with untie=False such a norm is left in place. `max_gain`: a norm whose fold
+    would multiply its linears' input energy per unit weight scale by more than this is left
+    (0: fold every norm, measure nothing); `probe_tokens`: the tokens that measure it.
     """
 
     name = "fold_norms"
     exact = True
 
     untie: bool = True
+    max_gain: float = 2.5
+    probe_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        if not self.max_gain >= 0 or self.probe_tokens < 1:
+            raise PassError(f"pass 'fold_norms': max_gain must be >= 0 (0: no limit) and "
+                            f"probe_tokens >= 1, got {self.max_gain} and {self.probe_tokens}")
 
     def _why_not(self, module: Module, norm: Node) -> str | None:
         """None when `norm` can be folded, else the reason it is left in place."""
@@ -102,10 +131,23 @@ class FoldNormsPass(PassBase):
         left: dict[str, str] = {}
         untied: list[str] = []
         candidates: set[str] = set()
+        todo = []
         for norm in [n for n in g.nodes if n.op == "rms_norm"]:
             reason = self._why_not(module, norm)
             if reason is not None:
                 left[_label(norm)] = reason
+            else:
+                todo.append(norm)
+        gains = self._gains(module, ctx, [n for n in todo if not n.attrs["group"]
+                                          and not _all_ones(module, n)]) if self.max_gain else {}
+        for norm in todo:
+            gain = gains.get(id(norm), 0.0)
+            if gain > self.max_gain:
+                left[_label(norm)] = (f"folding would multiply its linears' input energy per "
+                                      f"unit weight scale by {gain:.1f} (> max_gain "
+                                      f"{self.max_gain:g}): it scales down the channels that "
+                                      "carry its input (massive activations), which a "
+                                      "quantized fold would read at full size")
                 continue
             w = norm.inputs[1]
             assert w is not None and w.const is not None
@@ -141,7 +183,38 @@ class FoldNormsPass(PassBase):
                         untied or "nothing")
         report: dict[str, Any] = {"folded": folded, "left": left, "untied": untied,
                                   "dropped_weights": dropped}
+        if gains:
+            report["gains"] = {_label(n): round(gains[id(n)], 3) for n in todo if id(n) in gains}
         return PassResult(module, bool(folded), report)
+
+    def _gains(self, module: Module, ctx: PassContext, norms: list[Node]) -> dict[int, float]:
+        """sqrt(mean(g^2) E|n|^2 / E|g n|^2) per norm (by id), n its normalised input, from one
+        run over `probe_tokens` calibration tokens or, without calibration, seeded random ids."""
+        if not norms:
+            return {}
+        calib = ctx.calibration
+        if calib is not None and calib.numel():
+            calib = calib.reshape(-1, calib.shape[-1]) if calib.dim() > 1 else calib[None]
+            rows = max(1, -(-self.probe_tokens // calib.shape[1]))
+            ids = calib[:rows].to(torch.int64)
+        else:
+            gen = torch.Generator().manual_seed(ctx.seed)
+            ids = torch.randint(0, module.config.vocab_size, (1, self.probe_tokens), generator=gen)
+        names = sorted({n.inputs[0].name for n in norms})
+        with torch.no_grad():
+            out = Interpreter(module, torch.float32).run(
+                default_feeds(module, ids, None, torch.float32), capture=names, outputs=[])
+        gains = {}
+        for norm in norms:
+            x = out[norm.inputs[0].name].to(torch.float64)
+            x = x.reshape(-1, x.shape[-1])
+            n = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + float(norm.attrs["eps"]))
+            e = n.square().mean(0)
+            g2 = _gamma(module, norm).square()
+            seen = float((g2 * e).sum())
+            gains[id(norm)] = math.sqrt(float(g2.mean()) * float(e.sum()) / seen) \
+                if seen > 0 else math.inf
+        return gains
 
 
 def _gamma(module: Module, norm: Node) -> torch.Tensor:

@@ -46,6 +46,8 @@ def test_structural_fold_into_linear_columns():
     # the linears still read the (renamed-in-place) norm outputs
     q = module.graph.find(role="attn.q_proj")[0]
     assert q.inputs[0] is norms(module)[0].output
+    gains = result.report.pop("gains")  # random inputs: gamma and input energy unrelated
+    assert set(gains) == {"layers.0.attn_norm", "final_norm"} and max(gains.values()) < 1.5
     assert result.report == {"folded": ["layers.0.attn_norm", "final_norm"], "left": {},
                              "untied": [], "dropped_weights": ["n1.weight", "n2.weight"]}
 
@@ -181,3 +183,59 @@ def test_idempotent_second_run_changes_nothing(kind):
     assert weights.keys() == module.weights.keys()
     assert all(torch.equal(module.weights[k], v) for k, v in weights.items())
     assert again.report["folded"] == [] and again.report["dropped_weights"] == []
+
+
+# -- massive activations (issue 27): a norm whose fold would hurt a quantizer is left -----------
+
+def planted_massive(seed: int = 0) -> Module:
+    """A tiny random Gemma 3 with Gemma 3 270M's pattern: one residual channel carries most of
+    the stream's energy on every token, and every norm scales it down to 0.02 (median ~1)."""
+    module = tiny_model("gemma", seed)
+    emb = module.weights["embed.weight"]
+    emb[:, 5] = 30.0 * emb.abs().max()
+    for n in norms(module):
+        if n.role in ("attn_norm", "mlp_norm", "final_norm"):
+            w = module.weights[n.inputs[1].const]
+            w[5] = 0.02 - n.attrs["offset"]
+    return module
+
+
+def w4_error(module: Module, **fold) -> tuple[float, dict]:
+    """Max logit error (relative to the largest logit) of fold_norms(**fold) + W4 RTN g16."""
+    from splice.passes.quantize_weights import QuantizeWeightsPass
+    ref = logits64(module)
+    out, rep = PassManager([FoldNormsPass(**fold), QuantizeWeightsPass(
+        method="rtn", bits=4, group_size=16, output_error=False)]).run(module.clone())
+    return rel_diff(logits64(out), ref), rep[0]["report"]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_numeric_massive_channel_norms_left_and_w4_stays_near_float(seed):
+    module = planted_massive(seed)
+    before = logits64(module)
+    folded = module.clone()
+    result = FoldNormsPass()(folded)
+    stream = {f"layers.{i}.{r}" for i in range(2) for r in ("attn_norm", "mlp_norm")}
+    stream.add("final_norm")
+    assert set(result.report["left"]) >= stream and not result.report["folded"]
+    assert all(result.report["gains"][k] > 2.5 for k in stream)
+    assert rel_diff(logits64(folded), before) <= 1e-12
+    kept, _ = w4_error(module)
+    every, rep = w4_error(module, max_gain=0)  # the fold before issue 27's fix
+    assert rep["left"] == {k: v for k, v in rep["left"].items() if "post_norm" in k or
+                           "q_norm" in k or "k_norm" in k}  # every pre-norm folded
+    assert kept <= 0.005 and every >= 3 * kept, (kept, every)
+
+
+def test_negative_massive_probe_uses_calibration_when_given():
+    """The gain is measured on calibration tokens when given (the same planted channel is found),
+    and max_gain = 0 measures nothing and folds every pre-norm."""
+    from splice.passes import PassContext
+    module = planted_massive()
+    calib = token_batch(seed=3, batch=2, seq=16)
+    r = FoldNormsPass()(module.clone(), PassContext(calibration=calib))
+    assert "layers.0.attn_norm" in r.report["left"] and r.report["gains"]["layers.0.attn_norm"] > 2.5
+    r0 = FoldNormsPass(max_gain=0)(module.clone())
+    assert "gains" not in r0.report and "layers.0.attn_norm" in r0.report["folded"]
+    with pytest.raises(Exception, match="max_gain"):
+        FoldNormsPass(max_gain=-1.0)
