@@ -14,9 +14,11 @@ import argparse
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .cli_args import progress_on
 from .errors import InputError
 
 log = logging.getLogger(__name__)
@@ -35,14 +37,19 @@ def _check_args(a: argparse.Namespace) -> None:
         raise InputError(f"--tolerance must be a number >= 0, got {tol}")
 
 
-def _load(a: argparse.Namespace):
+def _recipe(a: argparse.Namespace):
+    """The recipe, after the arguments' checks: a bad one fails before the model is loaded."""
     _check_args(a)
-    from splice.frontend import load_model
     from .recipe import Recipe
 
-    recipe = Recipe.resolve(a.recipe)  # a bad recipe fails before the model is loaded
-    module = load_model(a.model)
-    return module, recipe
+    return Recipe.resolve(a.recipe)
+
+
+def _import(a: argparse.Namespace, stage: Callable[[str], None]):
+    from splice.frontend import load_model
+
+    stage("import")
+    return load_model(a.model)
 
 
 def _calibration(module, recipe, calib: str | None):
@@ -64,35 +71,51 @@ def _stats_batches(module, calib: str, tokens: int):
 def build_report(module, recipe, out: Path, *, calib: str | None, tokens: int,
                  check_lowering: bool = False, stats_tokens: int | None = None,
                  expand_layer: int | None = None, model_name: str = "",
-                 extra: dict[str, Any] | None = None) -> tuple[dict, Path]:
+                 extra: dict[str, Any] | None = None,
+                 progress: Callable[[str], None] | None = None) -> tuple[dict, Path]:
     """Run `recipe` with every instrument on `module` (which it may change), add the optional
     sections and write out/report.html + report.json. Returns (data, html path). Activation
-    statistics (with `calib`) use `stats_tokens` tokens, by default 4 × `tokens`."""
+    statistics (with `calib`) use `stats_tokens` tokens, by default 4 × `tokens`. `progress` is
+    given the name of each step as it starts (report_steps counts them)."""
     from splice.ir.graph_svg import draw_graph
     from splice.passes.infra.report import write_report
     from splice.ir.stats import activation_stats
     from splice.frontend.tokens import pinned_batch
     from splice.passes.infra.trace import debug_run
+    from .progress import StageInstrument
 
+    stage = progress or (lambda name: None)
+    stage("pinned batch")
     batch, source = pinned_batch(module, calib, tokens)
     calibration = _calibration(module, recipe, calib)
     stats_before = None
     if calib is not None:
+        stage("activation statistics")
         stats_batches = _stats_batches(module, calib, stats_tokens or 4 * tokens)
         stats_before = activation_stats(module, stats_batches)
     final, data = debug_run(module, recipe, out, batch=batch, batch_source=source,
-                            calibration=calibration, model_name=model_name)
+                            calibration=calibration, model_name=model_name,
+                            instruments=(StageInstrument(stage),) if progress else ())
     if stats_before is not None:
+        stage("activation statistics after the recipe")
         data["activation_stats"] = {"input model": stats_before,
                                     "after the recipe": activation_stats(final, stats_batches)}
     if check_lowering:
+        stage("lowering check")
         data["lowering_check"] = _lowering(final, batch)
+    stage("report")
     layers = final.graph.layers()
     data["graph"] = draw_graph(final.graph, expand_layer=expand_layer if expand_layer in layers
                                else None)
     if extra:
         data.update(extra)
     return data, write_report(data, out)
+
+
+def report_steps(recipe, *, calib: str | None, check_lowering: bool = False) -> int:
+    """How many steps build_report names: the pinned batch, each pass, the report, and the
+    optional activation statistics (two) and lowering check."""
+    return 2 + len(recipe.passes) + 2 * (calib is not None) + int(check_lowering)
 
 
 def _lowering(module, batch) -> dict[str, Any]:
@@ -121,10 +144,16 @@ def _print_passes(data: dict) -> None:
 
 def cmd_debug(a: argparse.Namespace) -> int:
     """`splice debug`: the instrumented run, its table on stdout, the report in --out."""
+    from .progress import Progress
+
     t0 = time.perf_counter()
-    module, recipe = _load(a)
-    data, path = build_report(module, recipe, Path(a.out), calib=a.calib, tokens=a.tokens,
-                              check_lowering=a.check_lowering, model_name=str(a.model))
+    recipe = _recipe(a)
+    steps = 1 + report_steps(recipe, calib=a.calib, check_lowering=a.check_lowering)
+    with Progress("splice debug", steps, enabled=progress_on(a)) as shown:
+        module = _import(a, shown.stage)
+        data, path = build_report(module, recipe, Path(a.out), calib=a.calib, tokens=a.tokens,
+                                  check_lowering=a.check_lowering, model_name=str(a.model),
+                                  progress=shown.stage)
     _print_passes(data)
     failed = False
     if data.get("error"):
@@ -144,17 +173,32 @@ def cmd_debug(a: argparse.Namespace) -> int:
 def cmd_bisect(a: argparse.Namespace) -> int:
     """`splice bisect`: the metric after each pass, the layer search, the culprit line, then the
     debug report of the run up to the culprit (its layer expanded in the drawing)."""
-    _check_args(a)
     from splice.passes.infra.bisect import bisect
     from splice.frontend.tokens import pinned_batch
+    from .progress import Progress
+    from .recipe import Recipe
 
     t0 = time.perf_counter()
-    module, recipe = _load(a)
-    batch, source = pinned_batch(module, a.calib, a.tokens)
-    calibration = _calibration(module, recipe, a.calib)
-    original = module.clone()
-    result = bisect(module, recipe, metric=a.metric, tolerance=a.tolerance, batch=batch,
-                    calibration=calibration, cache_dir=a.cache_dir)
+    recipe = _recipe(a)
+    # import, pinned batch, reference logits, each pass, about four layer probes, the report
+    steps = 7 + len(recipe.passes) + report_steps(recipe, calib=a.calib)
+    with Progress("splice bisect", steps, enabled=progress_on(a)) as shown:
+        module = _import(a, shown.stage)
+        shown.stage("pinned batch")
+        batch, source = pinned_batch(module, a.calib, a.tokens)
+        calibration = _calibration(module, recipe, a.calib)
+        original = module.clone()
+        result = bisect(module, recipe, metric=a.metric, tolerance=a.tolerance, batch=batch,
+                        calibration=calibration, cache_dir=a.cache_dir, progress=shown.stage)
+        upto = len(recipe.passes) if result.culprit_step is None else result.culprit_step + 1
+        part = Recipe(f"{recipe.name} up to {result.culprit_name}" if result.found
+                      else recipe.name, recipe.passes[:upto], recipe.description, recipe.seed,
+                      recipe.calibration_samples, recipe.calibration_seq_len)
+        _, path = build_report(original, part, Path(a.out), calib=a.calib, tokens=a.tokens,
+                               expand_layer=result.layer, model_name=str(a.model),
+                               extra={"bisect": result.to_json()},
+                               progress=lambda name: shown.stage(f"report: {name}"))
+    # printed once the display has cleared its line
     print(f"{'step':>4} {'pass':<20} {a.metric:>12}")
     for s in result.steps:
         print(f"{s['step']:>4} {s['name']:<20} {s['value']:>12.4g}"
@@ -165,15 +209,6 @@ def cmd_bisect(a: argparse.Namespace) -> int:
     print(result.summary)
     if result.layer_note:
         print(f"({result.layer_note})")
-    from .recipe import Recipe
-
-    upto = len(recipe.passes) if result.culprit_step is None else result.culprit_step + 1
-    part = Recipe(f"{recipe.name} up to {result.culprit_name}" if result.found else recipe.name,
-                  recipe.passes[:upto], recipe.description, recipe.seed,
-                  recipe.calibration_samples, recipe.calibration_seq_len)
-    _, path = build_report(original, part, Path(a.out), calib=a.calib, tokens=a.tokens,
-                           expand_layer=result.layer, model_name=str(a.model),
-                           extra={"bisect": result.to_json()})
     print(f"report: {path} ({time.perf_counter() - t0:.1f} s)")
     return 0 if result.found else NOT_FOUND
 

@@ -29,6 +29,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -203,7 +204,8 @@ class BisectResult:
 
 def _layer_search(p: PassBase, pre: Module, ctx: PassContext, metric: str, tol: float,
                   ref: torch.Tensor, batch: torch.Tensor,
-                  result: BisectResult) -> None:
+                  result: BisectResult, stage: Callable[[str], None]) -> None:
+    stage(f"layer search: {p.name} again")
     post, _ = PassManager([p], [VerifyInstrument()]).run(pre.clone(), ctx)
     again = metric_value(metric, ref, _logits(post, batch), batch)
     cached = result.steps[-1]["value"]
@@ -218,6 +220,7 @@ def _layer_search(p: PassBase, pre: Module, ctx: PassContext, metric: str, tol: 
         return
 
     def probe(keep: int) -> bool:
+        stage(f"layer search: changes of layers <= {keep}")
         value = metric_value(metric, ref, _logits(splice_layers(pre, post, keep), batch), batch)
         crosses = value > tol
         result.layer_probes.append({"layers_kept": keep, "value": value, "crosses": crosses})
@@ -255,8 +258,12 @@ class _MeasureInstrument(Instrument):
     step; stops the run at the first pass that crosses the tolerance."""
 
     def __init__(self, cache: ModuleCache, result: BisectResult, ref: torch.Tensor,
-                 batch: torch.Tensor):
+                 batch: torch.Tensor, stage: Callable[[str], None]):
         self.cache, self.result, self.ref, self.batch = cache, result, ref, batch
+        self.stage = stage
+
+    def before_pass(self, module: Module, pass_: PassBase, ctx: PassContext) -> None:
+        self.stage(f"pass {pass_.name}")
 
     def after_pass(self, module: Module, pass_: PassBase, ctx: PassContext, res: Any,
                    record: dict[str, Any]) -> None:
@@ -275,9 +282,11 @@ class _MeasureInstrument(Instrument):
 
 def bisect(module: Module, recipe: Recipe, *, metric: str, tolerance: float,
            batch: torch.Tensor, calibration: torch.Tensor | None = None,
-           seed: int | None = None, cache_dir: str | Path | None = None) -> BisectResult:
+           seed: int | None = None, cache_dir: str | Path | None = None,
+           progress: Callable[[str], None] | None = None) -> BisectResult:
     """Find the first pass of `recipe` (then the first layer in it) whose result crosses
-    `tolerance` in `metric` ("kl" or "ppl") on the pinned `batch`. `module` is left as it was."""
+    `tolerance` in `metric` ("kl" or "ppl") on the pinned `batch`. `module` is left as it was.
+    `progress` is given the name of each step as it starts (splice.progress.Progress.stage)."""
     if metric not in METRICS:
         raise InputError(f"unknown metric {metric!r}; accepted: {', '.join(METRICS)}")
     if not isinstance(tolerance, (int, float)) or isinstance(tolerance, bool) \
@@ -288,12 +297,14 @@ def bisect(module: Module, recipe: Recipe, *, metric: str, tolerance: float,
     # `module` stays as it was: the reference of both runs (the recipe's, the layer search's)
     ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed,
                       reference=module)
+    stage = progress or (lambda name: None)
     cache = ModuleCache(cache_dir)
     start = module.clone()
+    stage("reference logits")
     ref = _logits(start, batch)
     cache.put(0, start)
     result = BisectResult(False, metric, float(tolerance), [])
-    measure = _MeasureInstrument(cache, result, ref, batch)
+    measure = _MeasureInstrument(cache, result, ref, batch, stage)
     try:
         PassManager(recipe.build(), [VerifyInstrument(), measure]).run(start, ctx)
     except PassFailure as e:
@@ -302,5 +313,6 @@ def bisect(module: Module, recipe: Recipe, *, metric: str, tolerance: float,
         k = e.step
         p = recipe.passes[k]
         result.found, result.culprit_step, result.culprit_name = True, k, p.name
-        _layer_search(p, cache.get(k), ctx, metric, float(tolerance), ref, batch, result)
+        _layer_search(p, cache.get(k), ctx, metric, float(tolerance), ref, batch, result,
+                      stage)
     return result

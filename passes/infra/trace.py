@@ -123,18 +123,22 @@ def _pass_row(entry: dict[str, Any], step: int) -> dict[str, Any]:
 def debug_run(module: Module, recipe: Recipe, out_dir: str | Path, *, batch: torch.Tensor,
               batch_source: str = "", calibration: torch.Tensor | None = None,
               seed: int | None = None, model_name: str = "",
-              max_diff_lines: int = MAX_DIFF_LINES) -> tuple[Module, dict[str, Any]]:
+              max_diff_lines: int = MAX_DIFF_LINES,
+              instruments: tuple[Instrument, ...] = ()) -> tuple[Module, dict[str, Any]]:
     """Run `recipe` on `module` with every instrument on; returns (the last module, report data).
 
     The IR dumps go to out_dir/ir/. `batch` is the pinned token batch of the numeric check. The
-    data's "status" is "ok" or "failed" (then "error" says which pass and why).
+    data's "status" is "ok" or "failed" (then "error" says which pass and why). `instruments`
+    (the CLI's progress display) run before the debug ones.
     """
     out_dir = Path(out_dir)
     trace = TraceInstrument(max_diff_lines)
     timing = TimingInstrument()
     numeric = NumericCheckInstrument(batch)
     # timing first, so its peak-RSS window spans the pass and every check that runs with it
-    instruments = [timing, trace, VerifyInstrument(), DumpInstrument(out_dir / "ir"), numeric]
+    # `instruments` (a progress display) first: it names the pass before the checks' own work
+    instruments = [*instruments, timing, trace, VerifyInstrument(), DumpInstrument(out_dir / "ir"),
+                   numeric]
     ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed)
     data: dict[str, Any] = {
         "title": f"splice debug: {model_name or module.config.architecture} / {recipe.name}",

@@ -66,3 +66,39 @@ def test_compile_shows_its_steps_on_a_terminal_only(tmp_path):
     assert rc == 0 and "splice compile" not in err
     rc, err = _compile(tmp_path, tty=False)
     assert rc == 0 and err == ""
+
+
+class _Terminal(io.StringIO):
+    """stderr as a terminal: what the display is shown on."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+@needs_stories
+def test_debug_and_bisect_show_their_steps_on_a_terminal_only(tmp_path, monkeypatch):
+    """In-process through main(), stderr replaced by a terminal and then by a plain stream; the
+    bisection's w8 crosses a tolerance of 1e-12, so its layer search is shown too."""
+    from splice.cli import main
+
+    def run(command: str, stream: io.StringIO, out: str) -> int:
+        argv = [command, str(STORIES), "--out", str(tmp_path / out)]
+        argv += (["--recipe", "fold_norms"] if command == "debug" else
+                 ["--recipe", "w8", "--metric", "kl", "--tolerance", "1e-12"])
+        monkeypatch.setattr(sys, "stderr", stream)
+        return main(argv)
+
+    shown = _Terminal()
+    assert run("debug", shown, "d1") == 0
+    for name in ("splice debug: import", "pinned batch", "pass fold_norms", "report",
+                 "steps"):
+        assert name in shown.getvalue(), shown.getvalue()
+    shown = _Terminal()
+    assert run("bisect", shown, "b1") == 0
+    for name in ("splice bisect: import", "reference logits", "pass quantize_weights",
+                 "layer search: changes of layers <=", "report: pass quantize_weights"):
+        assert name in shown.getvalue(), shown.getvalue()
+    for command in ("debug", "bisect"):
+        plain = io.StringIO()
+        run(command, plain, f"{command}2")
+        assert f"splice {command}" not in plain.getvalue()
