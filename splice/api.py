@@ -78,7 +78,8 @@ def run_passes(module, recipe: Recipe, *, calibration=None, instruments=(), seed
     from splice.passes.infra.reduce import Reducer
 
     ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed,
-                      reducer=reducer or Reducer())
+                      reducer=reducer or Reducer(),
+                      precision=recipe.precision)
     if layerwise_dir is not None:
         from splice.passes.infra.layerwise import run_layerwise
 

@@ -296,7 +296,8 @@ def bisect(module: Module, recipe: Recipe, *, metric: str, tolerance: float,
         raise InputError("the bisection batch needs rows of at least 2 tokens")
     # `module` stays as it was: the reference of both runs (the recipe's, the layer search's)
     ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed,
-                      reference=module)
+                      reference=module,
+                      precision=recipe.precision)
     stage = progress or (lambda name: None)
     cache = ModuleCache(cache_dir)
     start = module.clone()

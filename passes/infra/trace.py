@@ -139,7 +139,8 @@ def debug_run(module: Module, recipe: Recipe, out_dir: str | Path, *, batch: tor
     # `instruments` (a progress display) first: it names the pass before the checks' own work
     instruments = [*instruments, timing, trace, VerifyInstrument(), DumpInstrument(out_dir / "ir"),
                    numeric]
-    ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed)
+    ctx = PassContext(calibration=calibration, seed=recipe.seed if seed is None else seed,
+                      precision=recipe.precision)
     data: dict[str, Any] = {
         "title": f"splice debug: {model_name or module.config.architecture} / {recipe.name}",
         "model": {"name": model_name, "architecture": module.config.architecture,

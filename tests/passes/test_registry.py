@@ -145,9 +145,34 @@ def test_recipe_round_trips_through_toml_and_dict():
     assert Recipe.from_toml(r.to_toml()) == r
     d = r.to_dict()
     assert json.loads(json.dumps(d)) == d
-    assert d["passes"] == [{"name": "fold_norms", "settings": {"untie": True}},
-                           {"name": "fold_norms", "settings": {"untie": False}}]
+    rest = {"max_gain": 2.5, "probe_tokens": 128}
+    assert d["passes"] == [{"name": "fold_norms", "settings": {"untie": True, **rest}},
+                           {"name": "fold_norms", "settings": {"untie": False, **rest}}]
     assert Recipe.from_dict(d) == r
+
+
+def test_calibration_precision_reaches_the_passes_context():
+    import torch
+
+    from splice.api import run_passes
+    from tests.tiny import tiny_module
+
+    assert Recipe.from_toml(RECIPE).precision == torch.float64  # the default
+    r = Recipe.from_toml(RECIPE.replace("[calibration]", '[calibration]\nprecision = "float32"'))
+    assert r.precision == torch.float32 and r.to_dict()["calibration"]["precision"] == "float32"
+    assert Recipe.from_toml(r.to_toml()) == r
+    seen = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Probe(PassBase):
+        name: ClassVar[str] = "probe"
+
+        def call(self, module, ctx):
+            seen.append(ctx.precision)
+            return PassResult(module, False)
+
+    run_passes(tiny_module(), Recipe("p", (Probe(),), calibration_precision="float32"))
+    assert seen == [torch.float32]
 
 
 def test_recipe_round_trip_keeps_every_setting_type(private_registry):
@@ -183,6 +208,8 @@ def test_builtin_recipes_and_resolve(tmp_path):
     ('name = "x"\npasses = 3', r"passes are \[\[pass\]\] tables"),
     ('name = "x"\nsteps = 3', r"unknown key\(s\) 'steps'; accepted: name, description"),
     ('[calibration]\ntokens = 3', r"unknown calibration key\(s\) 'tokens'; accepted: samples"),
+    ('[calibration]\nprecision = "float16"', r"calibration precision 'float16'; accepted: "
+                                             r"float64, float32"),
     ('seed = -1', r"seed must be an integer >= 0, got -1"),
     ('name = ""', r"recipe name must be a non-empty string"),
     ('name = "x"\n[[pass]]\nname = "fold_norms"\nuntie = tru', r"TOML syntax error: .*line 4"),
