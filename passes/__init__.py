@@ -27,12 +27,13 @@ from .quantize_activations import QuantizeActivationsPass
 from .quantize_kv_cache import QuantizeKVCachePass
 from .quantize_weights import QuantizeWeightsPass
 from .rotate import RotatePass
+from .rotate_inputs import RotateInputsPass
 from .select_layers import SelectLayersPass
 
 BUILTIN_PASSES = (
     AbsorbPostNormPass, CenterInputsPass, DistillPatchPass, EstimatePatchPass, FoldNormsPass,
     FusePatchPass, PruneLayersPass, QuantizeActivationsPass, QuantizeKVCachePass,
-    QuantizeWeightsPass, RotatePass, SelectLayersPass,
+    QuantizeWeightsPass, RotateInputsPass, RotatePass, SelectLayersPass,
 )
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
     "NumericCheckError", "NumericCheckInstrument", "PASSES", "PassBase", "PassCheckError",
     "PassContext", "PassError", "PassFailure", "PassInputFailure", "PassManager", "PassResult",
     "PruneLayersPass", "QuantizeActivationsPass", "QuantizeKVCachePass", "QuantizeWeightsPass",
-    "RotatePass", "SelectLayersPass", "TimingInstrument", "VerifyInstrument", "describe_passes",
+    "RotateInputsPass", "RotatePass", "SelectLayersPass", "TimingInstrument", "VerifyInstrument",
+    "describe_passes",
     "get_pass", "make_pass", "register_pass",
 ]
