@@ -40,6 +40,8 @@ def check_finite(module, source: str) -> None:
 
 def _load(model: Any):
     from splice.ir.core import Module  # noqa: F401 - the forms ACCEPTED names
+    if model is None:
+        raise FrontendError(f"the model is missing (None); accepted: {ACCEPTED}")
     if not isinstance(model, (str, Path)):
         try:
             from transformers import PreTrainedModel

@@ -156,8 +156,10 @@ class Artefact(abc.ABC):
             if arr.ndim == 2 and arr.shape[0] == 1:
                 arr = arr[0]
             if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+                got = (type(prompt).__name__ if arr.dtype == object and arr.ndim == 0
+                       else f"{arr.dtype} {list(arr.shape)}")   # None, an object: its type
                 raise InputError(f"prompt: expected text or a sequence of token ids, got "
-                                 f"{arr.dtype} {list(arr.shape)} (one sequence at a time)")
+                                 f"{got} (one sequence at a time)")
             ids = [int(t) for t in arr]
         if not ids:
             bos = self.config.get("bos_token_id")
