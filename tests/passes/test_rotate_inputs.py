@@ -42,29 +42,48 @@ def test_structural_hadamard_after_each_scaled_norm():
     assert torch.allclose(module.weights["a.weight"].norm(dim=1), a.norm(dim=1))
 
 
+def gemma_like(seed: int):
+    """planted_massive with layer 0's attention norm unplanted: fold_norms folds that one and
+    leaves the other pre-norms, as on Gemma 3 270M."""
+    module = planted_massive(seed)
+    norm = next(n for n in module.graph.find(op="rms_norm")
+                if n.layer == 0 and n.role == "attn_norm")
+    module.weights[norm.inputs[1].const][5] = 0.5
+    return module
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_numeric_float64_logits_unchanged(seed):
-    """On a tiny Gemma 3 whose pre-norms fold_norms leaves (planted massive channel): exact, and
-    with W4 after it closer to float than fold_norms + R1 (the rotation that needs a folded
-    stream) on the same model."""
-    module = planted_massive(seed)
+    """Exact on a tiny Gemma 3 whose pre-norms fold_norms leaves but one (weightless: it gets the
+    signs as its scale); rotate then finds R1 done and applies R2 and R4; and with W4 after it the
+    model is closer to float than after fold_norms + R1 (the stream rotation, on a fold of every
+    norm) on the same model."""
+    module = gemma_like(seed)
     ref = logits64(module)
-    out, rep = PassManager([FoldNormsPass(), RotateInputsPass(seed=seed)]).run(module.clone())
-    assert len(rep[1]["report"]["rotated"]) == 4  # 2 x (attn, mlp) pre-norms
-    assert "shares its weight" in rep[1]["report"]["left"]["final_norm"]  # the tied lm_head
+    out, rep = PassManager([FoldNormsPass(), RotateInputsPass(seed=seed), RotatePass()]).run(
+        module.clone())
+    assert rep[0]["report"]["folded"] == ["layers.0.attn_norm"]
+    report = rep[1]["report"]
+    assert len(report["rotated"]) == 4 and "layers.0.attn_norm" in report["rotated"]
+    assert "shares its weight" in report["left"]["final_norm"]  # the tied lm_head
+    assert report["r1"]["by"] == "rotate_inputs" and len(out.graph.find(op="hadamard")) >= 4
+    assert rep[2]["report"]["already_applied"] == ["r1"] and rep[2]["report"]["applied"] == [
+        "r2", "r4"]
     assert rel_diff(logits64(out), ref) <= 1e-12
     w4 = QuantizeWeightsPass(method="rtn", bits=4, group_size=16, output_error=False)
     rotated = rel_diff(logits64(PassManager([w4]).run(out)[0]), ref)
-    stream = PassManager([FoldNormsPass(max_gain=0), RotatePass(r2=False, r4=False), w4]).run(
-        module.clone())[0]
+    stream = PassManager([FoldNormsPass(max_gain=0), RotatePass(), w4]).run(module.clone())[0]
     assert rotated <= 0.005 and rel_diff(logits64(stream), ref) >= 3 * rotated
 
 
-def test_negative_weightless_or_non_linear_readers_left_alone():
+def test_negative_nothing_when_every_norm_is_folded():
+    """Every norm weightless (fold_norms folded them all, SmolLM2's case): R1 applies, nothing
+    to do; a norm feeding an add is never touched."""
     folded = hand_built(norm_weights=False)
     before = folded.graph.op_counts()
     r = RotateInputsPass()(folded)
-    assert not r.modified and r.report["left"] == {} and folded.graph.op_counts() == before
+    assert not r.modified and "R1 rotates the stream" in r.report["note"] and r.report["left"] == {}
+    assert folded.graph.op_counts() == before and "rotation" not in folded.config.extra
     residual = hand_built(norm_feeds_add=True)
     w = residual.weights["a.weight"].clone()
     r = RotateInputsPass()(residual)
@@ -80,4 +99,5 @@ def test_idempotent_second_run_changes_nothing():
     text = module.graph.op_counts()
     r = RotateInputsPass()(module)
     assert not r.modified and r.report["rotated"] == [] and module.graph.op_counts() == text
+    assert "already applied" in r.report["note"]
     assert all(torch.equal(module.weights[k], v) for k, v in weights.items())
