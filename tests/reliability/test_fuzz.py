@@ -368,16 +368,33 @@ def test_fuzz_checkpoint_readers(bases, fuzz_examples):
 # -- what is read before any work: the GGUF architecture peek, the argument checks ----------------
 
 def _check_gguf_architecture(path: Path, data: bytes) -> str | None:
-    from splice.frontend.hf import _gguf_architecture
+    """The header walk (architecture and tensor types) never raises: None where the header
+    cannot be read that far; the type check after it refuses only with a FrontendError."""
+    from splice.errors import FrontendError
+    from splice.frontend.hf import _gguf_header, check_gguf_types
 
     path.write_bytes(data)
-    arch = _gguf_architecture(path)     # never raises: None where the header cannot be read
+    arch, types = _gguf_header(path)
     assert arch is None or isinstance(arch, str)
+    assert types is None or all(isinstance(k, str) and isinstance(v, int)
+                                for k, v in types.items())
+    if types:
+        try:
+            check_gguf_types(path, types)
+        except FrontendError:
+            pass
     return arch
 
 
 def test_fuzz_gguf_architecture_peek(bases, fuzz_examples):
-    data = bases["gguf"].read_bytes()[:4096]
+    import gguf
+
+    from splice.frontend.hf import _gguf_header
+
+    data = bases["gguf"].read_bytes()[:4096]   # metadata and tensor table: 1.6 kB
+    # the tiny file's table as gguf's own reader gives it: the walk reads the same types
+    reader = gguf.GGUFReader(str(bases["gguf"]))
+    assert _gguf_header(bases["gguf"])[1] == {t.name: int(t.tensor_type) for t in reader.tensors}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "m.gguf"
         assert _check_gguf_architecture(path, data) == "llama"
