@@ -109,8 +109,12 @@ def _qdot(low: Lowering, fn: _Function, node: Node, rows, w, s, zp, bias, residu
     a = node.attrs
     bits, gs, n_out = a["bits"], a["group_size"], a["out_features"]
     blocks = int(node.inputs[1].shape[1])
-    q = fn.te(quantize_activations, rows, bits=bits, blocks=blocks, group_size=gs, kind="qact")
-    xq, d, ds = (fn.bb.emit(relax.TupleGetItem(q, i)) for i in range(3))
+    qkey = ("qact", id(node.inputs[0]), bits, blocks, gs)  # q, k, v (gate, up) share theirs
+    if qkey not in fn.memo:
+        q = fn.te(quantize_activations, rows, bits=bits, blocks=blocks, group_size=gs,
+                  kind="qact")
+        fn.memo[qkey] = tuple(fn.bb.emit(relax.TupleGetItem(q, i)) for i in range(3))
+    xq, d, ds = fn.memo[qkey]
     zshape = tuple(int(v) for v in node.inputs[3].shape) if zp is not None else None
     zeros = "symmetric" if a["symmetric"] else "uint8" if low.module.weights[
         node.inputs[3].const].dtype == torch.uint8 else "float"

@@ -128,3 +128,135 @@ def test_partial_groups_int4_lm_head_int8_embedding_prefill_and_32_decode_steps(
     for name, value in past_from_present(ref).items():
         worst = max(worst, float(np.abs(mine[name] - value.numpy()).max()))
     assert worst < 1e-4
+
+
+# -- int8 activations (export option activations="int8", qdot.py) -------------------------------
+# (bits, group, zeros, in_features): groups of 32..256 with a partial last group, per-channel
+# groups over 256 channels (activation blocks of 64), every zero-point form
+INT8_FORMATS = [(4, 32, "symmetric", 200), (4, 64, "packed", 200), (4, 128, "float", 328),
+                (4, 256, "packed", 328), (4, 320, "symmetric", 320), (8, 32, "packed", 200),
+                (8, 64, "float", 200), (8, 128, "symmetric", 328), (8, 256, "packed", 328)]
+
+
+def _act_semantics(x, bits, group, blocks):
+    """qdot.py's stated semantics in numpy: per activation block d = max|x| / 127 (1 where 0),
+    xq = nearbyint(x / d) in float32; returned in input-channel order with the padding."""
+    from splice.backends.tvm.qdot import act_block
+
+    ab = act_block(group)
+    rows, k = x.shape
+    xp = np.zeros((rows, blocks * group), np.float32)
+    xp[:, :k] = x
+    xb = xp.reshape(rows, -1, ab)
+    amax = np.abs(xb).max(-1)
+    d = np.where(amax == 0, np.float32(1), amax / np.float32(127)).astype(np.float32)
+    xq = np.clip(np.rint(xb / d[..., None]), -127, 127).astype(np.float32)
+    return xq.reshape(rows, -1), d, ab
+
+
+def _run_int8(x, codes, scales, zp, *, bits, group, zeros):
+    from tvm import te
+
+    from splice.backends.tvm.build import make_target
+    from splice.backends.tvm.qdot import qdot_decode, quantize_activations
+    from splice.backends.tvm.schedule import CPURule
+
+    rows, n, blocks = x.shape[0], codes.shape[0], codes.shape[1]
+    target = make_target("cpu")
+    xp = te.placeholder(x.shape, "float32", name="x")
+    outs = quantize_activations(xp, bits=bits, blocks=blocks, group_size=group)
+    qf = te.create_prim_func([xp, *outs], "int64").with_attrs(
+        {"splice.kernel": "qact", "splice.rows": "few"})
+    qlib = tvm.compile(CPURule().apply(qf, target, False).mod, target)
+    q = [tvm.runtime.tensor(np.zeros([int(v) for v in o.shape], str(o.dtype))) for o in outs]
+    qlib(tvm.runtime.tensor(x), *q)
+    form = "symmetric" if zeros == "symmetric" else "float" if zeros == "float" else "uint8"
+    f = qdot_decode(n_out=n, blocks=blocks, group_size=group, bits=bits, zeros=form,
+                    zp_shape=None if zp is None else zp.shape)
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
+    y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+    lib(*q, *(tvm.runtime.tensor(a) for a in (codes, scales, scales if zp is None else zp)), y)
+    return y.numpy(), [a.numpy() for a in q]
+
+
+@pytest.mark.parametrize("bits,group,zeros,k", INT8_FORMATS)
+def test_int8_activation_product_matches_its_integer_semantics_and_float_to_its_bound(
+        bits, group, zeros, k):
+    """The quantized activations exactly as stated (qdot.py); the product equal to the integer
+    semantics sum_b s d sum (q - z) xq to float32 rounding; and against float activations within
+    the stated bound sum_b (d_b / 2) sum_{i in b} |w_i| (|x - xq d| <= d / 2 per channel)."""
+    from splice.backends.tvm.qdot import _source
+
+    rng = np.random.default_rng(bits * 1000 + group + k)
+    n, rows = 45, 3
+    codes, scales, zp = _weight(rng, n, k, bits, group, zeros)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    x[1, :40] *= 30  # one block with an outlier range
+    x[2] = 0.0  # an all-zero row: d = 1, xq = 0
+    got, (xq_t, d_t, ds_t) = _run_int8(x, codes, scales, zp, bits=bits, group=group,
+                                       zeros=zeros)
+    blocks = codes.shape[1]
+    xq, d, ab = _act_semantics(x, bits, group, blocks)
+    order = np.array([(p // ab) * ab + _source(bits, p % ab) for p in range(blocks * group)])
+    np.testing.assert_array_equal(xq_t.astype(np.float32), xq[:, order])
+    np.testing.assert_array_equal(d_t, d)
+    np.testing.assert_array_equal(ds_t, d * xq.reshape(rows, -1, ab).sum(-1).astype(np.float32))
+
+    w = dequantize(torch.from_numpy(codes), torch.from_numpy(scales),
+                   None if zp is None else torch.from_numpy(zp), bits, group, torch.float64,
+                   blocks * group).numpy()
+    xd = xq.astype(np.float64) * np.repeat(d, ab, axis=1)
+    ref = xd @ w.T
+    # float32 rounding: per output, the block terms (magnitudes |s d| sum |q - c| |xq| and the
+    # zero point's |z - c| |s d sum xq|) summed in about nab + 8 float32 steps
+    c = 0 if bits == 4 else 128
+    zf = dequantize(torch.from_numpy(np.full_like(codes, c if bits == 8 else 0)),
+                    torch.from_numpy(scales), None if zp is None else torch.from_numpy(zp), bits,
+                    group, torch.float64, blocks * group).numpy()  # (c - z) s per weight
+    mag = np.abs(xd) @ (np.abs(w) + 2 * np.abs(zf)).T
+    nab = blocks * group // ab
+    assert np.all(np.abs(got - ref) <= 2 * (nab + 16) * EPS32 * mag + 1e-30), \
+        float(np.max(np.abs(got - ref) / (mag + 1e-30)))
+
+    wk = w[:, :k]
+    exact = x.astype(np.float64) @ wk.T
+    bound = (np.repeat(d, ab, axis=1)[:, :k] / 2) @ np.abs(wk).T + 2 * (nab + 16) * EPS32 * mag
+    err = np.abs(got - exact)
+    assert np.all(err <= bound), float(np.max(err / bound))
+    # and not trivially: float activations' product is far outside the integer rounding bound
+    assert np.max(np.abs(exact - ref)) > 100 * np.max(2 * (nab + 16) * EPS32 * mag)
+
+
+def test_int8_activations_option_prefill_and_32_decode_steps(tmp_path):
+    """activations="int8": prefill keeps float activations (the interpreter's to float32
+    rounding); the 32 greedy decode steps run the int8 products (int4 g64 with partial groups,
+    int8 lm_head and embedding): the same tokens as the interpreter, logits within 2% of their
+    range. A bad option value is refused."""
+    from splice.backends.tvm import export
+    from splice.errors import InputError
+    from splice.passes.infra.base import PassContext
+    from splice.passes.quantize_weights import QuantizeWeightsPass
+    from splice.runtime import load
+
+    module = tiny_module(seed=3, hidden_size=96, intermediate_size=80, tie_embeddings=True)
+    module = QuantizeWeightsPass(bits=4, group_size=64, lm_head="int8", embeddings="int8").call(
+        module, PassContext()).module
+    with pytest.raises(InputError, match="activations"):
+        export(module, tmp_path / "bad", activations="int4")
+    path = export(module, tmp_path / "art", activations="int8")
+    art = load(path)
+    assert art.manifest["tvm"]["activations"] == "int8"
+    ids = torch.randint(0, module.config.vocab_size, (1, 12),
+                        generator=torch.Generator().manual_seed(5))
+    ref = run_logits(module, ids)
+    logits, cache = art.logits(ids.numpy())
+    assert float(np.abs(logits - ref["logits"].numpy()).max()) < 1e-4
+    worst = 0.0
+    for _ in range(32):
+        tok = ref["logits"][:, -1:].argmax(-1)
+        ref = run_logits(module, tok, past=past_from_present(ref))
+        logits, cache = art.logits(tok.numpy(), cache)
+        r = ref["logits"].numpy()
+        assert logits[0, -1].argmax() == r[0, -1].argmax()
+        worst = max(worst, float(np.abs(logits - r).max() / np.abs(r).max()))
+    assert 1e-6 < worst < 0.02  # int8 activations: not the float path, and close to it
