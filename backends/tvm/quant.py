@@ -31,6 +31,7 @@ README): the float path costs ~4.5 vector instructions per 8 weights (unpack, co
 so an int4 GEMV computes at ~4-5 GB/s per core, about half of ONNX Runtime's MatMulNBits at
 accuracy level 4, which quantizes x to int8 and multiplies bytes (vpmaddubsw/VNNI): several
 times fewer instructions per weight. On AVX-512 the float path's vectors are twice as wide.
+qdot.py is that integer form for decode (the export option activations="int8").
 
 The other classic formulation for prefill, a dequantize-to-float pass ahead of a float GEMM, was
 3x slower: its stores into the packed layout are scatters.
