@@ -352,16 +352,20 @@ class QuantizeWeightsPass(PassBase):
         w = module.weight(node.inputs[1]).to(torch.float64)
         k = w.shape[1]
         fz = self._float_zero(bits)
-        rtn = quantizers.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
-                             float_zero=fz, scale_dtype=self._dtype)
-        rtn_err = quantizers.relative_output_error(w, rtn.dequantize(), xtx)
+
+        def rounded() -> quantizers.QuantizedWeight:
+            return quantizers.rtn(w, bits, group, symmetric=self.symmetric, clip=self.clip_search,
+                                  float_zero=fz, scale_dtype=self._dtype)
         if self.method == "rtn":
-            return rtn, {"rel_error": rtn_err}
+            rtn = rounded()
+            return rtn, {"rel_error": quantizers.relative_output_error(w, rtn.dequantize(), xtx)}
         damp = self._damp(k, tokens)
         qw, info = quantizers.gptq(w, 2.0 * xtx / tokens, bits, group, symmetric=self.symmetric,
                               clip=self.clip_search, damp=damp, act_order=self.act_order,
                               block_size=self.block_size, float_zero=fz,
                               scale_dtype=self._dtype)
+        rtn = info.rtn if info.rtn is not None else rounded()  # the same result, searched once
+        rtn_err = quantizers.relative_output_error(w, rtn.dequantize(), xtx)
         err = quantizers.relative_output_error(w, qw.dequantize(), xtx)
         self._damp_warnings(node, tokens, info.damp, report)
         entry = {"rel_error": err, "rtn_rel_error": rtn_err, "damp": info.damp,

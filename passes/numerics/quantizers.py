@@ -227,6 +227,10 @@ def rtn(weight: torch.Tensor, bits: int, group_size: int, *, symmetric: bool = F
 class GPTQInfo:
     damp: float          # the dampening actually used, relative to mean(diag(H))
     dead_inputs: int     # columns whose Hessian diagonal was zero
+    # round to nearest on the same group parameters (act-order's static groups, computed from the
+    # weight before any update) when no input is dead: equal to rtn() with the same settings, so
+    # a caller comparing the two need not search the clip ratios a second time
+    rtn: QuantizedWeight | None = None
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int, *,
@@ -256,10 +260,15 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    static = None
+    static = rtn_same = None
     if act_order and group_size < k:
         static = _params(W.reshape(n, blocks, group_size), bits, symmetric, clip, float_zero,
                          scale_dtype)
+        if real_dead == 0:  # W is still the padded weight itself: this is rtn()'s result
+            rounded = quantize_codes(W.reshape(n, blocks, group_size), static[0][..., None],
+                                     static[1][..., None], bits)
+            rtn_same = _result(rounded.reshape(n, -1)[:, :k0], *static, bits, group_size,
+                               symmetric, float_zero)
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(k)
     W, H = W[:, perm], H[perm][:, perm]
     hinv, used = _inverse_cholesky(H, damp)
@@ -295,7 +304,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, group_size: int
         scales, zeros = static
     codes = Q[:, torch.argsort(perm)][:, :k0]
     return (_result(codes, scales, zeros, bits, group_size, symmetric, float_zero),
-            GPTQInfo(damp=used, dead_inputs=real_dead))
+            GPTQInfo(damp=used, dead_inputs=real_dead, rtn=rtn_same))
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:

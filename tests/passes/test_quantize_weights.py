@@ -284,6 +284,26 @@ def test_numeric_gptq_with_identity_hessian_is_rtn():
         assert info.dead_inputs == 0
 
 
+def test_numeric_gptq_gives_rtn_on_its_static_groups_bit_for_bit():
+    """With act-order the static groups' parameters are RTN's: GPTQ hands that RTN result back
+    (the report's comparison then needs no second clip search), equal to rtn() in every field,
+    partial last group included; with a dead input (its weights zeroed first) it gives none."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(24, 72, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 72, generator=g, dtype=torch.float64) * torch.linspace(0.1, 3, 72)
+    h = 2 * x.T @ x / 200
+    for group, sym, clip, fz in [(32, False, True, False), (16, True, True, False),
+                                 (32, False, False, True), (64, True, False, False)]:
+        _, info = quantizers.gptq(w, h, 4, group, symmetric=sym, clip=clip, act_order=True,
+                                  float_zero=fz)
+        r = quantizers.rtn(w, 4, group, symmetric=sym, clip=clip, float_zero=fz)
+        for field in ("codes", "scales", "zeros"):
+            assert torch.equal(getattr(info.rtn, field), getattr(r, field)), (group, sym, field)
+    x[:, 3] = 0.0
+    assert quantizers.gptq(w, 2 * x.T @ x / 200, 4, 32, act_order=True)[1].rtn is None
+    assert quantizers.gptq(w, h, 4, 32, act_order=False)[1].rtn is None
+
+
 def test_numeric_symmetric_int4_uses_the_signed_max_grid():
     """4-bit symmetric groups: the value of largest magnitude m is code 0 (scale m / -8 in
     float32, negative when m is positive), the others within half a step unless past the top of
