@@ -139,3 +139,50 @@ def test_gemma3_270m_rotation_exact_and_w4_near_float():
     rotated = run_passes(module, Recipe("rotate", (("fold_norms", {}), ("rotate", {})),
                                                    ""))[0]
     assert ppl(rotated) == pytest.approx(base, rel=1e-3)
+
+
+W4_GEMMA = Recipe("w4_gemma", (
+    ("fold_norms", {}), ("rotate_inputs", {}), ("rotate", {}),
+    ("quantize_weights", {"method": "rtn", "bits": 4, "group_size": 32})), "issue 27's fix")
+
+
+def massive_gemma3(seed: int = 0) -> torch.nn.Module:
+    """tiny_gemma3 with Gemma 3 270M's massive activation: one residual channel far above the
+    others on every token, which every pre-norm scales down to 0.02 (the others 1-2, a few 40x)."""
+    model = tiny_gemma3(seed)
+    with torch.no_grad():
+        emb = model.model.embed_tokens.weight
+        emb[:, 7] = 30 * emb.abs().max()
+        for name, p in model.named_parameters():
+            if "input_layernorm" in name or "pre_feedforward" in name:
+                p[7] = 0.02 - 1
+    return model
+
+
+def test_tiny_gemma3_massive_channels_w4_artefact_close_to_float(tmp_path):
+    """fold_norms leaves the pre-norms (their fold would quantize the massive channel at full
+    size), rotate_inputs rotates their readers online and rotate adds R2 and R4: the ONNX
+    artefact computes the quantized module, which stays close to float, where the fold of every
+    norm with R1 (the recipe before issue 27's fix) is far from it."""
+    module = from_transformers(massive_gemma3())
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (2, 24), generator=g)
+    ref = run_logits(module, ids, torch.float64)["logits"]
+    art = splice.compile(module.clone(), W4_GEMMA, "cpu", tmp_path / "a",
+                         export_options={"accuracy_level": 0})
+    report = json.loads((tmp_path / "a" / "manifest.json").read_text())["report"]
+    by_name = {p["name"]: p["report"] for p in report["passes"]}
+    pre = {f"layers.{i}.{r}" for i in range(3) for r in ("attn_norm", "mlp_norm")}
+    assert pre <= set(by_name["fold_norms"]["left"]) <= set(by_name["rotate_inputs"]["rotated"]) | {
+        n for n in by_name["fold_norms"]["left"] if "post_norm" in n or "q_norm" in n
+        or "k_norm" in n}
+    assert by_name["rotate"]["already_applied"] == ["r1"]
+    quantized = run_passes(module.clone(), W4_GEMMA)[0]
+    expect = run_logits(quantized, ids, torch.float64)["logits"]
+    got = torch.from_numpy(art.logits(ids.numpy())[0]).double()
+    assert ((got - expect).abs().max() / expect.abs().max()).item() <= 1e-4
+    kl, top1 = kl_top1(ref, expect)
+    before = Recipe("before", (("fold_norms", {"max_gain": 0}),) + W4_GEMMA.passes[2:], "")
+    kl_before, _ = kl_top1(ref, run_logits(run_passes(module.clone(), before)[0], ids,
+                                           torch.float64)["logits"])
+    assert kl <= 0.02 and top1 >= 0.75 and kl_before >= 5 * kl, (kl, top1, kl_before)
