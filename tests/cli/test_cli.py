@@ -1,5 +1,7 @@
 """The CLI end to end on stories260K, and its bad-input contract: a one-line message, exit code 2,
-nothing written."""
+nothing written. The artefact's compile and one refusal run as fresh `python -m splice` processes;
+the other commands as forked children of the suite's warm server (tests/reliability/forkserver.py:
+the same process but for the imports already done), to spare an interpreter start each."""
 
 from __future__ import annotations
 
@@ -11,9 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.paths import STORIES, TINYSTORIES, needs_stories
+from tests.reliability.forkserver import run_splice as splice
 
 
-def splice(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def fresh(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "splice", *args], capture_output=True, text=True,
                           cwd=cwd, timeout=600)
 
@@ -23,7 +26,7 @@ def stories_artefact(tmp_path_factory) -> Path:
     if not STORIES.is_file():
         pytest.skip(f"stories260K not found at {STORIES}")
     out = tmp_path_factory.mktemp("cli") / "stories"
-    r = splice("compile", str(STORIES), "--recipe", "fold_norms", "--target", "cpu", "--out", str(out))
+    r = fresh("compile", str(STORIES), "--recipe", "fold_norms", "--target", "cpu", "--out", str(out))
     assert r.returncode == 0, r.stderr
     assert "fold_norms" in r.stdout and "artefact" in r.stdout
     return out
@@ -66,8 +69,8 @@ def test_help_for_each_command():
         assert r.returncode == 0 and "usage" in r.stdout
 
 
-def _bad(args: list[str], needle: str, out: Path | None = None) -> None:
-    r = splice(*args)
+def _bad(args: list[str], needle: str, out: Path | None = None, new_process: bool = False) -> None:
+    r = (fresh if new_process else splice)(*args)
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
@@ -79,7 +82,8 @@ def _bad(args: list[str], needle: str, out: Path | None = None) -> None:
 
 def test_bad_inputs_exit_2_and_write_nothing(tmp_path: Path):
     out = tmp_path / "out"
-    _bad(["compile", str(tmp_path / "missing.bin"), "--out", str(out)], "not found", out)
+    _bad(["compile", str(tmp_path / "missing.bin"), "--out", str(out)], "not found", out,
+         new_process=True)
     empty = tmp_path / "empty.bin"
     empty.write_bytes(b"")
     _bad(["compile", str(empty), "--out", str(out)], "empty.bin", out)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 import tomllib
 from pathlib import Path
 
@@ -14,12 +13,13 @@ from splice import presets
 from splice.errors import InputError
 from splice.recipe import Recipe, builtin_names, builtin_text
 from tests.paths import STORIES, needs_stories
+from tests.reliability.forkserver import run_splice
 from tests.tiny import tiny_module
 
 
 def splice(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "splice", *args], capture_output=True, text=True,
-                          timeout=600)
+    """`python -m splice ARGS` as a forked child of the suite's warm server (imports done)."""
+    return run_splice(*args, timeout=600)
 
 
 def _settings(r: Recipe) -> list:

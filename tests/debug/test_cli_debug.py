@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.paths import STORIES, TINYSTORIES, needs_stories
+from tests.reliability.forkserver import run_splice
 
 pytestmark = needs_stories
 
 
 def splice(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "splice", *args], capture_output=True, text=True,
-                          timeout=300)
+    """`python -m splice ARGS` as a forked child of the suite's warm server (imports done)."""
+    return run_splice(*args, timeout=300)
 
 
 def test_debug_writes_the_report_with_every_section(tmp_path: Path):

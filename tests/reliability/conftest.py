@@ -50,11 +50,9 @@ def fuzz_examples(request) -> tuple[int, bool]:
 
 @pytest.fixture(scope="session")
 def forkserver():
-    from tests.reliability.forkserver import ForkServer
+    from tests.reliability.forkserver import shared
 
-    server = ForkServer()
-    yield server
-    server.close()
+    return shared()  # the suite's one server (closed at exit), which the CLI tests use too
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ list of results per line on stdout. Run as `python -m tests.reliability.forkserv
 
 from __future__ import annotations
 
+import atexit
 import glob
 import importlib
 import json
@@ -216,6 +217,29 @@ class ForkServer:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+
+_SHARED: list[ForkServer] = []
+
+
+def shared() -> ForkServer:
+    """The test process's one server, started on first use (a few seconds of imports) and closed
+    at exit; the CLI tests everywhere use it instead of a fresh interpreter per command."""
+    if not _SHARED or _SHARED[0].proc.poll() is not None:
+        _SHARED[:] = [ForkServer()]
+        atexit.register(_SHARED[0].close)
+    return _SHARED[0]
+
+
+def run_splice(*args: Any, cwd: Path | str | None = None,
+               timeout: float = 600) -> subprocess.CompletedProcess:
+    """`python -m splice ARGS` as a forked child of the shared server, in `cwd` (default: this
+    process's), killed after `timeout` seconds; the result as subprocess.run gives it."""
+    argv = [str(a) for a in args]
+    r = shared().run(argv, cwd=str(cwd or os.getcwd()), kill_after=timeout,
+                     signal=int(signal.SIGKILL))
+    return subprocess.CompletedProcess([sys.executable, "-m", "splice", *argv], r.rc, r.stdout,
+                                       r.stderr)
 
 
 if __name__ == "__main__":
