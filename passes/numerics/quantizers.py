@@ -183,6 +183,18 @@ def _result(codes, scales, zeros, bits, group_size, symmetric, float_zero) -> Qu
                            group_size, symmetric, float_zero)
 
 
+def fitted_group(group: int, k: int) -> int:
+    """`group` fitted to `k` inputs (fit_groups): one group per row where k <= group, else the
+    largest group that divides k, halving from `group` down to 16 (MatMulNBits' smallest block),
+    so that no block is padded; `group` itself (a partial last group) where none divides."""
+    if k <= group:
+        return k
+    g = group
+    while g > 16 and k % g:
+        g //= 2
+    return g if k % g == 0 else group
+
+
 def _check_float_zero(bits: int, symmetric: bool, float_zero: bool) -> None:
     if float_zero and (symmetric or bits != 4):
         raise IRError(f"float zero points need asymmetric 4-bit quantization (MatMulNBits has no "

@@ -304,6 +304,19 @@ def test_numeric_gptq_gives_rtn_on_its_static_groups_bit_for_bit():
     assert quantizers.gptq(w, h, 4, 32, act_order=False)[1].rtn is None
 
 
+def test_structural_fit_groups_takes_the_largest_unpadded_group():
+    assert [quantizers.fitted_group(g, k) for g, k in [(128, 576), (128, 1536), (128, 64),
+            (64, 48), (32, 48), (128, 200), (128, 2048)]] == [64, 128, 64, 48, 16, 128, 128]
+    fitted = tiny_model("llama")  # hidden 32, intermediate 48: down_proj's 48 inputs
+    QuantizeWeightsPass(group_size=32, fit_groups=True, embeddings="int8")(fitted)
+    plain = tiny_model("llama")
+    QuantizeWeightsPass(group_size=32, embeddings="int8")(plain)
+    for module, down in ((fitted, 16), (plain, 32)):  # plain: a partial last group of 16
+        groups = {n.role: n.attrs["group_size"] for n in module.graph.find(op="qlinear")}
+        assert groups["mlp.down_proj"] == down and groups["attn.q_proj"] == 32
+    assert fitted.graph.find(op="qembedding")[0].attrs.get("group_size", 32) == 32
+
+
 def test_numeric_symmetric_int4_uses_the_signed_max_grid():
     """4-bit symmetric groups: the value of largest magnitude m is code 0 (scale m / -8 in
     float32, negative when m is positive), the others within half a step unless past the top of
