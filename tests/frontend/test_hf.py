@@ -440,22 +440,12 @@ def test_default_model_path_points_at_the_gguf():
 
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_gguf_matches_transformers(monkeypatch):
+def test_smollm2_gguf_matches_transformers(smollm2):
     """load_gguf's graph against transformers' own load of the same file. Dequantizing takes
-    ~15 s, so the reference is the very model load_gguf had transformers build (kept by wrapping
-    the real loader, which still runs), not a second load of the file."""
-    from splice.frontend import hf
-
-    loaded = []
-    real_load = hf._load_model
-
-    def keep(*args, **kwargs):
-        loaded.append(real_load(*args, **kwargs))
-        return loaded[-1]
-
-    monkeypatch.setattr(hf, "_load_model", keep)
-    path = default_model_path()
-    module = load_gguf(path)
+    ~15 s, so the module is the session's import (tests/conftest.py: load_model("smollm2-135m"),
+    i.e. load_gguf of the default path) and the reference the very model that import had
+    transformers build (kept by wrapping the real loader, which still runs), not a second load."""
+    module, loaded = smollm2.module, smollm2.built
     verify(module)
     assert module.config.architecture == "llama" and module.config.num_layers == 30
     assert module.config.eos_token_ids == (2,) and module.config.max_position == 8192

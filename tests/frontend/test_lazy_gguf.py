@@ -308,12 +308,13 @@ def test_a_type_gguf_cannot_dequantize_is_refused(tmp_path):
 
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_lazy_equals_eager_bit_for_bit():
+def test_smollm2_lazy_equals_eager_bit_for_bit(smollm2):
     """SmolLM2-135M-Instruct Q4_1 (its embedding Q8_0): all 272 weights, the graph, the config
-    and the tokenizer. Each import takes ~15 s (metadata and tokenizer parsing, for both)."""
+    and the tokenizer. Each import takes ~15 s (metadata and tokenizer parsing, for both): the
+    eager one is the session's (tests/conftest.py: load_model, i.e. load_gguf of this path)."""
     path = default_model_path()
     lazy = load_gguf_lazy(path)
     assert lazy.weights.resident_bytes() < 4096 and lazy.config.num_layers == 30
     assert lazy.tokenizer is not None and "<|im_start|>" in (lazy.config.chat_template or "")
     assert gguf_source("smollm2-135m") == path
-    assert_same(load_gguf(path), lazy)
+    assert_same(smollm2.module, lazy)

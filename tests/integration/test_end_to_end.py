@@ -40,8 +40,8 @@ def test_stories260k_onnx_matches_interpreter_prefill_and_32_decode_steps(tmp_pa
 
 @pytest.mark.slow
 @needs_smollm2
-def test_smollm2_logits_through_onnx_equal_interpreter(tmp_path):
-    module = load_model("smollm2-135m")
+def test_smollm2_logits_through_onnx_equal_interpreter(tmp_path, smollm2):
+    module = smollm2.module  # the session's import (tests/conftest.py), not changed here
     art = splice.compile(module.clone(), "fold_norms", "cpu", tmp_path / "s")
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1345, 28, 260, 2573, 30]])
     ref = run_logits(module, ids)["logits"].numpy()

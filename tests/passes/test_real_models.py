@@ -40,7 +40,7 @@ def test_fold_norms_stories260k():
 
 @pytest.mark.slow
 @needs_smollm2
-def test_fold_norms_smollm2_135m():
-    module = load_model("smollm2-135m")
+def test_fold_norms_smollm2_135m(smollm2):
+    module = smollm2.module.clone()  # the session's import (tests/conftest.py); fold changes it
     _, report = fold_checked(module, 8)
     check_report(report, module.config.num_layers, tied=True)
