@@ -34,7 +34,9 @@ error unfolded to 35-47% folded (61% -> 9% on gate_proj). A norm whose gain exce
 statistics come from one run of the module over the first `probe_tokens` calibration tokens, or,
 without calibration, over `probe_tokens` token ids drawn from the vocabulary with a fixed seed
 (massive activations do not depend on the text: Gemma's gains agree within 30% on both).
-rotate's R1 refuses a stream read by a norm that kept its weight.
+rotate's R1 refuses a stream read by a norm that kept its weight: run rotate_inputs before it.
+In layer-by-layer mode (passes/infra/layerwise.py) a sub-module's stream is a stub, so nothing is
+measured there and every norm is folded as with max_gain = 0 (the report's note says so).
 
 Exactness: exact in exact arithmetic (the product is reassociated: (n * g) @ W.T = n @ (W * g).T).
 The fold is computed in float64 and cast back to the weight's dtype, so on float32 weights it only
@@ -138,8 +140,11 @@ class FoldNormsPass(PassBase):
                 left[_label(norm)] = reason
             else:
                 todo.append(norm)
+        # layer by layer (passes/infra/layerwise.py) the sub-module's stream is a stub: no probe
+        stub = any(n.origin == "layerwise" for n in g.nodes)
         gains = self._gains(module, ctx, [n for n in todo if not n.attrs["group"]
-                                          and not _all_ones(module, n)]) if self.max_gain else {}
+                                          and not _all_ones(module, n)]) \
+            if self.max_gain and not stub else {}
         for norm in todo:
             gain = gains.get(id(norm), 0.0)
             if gain > self.max_gain:
@@ -185,6 +190,9 @@ class FoldNormsPass(PassBase):
                                   "dropped_weights": dropped}
         if gains:
             report["gains"] = {_label(n): round(gains[id(n)], 3) for n in todo if id(n) in gains}
+        if stub and self.max_gain:
+            report["note"] = ("layer by layer: gains not measured (a sub-module's stream is a "
+                              "stub), every norm folded as with max_gain = 0")
         return PassResult(module, bool(folded), report)
 
     def _gains(self, module: Module, ctx: PassContext, norms: list[Node]) -> dict[int, float]:
