@@ -52,7 +52,8 @@ comes back exactly at W4 g32; MatMulNBits then computes in float, slower than in
 
 With `tune_steps` > 0 the quantized scales are then tuned end to end: every quantized linear's
 group scales at once, codes and zero points fixed, by distillation from a float teacher
-(passes/numerics/tune_scales.py; `tune_samples` sequences of `tune_seq_len` calibration tokens, one step
+(passes/numerics/tune_scales.py; `tune_samples` sequences of `tune_seq_len` calibration tokens
+(0: as long as the calibration rows, so that one preset tunes a toy model's short rows too), one step
 per sequence, `tune_lr`). `tune_teacher` "input" is the module as it was before this pass;
 "original" is the module the pass list started from (ctx.reference), so that after pruning the
 scales also learn back some of what the pruning lost. A whole-model training run: refused across
@@ -166,7 +167,7 @@ class QuantizeWeightsPass(PassBase):
             if getattr(self, key) not in LM_HEAD:
                 raise PassError(f"{p} {key} {getattr(self, key)!r}; accepted: {', '.join(LM_HEAD)}")
         for key, least in (("hessian_samples", 0), ("tune_steps", 0), ("tune_samples", 2),
-                           ("tune_seq_len", 1)):
+                           ("tune_seq_len", 0)):
             if getattr(self, key) < least:
                 held = " (one sequence is held out)" if key == "tune_samples" else ""
                 raise PassError(f"{p} {key} = {getattr(self, key)}; it must be >= {least}{held}")
@@ -309,7 +310,8 @@ class QuantizeWeightsPass(PassBase):
                                 "the same vocabulary")
         calib = ctx.require_calibration(self.name)
         ids = calibration_sequences(calib if calib.dim() == 2 else calib[None],
-                                    self.tune_seq_len, self.tune_samples, self.name)
+                                    self.tune_seq_len or calib.shape[-1], self.tune_samples,
+                                    self.name)
         return (ids, *teacher_targets(teacher, ids))
 
     # -- calibrated quantization -------------------------------------------------------------------

@@ -115,7 +115,8 @@ def _bits_per_weight_read(name: str) -> float:
     (q,) = [p for p in Recipe.named(name).passes if p.name == "quantize_weights"]
     module = tiny_module(hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3,
                          head_dim=64, num_layers=1, tie_embeddings=True)
-    dataclasses.replace(q, method="rtn", clip_search=False, output_error=False)(module)
+    dataclasses.replace(q, method="rtn", clip_search=False, output_error=False,
+                        tune_steps=0)(module)
     layer, head = [0, 0], [0, 0]  # [bits, weights]
     for node in module.graph.find(op="qlinear"):
         into = head if node.role == "lm_head" else layer
@@ -128,10 +129,10 @@ def _bits_per_weight_read(name: str) -> float:
 
 
 def test_closest_to_float_reads_at_most_4_5_bits_per_weight_on_smollm2():
-    """Issue 25's budget for the closest-to-float preset (balanced's g128 is over it: 576 inputs
-    are 4.5 blocks of 128, and the half-empty fifth block is stored and read)."""
+    """Issue 25's budget for the closest-to-float preset. balanced is just over it (g64 on the
+    576-wide inputs, where 128 would pad a fifth block; down_proj at g128): 4.51."""
     assert 4.4 < _bits_per_weight_read("closest_to_float") <= 4.5
-    assert _bits_per_weight_read("balanced") == pytest.approx(4.67, abs=0.01)
+    assert _bits_per_weight_read("balanced") == pytest.approx(4.51, abs=0.01)
     assert presets.get("closest_to_float").calibrates
 
 

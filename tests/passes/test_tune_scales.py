@@ -152,6 +152,18 @@ def test_builtin_recipe_w4_gptq_rotate_tuned():
     assert out.graph.op_counts()["qlinear"] == 14 and out.graph.op_counts()["hadamard"] > 0
 
 
+def test_tune_seq_len_0_takes_the_calibration_rows_length():
+    """tune_seq_len = 0: sequences as long as the calibration rows (what lets one preset tune a
+    toy model's 32-token rows and a 512-token SmolLM2 calibration): the same run as naming it."""
+    calib = calibration(batch=4, seq=32)
+    a, b = correlated_model(), correlated_model()
+    ra = QuantizeWeightsPass(**GPTQ, **{**TUNE, "tune_steps": 3, "tune_seq_len": 0})(
+        a, PassContext(calibration=calib)).report["tune"]
+    QuantizeWeightsPass(**GPTQ, **{**TUNE, "tune_steps": 3, "tune_seq_len": 32})(
+        b, PassContext(calibration=calib))
+    assert ra["steps"] == 3 and all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+
+
 def test_builtin_recipe_prune4_mlp_patch_w4a8():
     import dataclasses
 
@@ -183,7 +195,7 @@ def test_builtin_recipe_prune4_mlp_patch_w4a8():
 
 @pytest.mark.parametrize("bad, match", [({"tune_steps": -1}, "tune_steps = -1"),
                                         ({"tune_samples": 1}, "tune_samples = 1"),
-                                        ({"tune_seq_len": 0}, "tune_seq_len = 0"),
+                                        ({"tune_seq_len": -1}, "tune_seq_len = -1"),
                                         ({"tune_lr": 0.0}, "tune_lr 0.0"),
                                         ({"tune_lr": float("inf")}, "tune_lr inf"),
                                         ({"tune_teacher": "dense"}, "tune_teacher 'dense'")])
