@@ -261,6 +261,7 @@ def test_recipes_that_fit_pass():
     check_recipe(Recipe("prune", (("select_layers", {"n": 1}), ("estimate_patch", {}),
                                   ("prune_layers", {}), ("fuse_patch", {"strategy": "fold"}))
                         ).build())
+    check_recipe(Recipe.named("gguf_q4_0").build())  # the built-in recipe for this backend
 
 
 def test_compile_refuses_before_loading_the_model(tmp_path, monkeypatch):
