@@ -234,6 +234,21 @@ def test_cli_compiles_with_the_tvm_backend(tmp_path):
     assert load(out).generate("Once", max_new_tokens=4)
 
 
+def test_cli_activations_int8_reaches_the_tvm_artefact_and_only_it(tmp_path, capsys):
+    from splice.cli import main
+
+    out = tmp_path / "int8"
+    assert main(["compile", str(STORIES), "--backend", "tvm", "--recipe", "w4_rtn",
+                 "--activations", "int8", "--out", str(out)]) == 0
+    assert json.loads((out / "manifest.json").read_text())["tvm"]["activations"] == "int8"
+    assert load(out).generate("Once", max_new_tokens=4)
+    capsys.readouterr()
+    assert main(["compile", str(STORIES), "--recipe", "w4_rtn", "--activations", "int8",
+                 "--out", str(tmp_path / "onnx")]) == 2
+    assert "the onnx backend has no export option activations" in capsys.readouterr().err
+    assert not (tmp_path / "onnx").exists()
+
+
 @pytest.mark.parametrize("bits", [None, 4])
 def test_cuda_library_builds_without_a_gpu(tmp_path, bits):
     module = tiny_module(num_layers=1)
