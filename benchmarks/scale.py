@@ -33,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 LLAMA2_7B = dict(layers=32, hidden=4096, intermediate=11008, heads=32, vocab=32000)
 QUICK = dict(layers=4, hidden=256, intermediate=688, heads=4, vocab=512)
 PRUNE_CALIB = (12, 512)  # 6,144 tokens: a 4096 x 4096 patch fitted on 3/4 of them
+QUICK_PRUNE_CALIB = (4, 128)  # 512 tokens: QUICK's 256 x 256 patch fitted on 3/4 of them
 
 
 def write_random_llama(path: Path, *, layers: int, hidden: int, intermediate: int, heads: int,
@@ -156,9 +157,9 @@ def run(quick: bool = True, layers: int | None = None, gptq: bool = False,
     shape (or `layers` of it) layer by layer. `gptq` adds a GPTQ compile on 4 x 64 tokens;
     `distributed` adds GPTQ in 1 and in 2 processes (gloo) on the same checkpoint; `prune` adds
     a compile that first prunes that many layers and patches the cut (the whole-model passes,
-    calibrated on PRUNE_CALIB tokens: a d x d patch needs more than d tokens; None: 1 in quick
-    mode, against the in-memory compile, else 0); `rtn = False` leaves out the RTN compile (full
-    mode with gptq, distributed or prune only)."""
+    calibrated on PRUNE_CALIB tokens, QUICK_PRUNE_CALIB in quick mode: a d x d patch needs more
+    than d tokens; None: 1 in quick mode, against the in-memory compile, else 0); `rtn = False`
+    leaves out the RTN compile (full mode with gptq, distributed or prune only)."""
     if prune is None:
         prune = 1 if quick else 0
     if not rtn and (quick or not (gptq or distributed or prune)):
@@ -190,7 +191,7 @@ def run(quick: bool = True, layers: int | None = None, gptq: bool = False,
         calib = root / "calib.txt"
         calib.write_text(" ".join(f"w{i % 97} {i}" for i in range(40000)))
         if prune:
-            samples, seq_len = PRUNE_CALIB
+            samples, seq_len = QUICK_PRUNE_CALIB if quick else PRUNE_CALIB
             recipe = recipe_file(root / "prune.toml", "rtn", samples, seq_len, prune)
             figures["layerwise_prune"] = compile_child(model, root / "lw_prune", recipe,
                                                        layerwise=True, calib=calib, nice=nice)

@@ -67,7 +67,7 @@ def run(quick: bool = False) -> tuple[str, dict]:
     name = "stories260K" if quick else "SmolLM2-135M"
     prompt_len, new = (32, 32) if quick else (64, 128)
     res: dict = {"model": name, "prompt": prompt_len, "new": new, "compile": {}, "speed": {},
-                 "logit_diff": {}}
+                 "logit_diff": {}, "rounds": 1 if quick else REPEATS}  # quick: a test's run
     module, res["import_s"] = _timed(load_model, model)
     int4, res["quantize_s"] = _timed(
         lambda: QuantizeWeightsPass(bits=4, group_size=32).call(module.clone(),
@@ -103,7 +103,7 @@ def run(quick: bool = False) -> tuple[str, dict]:
         for art in arts.values():
             art.generate_ids(ids[:8], max_new_tokens=4, stop_at_eos=False)  # warm-up
         rounds: dict[str, list] = {label: [] for label in arts}
-        for _ in range(REPEATS):
+        for _ in range(res["rounds"]):
             for label, art in arts.items():
                 time.sleep(PAUSE_S)
                 g = art.generate_ids(ids, max_new_tokens=new, stop_at_eos=False)
@@ -119,7 +119,7 @@ def markdown(res: dict) -> str:
     sp, cp = res["speed"], res["compile"]
     lines = [f"## TVM backend: {res['model']}", "",
              f"Prompt {res['prompt']} tokens, {res['new']} greedy tokens, 2 threads; best of "
-             f"{REPEATS} alternating rounds (same run):", "",
+             f"{res['rounds']} alternating rounds (same run):", "",
              "| engine | prefill tok/s | decode tok/s | compile s | of which LLVM build s | "
              "tuning s | artefact MB |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
