@@ -267,7 +267,9 @@ def test_peak_memory_of_layer_by_layer_mode_stays_bounded(tmp_path):
     """8 layers x hidden 1024 (0.47 GB of float32 weights), rotate + RTN W4: layer by layer the
     peak stays under `bound` (libraries plus a few layers' worth); the in-memory compile, which
     holds the float32 model more than once, peaks well above it. Pruning 2 layers and patching the cut first
-    (4 x 512 calibration tokens for the whole-model passes) stays under it too."""
+    (3 x 512 calibration tokens for the whole-model passes, about the fewest the patch's fit takes
+    at hidden 1024 with a quarter held out; their activations are a few MB at any length, the
+    weights are what the bound is about) stays under it too."""
     from benchmarks.scale import recipe_file, write_random_llama
 
     write_random_llama(tmp_path / "model", **MID)
@@ -282,7 +284,7 @@ def test_peak_memory_of_layer_by_layer_mode_stays_bounded(tmp_path):
     assert whole - layered > 0.75 * FLOAT32_BYTES  # most of a whole float32 copy saved
     # the whole-model passes first (select, estimate, prune 2, fuse): one weight at a time
     (tmp_path / "calib.txt").write_text(" ".join(f"w{i % 97} {i}" for i in range(8000)))
-    pruned = peak_bytes(tmp_path / "model", recipe_file(tmp_path / "p.toml", "rtn", 4, 512, 2),
+    pruned = peak_bytes(tmp_path / "model", recipe_file(tmp_path / "p.toml", "rtn", 3, 512, 2),
                         tmp_path / "lw_prune", True, tmp_path / "calib.txt")
     assert pruned < bound, f"prune + patch layer by layer peaked at {pruned / 1e9:.2f} GB"
 
