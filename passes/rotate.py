@@ -185,7 +185,8 @@ def residual_stream(module: Module, collapsible: dict[int, Patch] | None = None,
             if len(node.inputs) > 1 and node.inputs[1] is not None:
                 raise PassError(f"rotate (r1): {_label(node)} reads the residual stream and still "
                                 "carries a weight (gamma), which does not commute with a rotation; "
-                                "put fold_norms before rotate")
+                                "put fold_norms before rotate (where fold_norms left it in place, "
+                                "as on Gemma 3, add rotate_inputs between them, or set r1 = false)")
             if node.attrs["group"]:
                 raise PassError(f"rotate (r1): {_label(node)} normalises groups of "
                                 f"{node.attrs['group']} channels of the residual stream, which a "
