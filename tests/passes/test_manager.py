@@ -48,7 +48,7 @@ def test_runs_passes_in_list_order_and_reports_each():
     assert [r["modified"] for r in report] == [False, True, False, True]
     assert report[0]["settings"] == {"label": "first"}
     assert report[0]["report"] == {"label": "first"}
-    assert report[3]["settings"] == {"untie": True}
+    assert report[3]["settings"] == {"untie": True, "max_gain": 2.5, "probe_tokens": 128}
     assert report[3]["report"]["folded"] == ["layers.0.attn_norm", "final_norm"]
     for r in report:
         assert set(r) >= {"step", "name", "settings", "modified", "time_s", "report", "verify"}
