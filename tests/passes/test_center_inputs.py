@@ -135,7 +135,8 @@ def test_numeric_centering_rescues_w4_on_a_massive_channel():
     plain = w4_kl([FoldNormsPass(max_gain=0), rtn])
     centered = w4_kl([FoldNormsPass(max_gain=0), CenterInputsPass(), rtn])
     rotated = w4_kl([FoldNormsPass(max_gain=0), RotatePass(), CenterInputsPass(), rtn])
-    projected = w4_kl([FoldNormsPass(max_gain=0), RotatePass(), CenterInputsPass(directions=1), rtn])
+    projected = w4_kl([FoldNormsPass(max_gain=0), RotatePass(), CenterInputsPass(directions=1),
+                       rtn])
     assert max(centered, rotated, projected) * 4 < plain, (plain, centered, rotated, projected)
     assert math.isfinite(plain)
 

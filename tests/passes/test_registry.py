@@ -76,7 +76,8 @@ def test_bad_settings_raise_naming_setting_type_and_value(private_registry, sett
 
 
 def test_unknown_pass_lists_the_registered_ones():
-    with pytest.raises(PassError, match=r"unknown pass 'fold_norm'; registered passes: .*fold_norms"):
+    with pytest.raises(PassError,
+                       match=r"unknown pass 'fold_norm'; registered passes: .*fold_norms"):
         make_pass("fold_norm", {})
     with pytest.raises(PassError, match=r"unknown setting 'x'; accepted: untie"):
         make_pass("fold_norms", {"x": 1})
@@ -223,7 +224,8 @@ def test_bad_recipes_raise_one_line_pass_errors(text, message):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(PassError, match=r"recipe file '.*nope\.toml' does not exist"):
         Recipe.from_toml(tmp_path / "nope.toml")
-    with pytest.raises(PassError, match=r"does not exist; built-in recipes: balanced, .*fold_norms, .*none, "):
+    with pytest.raises(PassError,
+                       match=r"does not exist; built-in recipes: balanced, .*fold_norms, .*none, "):
         Recipe.resolve("fold")
 
 
