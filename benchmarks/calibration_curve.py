@@ -19,7 +19,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -63,10 +62,10 @@ def run(preset: str = "balanced", sizes: tuple[int, ...] = (8, 16, 32, 64), quic
         calib = torch.tensor(calib_ids[:n * seq]).reshape(n, seq)
         r = Recipe(recipe.name, recipe.passes, recipe.description, recipe.seed, n, seq)
         with tempfile.TemporaryDirectory() as tmp:
-            load_avg, cpu0, t0 = os.getloadavg()[0], _cpu_s(), time.perf_counter()
+            load_avg, cpu0, t0 = os.getloadavg()[0], time.process_time(), time.perf_counter()
             path = splice_compile(model.clone(), r, "cpu", Path(tmp) / "a", calibration=calib,
                                   instruments=[TimingInstrument()], load=False)
-            compile_s, compile_cpu_s = time.perf_counter() - t0, _cpu_s() - cpu0
+            compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
             report = json.loads((path / "manifest.json").read_text())["report"]["passes"]
             art = load(path, threads=threads)
             head = perplexity(art_logits := lambda x: art.logits(x)[0], test_ids[:SCREEN],
@@ -83,12 +82,6 @@ def run(preset: str = "balanced", sizes: tuple[int, ...] = (8, 16, 32, 64), quic
         print(json.dumps(rows[-1]), flush=True)
     return {"preset": preset, "threads": threads, "eval_tokens": len(test_ids),
             "window": window, "rows": rows}
-
-
-def _cpu_s() -> float:
-    """User + system CPU seconds of this process so far (every thread)."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def main(argv: list[str] | None = None) -> int:
