@@ -28,7 +28,8 @@ is not a graph output and feeds only linears (as their input) with constant floa
 other node reads (a tied lm_head is left, with the reason: rotating it would rotate the embedding).
 The width must have a Hadamard matrix (ir.hadamard), or, with allow_block, a block-diagonal one.
 A rotated norm feeds a hadamard node, not linears, and R1 is recorded: a second run does nothing
-(modified=False).
+(modified=False). Layer by layer (passes/infra/layerwise.py) each sub-module rotates its own
+layer's norms (the stub head's norm is left) and the driver checks every layer decided alike.
 
 Exact in exact arithmetic: s * s = 1 and H H^T = I; the products are computed in float64 and cast
 back to the weights' dtype once (the numeric test holds float64 logits to 1e-12).
@@ -113,6 +114,8 @@ class RotateInputsPass(PassBase):
             return PassResult(module, False, report)
         todo = []
         for norm in module.graph.find(op="rms_norm"):
+            if norm.origin == "layerwise":  # a layer-by-layer sub-module's stub head
+                continue
             reason = _why_not(module, norm)
             if reason is None:
                 todo.append(norm)

@@ -54,14 +54,19 @@ sees the last layer's stub pointed at the stream table, and E again after it (un
 quantized the head and dropped E, which the model then reads from the embedding alone). The
 cost: E is transformed in two sub-modules (rotated twice, for one), the whole model does it once.
 
-Supported passes (others are refused with an InputError naming them): fold_norms, rotate,
-quantize_weights (RTN or GPTQ; with calibration its embeddings must stay "keep", since the
+Supported passes (others are refused with an InputError naming them): fold_norms,
+rotate_inputs, rotate, quantize_weights (RTN or GPTQ; with calibration its embeddings must stay "keep", since the
 whole-model pass calibrates on the float table it then replaces), quantize_activations and
 quantize_kv_cache (every mode). The dynamic modes are per-node rewrites, run like fold_norms;
 they and the static ones put quantize nodes on layer i's linears and attention only (the stub
 head is no decoder linear, so its input stays float unless `roles` names lm_head; the stub's
 node is then dropped with the stub), and write the same config.extra record in every
-sub-module.
+sub-module. rotate_inputs rotates the readers of a layer's own norms (the stub's it leaves) and
+decides per sub-module whether it acts (some norm keeps a per-channel scale): every layer must
+decide alike, or the compile is refused at the first that does not (a layer that took R1 online
+beside one that rotates the stream would make another model); its R1 record lists the norms of
+every sub-module. In this mode fold_norms measures no gain and folds every norm it can, so on a
+model like Gemma 3 rotate_inputs finds nothing left and rotate applies R1 to the stream.
 
 Whole-model passes. select_layers, estimate_patch, prune_layers, fuse_patch and absorb_post_norm
 look across layers (a block's score compares streams n layers apart, a patch spans the cut,
@@ -112,7 +117,7 @@ logger = logging.getLogger(__name__)
 
 WHOLE_MODEL = ("select_layers", "estimate_patch", "prune_layers", "fuse_patch",
                "absorb_post_norm")
-PER_LAYER = ("fold_norms", "rotate", "quantize_weights", "quantize_activations",
+PER_LAYER = ("fold_norms", "rotate_inputs", "rotate", "quantize_weights", "quantize_activations",
              "quantize_kv_cache")
 SUPPORTED = WHOLE_MODEL + PER_LAYER
 SPILL_MIN_BYTES = 1 << 20  # a whole-model pass's new weights from this size on go to disk
@@ -272,6 +277,7 @@ def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
                                               last=i == len(layers) - 1)
                 rep.append(entry)
             start = k + 1
+        _same_decisions(passes, rep, reports[0] if reports else rep, i)
         _write_part(sub, i, len(layers), work, refs)
         sub.weights = {}
         subs.append(sub)
@@ -309,11 +315,27 @@ def _merged_rotation(module: Module, subs: list[Module]) -> dict[str, Any] | Non
                 rec[count] = sum(p.get(count, 0) for p in parts)
         if "readers" in rec:
             rec["readers"] -= len(subs) - 1
-        collapsed = [name for p in parts for name in p.get("patches_to_channel_scale", [])]
-        if collapsed:
-            rec["patches_to_channel_scale"] = collapsed
+        for listed in ("patches_to_channel_scale", "online_after_norms"):
+            names = [name for p in parts for name in p.get(listed, [])]
+            if names:
+                rec[listed] = names
         merged[key] = rec
     return merged
+
+
+def _same_decisions(passes: Sequence[PassBase], rep: list[dict], first: list[dict],
+                    i: int) -> None:
+    """Refuse layer i where rotate_inputs decided otherwise than in layer 0: it takes over R1
+    (online, the stream unrotated) where some norm keeps a per-channel scale, and a layer that
+    did beside one that did not (rotate then rotates the stream there) would not be one model."""
+    for k, p in enumerate(passes):
+        here, there = bool(rep[k].get("modified")), bool(first[k].get("modified"))
+        if p.name == "rotate_inputs" and here != there:
+            did, didnt = (i, 0) if here else (0, i)
+            raise LayerwiseError(f"layer-by-layer mode: rotate_inputs rotated the norms' readers "
+                                 f"online in layer {did} but not in layer {didnt} (it acts where "
+                                 "a norm keeps a per-channel scale); compile in memory "
+                                 "(layerwise=False)")
 
 
 def _run_whole_model(module: Module, passes: Sequence[PassBase], ctx: PassContext, work: Path,

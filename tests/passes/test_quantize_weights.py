@@ -376,7 +376,8 @@ def test_builtin_recipes():
     assert (w4.calibration_samples, w4.calibration_seq_len) == (128, 512)
     assert Recipe.named("w4_rtn").passes[0].method == "rtn"
     rot = Recipe.named("w4_gptq_rotate")
-    assert [p.name for p in rot.passes] == ["fold_norms", "rotate", "quantize_weights"]
+    assert [p.name for p in rot.passes] == ["fold_norms", "rotate_inputs", "rotate",
+                                            "quantize_weights"]
     q = rot.passes[-1]
     assert (q.method, q.act_order, q.clip_search) == ("gptq", True, True)
     assert rot.calibration_samples == 128

@@ -8,11 +8,16 @@ import torch
 from splice.ir import run_logits
 from splice.passes import PassManager
 from splice.passes.fold_norms import FoldNormsPass
+from splice.passes.infra.base import PassContext
+from splice.passes.infra.layerwise import LayerwiseError, run_layerwise
 from splice.passes.quantize_weights import QuantizeWeightsPass
 from splice.passes.rotate import RotatePass
 from splice.passes.rotate_inputs import RotateInputsPass
 from tests.passes.models import hand_built, token_batch
+from splice.recipe import Recipe
 from tests.passes.test_fold_norms import planted_massive
+from tests.scale.test_layerwise import calib, quant, same_module
+from tests.tiny import tiny_module
 
 
 def logits64(module):
@@ -101,3 +106,38 @@ def test_idempotent_second_run_changes_nothing():
     assert not r.modified and r.report["rotated"] == [] and module.graph.op_counts() == text
     assert "already applied" in r.report["note"]
     assert all(torch.equal(module.weights[k], v) for k, v in weights.items())
+
+
+@pytest.mark.parametrize("variant,method", [({}, "rtn"),
+                                            ({"num_layers": 3, "qk_norm": True,
+                                              "tie_embeddings": True}, "gptq")])
+def test_layer_by_layer_equals_in_memory_bit_for_bit(tmp_path, variant, method):
+    """Without fold_norms every pre-norm keeps its scale: each layer's sub-module rotates its own
+    norms' readers (the stub head's norm left), rotate adds R2 / R4, W4 after them; the merged
+    model, its weights and logits equal the in-memory compile bit for bit, R1's record too."""
+    passes = (("rotate_inputs", {}), ("rotate", {}), quant(method=method))
+    ctx = PassContext(calibration=calib() if method == "gptq" else None)
+    whole, _ = PassManager(Recipe("t", passes).build()).run(tiny_module(**variant), ctx)
+    layered, report = run_layerwise(tiny_module(**variant), Recipe("t", passes).build(), ctx,
+                                    tmp_path)
+    same_module(whole, layered)
+    assert layered.config.extra["rotation"] == whole.config.extra["rotation"]
+    assert whole.config.extra["rotation"]["r1"]["by"] == "rotate_inputs"
+    n = variant.get("num_layers", 2)
+    assert len(whole.config.extra["rotation"]["r1"]["online_after_norms"]) >= 2 * n
+    assert report[0]["modified"] and len(report[0]["report"]["layers"]) == n
+
+
+def test_layer_by_layer_refuses_layers_that_decide_otherwise(tmp_path):
+    """Layer 0's norms of ones keep no per-channel scale, layer 1's do: in memory the pass rotates
+    both (the model keeps a scale); layer by layer layer 0 alone would leave R1 to rotate, so the
+    driver refuses at layer 1."""
+    module = tiny_module()
+    for name in ("layers.0.attn_norm.weight", "layers.0.mlp_norm.weight"):
+        module.weights[name] = torch.ones_like(module.weights[name])
+    passes = Recipe("t", (("rotate_inputs", {}),)).build()
+    assert PassManager(passes).run(module.clone())[1][0]["report"]["rotated"][:2] == [
+        "layers.0.attn_norm", "layers.0.mlp_norm"]
+    with pytest.raises(LayerwiseError, match="rotated the norms' readers online in layer 1 but "
+                                             "not in layer 0"):
+        run_layerwise(module, passes, PassContext(), tmp_path)

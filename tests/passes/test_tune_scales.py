@@ -140,7 +140,8 @@ def test_builtin_recipe_w4_gptq_rotate_tuned():
 
     recipe = Recipe.named("w4_gptq_rotate_tuned")
     q = recipe.passes[-1]
-    assert [p.name for p in recipe.passes] == ["fold_norms", "rotate", "quantize_weights"]
+    assert [p.name for p in recipe.passes] == ["fold_norms", "rotate_inputs", "rotate",
+                                               "quantize_weights"]
     assert (q.method, q.group_size, q.hessian_samples) == ("gptq", 128, 128)
     assert (q.tune_steps, q.tune_samples, q.tune_seq_len) == (600, 256, 512)
     assert (recipe.calibration_samples, recipe.calibration_seq_len) == (256, 512)

@@ -205,7 +205,8 @@ def test_unsupported_passes_and_shared_packed_tables_are_refused(tmp_path):
                      ("prune_layers", {})))
     with pytest.raises(LayerwiseError, match="supports the passes select_layers, estimate_patch, "
                                              "prune_layers, fuse_patch, absorb_post_norm, "
-                                             "fold_norms, rotate, quantize_weights, "
+                                             "fold_norms, rotate_inputs, rotate, "
+                                             "quantize_weights, "
                                              "quantize_activations, quantize_kv_cache; this "
                                              "recipe also has distill_patch"):
         run_layerwise(tiny_module(), r.build(), PassContext(calibration=calib()), tmp_path)
