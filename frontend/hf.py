@@ -28,6 +28,7 @@ from splice.errors import FrontendError
 from splice.ir.core import IRError, Module, Tokenizer
 from .decoder import build_decoder
 from .finite import check_finite
+from .gguf_once import parse_once
 from .hf_families import SUPPORTED_ARCHITECTURES, convert
 
 logger = logging.getLogger(__name__)
@@ -241,10 +242,13 @@ def can_dequantize(ggml_type: int) -> bool:
 
 
 def load_gguf(path: str | Path) -> Module:
-    """Load a .gguf file through transformers (dequantized to float32) with its tokenizer."""
+    """Load a .gguf file through transformers (dequantized to float32) with its tokenizer; the
+    file's metadata is parsed once for the config, the tokenizer and the weights (gguf_once)."""
     path = check_gguf_file(path)
-    model = _load_model(path, path.parent, gguf_file=path.name)
-    return from_transformers(model, gguf_tokenizer(path), source=str(path))
+    with parse_once():
+        model = _load_model(path, path.parent, gguf_file=path.name)
+        tokenizer = gguf_tokenizer(path)
+    return from_transformers(model, tokenizer, source=str(path))
 
 
 def gguf_tokenizer(path: Path):

@@ -34,9 +34,11 @@ and dequantizes only those rows (quantization blocks never cross a row); otherwi
 tensor is processed and the rows are copied out.
 
 Cost. Importing SmolLM2-135M takes about as long as `load_gguf` does without the
-dequantization (~12 s on two cores), almost all of it in parsing the metadata (a 49k-token
-vocabulary): for our tensor table, for the config, for the processor's config dict and for the
-tokenizer, each a separate transformers or gguf call; reading all 272 weights takes ~0.7 s.
+dequantization, most of it in parsing the metadata (a 49k-token vocabulary): our tensor table,
+the config, the processor's config dict and the tokenizer each ask transformers or gguf for it,
+and gguf_once.parse_once makes that one parse of the file (and one gguf TensorNameMap, which
+transformers' name map otherwise rebuilds at each of SmolLM2's 397 modules); reading all 272
+weights takes ~0.7 s.
 
 Refused, each with a FrontendError naming what was wrong and what is accepted: a path that is
 not a file, a file that is not GGUF (magic), a truncated or corrupt file, big-endian files, an
@@ -58,6 +60,7 @@ import torch
 from splice.errors import FrontendError
 from splice.ir.core import Module
 from .finite import check_finite
+from .gguf_once import parse_once
 from .lazy import RowRange, _first_line, bind_lazy, meta_model, read_bytes, read_each
 
 logger = logging.getLogger(__name__)
@@ -150,6 +153,11 @@ def gguf_source(model: Any) -> Path | None:
 def load_gguf_lazy(path: str | Path) -> Module:
     """The module `hf.load_gguf(path)` gives, its weights left in the file (see the module
     docstring)."""
+    with parse_once():  # our tensor table, the config, the processor's dict, the tokenizer
+        return _load_lazy(Path(path))
+
+
+def _load_lazy(path: Path) -> Module:
     from transformers import AutoConfig
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map,
@@ -157,7 +165,6 @@ def load_gguf_lazy(path: str | Path) -> Module:
 
     from .hf_families import FAMILIES, SUPPORTED_ARCHITECTURES
 
-    path = Path(path)
     architecture, table = _tensor_table(path)
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name,
@@ -174,7 +181,7 @@ def load_gguf_lazy(path: str | Path) -> Module:
     model = meta_model(config, path)
     processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed)
     try:
-        to_param = _weights_map(model, processor, get_gguf_hf_weights_map)  # GGUF name -> param
+        to_param = get_gguf_hf_weights_map(model, processor)  # GGUF name -> param
     except Exception as e:  # noqa: BLE001 - as load_gguf: transformers cannot load this file
         raise FrontendError(f"transformers cannot map the tensors of {path}: "
                             f"{type(e).__name__}: {_first_line(e)}") from e
@@ -240,7 +247,7 @@ def _tensor_table(path: Path) -> tuple[str, dict[str, dict[str, Any]]]:
                              ggml_type=int(t.tensor_type), raw_dtype=t.data.dtype,
                              raw_shape=tuple(int(d) for d in t.data.shape),
                              shape=tuple(int(d) for d in reversed(t.shape.tolist())))
-    del reader  # drops the memory map
+    del reader  # its memory map is dropped when parse_once ends, with the import
     return architecture, table
 
 
@@ -252,27 +259,6 @@ def _converted_by_weight_ops(architecture: str) -> bool:
     except ImportError:  # an older transformers 5: every architecture takes the processors
         return False
     return bool(is_gguf_arch_supported(architecture))
-
-
-def _weights_map(model, processor, get_gguf_hf_weights_map) -> dict[str, str]:
-    """transformers' GGUF name -> parameter name map of `model`, as its GGUF loader makes it.
-
-    transformers' function recurses into every submodule and builds gguf's TensorNameMap (some
-    2000 patterns) afresh at each one: 6 s for SmolLM2's 397 modules, two thirds of the whole
-    import. For the call, gguf.get_tensor_name_map is memoised per (architecture, block count);
-    a TensorNameMap is only read (get_name) once built, so the map that comes out is the same.
-    (Patching a library for the length of one call is the exception here; the alternative is a
-    copy of transformers' recursion.)"""
-    import functools
-
-    import gguf
-
-    plain = gguf.get_tensor_name_map
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(plain)
-    try:
-        return get_gguf_hf_weights_map(model, processor)
-    finally:
-        gguf.get_tensor_name_map = plain
 
 
 def _dequantize(raw: np.ndarray, ggml_type: int) -> np.ndarray:
