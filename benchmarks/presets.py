@@ -15,8 +15,9 @@ Perplexity: the first 16,384 tokens of WikiText-2's test text (splice's tokenize
 every engine) in 1024-token windows, no BOS, through each engine's own logits, 2 threads.
 
 Without llama-cpp-python the llama.cpp rows are skipped, and the text says so. Quick mode:
-stories260K compiled with each preset on TinyStories text, a 16-token prompt and 8 tokens, 256
-tokens of TinyStories for perplexity, one round; the llama.cpp rows (where installed) run
+stories260K compiled with each preset on TinyStories text (a preset that tunes its scales end to
+end with one tuning step, from the preset's settings written as a TOML file), a 16-token prompt
+and 8 tokens, 256 tokens of TinyStories for perplexity, one round; the llama.cpp rows (where installed) run
 SmolLM2's GGUF on the same ids (meaningless there: another vocabulary). It checks that the
 benchmark runs, not how fast or how good anything is.
 
@@ -26,6 +27,7 @@ file's [preset.measured] table (what `splice presets` shows).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -52,8 +54,8 @@ def _compile(model: str, recipe: str, calib: Path, out: Path, quick: bool) -> di
     Quick mode gives the child one torch thread: on a toy model a busy machine's second thread
     only adds waiting (6x slower on a loaded 2-core machine)."""
     if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "splice", "compile", model, "--recipe", recipe, "--out",
-               str(out)]
+        cmd = [sys.executable, "-m", "splice", "compile", model, "--recipe",
+               _recipe_arg(recipe, out, quick), "--out", str(out)]
         from splice.recipe import Recipe
 
         if Recipe.named(recipe).calibration_samples:  # only where it calibrates: given text,
@@ -71,6 +73,22 @@ def _compile(model: str, recipe: str, calib: Path, out: Path, quick: bool) -> di
     return {"compile_s": float((out.parent / f"{out.name}.compile_s").read_text()),
             "passes": passes,
             "size_mb": sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) / 1e6}
+
+
+def _recipe_arg(recipe: str, out: Path, quick: bool) -> str:
+    """`--recipe`: the preset's name; in quick mode, for a preset that tunes its scales end to
+    end, its settings as a TOML file beside `out` with one tuning step (the tuning code runs;
+    closest_to_float's 64 steps were most of the quick run)."""
+    from splice.recipe import Recipe
+
+    r = Recipe.named(recipe)
+    passes = tuple(dataclasses.replace(p, tune_steps=1) if getattr(p, "tune_steps", 0) > 1 else p
+                   for p in r.passes)
+    if not quick or passes == r.passes:
+        return recipe
+    path = out.parent / f"{out.name}.quick.toml"
+    path.write_text(dataclasses.replace(r, passes=passes).to_toml(), encoding="utf-8")
+    return str(path)
 
 
 def _texts(art_path: Path, quick: bool) -> tuple[list[int], list[int], int]:
