@@ -79,9 +79,9 @@ def _configs(group: int, quick: bool) -> list[tuple]:
     small = {"quantize_weights": {"group_size": group}}
     if quick:
         small = {"select_layers": {"n": 1},  # stories260K has 5 layers
-                 "estimate_patch": {"mlp_rank": 16, "mlp_steps": 50},
+                 "estimate_patch": {"mlp_rank": 16, "mlp_steps": 10},
                  "quantize_weights": {"group_size": group, "hessian_samples": 0,
-                                      "tune_steps": 20, "tune_samples": 128, "tune_seq_len": 64}}
+                                      "tune_steps": 4, "tune_samples": 32, "tune_seq_len": 64}}
     tuned, tuned_rows = _recipe("w4_gptq_rotate_tuned", small, quick)
     full, full_rows = _recipe("prune4_mlp_patch_w4a8", small, quick)
     n = full[0][1]["n"]
