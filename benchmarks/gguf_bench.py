@@ -3,7 +3,7 @@ Q4_0 and Q8_0 of the same model: file size, WikiText-2 perplexity and decode spe
 llama.cpp (llama-cpp-python), in one process, rounds alternating between the files.
 
     python -m benchmarks.gguf_bench --reference DIR [--splice NAME=DIR ...] [--rounds 3]
-                                    [--no-speed] [--no-peers] [--logits]
+                                    [--no-speed] [--no-ppl] [--no-peers] [--logits]
 
 --reference is a gguf artefact of the float model (`splice compile MODEL --backend gguf --recipe
 none`): llama.cpp's own quantizer (llama_model_quantize, as llama-quantize) makes the Q4_0 and
@@ -12,7 +12,8 @@ tokenizer), so every file runs through the same runtime (runtime/gguf_runtime.py
 splice's protocol (splice.evaluate: the first 16,384 tokens of WikiText-2's test text, 1024-token
 windows, the first token of a window context only); speed is 128 greedy tokens after a 64-token
 WikiText-2 prompt, `--threads` threads (default 2), the best decode tok/s of the rounds
-(--no-speed: size and perplexity only; --no-peers: the splice files only). Writes the results as
+(--no-speed: size and perplexity only; --no-ppl: size and speed only; --no-peers: the splice
+files only). Writes the results as
 JSON (--out) and prints a markdown table.
 """
 
@@ -106,9 +107,10 @@ def _compare(ours, ref) -> dict:
 
 def run(reference: Path | None, splice_arts: dict[str, Path], work: Path, rounds: int = 3,
         threads: int = 2, max_tokens: int = 16384, window: int = 1024,
-        speed: bool = True) -> dict:
+        speed: bool = True, ppl: bool = True) -> dict:
     """The rows: llama.cpp's peers made from `reference` (None: no peers) and `splice_arts`;
-    size and perplexity each, decode speeds over `rounds` alternating rounds when `speed`."""
+    size and (when `ppl`) perplexity each, decode speeds over `rounds` alternating rounds when
+    `speed`."""
     from splice.evaluate import perplexity_of
     from splice.runtime.manifest import read_manifest
 
@@ -122,11 +124,13 @@ def run(reference: Path | None, splice_arts: dict[str, Path], work: Path, rounds
     for name, path in arts.items():
         m = read_manifest(path)
         size = (path / m["gguf"]["file"]).stat().st_size
-        t = time.perf_counter()
-        ppl = perplexity_of(path, WIKITEXT, max_tokens=max_tokens, window=window)
-        rows[name] = {"path": str(path), "bytes": size, "ppl": ppl["ppl"],
-                      "ppl_tokens": ppl["tokens"], "ppl_s": round(time.perf_counter() - t, 1),
+        rows[name] = {"path": str(path), "bytes": size, "ppl": None,
                       "decode_tok_s": [], "prefill_tok_s": []}
+        if ppl:
+            t = time.perf_counter()
+            r = perplexity_of(path, WIKITEXT, max_tokens=max_tokens, window=window)
+            rows[name].update(ppl=r["ppl"], ppl_tokens=r["tokens"],
+                              ppl_s=round(time.perf_counter() - t, 1))
     if speed:
         _speed(arts, rows, rounds, threads)
     return {"threads": threads, "rounds": rounds if speed else 0, "prompt": PROMPT, "new": NEW,
@@ -155,9 +159,73 @@ def markdown(res: dict) -> str:
              "| --- | ---: | ---: | ---: | --- |"]
     for name, r in res["rows"].items():
         best = f"{r['best_decode_tok_s']:.1f}" if r["decode_tok_s"] else "-"
-        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {r['ppl']:.2f} | {best} | "
+        ppl = "-" if r["ppl"] is None else f"{r['ppl']:.2f}"
+        lines.append(f"| {name} | {r['bytes'] / 1e6:.1f} | {ppl} | {best} | "
                      f"{', '.join(map(str, r['decode_tok_s'])) or 'not timed'} |")
     return "\n".join(lines)
+
+
+RECIPES = ("gguf_q4_0", "gguf_q4_0_prune4")
+
+
+def section(quick: bool = False, work: Path | None = None) -> tuple[str, dict]:
+    """`make bench`'s gguf section (benchmarks.run): splice's built-in GGUF recipes on SmolLM2-135M
+    against llama.cpp's own Q4_0 and Q8_0 of the float file, perplexity at 1 thread's run, decode
+    speed at 1 and 2 threads (3 alternating rounds each). Quick mode: stories260K's float file
+    and its peers (its widths are not multiples of 32, so no Q4_0 recipe fits it), one round,
+    512 tokens of perplexity. Compiles go through `splice compile` in a child process, as a user
+    runs them; `work` keeps them for a second run."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from benchmarks.peer_engines import llama_available
+
+    if not llama_available():
+        return ("## GGUF backend\n\nskipped: llama-cpp-python is not installed (`make llama` "
+                "builds and installs it)\n", {"skipped": "llama-cpp-python is not installed"})
+    tmp = tempfile.TemporaryDirectory() if work is None else None
+    work = Path(tmp.name if tmp else work)
+    try:
+        model = str(REPO.parent / "shared" / "models" / "stories260K" / "stories260K.bin") \
+            if quick else "smollm2-135m"
+        calib = REPO.parent / "shared" / "data" / "wikitext2_valid_tokenized.txt"
+        jobs = [("float", "none")] + ([] if quick else [(r, r) for r in RECIPES])
+        arts, compile_s = {}, {}
+        for name, recipe in jobs:
+            out = work / name
+            if not (out / "manifest.json").is_file():
+                cmd = [sys.executable, "-m", "splice", "compile", model, "--backend", "gguf",
+                       "--recipe", recipe, "--out", str(out)]
+                cmd += ["--calib", str(calib)] if recipe != "none" else []
+                t0 = time.perf_counter()
+                r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+                if r.returncode != 0:
+                    raise RuntimeError(f"splice compile --recipe {recipe} failed:\n"
+                                       f"{r.stderr[-3000:]}")
+                compile_s[name] = round(time.perf_counter() - t0, 1)
+            arts[f"splice {name}"] = out
+        ref = arts.pop("splice float")
+        splice_rows = arts if arts else {"splice float": ref}
+        if quick:
+            runs = {1: run(ref, splice_rows, work / "peers", rounds=1, threads=1,
+                           max_tokens=512, window=128)}
+        else:
+            runs = {t: run(ref, splice_rows, work / "peers", rounds=3, threads=t, ppl=t == 1)
+                    for t in (1, 2)}
+        figures = {"threads": runs, "compile_s": compile_s}
+        text = ["## GGUF backend: llama.cpp running splice's files (" +
+                ("stories260K, quick" if quick else "SmolLM2-135M") + ")", "",
+                "`python -m benchmarks.gguf_bench`'s rows: every file through llama.cpp "
+                "(llama-cpp-python), rounds alternating between the files; perplexity is "
+                "splice's protocol through llama.cpp's logits. Compile s (`splice compile`, "
+                f"child process): {compile_s or 'kept from an earlier run'}.", ""]
+        for t, res in runs.items():
+            text += [f"{t} thread{'s' if t > 1 else ''}:", "", markdown(res), ""]
+        return "\n".join(text), figures
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--no-speed", action="store_true",
                    help="size and perplexity only (no decode timing)")
+    p.add_argument("--no-ppl", action="store_true",
+                   help="size and decode speed only (no perplexity)")
     p.add_argument("--no-peers", action="store_true",
                    help="only the --splice files (no llama.cpp Q4_0 / Q8_0 peers)")
     p.add_argument("--max-tokens", type=int, default=16384,
@@ -192,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = None if a.no_peers else a.reference
     work = a.work or (a.reference.parent / "gguf_peers" if a.reference else Path("gguf_peers"))
     res = run(reference, arts, work, a.rounds, a.threads, max_tokens=a.max_tokens, window=a.window,
-              speed=not a.no_speed)
+              speed=not a.no_speed, ppl=not a.no_ppl)
     if a.logits:
         res["logits"] = {name: logit_check(path, threads=a.threads) for name, path in arts.items()}
         print(json.dumps(res["logits"], indent=2))

@@ -261,7 +261,8 @@ def test_recipes_that_fit_pass():
     check_recipe(Recipe("prune", (("select_layers", {"n": 1}), ("estimate_patch", {}),
                                   ("prune_layers", {}), ("fuse_patch", {"strategy": "fold"}))
                         ).build())
-    check_recipe(Recipe.named("gguf_q4_0").build())  # the built-in recipe for this backend
+    for name in ("gguf_q4_0", "gguf_q4_0_prune4"):  # the built-in recipes for this backend
+        check_recipe(Recipe.named(name).build())
 
 
 def test_compile_refuses_before_loading_the_model(tmp_path, monkeypatch):

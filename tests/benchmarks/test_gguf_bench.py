@@ -18,17 +18,30 @@ from tests.paths import STORIES, WIKITEXT_TEST, needs_stories  # noqa: E402
 
 @needs_stories
 @pytest.mark.skipif(not WIKITEXT_TEST.is_file(), reason="../shared/data is absent")
-def test_gguf_bench_runs(tmp_path):
+def test_gguf_bench_section_runs(tmp_path):
+    """make bench's section in quick mode: `splice compile --backend gguf` in a child process,
+    llama.cpp's peers made from its file, every row a size, a perplexity and a decode speed."""
+    text, figures = gguf_bench.section(quick=True, work=tmp_path)
+    res = figures["threads"][1]
+    assert set(res["rows"]) == {"llama.cpp Q4_0", "llama.cpp Q8_0", "splice float"}
+    for row in res["rows"].values():
+        assert math.isfinite(row["ppl"]) and row["bytes"] > 0 and row["best_decode_tok_s"] > 0
+    assert res["rows"]["llama.cpp Q4_0"]["bytes"] < res["rows"]["splice float"]["bytes"]
+    assert "## GGUF backend" in text and "| llama.cpp Q4_0 |" in text
+
+
+@needs_stories
+def test_gguf_bench_speed_only(tmp_path, capsys):
+    """--no-ppl: sizes and decode speeds, no perplexity computed."""
     from splice.frontend import load_model
 
     ref = export(load_model(STORIES), tmp_path / "ref")
-    res = gguf_bench.run(ref, {"splice f32": ref}, tmp_path / "work", rounds=1, threads=1,
-                         max_tokens=512, window=128)
-    assert set(res["rows"]) == {"llama.cpp Q4_0", "llama.cpp Q8_0", "splice f32"}
-    for row in res["rows"].values():
-        assert math.isfinite(row["ppl"]) and row["bytes"] > 0 and row["best_decode_tok_s"] > 0
-    assert res["rows"]["llama.cpp Q4_0"]["bytes"] < res["rows"]["splice f32"]["bytes"]
-    assert "| llama.cpp Q4_0 |" in gguf_bench.markdown(res)
+    out = tmp_path / "res.json"
+    assert gguf_bench.main(["--no-peers", "--no-ppl", "--rounds", "1", "--splice", f"f32={ref}",
+                            "--threads", "1", "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["rows"]["f32"]
+    assert row["ppl"] is None and "ppl_tokens" not in row and row["best_decode_tok_s"] > 0
+    assert "| f32 | " in capsys.readouterr().out
 
 
 @needs_stories
