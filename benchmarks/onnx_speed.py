@@ -37,8 +37,9 @@ with and without drafts: speed-up, drafts kept, and whether the tokens are the s
 
 Every engine runs in its own child process (so its peak resident memory, VmHWM, is its own), one
 after the other in alternating rounds; each figure is the best of the rounds. Quick mode builds a
-tiny random Llama in transformers instead (the same rows, seconds): it checks that the benchmark
-runs, not how fast anything is.
+tiny random Llama in transformers instead and runs one row of each kind of engine and of artefact
+build (QUICK_ARTEFACTS; no builder float32): it checks that the benchmark runs, not how fast
+anything is.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ FULL_R12 = "splice full pipeline, rotate R1 R2 only (no online Hadamard)"
 G32_SYM = "splice ONNX int4 g32 symmetric (the builder's format)"
 GPTQ = "splice ONNX int4 g128 GPTQ (32 x 512 calibration tokens)"
 ROTATED = "splice ONNX int4 g128 GPTQ, rotate R1 R2 (no online Hadamard)"
+# quick mode: ONNX float32 (contrib and standard ops), int4 RTN (and at accuracy_level 0), the TVM
+# backend and the calibrated full pipeline; the rows that differ only in settings are full-mode
+QUICK_ARTEFACTS = ("f32", "f32_standard", "int4_g32", "int4_g32_acc0", "tvm_int4_g32", "full")
 
 
 # -- building the models -----------------------------------------------------------------------
@@ -147,6 +151,8 @@ def _splice_artefacts(module, work: Path, calib, quick: bool) -> dict[str, Path]
 
     def make(name: str, build, tvm: bool = False, **kw) -> None:
         path = work / name
+        if quick and name not in QUICK_ARTEFACTS:
+            return
         if not (path / "manifest.json").is_file():
             (export_tvm if tvm else export)(build(), path, threads=THREADS, **kw)
         arts[name] = path
@@ -269,26 +275,27 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
         build_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         b4 = _builder(hf_dir, work / "builder_int4", "int4")
-        b32 = _builder(hf_dir, work / "builder_fp32", "fp32")
+        b32 = None if quick else _builder(hf_dir, work / "builder_fp32", "fp32")
         builder_s = time.perf_counter() - t0
+        a = arts.get  # quick mode lacks some: their rows are left out
         engines = {
             "splice ONNX int4 g32": ("splice", arts["int4_g32"]),
             "builder int4 (onnxruntime-genai)": ("genai", b4),
-            "splice ONNX int4 g128": ("splice", arts["int4_g128"]),
-            **{f"splice TVM int4 g{g}": ("splice", arts[f"tvm_int4_g{g}"]) for g in (32, 128)},
-            G32_SYM: ("splice", arts["int4_g32_sym"]),
-            GPTQ: ("splice", arts["int4_g128_gptq"]),
-            ROTATED: ("splice", arts["int4_g128_gptq_r12"]),
+            "splice ONNX int4 g128": ("splice", a("int4_g128")),
+            **{f"splice TVM int4 g{g}": ("splice", a(f"tvm_int4_g{g}")) for g in (32, 128)},
+            G32_SYM: ("splice", a("int4_g32_sym")),
+            GPTQ: ("splice", a("int4_g128_gptq")),
+            ROTATED: ("splice", a("int4_g128_gptq_r12")),
             f"splice ONNX int4 g32, prompt lookup (up to {LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["int4_g32"]),
             f"splice ONNX int4 g128, prompt lookup (up to {LOOKAHEAD} drafts)":
-                ("splice_lookahead", arts["int4_g128"]),
+                ("splice_lookahead", a("int4_g128")),
             "splice ONNX int4 g32, threads not spinning": ("splice_nospin", arts["int4_g32"]),
             "builder int4 (onnxruntime-genai), threads not spinning": ("genai_nospin", b4),
             "splice int4 g32 run by onnxruntime-genai": ("genai", arts["int4_g32"]),
-            PRUNED: ("splice", arts["pruned"]),
+            PRUNED: ("splice", a("pruned")),
             FULL: ("splice", arts["full"]),
-            FULL_R12: ("splice", arts["full_r12"]),
+            FULL_R12: ("splice", a("full_r12")),
             f"splice full pipeline, prompt lookup (up to {LOOKAHEAD} drafts)":
                 ("splice_lookahead", arts["full"]),
             "splice ONNX float32": ("splice", arts["f32"]),
@@ -296,17 +303,12 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             "splice ONNX float32, standard ops only": ("splice", arts["f32_standard"]),
             "Hugging Face eager float32": ("hf", hf_dir),
         }
-        models = {"splice ONNX int4 g32": arts["int4_g32"] / "model.onnx",
-                  "splice ONNX int4 g128": arts["int4_g128"] / "model.onnx",
-                  PRUNED: arts["pruned"] / "model.onnx",
-                  G32_SYM: arts["int4_g32_sym"] / "model.onnx",
-                  GPTQ: arts["int4_g128_gptq"] / "model.onnx",
-                  ROTATED: arts["int4_g128_gptq_r12"] / "model.onnx",
-                  FULL: arts["full"] / "model.onnx",
-                  FULL_R12: arts["full_r12"] / "model.onnx",
-                  "splice ONNX float32": arts["f32"] / "model.onnx",
-                  "builder int4 (onnxruntime-genai)": b4 / "model.onnx",
-                  "builder float32 (onnxruntime-genai)": b32 / "model.onnx"}
+        engines = {name: e for name, e in engines.items() if e[1] is not None}
+        models = {name: engines[name][1] / "model.onnx" for name in (
+            "splice ONNX int4 g32", "splice ONNX int4 g128", PRUNED, G32_SYM, GPTQ, ROTATED, FULL,
+            FULL_R12, "splice ONNX float32", "builder int4 (onnxruntime-genai)",
+            "builder float32 (onnxruntime-genai)") if name in engines}
+        tvm_groups = [g for g in (32, 128) if f"tvm_int4_g{g}" in arts]
         best: dict[str, dict] = {}
         bandwidth: dict[str, float] = {}
         products: dict[str, float] = {}  # seconds of a step's weight products alone, best
@@ -327,12 +329,12 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             for name, path in models.items():
                 t = weight_matmul_seconds(path, threads=THREADS, runs=5 if quick else 20)
                 products[name] = min(products.get(name, float("inf")), t)
-            for g in (32, 128):  # the TVM artefacts' own (benchmarks/tvm_limits.py)
+            for g in tvm_groups:  # the TVM artefacts' own (benchmarks/tvm_limits.py)
                 r = child("tvm_limits", arts[f"tvm_int4_g{g}"], ids_file, 5 if quick else 20)
                 products[f"splice TVM int4 g{g}"] = min(products.get(
                     f"splice TVM int4 g{g}", float("inf")), r["product_s"])
                 tvm_bytes[f"splice TVM int4 g{g}"] = r["weight_bytes"]
-        study = child("lookahead_study", arts["int4_g128"], study_file, new)
+        study = child("lookahead_study", a("int4_g128", arts["int4_g32"]), study_file, new)
         bw = bandwidth["best"]
         dirs = {k: p for k, (_, p) in engines.items()}
         eval_ids, window = _eval_ids(tok, quick)
@@ -377,10 +379,11 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                "same_tokens_genai_vs_splice": best["splice int4 g32 run by onnxruntime-genai"][
                    "tokens"] == best["splice ONNX int4 g32"]["tokens"],
                "lookahead": LOOKAHEAD, "lookahead_study": study["rows"],
+               "study_on": "int4 g128" if "int4_g128" in arts else "int4 g32",
                "same_tokens_lookahead_vs_plain": {
                    name: best[f"{name}, prompt lookup (up to {LOOKAHEAD} drafts)"]["tokens"]
                    == best[name]["tokens"] for name in ("splice ONNX int4 g32",
-                                                        "splice ONNX int4 g128")}}
+                                                        "splice ONNX int4 g128") if name in best}}
         return markdown(res), res
     finally:
         if tmp is not None:
@@ -433,33 +436,34 @@ def markdown(res: dict) -> str:
                   f"{sp[name]['decode_tok_s'] / b4:.2f}x, {by_round(name)} (ppl "
                   f"{sp[name]['ppl']:.2f})"
                   for name in ("splice ONNX int4 g32", G32_SYM, "splice ONNX int4 g128", GPTQ,
-                               ROTATED, FULL, FULL_R12))
+                               ROTATED, FULL, FULL_R12) if name in sp)
               + f"; threads not spinning, int4 g32: {nospin:.2f}x.",
               f"onnxruntime-genai and splice's runtime give the same greedy tokens for the g32 "
               f"artefact: {res['same_tokens_genai_vs_splice']}.",
               "TVM against splice's ONNX artefact of the same graph, best against best: "
               + "; ".join(f"g{g} decode {tvm_vs(g, 'decode')}, prefill {tvm_vs(g, 'prefill')}"
-                          for g in (32, 128)) + ".",
+                          for g in (32, 128) if f"splice TVM int4 g{g}" in sp) + ".",
               f"MatMulNBits accuracy_level 4 (int8 activations) against 0 (float32), int4 g32, "
               f"prompt logits: max |diff| {acc['max_abs_logit_diff']:.3g}, relative RMS "
               f"{acc['rel_rms']:.2g}, top-1 agreement {100 * acc['top1_agreement']:.0f}%; for "
               f"scale, W4 g32 itself (accuracy_level 0) against float32: relative RMS "
               f"{res['int4_g32_vs_float32']['rel_rms']:.2g}, top-1 agreement "
               f"{100 * res['int4_g32_vs_float32']['top1_agreement']:.0f}%."]
-    g128, pruned = sp[GPTQ], sp[PRUNED]
-    full, r12 = sp[FULL], sp[FULL_R12]
-    lines += ["", "Pruned by 4 layers: decode "
-              f"{pruned['decode_tok_s'] / g128['decode_tok_s']:.2f}x the int4 g128 GPTQ model's, "
-              "for "
-              f"{g128['weight_mb_per_step'] / pruned['weight_mb_per_step']:.2f}x fewer weights "
-              f"read a step (in proportion when the two agree); with rotation too "
-              f"(the full pipeline: an online Hadamard before each down_proj) "
-              f"{full['decode_tok_s'] / g128['decode_tok_s']:.2f}x, with R1 and R2 only (no "
-              f"online Hadamard) {r12['decode_tok_s'] / g128['decode_tok_s']:.2f}x at ppl "
-              f"{r12['ppl']:.2f} (R4 too: {full['ppl']:.2f})."]
+    if all(n in sp for n in (GPTQ, PRUNED, FULL, FULL_R12)):  # not in quick mode
+        g128, pruned = sp[GPTQ], sp[PRUNED]
+        full, r12 = sp[FULL], sp[FULL_R12]
+        lines += ["", "Pruned by 4 layers: decode "
+                  f"{pruned['decode_tok_s'] / g128['decode_tok_s']:.2f}x the int4 g128 GPTQ "
+                  f"model's, for {g128['weight_mb_per_step'] / pruned['weight_mb_per_step']:.2f}x"
+                  f" fewer weights read a step (in proportion when the two agree); with rotation "
+                  f"too (the full pipeline: an online Hadamard before each down_proj) "
+                  f"{full['decode_tok_s'] / g128['decode_tok_s']:.2f}x, with R1 and R2 only (no "
+                  f"online Hadamard) {r12['decode_tok_s'] / g128['decode_tok_s']:.2f}x at ppl "
+                  f"{r12['ppl']:.2f} (R4 too: {full['ppl']:.2f})."]
     k = res["lookahead"]
     ahead = {name: sp[f"{name}, prompt lookup (up to {k} drafts)"] for name in (
-        "splice ONNX int4 g32", "splice ONNX int4 g128")}
+        "splice ONNX int4 g32", "splice ONNX int4 g128")
+        if f"{name}, prompt lookup (up to {k} drafts)" in sp}
     lines += ["", f"Prompt lookup decoding (up to {k} drafts a step, adapted; greedy; the limit "
               f"above is per step, and a step here keeps several tokens): " + "; ".join(
                   f"{name[len('splice ONNX '):]} {r['decode_tok_s']:.0f} tok/s = "
@@ -468,8 +472,8 @@ def markdown(res: dict) -> str:
                   f"{r['accepted']} of {r['drafted']} drafts kept, same tokens as one token a "
                   f"step: {res['same_tokens_lookahead_vs_plain'][name]}"
                   for name, r in ahead.items()) + ".", "",
-              f"Prompt lookup on more prompts (int4 g128, {res['new_tokens']} greedy tokens, "
-              "best of 2 each):", "",
+              f"Prompt lookup on more prompts ({res['study_on']}, {res['new_tokens']} greedy "
+              "tokens, best of 2 each):", "",
               "| prompt | one token a step tok/s | prompt lookup tok/s | speed-up | steps | "
               "drafts kept | same tokens |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for i, r in enumerate(res["lookahead_study"]):
