@@ -190,3 +190,26 @@ def test_tiny_gemma3_massive_channels_w4_artefact_close_to_float(tmp_path):
     kl_before, _ = kl_top1(ref, run_logits(run_passes(module.clone(), before)[0], ids,
                                            torch.float64)["logits"])
     assert kl <= 0.02 and top1 >= 0.75 and kl_before >= 5 * kl, (kl, top1, kl_before)
+
+
+@pytest.mark.parametrize("name", ["rotate", "w4_gptq_rotate"])
+def test_tiny_gemma3_massive_channels_builtin_rotate_recipes(name):
+    """The built-in rotate recipes on a Gemma 3 whose pre-norms fold_norms leaves (massive
+    channel): rotate_inputs takes R1 online, rotate adds R2 (and R4), and the result is the float
+    model (rotate alone: exact up to float32 rounding) or close to it (W4 GPTQ), where rotate
+    refused R1 before rotate_inputs was in these recipes."""
+    module = from_transformers(massive_gemma3())
+    g = torch.Generator().manual_seed(2)
+    calib = torch.randint(0, 256, (4, 32), generator=g)
+    ids = torch.randint(0, 256, (2, 24), generator=g)
+    ref = run_logits(module, ids, torch.float64)["logits"]
+    out, report = run_passes(module, Recipe.named(name), calibration=calib)
+    by_name = {p["name"]: p for p in report}
+    assert by_name["rotate_inputs"]["modified"]
+    assert by_name["rotate"]["report"]["already_applied"] == ["r1"]
+    got = run_logits(out, ids, torch.float64)["logits"]
+    if name == "rotate":
+        assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-5
+    else:
+        kl, top1 = kl_top1(ref, got)
+        assert kl <= 0.02 and top1 >= 0.75, (kl, top1)
