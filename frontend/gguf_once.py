@@ -35,8 +35,8 @@ def parse_once() -> Iterator[None]:
     global _active
     import gguf
 
-    if _active:
-        _active += 1
+    _active += 1
+    if _active > 1:  # inside another parse_once (this thread's, or another's: counted either way)
         try:
             yield
         finally:
@@ -60,10 +60,9 @@ def parse_once() -> Iterator[None]:
 
     gguf.GGUFReader = reader
     gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(plain_map)
-    _active = 1
     try:
         yield
     finally:
-        _active = 0
+        _active -= 1
         gguf.GGUFReader, gguf.get_tensor_name_map = plain_reader, plain_map
         readers.clear()

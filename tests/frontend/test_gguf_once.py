@@ -71,6 +71,8 @@ def test_readers_are_shared_inside_the_context_per_version_of_the_file(tmp_path)
         again = gguf.GGUFReader(str(a))
         assert again is not first and read_field(again, "general.architecture") == ["qwen2"]
     assert gguf.GGUFReader is plain and isinstance(gguf.GGUFReader(str(a)), plain)
+    with parse_once():  # the nesting count is back to 0: a new context shares again
+        assert gguf.GGUFReader(str(a)) is gguf.GGUFReader(str(a))
 
 
 def test_gguf_is_restored_when_the_import_fails(tmp_path):
