@@ -83,12 +83,12 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 def _compile_recipe(a: argparse.Namespace):
     """--recipe, or with none the target's default preset (splice/presets.py) on the backends
-    the presets were measured on (onnx, npu); fold_norms elsewhere. compile() refuses a recipe
-    that calibrates given no --calib."""
+    the presets were measured on (onnx, npu), gguf_q4_0 on the gguf backend (docs/gguf.md);
+    fold_norms elsewhere. compile() refuses a recipe that calibrates given no --calib."""
     from . import presets
     from .api import resolve_recipe
 
-    name = a.recipe
+    name = "gguf_q4_0" if a.recipe is None and a.backend == "gguf" else a.recipe
     if name is None:
         target = "npu" if a.backend == "npu" else a.target
         has_default = a.backend in ("onnx", "npu") and any(
@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--recipe", default=None,
                    help="a built-in recipe or preset name, or a .toml file (default: the "
                         "target's default preset on the onnx and npu backends, `splice "
-                        "presets`; fold_norms elsewhere)")
+                        "presets`; gguf_q4_0 on gguf; fold_norms on tvm)")
     c.add_argument("--backend", default="onnx", choices=("onnx", "tvm", "npu", "gguf"),
                    help="onnx (ONNX Runtime), tvm (a compiled library), npu (Qualcomm HTP) or "
                         "gguf (a GGUF file for llama.cpp)")

@@ -104,6 +104,16 @@ def test_default_compile_takes_the_balanced_preset_and_wants_calibration(tmp_pat
     assert len(line.splitlines()) == 1 and not out.exists()
 
 
+@needs_stories
+def test_default_gguf_compile_takes_gguf_q4_0_and_wants_calibration(tmp_path):
+    out = tmp_path / "out"
+    r = splice("compile", str(STORIES), "--backend", "gguf", "--out", str(out))
+    assert r.returncode == 2
+    line = r.stderr.strip()
+    assert "'gguf_q4_0' needs calibration text" in line and "--calib" in line
+    assert len(line.splitlines()) == 1 and not out.exists()
+
+
 def _bits_per_weight_read(name: str) -> float:
     """The preset's weight format on SmolLM2-135M's shapes (576 wide, MLP 1536, k/v 192, 30
     layers, 49152-token tied lm_head): one such layer and a 258-row head quantized by the preset's
