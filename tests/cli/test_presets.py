@@ -95,22 +95,16 @@ def test_bad_preset_name_is_one_line_exit_2(args, needle):
 
 
 @needs_stories
-def test_default_compile_takes_the_balanced_preset_and_wants_calibration(tmp_path):
+@pytest.mark.parametrize("flags,recipe", [(("--target", "cpu"), "balanced"),
+                                          (("--backend", "gguf"), "gguf_q4_0")])
+def test_default_compile_takes_its_recipe_and_wants_calibration(tmp_path, flags, recipe):
+    """No --recipe: the cpu target's default preset, or gguf_q4_0 on the gguf backend; both
+    calibrate, so without --calib the compile is refused in one line before any work."""
     out = tmp_path / "out"
-    r = splice("compile", str(STORIES), "--target", "cpu", "--out", str(out))
+    r = splice("compile", str(STORIES), *flags, "--out", str(out))
     assert r.returncode == 2
     line = r.stderr.strip()
-    assert "'balanced' needs calibration text" in line and "--calib" in line
-    assert len(line.splitlines()) == 1 and not out.exists()
-
-
-@needs_stories
-def test_default_gguf_compile_takes_gguf_q4_0_and_wants_calibration(tmp_path):
-    out = tmp_path / "out"
-    r = splice("compile", str(STORIES), "--backend", "gguf", "--out", str(out))
-    assert r.returncode == 2
-    line = r.stderr.strip()
-    assert "'gguf_q4_0' needs calibration text" in line and "--calib" in line
+    assert f"'{recipe}' needs calibration text" in line and "--calib" in line
     assert len(line.splitlines()) == 1 and not out.exists()
 
 
