@@ -219,7 +219,8 @@ def section(quick: bool = False, work: Path | None = None) -> tuple[str, dict]:
                 "`python -m benchmarks.gguf_bench`'s rows: every file through llama.cpp "
                 "(llama-cpp-python), rounds alternating between the files; perplexity is "
                 "splice's protocol through llama.cpp's logits. Compile s (`splice compile`, "
-                f"child process): {compile_s or 'kept from an earlier run'}.", ""]
+                "child process): " + (", ".join(f"{k} {v} s" for k, v in compile_s.items())
+                                      or "kept from an earlier run") + ".", ""]
         for t, res in runs.items():
             text += [f"{t} thread{'s' if t > 1 else ''}:", "", markdown(res), ""]
         return "\n".join(text), figures
