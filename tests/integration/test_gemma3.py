@@ -26,7 +26,7 @@ from splice.api import run_passes
 from splice.evaluate import perplexity, window_bos
 from splice.frontend.hf import from_transformers
 from splice.ir import run_logits
-from splice.recipe import Recipe
+from splice.recipe import Recipe, builtin_names
 from splice.runtime.tokenizer import load_tokenizer
 from tests.paths import GEMMA3, WIKITEXT_TEST, needs_gemma3
 from tests.tiny import BOS, byte_tokenizer
@@ -213,3 +213,40 @@ def test_tiny_gemma3_massive_channels_builtin_rotate_recipes(name):
     else:
         kl, top1 = kl_top1(ref, got)
         assert kl <= 0.02 and top1 >= 0.75, (kl, top1)
+
+
+@pytest.mark.parametrize("name", builtin_names())
+def test_tiny_gemma3_every_builtin_recipe(name):
+    """Every built-in recipe and preset on a tiny Gemma 3 with the massive channel (sandwich
+    post-norms, (1 + w) norms, q/k norms, a tied table), its passes' settings as built in but for
+    a tuning length that fits this model's 32-token calibration rows (and at most 16 tuning
+    steps, where a recipe tunes over 512-token rows): the passes run and give
+    finite logits that keep far more top-1 tokens than chance (1/256; W4 with a 4-bit head on
+    random weights keeps about a quarter), or the recipe is refused with a message saying why:
+    the pruning recipes (4 layers of a 3-layer model) by their first pass, the GGUF recipes by
+    rotate, whose R1 llama.cpp's graph cannot take online (it names rotate_inputs)."""
+    import dataclasses
+
+    from splice.passes.infra.base import PassError
+
+    module = from_transformers(massive_gemma3())
+    g = torch.Generator().manual_seed(3)
+    calib = torch.randint(0, 256, (4, 32), generator=g)
+    ids = torch.randint(0, 256, (2, 24), generator=g)
+    built = Recipe.named(name)
+    recipe = dataclasses.replace(built, passes=tuple(
+        dataclasses.replace(p, tune_seq_len=32, tune_steps=min(p.tune_steps, 16))
+        if getattr(p, "tune_seq_len", 0) > 32 else p for p in built.passes))
+    if any(p.name == "select_layers" for p in recipe.passes):
+        with pytest.raises(PassError, match="would prune every layer of a 3-layer model"):
+            run_passes(module, recipe, calibration=calib)
+        return
+    if name.startswith("gguf"):
+        with pytest.raises(PassError, match="rotate_inputs"):
+            run_passes(module, recipe, calibration=calib)
+        return
+    ref = run_logits(module, ids, torch.float64)["logits"]
+    out, _ = run_passes(module, recipe, calibration=calib)
+    got = run_logits(out, ids, torch.float64)["logits"]
+    assert torch.isfinite(got).all()
+    assert kl_top1(ref, got)[1] >= 0.2, name
