@@ -105,7 +105,7 @@ def _compare(ours, ref) -> dict:
             "argmax_agree": float((ours.argmax(-1) == ref.argmax(-1)).mean())}
 
 
-def run(reference: Path | None, splice_arts: dict[str, Path], work: Path, rounds: int = 3,
+def measure(reference: Path | None, splice_arts: dict[str, Path], work: Path, rounds: int = 3,
         threads: int = 2, max_tokens: int = 16384, window: int = 1024,
         speed: bool = True, ppl: bool = True) -> dict:
     """The rows: llama.cpp's peers made from `reference` (None: no peers) and `splice_arts`;
@@ -168,18 +168,17 @@ def markdown(res: dict) -> str:
 RECIPES = ("gguf_q4_0", "gguf_q4_0_prune4")
 
 
-def section(quick: bool = False, work: Path | None = None) -> tuple[str, dict]:
+def run(quick: bool = False, work: Path | None = None) -> tuple[str, dict]:
     """`make bench`'s gguf section (benchmarks.run): splice's built-in GGUF recipes on SmolLM2-135M
     against llama.cpp's own Q4_0 and Q8_0 of the float file, perplexity at 1 thread's run, decode
     speed at 1 and 2 threads (3 alternating rounds each). Quick mode: stories260K's float file
     and its peers (its widths are not multiples of 32, so no Q4_0 recipe fits it), one round,
     512 tokens of perplexity. Compiles go through `splice compile` in a child process, as a user
-    runs them; `work` keeps them for a second run."""
-    import subprocess
-    import sys
+    runs them (benchmarks.presets' child compile); `work` keeps them for a second run."""
     import tempfile
 
     from benchmarks.peer_engines import llama_available
+    from benchmarks.presets import DATA, STORIES, _compile
 
     if not llama_available():
         return ("## GGUF backend\n\nskipped: llama-cpp-python is not installed (`make llama` "
@@ -187,40 +186,31 @@ def section(quick: bool = False, work: Path | None = None) -> tuple[str, dict]:
     tmp = tempfile.TemporaryDirectory() if work is None else None
     work = Path(tmp.name if tmp else work)
     try:
-        model = str(REPO.parent / "shared" / "models" / "stories260K" / "stories260K.bin") \
-            if quick else "smollm2-135m"
-        calib = REPO.parent / "shared" / "data" / "wikitext2_valid_tokenized.txt"
+        model = str(STORIES) if quick else "smollm2-135m"
+        calib = DATA / "wikitext2_valid_tokenized.txt"
         jobs = [("float", "none")] + ([] if quick else [(r, r) for r in RECIPES])
         arts, compile_s = {}, {}
         for name, recipe in jobs:
             out = work / name
-            if not (out / "manifest.json").is_file():
-                cmd = [sys.executable, "-m", "splice", "compile", model, "--backend", "gguf",
-                       "--recipe", recipe, "--out", str(out)]
-                cmd += ["--calib", str(calib)] if recipe != "none" else []
-                t0 = time.perf_counter()
-                r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-                if r.returncode != 0:
-                    raise RuntimeError(f"splice compile --recipe {recipe} failed:\n"
-                                       f"{r.stderr[-3000:]}")
-                compile_s[name] = round(time.perf_counter() - t0, 1)
+            compile_s[name] = round(_compile(model, recipe, calib, out, quick,
+                                             backend="gguf")["compile_s"], 1)
             arts[f"splice {name}"] = out
         ref = arts.pop("splice float")
         splice_rows = arts if arts else {"splice float": ref}
         if quick:
-            runs = {1: run(ref, splice_rows, work / "peers", rounds=1, threads=1,
-                           max_tokens=512, window=128)}
+            runs = {1: measure(ref, splice_rows, work / "peers", rounds=1, threads=1,
+                               max_tokens=512, window=128)}
         else:
-            runs = {t: run(ref, splice_rows, work / "peers", rounds=3, threads=t, ppl=t == 1)
-                    for t in (1, 2)}
+            runs = {t: measure(ref, splice_rows, work / "peers", rounds=3, threads=t,
+                               ppl=t == 1) for t in (1, 2)}
         figures = {"threads": runs, "compile_s": compile_s}
         text = ["## GGUF backend: llama.cpp running splice's files (" +
                 ("stories260K, quick" if quick else "SmolLM2-135M") + ")", "",
                 "`python -m benchmarks.gguf_bench`'s rows: every file through llama.cpp "
                 "(llama-cpp-python), rounds alternating between the files; perplexity is "
                 "splice's protocol through llama.cpp's logits. Compile s (`splice compile`, "
-                "child process): " + (", ".join(f"{k} {v} s" for k, v in compile_s.items())
-                                      or "kept from an earlier run") + ".", ""]
+                "child process): " + ", ".join(f"{k} {v} s" for k, v in compile_s.items()) +
+                ".", ""]
         for t, res in runs.items():
             text += [f"{t} thread{'s' if t > 1 else ''}:", "", markdown(res), ""]
         return "\n".join(text), figures
@@ -262,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--no-peers needs at least one --splice NAME=DIR")
     reference = None if a.no_peers else a.reference
     work = a.work or (a.reference.parent / "gguf_peers" if a.reference else Path("gguf_peers"))
-    res = run(reference, arts, work, a.rounds, a.threads, max_tokens=a.max_tokens, window=a.window,
-              speed=not a.no_speed, ppl=not a.no_ppl)
+    res = measure(reference, arts, work, a.rounds, a.threads, max_tokens=a.max_tokens,
+                  window=a.window, speed=not a.no_speed, ppl=not a.no_ppl)
     if a.logits:
         res["logits"] = {name: logit_check(path, threads=a.threads) for name, path in arts.items()}
         print(json.dumps(res["logits"], indent=2))

@@ -49,13 +49,14 @@ Q4_0 = "llama.cpp Q4_0"
 LLAMA = ("llama.cpp Q4_1 (the publisher's file)", "llama.cpp Q8_0", Q4_0)
 
 
-def _compile(model: str, recipe: str, calib: Path, out: Path, quick: bool) -> dict:
+def _compile(model: str, recipe: str, calib: Path, out: Path, quick: bool,
+             backend: str = "onnx") -> dict:
     """Compile in a child process as a user would; wall time, and the manifest's per-pass report.
     Quick mode gives the child one torch thread: on a toy model a busy machine's second thread
     only adds waiting (6x slower on a loaded 2-core machine)."""
     if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "splice", "compile", model, "--recipe",
-               _recipe_arg(recipe, out, quick), "--out", str(out)]
+        cmd = [sys.executable, "-m", "splice", "compile", model, "--backend", backend,
+               "--recipe", _recipe_arg(recipe, out, quick), "--out", str(out)]
         from splice.recipe import Recipe
 
         if Recipe.named(recipe).calibration_samples:  # only where it calibrates: given text,

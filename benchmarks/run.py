@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in a.only or SECTIONS:
         mod = importlib.import_module(f"benchmarks.{name}")
         t0 = time.perf_counter()
-        text, figures = getattr(mod, "section", mod.run)(quick=a.quick)
+        text, figures = mod.run(quick=a.quick)
         raw[name] = figures
         parts.append(text + f"\n_{name}: {time.perf_counter() - t0:.0f} s_\n")
         print(text, flush=True)

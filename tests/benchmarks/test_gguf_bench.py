@@ -21,7 +21,7 @@ from tests.paths import STORIES, WIKITEXT_TEST, needs_stories  # noqa: E402
 def test_gguf_bench_section_runs(tmp_path):
     """make bench's section in quick mode: `splice compile --backend gguf` in a child process,
     llama.cpp's peers made from its file, every row a size, a perplexity and a decode speed."""
-    text, figures = gguf_bench.section(quick=True, work=tmp_path)
+    text, figures = gguf_bench.run(quick=True, work=tmp_path)
     res = figures["threads"][1]
     assert set(res["rows"]) == {"llama.cpp Q4_0", "llama.cpp Q8_0", "splice float"}
     for row in res["rows"].values():
