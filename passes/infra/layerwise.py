@@ -55,8 +55,9 @@ quantized the head and dropped E, which the model then reads from the embedding 
 cost: E is transformed in two sub-modules (rotated twice, for one), the whole model does it once.
 
 Supported passes (others are refused with an InputError naming them): fold_norms,
-rotate_inputs, rotate, quantize_weights (RTN or GPTQ; with calibration its embeddings must stay "keep", since the
-whole-model pass calibrates on the float table it then replaces), quantize_activations and
+rotate_inputs, rotate, quantize_weights (RTN or GPTQ; with calibration its embeddings must stay
+"keep", since the whole-model pass calibrates on the float table it then replaces),
+quantize_activations and
 quantize_kv_cache (every mode). The dynamic modes are per-node rewrites, run like fold_norms;
 they and the static ones put quantize nodes on layer i's linears and attention only (the stub
 head is no decoder linear, so its input stays float unless `roles` names lm_head; the stub's
