@@ -18,8 +18,8 @@ Without llama-cpp-python the llama.cpp rows are skipped, and the text says so. Q
 stories260K compiled with each preset on TinyStories text (a preset that tunes its scales end to
 end with one tuning step, from the preset's settings written as a TOML file), a 16-token prompt
 and 8 tokens, 256 tokens of TinyStories for perplexity, one round; the llama.cpp rows (where
-installed) run SmolLM2's GGUF on the same ids (meaningless there: another vocabulary). It checks that the
-benchmark runs, not how fast or how good anything is.
+installed) run SmolLM2's GGUF on the same ids (meaningless there: another vocabulary). It checks
+that the benchmark runs, not how fast or how good anything is.
 
 `python -m benchmarks.presets --write-presets` also writes each preset's figures into its TOML
 file's [preset.measured] table (what `splice presets` shows).

@@ -236,7 +236,8 @@ class _Stream:
 
 
 def run_layerwise(module: Module, passes: Sequence[PassBase], ctx: PassContext,
-                  work_dir: str | Path, *, instruments=(), spill: bool = False) -> tuple[Module, list[dict[str, Any]]]:
+                  work_dir: str | Path, *, instruments=(),
+                  spill: bool = False) -> tuple[Module, list[dict[str, Any]]]:
     """Run `passes` on `module` one decoder layer at a time (see the module docstring); the
     transformed weights go to safetensors files in `work_dir`, which must outlive the returned
     Module (its weights are read from there)."""
