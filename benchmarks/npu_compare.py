@@ -35,7 +35,7 @@ def cpu_decoder(art: NpuArtefact, threads: int = 2) -> StaticDecoder:
         sess = ort.InferenceSession(str(Path(art.path) / g["source"]), so,
                                     providers=["CPUExecutionProvider"])
         runs[int(seq)] = session_runner(sess, art.decoder.outputs)
-    return StaticDecoder(art.manifest["io"], runs)
+    return StaticDecoder(art.manifest["io"], runs, art.decoder.embed)
 
 
 def stepwise(decoder: StaticDecoder, ids: list[int], prompt: int) -> np.ndarray:

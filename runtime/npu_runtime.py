@@ -119,13 +119,43 @@ class NpuCache:
         return f"NpuCache(layers={len(self.arrays) // 2}, length={self.length})"
 
 
+class HostTable:
+    """The embedding table the host gathers rows from: int8 codes with one float32 scale per row,
+    stored [rows, width] ("rows") or transposed [width, rows] ("columns": a tied table shares the
+    lm_head's codes). Calling it with ids gives their rows [n, width] in float32."""
+
+    def __init__(self, codes: np.ndarray, scales: np.ndarray, layout: str = "rows"):
+        if layout not in ("rows", "columns"):
+            raise ValueError(f"table layout {layout!r}; accepted: rows, columns")
+        self.codes, self.scales, self.layout = codes, scales, layout
+
+    @classmethod
+    def open(cls, path: Path, spec: Mapping[str, Any]) -> HostTable:
+        """The table an artefact's io.embedding describes, mapped from its file (read lazily)."""
+        rows, width, layout = int(spec["rows"]), int(spec["width"]), spec["layout"]
+        shape = (rows, width) if layout == "rows" else (width, rows)
+        f = path / spec["file"]
+        return cls(np.memmap(f, np.int8, "r", int(spec["codes_offset"]), shape),
+                   np.memmap(f, np.float32, "r", int(spec["scales_offset"]), (rows,)), layout)
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids)
+        codes = self.codes[ids] if self.layout == "rows" else self.codes[:, ids].T
+        return codes.astype(np.float32) * np.asarray(self.scales[ids], np.float32)[:, None]
+
+
 class StaticDecoder:
     """Drives a prefill graph (`chunk` tokens) and a decode graph (1 token) over a cache of
     `context` slots. `runs` maps a sequence length to a function feeds -> outputs in the order
-    `outputs` (logits, then new.{i}.key, new.{i}.value per layer)."""
+    `outputs` (logits, then new.{i}.key, new.{i}.value per layer). Where io has an `embedding`
+    section the graphs take input_embeds, the rows `embed` (a HostTable) gathers for the ids."""
 
-    def __init__(self, io: Mapping[str, Any], runs: Mapping[int, Run]):
+    def __init__(self, io: Mapping[str, Any], runs: Mapping[int, Run],
+                 embed: Callable[[np.ndarray], np.ndarray] | None = None):
+        if "embedding" in io and embed is None:
+            raise ValueError("these graphs take input_embeds: give the HostTable as embed=")
         self.io = io
+        self.embed = embed if "embedding" in io else None
         self.chunk, self.context = int(io["chunk"]), int(io["context"])
         self.fill = float(io["mask_fill"])
         self.windows = [int(w) for w in io["mask_windows"]]
@@ -144,7 +174,9 @@ class StaticDecoder:
         padded = np.full(seq, ids[-1], np.int32)
         padded[:n] = ids
         pos = np.arange(cache.length, cache.length + seq, dtype=np.int32)
-        feeds = {"input_ids": padded[None], "position_ids": pos[None], **cache.arrays}
+        first = ("input_ids", padded[None]) if self.embed is None else (
+            "input_embeds", self.embed(padded)[None])
+        feeds = dict([first], position_ids=pos[None], **cache.arrays)
         for w in self.windows:
             feeds["attention_mask" + (f".w{w}" if w else "")] = build_mask(
                 cache.length, seq, self.context, w, self.fill)
@@ -195,9 +227,10 @@ class NpuArtefact(Artefact):
         io = manifest["io"]
         self.sessions = dict(sessions)
         self.session_s = dict(session_s)
+        embed = HostTable.open(path, io["embedding"]) if "embedding" in io else None
         self.decoder = StaticDecoder(io, {s: session_runner(sess, ["logits"] + [
             n for layer in io["layers"] for n in (layer["new_key"], layer["new_value"])])
-            for s, sess in self.sessions.items()})
+            for s, sess in self.sessions.items()}, embed)
         # the graphs' context (the cache's slots), which the Artefact's prompt check reads
         super().__init__(path, manifest, max_position=self.decoder.context)
 
@@ -240,6 +273,20 @@ def _check_io(path: Path, manifest: dict) -> None:
                                                for x in layers):
         raise ArtefactError(f"artefact {path}: io.layers must list per-layer tables with "
                             f"{', '.join(keys)}")
+    emb = io.get("embedding")
+    if emb is not None:
+        fields = ("rows", "width", "codes_offset", "scales_offset")
+        if not isinstance(emb, dict) or emb.get("layout") not in ("rows", "columns") or not all(
+                isinstance(emb.get(k), int) and not isinstance(emb[k], bool) and emb[k] >= 0
+                for k in fields):
+            raise ArtefactError(f"artefact {path}: io.embedding needs layout (rows or columns) "
+                                f"and non-negative integers {', '.join(fields)}")
+        size = (path / listed_file(path, manifest, emb.get("file"), "embedding table")).stat(
+            ).st_size
+        if max(emb["codes_offset"] + emb["rows"] * emb["width"],
+               emb["scales_offset"] + 4 * emb["rows"]) > size:
+            raise ArtefactError(f"artefact {path}: io.embedding reaches past the end of "
+                                f"{emb['file']} ({size} bytes)")
 
 
 def load(path: str | Path, *, expected_manifest_sha256: str | None = None,

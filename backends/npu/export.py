@@ -16,25 +16,31 @@ ops by type, weight bytes, activation bit-widths.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
+import torch
+from onnx import external_data_helper, numpy_helper
 
 from splice.errors import InputError
 from splice.ir.core import Module
 from ..artefact import write_artefact
 from ..common import decoder_io, manifest_fields, tokenizer_files
 from . import preflight
-from .lower import MASK, StaticShapes, lower_static
+from .lower import EMBEDS, MASK, StaticShapes, lower_static
 from .qdq import calibrate, quantize_graph
+
+if TYPE_CHECKING:
+    from splice.runtime.npu_runtime import HostTable
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,8 @@ TARGETS = ("npu",)
 HTP_ARCHS = ("68", "69", "73", "75", "79", "81")
 GRAPH_NAMES = {1: "decode"}
 QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+WEIGHTS_FILE = "weights.bin"  # the QDQ source graphs' initializers, each stored once
+EXTERNAL_MIN_BYTES = 1024
 
 
 def _graph_name(seq: int) -> str:
@@ -82,8 +90,9 @@ def export(module: Module, out_dir: str | Path, *, target: str = "npu",
     if not all(r.ok for r in early):  # what no quantization can fix: fail before calibrating
         raise preflight.PreflightError(early, _save_failed_report(out_dir,
                                                                   preflight.write(early)[0]))
+    table = host_table(module) if "embedding" in io else None
     t0 = time.perf_counter()
-    ranges = calibrate(floats, io, rows)
+    ranges = calibrate(floats, io, rows, embed=table)
     t_cal = time.perf_counter() - t0
     tied = {x[kv]: x[f"new_{kv}"] for x in io["layers"] for kv in ("key", "value")}
     qdq = {s: quantize_graph(m, ranges, act_bits=act_bits, weight_bits=weight_bits,
@@ -98,10 +107,22 @@ def export(module: Module, out_dir: str | Path, *, target: str = "npu",
         tmp = Path(tmp)
         files: dict[str, Any] = {"preflight.json": report_json}
         graphs, figures = {}, {}
+        files[WEIGHTS_FILE] = tmp / WEIGHTS_FILE
+        extra, names = {}, None
+        if table is not None:  # a tied table's codes are the lm_head's: stored once
+            names = _shared_lm_head(table, qdq[min(qdq)])
+            if names is None:
+                names = ("embedding/codes", "embedding/scales")
+                extra = dict(zip(names, (table.codes, table.scales)))
+        offsets = save_sharing_weights({tmp / f"{_graph_name(s)}.onnx": m for s, m in qdq.items()},
+                                       tmp / WEIGHTS_FILE, extra)
+        if table is not None:
+            io["embedding"].update(file=WEIGHTS_FILE, codes_offset=offsets[names[0]],
+                                   scales_offset=offsets[names[1]],
+                                   layout="rows" if extra else "columns")
         for s, m in qdq.items():
             name = _graph_name(s)
             src, ctx = tmp / f"{name}.onnx", tmp / f"{name}.ctx.onnx"
-            onnx.save(m, str(src))
             t = time.perf_counter()
             _compile(src, ctx, str(htp_arch))
             compile_s = time.perf_counter() - t
@@ -125,6 +146,66 @@ def export(module: Module, out_dir: str | Path, *, target: str = "npu",
                  "calibration_tokens": int(sum(len(r) for r in rows)),
                  "calibration_s": round(t_cal, 3), "figures": figures})
         return write_artefact(out_dir, files, fields)
+
+
+def host_table(module: Module) -> HostTable:
+    """The embedding table the runtime gathers from: int8 codes, symmetric, one scale per row
+    (the lm_head's per-output-channel grid, so a tied table's codes are the lm_head's)."""
+    from splice.runtime.npu_runtime import HostTable
+
+    node = next(n for n in module.graph.nodes if n.op == "embedding")
+    w = module.weight(node.inputs[1]).detach().to(torch.float32).numpy()
+    amax = np.abs(w).max(axis=1)
+    scales = np.where(amax == 0, 1.0, amax / 127).astype(np.float32)
+    codes = np.clip(np.round(w / scales[:, None]), -127, 127).astype(np.int8)
+    return HostTable(codes, scales)
+
+
+def _shared_lm_head(table: HostTable, model: onnx.ModelProto) -> tuple[str, str] | None:
+    """The names of the lm_head's int8 codes and scales in `model` when they are exactly the
+    table's, transposed (a tied table): the host then reads its rows from them."""
+    inits = {t.name: t for t in model.graph.initializer}
+    rows, width = table.codes.shape
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.INT8 or list(t.dims) != [width, rows]:
+            continue
+        scale = inits.get(t.name.removesuffix("/w8") + "/wscale")
+        if scale is not None and np.array_equal(numpy_helper.to_array(t).T, table.codes) \
+                and np.array_equal(numpy_helper.to_array(scale), table.scales):
+            return t.name, scale.name
+    return None
+
+
+def save_sharing_weights(models: Mapping[Path, onnx.ModelProto], weights: Path,
+                         extra: Mapping[str, np.ndarray] | None = None) -> dict[str, int]:
+    """Save each model at its path with its large initializers in one external file, `weights`
+    (beside them): an initializer the graphs share (same name, same bytes: the prefill and
+    decode graphs read the same weights) is written once and every graph points at it. The
+    models' initializers are changed in place into references to that file. `extra` arrays
+    (name -> array) are written first. Returns each name's offset in the file."""
+    at: dict[tuple[str, bytes], tuple[int, int]] = {}
+    offsets: dict[str, int] = {}
+    with open(weights, "wb") as f:
+        for name, arr in (extra or {}).items():
+            f.seek(-f.tell() % 4096, 1)
+            offsets[name] = f.tell()
+            f.write(np.ascontiguousarray(arr).tobytes())
+        for path, model in models.items():
+            for t in model.graph.initializer:
+                if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES:
+                    continue
+                key = (t.name, hashlib.sha256(t.raw_data).digest())
+                if key not in at:
+                    f.seek(-f.tell() % 4096, 1)  # page-aligned: ONNX Runtime can map it
+                    at[key] = (f.tell(), len(t.raw_data))
+                    offsets.setdefault(t.name, f.tell())
+                    f.write(t.raw_data)
+                offset, length = at[key]
+                external_data_helper.set_external_data(t, weights.name, offset, length)
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+            onnx.save(model, str(path))
+    return offsets
 
 
 def _save_failed_report(out_dir: str | Path, data: bytes) -> str | None:
@@ -171,8 +252,14 @@ def _io(model: onnx.ModelProto, chunk: int, context: int, mask_fill: float) -> d
         i += 1
     windows = sorted(int(n.split(".w")[1]) if ".w" in n else 0 for n in inputs
                      if n.startswith(MASK))
-    return {"chunk": chunk, "context": context, "mask_fill": mask_fill, "mask_windows": windows,
-            "layers": layers}
+    io = {"chunk": chunk, "context": context, "mask_fill": mask_fill, "mask_windows": windows,
+          "layers": layers}
+    if EMBEDS in inputs:  # the host gathers the rows (the file and offsets come when written)
+        dims = [d.dim_value for d in inputs[EMBEDS].type.tensor_type.shape.dim]
+        logits = next(o for o in model.graph.output if o.name == "logits")
+        rows = logits.type.tensor_type.shape.dim[-1].dim_value
+        io["embedding"] = {"rows": rows, "width": dims[-1]}
+    return io
 
 
 def _compile(src: Path, ctx: Path, arch: str) -> None:

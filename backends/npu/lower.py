@@ -21,7 +21,10 @@ whose standard forms the HTP cannot run, and fixes every shape:
   stored as constants) gathered by position_ids, and the rotate-half (or interleaved) pairing as a
   constant signed-permutation MatMul: y = x * cos + (x @ R) * sin. No float64, no int64 compute,
   no rank-5 tensor; partial rotary is the identity in cos (1) and sin (0) past rotary_dim.
-- input_ids and position_ids are int32 (the HTP has no int64 arithmetic; Gather indices only).
+- The embedding lookup runs on the host: the graphs take the gathered rows as input_embeds
+  [1, seq, hidden] (the runtime reads them from the artefact's int8 table), not input_ids, so no
+  graph stores the table for a Gather; a tied table's one copy on the NPU is the lm_head's.
+- position_ids are int32 (the HTP has no int64 arithmetic; Gather indices only).
 - RMSNorm is SimplifiedLayerNormalization, which QNN maps to its RmsNorm op (one quantized op
   instead of five with a squared intermediate to quantize).
 - Grouped-query attention stays rank 4: q is viewed as [1, kv_heads, group * seq, head_dim] so
@@ -54,6 +57,7 @@ from ..onnx.rules import RULES
 log = logging.getLogger(__name__)
 
 MASK = "attention_mask"
+EMBEDS = "input_embeds"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,11 +205,19 @@ def _rms_norm(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
     return [y]
 
 
-def _embedding(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
-    y = ctx.op("Gather", [ctx.weight(node.inputs[1]), ctx.input(node, 0)], {"axis": 0})
-    if node.attrs["scale"] != 1.0:
-        y = ctx.op("Mul", [y, ctx.const(node.attrs["scale"])])
-    return [y]
+def _embedding(shapes: StaticShapes):
+    """The table lookup runs on the host: the graph takes the gathered rows as EMBEDS [1, seq,
+    hidden] (the runtime reads them from the artefact's int8 table), so no graph holds a copy of
+    the table for a Gather; a tied table's only copy on the NPU is the lm_head's. The embedding's
+    scale (Gemma's sqrt(hidden)) stays in the graph."""
+
+    def rule(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
+        y = ctx.graph_input(EMBEDS, ir.DataType.FLOAT,
+                            [1, shapes.seq, int(node.inputs[1].shape[1])])
+        if node.attrs["scale"] != 1.0:
+            y = ctx.op("Mul", [y, ctx.const(node.attrs["scale"])])
+        return [y]
+    return rule
 
 
 def _qlinear(ctx: LoweringContext, node: Node) -> Sequence[ir.Value]:
@@ -274,7 +286,7 @@ def npu_rules(shapes: StaticShapes) -> dict:
     """The ONNX rule table with the NPU's forms for the ops whose standard lowering the HTP
     cannot run or runs poorly."""
     return {**RULES, "attention": _attention(shapes), "rotary": _rotary(shapes),
-            "rms_norm": _rms_norm, "embedding": _embedding, "qlinear": _qlinear}
+            "rms_norm": _rms_norm, "embedding": _embedding(shapes), "qlinear": _qlinear}
 
 
 def lower_static(module: Module, shapes: StaticShapes) -> ir.Model:
@@ -304,6 +316,13 @@ def lower_static(module: Module, shapes: StaticShapes) -> ir.Model:
     masks = sorted((k[1], val) for k, val in _mask_values(model))
     for _, m in masks:
         g.inputs.append(m)
+    embeds = [v for v in g.inputs if v.name == EMBEDS]
+    if embeds:  # the host gathers the rows: ids are no longer an input of the graph
+        ids = next(v for v in g.inputs if v.name == "input_ids")
+        if not ids.uses():
+            g.inputs.remove(ids)
+        g.inputs.remove(embeds[0])
+        g.inputs.insert(0, embeds[0])
     return model
 
 

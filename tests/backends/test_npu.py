@@ -23,6 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from benchmarks.npu_compare import compare, cpu_decoder, greedy
 from splice.backends.npu import PreflightError, StaticShapes, check, export, lower_static
+from splice.backends.npu.export import host_table
 from splice.backends.npu.qdq import calibrate, quantize_graph
 from splice.errors import InputError
 from splice.ir import run_logits
@@ -30,10 +31,12 @@ from splice.passes.infra.base import PassContext
 from splice.passes.quantize_activations import QuantizeActivationsPass
 from splice.passes.quantize_weights import QuantizeWeightsPass
 from splice.runtime import load
-from splice.runtime.npu_runtime import NpuUnavailable, StaticDecoder, qnn_devices, session_runner
+from splice.errors import ArtefactError
+from splice.runtime.npu_runtime import (HostTable, NpuUnavailable, StaticDecoder, _check_io,
+                                        qnn_devices, session_runner)
 
 from tests.paths import STORIES, TINYSTORIES, needs_stories
-from tests.tiny import VARIANTS, tiny_module
+from tests.tiny import VARIANTS, VOCAB, tiny_module
 
 CHUNK, CONTEXT = 8, 48
 
@@ -64,6 +67,14 @@ def _io(module, context=CONTEXT, chunk=CHUNK):
     return _io(_float_graphs(module, chunk, context)[chunk], chunk, context, -64.0)
 
 
+def _exact_table(module) -> HostTable:
+    """The module's embedding table in float32 as a host table (scale 1 per row): the graphs
+    then see exactly the reference's rows."""
+    node = next(n for n in module.graph.nodes if n.op == "embedding")
+    w = module.weight(node.inputs[1]).detach().float().numpy()
+    return HostTable(w, np.ones(len(w), np.float32))
+
+
 # -- lowering (no plugin needed) -------------------------------------------------------------
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "gemma2", "partial_interleaved",
@@ -75,7 +86,7 @@ def test_static_float_graphs_match_interpreter(variant):
     graphs = _float_graphs(module)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    dec = StaticDecoder(_io(module), {})
+    dec = StaticDecoder(_io(module), {}, _exact_table(module))
     dec.runs = {s: session_runner(ort.InferenceSession(g.SerializeToString(), so,
                                                        providers=["CPUExecutionProvider"]),
                                   dec.outputs) for s, g in graphs.items()}
@@ -91,7 +102,11 @@ def test_static_float_graphs_match_interpreter(variant):
 def test_static_graphs_have_fixed_shapes_and_no_int64_inputs():
     model = _float_graphs(tiny_module())[CHUNK]
     ins = {i.name: i for i in model.graph.input}
-    assert ins["input_ids"].type.tensor_type.elem_type == TensorProto.INT32
+    # the host gathers the embedding rows: no ids, no table in the graph
+    assert "input_ids" not in ins and ins["position_ids"].type.tensor_type.elem_type == \
+        TensorProto.INT32
+    assert [d.dim_value for d in ins["input_embeds"].type.tensor_type.shape.dim] == [1, CHUNK, 64]
+    assert not any(list(t.dims) == [VOCAB, 64] for t in model.graph.initializer)
     assert [d.dim_value for d in ins["past.0.key"].type.tensor_type.shape.dim] == [1, 2, CONTEXT,
                                                                                  16]
     assert [d.dim_value for d in ins["attention_mask"].type.tensor_type.shape.dim] == [
@@ -101,11 +116,29 @@ def test_static_graphs_have_fixed_shapes_and_no_int64_inputs():
     assert not {"Range", "Shape", "Cast"} & {n.op_type for n in model.graph.node}
 
 
+def test_host_table_layouts_and_per_row_int8_bound():
+    """The host table's rows are the float table's to half a step of their row's scale, read the
+    same from [rows, width] codes and from their transpose (a tied lm_head's [width, rows])."""
+    module = tiny_module(seed=4)
+    w = _exact_table(module).codes
+    table = host_table(module)
+    assert table.codes.dtype == np.int8 and table.scales.shape == (len(w),)
+    ids = np.array([0, 5, 5, 257, 3])
+    assert np.all(np.abs(table(ids) - w[ids]) <= table.scales[ids, None] / 2 * (1 + 1e-6))
+    columns = HostTable(np.ascontiguousarray(table.codes.T), table.scales, "columns")
+    assert np.array_equal(columns(ids), table(ids))
+    with pytest.raises(ValueError, match="accepted: rows, columns"):
+        HostTable(table.codes, table.scales, "diagonal")
+    io = _io(module)
+    with pytest.raises(ValueError, match="input_embeds"):
+        StaticDecoder(io, {})
+
+
 def test_qdq_graph_quantizes_every_compute_input():
     module = tiny_module()
     graphs = _float_graphs(module)
     io = _io(module)
-    ranges = calibrate(graphs, io, _calib().tolist())
+    ranges = calibrate(graphs, io, _calib().tolist(), embed=host_table(module))
     tied = {x[kv]: x[f"new_{kv}"] for x in io["layers"] for kv in ("key", "value")}
     q = quantize_graph(graphs[CHUNK], ranges, tied_inputs=tied)
     producer = {o: n for n in q.graph.node for o in n.output}
@@ -251,6 +284,56 @@ def test_htp_close_to_cpu_on_the_same_qdq_graph_and_to_reference(tiny_art):
 
 
 @needs_htp
+@pytest.mark.parametrize("case", ["qwen3_qknorm_tied", "llama_gqa"])
+def test_tied_table_is_the_lm_heads_codes_and_each_weight_is_stored_once(case, tmp_path):
+    """The host gathers embedding rows from int8 codes: a tied table from the lm_head's own codes
+    (layout columns: no second copy), an untied one from rows of its own; the prefill and decode
+    graphs point at one weights.bin that holds each of their weights once."""
+    module = QuantizeWeightsPass(method="rtn", bits=8, group_size=0, symmetric=True).call(
+        tiny_module(seed=3, **VARIANTS[case]), PassContext()).module
+    path = export(module, tmp_path / "a", calibration=_calib(), chunk=CHUNK, context=CONTEXT)
+    emb = json.loads((path / "manifest.json").read_text())["io"]["embedding"]
+    tied = case.endswith("tied")
+    assert emb["layout"] == ("columns" if tied else "rows")
+    refs: dict[str, set] = {}
+    for name in (f"prefill{CHUNK}", "decode"):
+        m = onnx.load(str(path / f"{name}.onnx"), load_external_data=False)
+        for t in m.graph.initializer:
+            if t.data_location == TensorProto.EXTERNAL:
+                ext = {e.key: e.value for e in t.external_data}
+                assert ext["location"] == "weights.bin"
+                refs.setdefault(t.name, set()).add((int(ext["offset"]), int(ext["length"])))
+    # the weights are one copy for both graphs (a constant of the sequence length's shape,
+    # const.*, differs between them and is stored for each)
+    weights = [v for k, v in refs.items() if not k.startswith("const.")]
+    assert len(weights) > 10 and all(len(v) == 1 for v in weights)
+    spans = sorted(set().union(*refs.values()))
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # no overlaps
+    own = 0 if tied else emb["rows"] * emb["width"] + 4 * emb["rows"]
+    size = (path / "weights.bin").stat().st_size
+    assert size <= sum(n for _, n in spans) + own + 4096 * (len(spans) + 2)  # padding only
+    assert (emb["codes_offset"] in {o for o, _ in spans}) == tied
+    table = HostTable.open(path, emb)
+    w = _exact_table(module).codes
+    assert np.all(np.abs(table(np.arange(len(w))) - w) <= table.scales[:, None] / 2 * (1 + 1e-6))
+
+
+@needs_htp
+def test_hand_edited_embedding_section_is_refused(tiny_art):
+    path = tiny_art[1]
+    manifest = json.loads((path / "manifest.json").read_text())
+    _check_io(path, manifest)
+    size = (path / "weights.bin").stat().st_size
+    for edit, match in (({"layout": "diagonal"}, "layout"), ({"codes_offset": -1}, "non-negative"),
+                        ({"rows": True}, "integers"), ({"scales_offset": size}, "past the end"),
+                        ({"file": "other.bin"}, "other.bin")):
+        bad = json.loads(json.dumps(manifest))
+        bad["io"]["embedding"].update(edit)
+        with pytest.raises(ArtefactError, match=match):
+            _check_io(path, bad)
+
+
+@needs_htp
 def test_prompt_longer_than_context_is_a_clear_error(tiny_art):
     art = load(tiny_art[1])
     with pytest.raises(InputError, match=f"49 tokens long; the model's context is {CONTEXT}"):
@@ -271,14 +354,16 @@ def test_epcontext_loads_in_a_fresh_process_without_the_source_model(tiny_art, t
         shutil.copy(path / g["context"], tmp_path)
         for f in path.glob(g["context"].replace(".ctx.onnx", ".ctx_qnn.bin")):
             shutil.copy(f, tmp_path)
+    shutil.copy(path / "weights.bin", tmp_path)  # the host's embedding table
     assert not list(tmp_path.glob(f"prefill{CHUNK}.onnx"))
     io = json.loads((path / "manifest.json").read_text())["io"]
     ids = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
     script = f"""
 import json, sys, numpy as np
-from splice.runtime.npu_runtime import StaticDecoder, htp_session, session_runner
+from pathlib import Path
+from splice.runtime.npu_runtime import HostTable, StaticDecoder, htp_session, session_runner
 io = json.loads({json.dumps(json.dumps(io))})
-dec = StaticDecoder(io, {{}})
+dec = StaticDecoder(io, {{}}, HostTable.open(Path({str(tmp_path)!r}), io["embedding"]))
 dec.runs = {{s: session_runner(htp_session({str(tmp_path)!r} + f"/{{n}}.ctx.onnx"), dec.outputs)
             for s, n in (({CHUNK}, "prefill{CHUNK}"), (1, "decode"))}}
 cache = dec.empty()

@@ -29,6 +29,9 @@ def test_npu_quick_runs():
     assert all(g["partitions"] == 1 for g in res["graphs"].values())
     assert set(res["graphs"]) == {"prefill64", "decode"}
     ppl = res["ppl"]
-    assert 1 < ppl["reference float32"] < ppl["HTP (W8A16 QDQ)"] < 2 * ppl["reference float32"]
+    # W8A16 stays within a few percent of float on 512 tokens (either side: rounding noise can
+    # lower a small model's perplexity); a broken lowering or calibration lands far outside
+    ref = ppl["reference float32"]
+    assert 1 < ref and 0.97 * ref < ppl["HTP (W8A16 QDQ)"] < 1.5 * ref
     assert res["logits"]["htp_vs_cpu_qdq"]["argmax_agree"] > 0.8
     assert res["session_s"]["EPContext"] > 0
