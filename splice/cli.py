@@ -354,11 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _no_progress_bars() -> None:
+def _quiet_libraries(debug: bool) -> None:
     """Libraries' progress bars are off, so that splice's own display (splice/progress.py) is the
     one on stderr and a failing command's stderr is its one error line. transformers copies the
-    hub's switch when it is imported, hence both calls; its GGUF reader's own bar is turned off
-    where the frontend calls it (frontend/hf.py)."""
+    hub's switch when it is imported, hence both calls; its GGUF reader's bar is off where the
+    frontend calls it (frontend/hf.py). onnx_ir's INFO lines (each a stack dump): --debug only."""
+    logging.getLogger("onnx_ir").setLevel(logging.NOTSET if debug else logging.WARNING)
     try:
         from huggingface_hub.utils import disable_progress_bars
     except ImportError:     # a runtime-only install has no Hugging Face libraries to quiet
@@ -463,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         a = build_parser().parse_args(argv)
         logging.basicConfig(level=logging.DEBUG if a.debug else logging.INFO if a.verbose
                             else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        _no_progress_bars()
+        _quiet_libraries(a.debug)
         check_arguments(a)
         return a.fn(a)
     except InputError as e:

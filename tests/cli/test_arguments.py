@@ -5,6 +5,7 @@ values; these are the cases that are not one bad value of one argument."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import splice
 from splice.cli import _print_report, _summary, build_parser, main
 from splice.errors import InputError
-from tests.paths import STORIES, needs_stories
+from tests.paths import STORIES, TINYSTORIES, needs_stories
 
 
 def test_global_flags_are_accepted_before_and_after_the_command():
@@ -34,6 +35,19 @@ def test_debug_after_the_command_shows_the_traceback(tmp_path):
                         "no_such_recipe", "--out", str(tmp_path / "o"), "--debug"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 1 and "Traceback" in r.stderr and "no_such_recipe" in r.stderr
+
+
+@needs_stories
+def test_verbose_logs_splices_steps_not_onnx_irs_stack_dumps(tmp_path):
+    """The NPU lowering runs onnx_ir's graph passes, which log at INFO with a stack each."""
+    if importlib.util.find_spec("onnxruntime_qnn") is None:
+        pytest.skip("the npu extra (onnxruntime-qnn) is not installed")
+    r = subprocess.run([sys.executable, "-m", "splice", "compile", str(STORIES), "--target",
+                        "npu", "--calib", str(TINYSTORIES), "--out", str(tmp_path / "o"), "-v"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "INFO splice.api: compiled" in r.stderr
+    assert "onnx_ir" not in r.stderr and "Stack (most recent call last)" not in r.stderr
 
 
 def test_help_shows_defaults_exit_codes_and_the_default_report_directory(capsys):
