@@ -134,8 +134,8 @@ def splice_ppl(path: str, args: dict) -> dict:
     from splice.runtime import load
 
     art = load(path, threads=args["threads"])
-    return {"ppl": perplexity(lambda x: art.logits(x)[0], args["ids"],
-                              window=args["window"])["ppl"]}
+    return {"ppl": perplexity(lambda x: art.logits(x)[0], args["ids"], window=args["window"],
+                              bos=args.get("bos"))["ppl"]}
 
 
 WORKERS = {"llama_quantize": llama_quantize, "llama_speed": llama_speed, "llama_ppl": llama_ppl,

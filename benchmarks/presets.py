@@ -56,11 +56,14 @@ def _compile(model: str, recipe: str, calib: Path, out: Path, quick: bool,
     only adds waiting (6x slower on a loaded 2-core machine)."""
     if not (out / "manifest.json").is_file():
         cmd = [sys.executable, "-m", "splice", "compile", model, "--backend", backend,
+               *(["--target", "npu"] if backend == "npu" else []),
                "--recipe", _recipe_arg(recipe, out, quick), "--out", str(out)]
         from splice.recipe import Recipe
 
-        if Recipe.named(recipe).calibration_samples:  # only where it calibrates: given text,
-            cmd += ["--calib", str(calib)]  # RTN would also measure its output error (minutes)
+        # only where it calibrates (the NPU backend always does: its activation grids): given
+        # text, RTN would also measure its output error (minutes)
+        if Recipe.named(recipe).calibration_samples or backend == "npu":
+            cmd += ["--calib", str(calib)]
         t0 = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS="1") if quick else None
         r = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)

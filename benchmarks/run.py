@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SECTIONS = ("presets", "gguf_bench", "foundation", "prune_patch", "tvm_bench", "npu", "scale",
-            "hadamard", "onnx_speed")
+            "hadamard", "onnx_speed", "models")
 
 
 def machine() -> str:
