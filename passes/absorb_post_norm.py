@@ -24,10 +24,11 @@ pass measures, on ctx.calibration in the reference interpreter (at ctx.precision
 rms sqrt(mean(o^2) + eps), its mean r and its relative spread std / r, and absorbs the norm when
 the spread is at most `max_spread` and the stream error at most `max_error`; another is left in
 place, with its figures in the report. All statistics come from one run of the unmodified model,
-as running sums, `chunk_tokens` tokens (whole sequences, at least one) at a time; the before and
-after comparison runs both models on the same chunks. Peak memory is one chunk's activations and
-logits, whatever the calibration size and the vocabulary (a 262k vocabulary and 8 x 256 tokens
-held 4.3 GB per float64 logits tensor when the whole batch ran at once).
+as running sums, `chunk_tokens` tokens (whole sequences, at least one) at a time, and no more
+sequences than hold LOGITS_BYTES of logits; the before and after comparison runs both models on
+the same chunks. Peak memory is one chunk's activations and logits, whatever the calibration size
+and the vocabulary (a 262k vocabulary held 4.3 GB per float64 logits tensor of 2,048 tokens: the
+default chunk alone was killed at 22 GB on Gemma 3 270M before the logits bound).
 
 Exactness: lossy (exact only if every token's rms equals r). The report gives per layer the
 spread and the decision, and the calibration batch's perplexity and KL before and after; the
@@ -53,6 +54,7 @@ from .infra.registry import register_pass
 
 logger = logging.getLogger(__name__)
 FITS = ("lsq", "mean")
+LOGITS_BYTES = 1 << 30  # the logits one chunk may hold, per model (one sequence at least)
 
 
 def _label(node: Node) -> str:
@@ -273,7 +275,10 @@ class AbsorbPostNormPass(PassBase):
             elif id(node) in by_add:
                 by_add[id(node)].add_stream(outs[0])
 
-        rows = max(1, self.chunk_tokens // calib.shape[1])
+        seq = calib.shape[1]
+        per_row = seq * int(module.config.vocab_size) * (torch.finfo(dtype).bits // 8)
+        rows = max(1, min(self.chunk_tokens // seq, LOGITS_BYTES // per_row))
+        report["chunk_rows"] = rows
         run = Interpreter(module, dtype)
         with torch.no_grad():
             for i in range(0, calib.shape[0], rows):

@@ -26,6 +26,8 @@ from splice.ir.interpreter import run_logits
 from splice.ir.verify import verify
 from .base import PassError
 
+COMPARE_ELEMENTS = 1 << 24  # logits compare_logits holds in float64 at once (128 MB a copy)
+
 if TYPE_CHECKING:
     from .base import PassBase, PassContext, PassResult
 
@@ -156,25 +158,34 @@ def _stores_below_float64(module: Module) -> bool:
 def compare_logits(before: torch.Tensor, after: torch.Tensor, ids: torch.Tensor) -> dict[str, Any]:
     """How far `after` logits are from `before` on the batch `ids` [batch, seq]: the largest
     difference relative to max |logit|, KL(before || after) averaged over tokens, top-1
-    agreement, and the perplexity of the batch's next tokens under each (a perplexity proxy)."""
-    before = before.to(torch.float64)
-    after = after.to(torch.float64)
-    scale = before.abs().max().item() or 1.0
-    logp_b = torch.log_softmax(before, dim=-1)
-    logp_a = torch.log_softmax(after, dim=-1)
-    kl = (logp_b.exp() * (logp_b - logp_a)).sum(-1).mean().item()
-    stats: dict[str, Any] = {
-        "max_rel_diff": (after - before).abs().max().item() / scale,
-        "kl": max(kl, 0.0),
-        "top1_agreement": (before.argmax(-1) == after.argmax(-1)).to(torch.float64).mean().item(),
-        "tokens": int(ids.numel()),
-    }
+    agreement, and the perplexity of the batch's next tokens under each (a perplexity proxy).
+    Computed in float64 over COMPARE_ELEMENTS logits at a time (whole token rows), so its memory
+    is bounded whatever the vocabulary (a 262k one held 8 float64 copies of the whole batch)."""
+    vocab = before.shape[-1]
+    b_all, a_all = before.reshape(-1, vocab), after.reshape(-1, vocab)
+    nxt = torch.full(ids.shape, -1, dtype=torch.int64)  # each position's next token, -1: none
+    nxt[:, :-1] = ids[:, 1:]
+    nxt = nxt.reshape(-1)
+    step = max(1, COMPARE_ELEMENTS // vocab)
+    scale = diff = kl = agree = nll_b = nll_a = 0.0
+    for i in range(0, b_all.shape[0], step):
+        b, a = b_all[i:i + step].to(torch.float64), a_all[i:i + step].to(torch.float64)
+        scale = max(scale, b.abs().max().item())
+        diff = max(diff, (a - b).abs().max().item())
+        logp_b, logp_a = torch.log_softmax(b, dim=-1), torch.log_softmax(a, dim=-1)
+        kl += (logp_b.exp() * (logp_b - logp_a)).sum().item()
+        agree += (b.argmax(-1) == a.argmax(-1)).sum().item()
+        t = nxt[i:i + step]
+        has = t >= 0
+        nll_b -= logp_b[has].gather(-1, t[has, None]).sum().item()
+        nll_a -= logp_a[has].gather(-1, t[has, None]).sum().item()
+    tokens = b_all.shape[0]
+    stats: dict[str, Any] = {"max_rel_diff": diff / (scale or 1.0), "kl": max(kl / tokens, 0.0),
+                             "top1_agreement": agree / tokens, "tokens": int(ids.numel())}
     if ids.shape[1] > 1:
-        nxt = ids[:, 1:, None]
-        nll_b = -logp_b[:, :-1].gather(-1, nxt).mean().item()
-        nll_a = -logp_a[:, :-1].gather(-1, nxt).mean().item()
-        stats.update(ppl_before=math.exp(nll_b), ppl_after=math.exp(nll_a),
-                     ppl_ratio=math.exp(nll_a - nll_b))
+        pairs = ids.shape[0] * (ids.shape[1] - 1)
+        stats.update(ppl_before=math.exp(nll_b / pairs), ppl_after=math.exp(nll_a / pairs),
+                     ppl_ratio=math.exp((nll_a - nll_b) / pairs))
     return stats
 
 

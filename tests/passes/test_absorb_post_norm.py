@@ -132,6 +132,30 @@ def test_structural_decision_follows_max_error():
     assert len(post_norms(module)) == 3
 
 
+
+def test_structural_logits_bound_the_chunk_and_change_no_result(monkeypatch):
+    """A large vocabulary shrinks the chunk to the sequences whose logits fit LOGITS_BYTES (at
+    least one); the statistics, decisions and weights are those of one chunk for the whole batch
+    (running sums: only the grouping changes)."""
+    import splice.passes.absorb_post_norm as mod
+
+    module = tiny_model("gemma", seed=3)
+    FoldNormsPass()(module)
+    ctx = PassContext(calibration=calibration(batch=6, seq=16))
+    one = AbsorbPostNormPass(max_spread=math.inf)(module.clone(), ctx)
+    assert one.report["chunk_rows"] >= 6  # the whole batch in one chunk
+    per_row = 16 * module.config.vocab_size * 8  # float64
+    for budget, rows in ((2 * per_row + 1, 2), (1, 1)):
+        monkeypatch.setattr(mod, "LOGITS_BYTES", budget)
+        small = AbsorbPostNormPass(max_spread=math.inf)(module.clone(), ctx)
+        assert small.report["chunk_rows"] == rows
+        assert small.report["absorbed"] == one.report["absorbed"]
+        for k, v in one.report["layers"].items():
+            assert small.report["layers"][k]["stream_error"] == pytest.approx(
+                v["stream_error"], rel=1e-9)
+        assert all(torch.allclose(small.module.weights[k], w, rtol=1e-9, atol=0)
+                   for k, w in one.module.weights.items())
+
 # -- numeric -----------------------------------------------------------------------------------
 
 def test_numeric_least_squares_fit_leaves_less_error_than_the_mean():

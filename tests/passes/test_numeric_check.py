@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -85,6 +87,28 @@ def test_compare_logits_of_identical_logits():
     assert stats["ppl_ratio"] == 1.0
     assert "ppl_ratio" not in compare_logits(logits[:, :1], logits[:, :1], ids[:, :1])
 
+
+
+def test_compare_logits_in_slices_equals_the_whole_batch_formula(monkeypatch):
+    """The sliced computation (bounded memory) gives the textbook figures of the whole batch."""
+    import splice.passes.infra.instruments as mod
+
+    gen = torch.Generator().manual_seed(3)
+    b = torch.randn(3, 7, 13, generator=gen, dtype=torch.float64) * 3
+    a = b + 0.3 * torch.randn(3, 7, 13, generator=gen, dtype=torch.float64)
+    ids = torch.randint(0, 13, (3, 7), generator=gen)
+    lb, la = torch.log_softmax(b, -1), torch.log_softmax(a, -1)
+    nb = -lb[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    na = -la[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    expected = {"max_rel_diff": ((a - b).abs().max() / b.abs().max()).item(),
+                "kl": (lb.exp() * (lb - la)).sum(-1).mean().item(),
+                "top1_agreement": (b.argmax(-1) == a.argmax(-1)).double().mean().item(),
+                "ppl_before": math.exp(nb.item()), "ppl_after": math.exp(na.item())}
+    for elements in (1 << 24, 13 * 5, 1):  # one slice; 5 tokens (across rows); 1 token
+        monkeypatch.setattr(mod, "COMPARE_ELEMENTS", elements)
+        stats = compare_logits(b, a, ids)
+        for k, v in expected.items():
+            assert stats[k] == pytest.approx(v, rel=1e-12), (elements, k)
 
 @pytest.mark.parametrize("batch, message", [
     (torch.rand(2, 4), "integer token ids"),
