@@ -72,8 +72,8 @@ def write_artefact(out_dir: str | Path, files: Mapping[str, FileSource],
         _recover(out)
         _check_replaceable(out)
         tmp = parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        tmp.mkdir()
-        try:
+        try:  # mkdir inside: an interrupt just after it must not leave the directory
+            tmp.mkdir()
             for rel, source in files.items():
                 _write_one(tmp, rel, source)
             hashes = {rel: sha256_file(tmp / rel, fsync=True) for rel in present_files(tmp)}

@@ -190,7 +190,7 @@ def test_recipe_accepts_pass_instances_and_pairs():
 
 def test_builtin_recipes_and_resolve(tmp_path):
     assert Recipe.named("none").build() == []
-    assert Recipe.named("fold_norms").build() == [FoldNormsPass()]
+    assert Recipe.named("fold_norms").build() == [FoldNormsPass(untie=False)]
     assert Recipe.resolve("fold_norms") == Recipe.named("fold_norms")
     r = Recipe.named("none")
     assert Recipe.resolve(r) is r
