@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 from benchmarks.peer_engines import child
 from benchmarks.presets import DATA, STORIES, _compile
 
-SPLICE_CACHE = Path.home() / ".cache" / "splice"
+SPLICE_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "splice"
 FLOAT = "float32"
 # (label, recipe, backend)
 ROWS = ((FLOAT, "none", "onnx"), ("fold_norms", "fold_norms", "onnx"),
@@ -110,7 +111,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
     res = {"models": {}, "rounds": rounds, "quick": quick,
            "text": "TinyStories" if quick else "WikiText-2's test text",
            "absent": [] if quick or "Gemma 3 270M" in found else [
-               "Gemma 3 270M (`make gemma` puts it in ~/.cache/splice)"]}
+               f"Gemma 3 270M (`make gemma` puts it in {SPLICE_CACHE})"]}
     npu = _npu_unavailable()
     if npu:
         rows_spec = tuple(r for r in rows_spec if r[2] != "npu")

@@ -37,7 +37,7 @@ from ..artefact import write_artefact
 from ..common import decoder_io, manifest_fields, tokenizer_files
 from . import preflight
 from .lower import EMBEDS, MASK, StaticShapes, lower_static
-from .qdq import calibrate, quantize_graph
+from .qdq import calibrate, quantize_graph, symmetric_codes
 
 if TYPE_CHECKING:
     from splice.runtime.npu_runtime import HostTable
@@ -155,10 +155,7 @@ def host_table(module: Module) -> HostTable:
 
     node = next(n for n in module.graph.nodes if n.op == "embedding")
     w = module.weight(node.inputs[1]).detach().to(torch.float32).numpy()
-    amax = np.abs(w).max(axis=1)
-    scales = np.where(amax == 0, 1.0, amax / 127).astype(np.float32)
-    codes = np.clip(np.round(w / scales[:, None]), -127, 127).astype(np.int8)
-    return HostTable(codes, scales)
+    return HostTable(*symmetric_codes(w, 8, axis=1))
 
 
 def _shared_lm_head(table: HostTable, model: onnx.ModelProto) -> tuple[str, str] | None:

@@ -420,12 +420,20 @@ def _matmul_weights(g, inits) -> set[str]:
             and len(inits[n.input[1]].dims) == 2}
 
 
+def symmetric_codes(w: np.ndarray, bits: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric integer codes (int8 storage) of w with one float32 scale per slice along the
+    other axis: max |w| / qmax, 1 where a slice is all zero. The weights' grid and the host's
+    embedding table share it, so a tied table's codes are the lm_head's."""
+    qmax = (1 << (bits - 1)) - 1
+    amax = np.abs(w).max(axis=axis)
+    scale = np.where(amax == 0, 1.0, amax / qmax).astype(np.float32)
+    codes = np.clip(np.round(w / np.expand_dims(scale, axis)), -qmax, qmax).astype(np.int8)
+    return codes, scale
+
+
 def _weight_dq(name: str, w: np.ndarray, bits: int, new_inits: list) -> onnx.NodeProto:
     """DequantizeLinear over symmetric per-output-channel integer codes of w [K, N]."""
-    qmax = (1 << (bits - 1)) - 1
-    amax = np.abs(w).max(axis=0)
-    scale = np.where(amax == 0, 1.0, amax / qmax).astype(np.float32)
-    codes = np.clip(np.round(w / scale), -qmax, qmax).astype(np.int8)
+    codes, scale = symmetric_codes(w, bits, axis=0)
     dtype = TensorProto.INT8 if bits == 8 else TensorProto.INT4
     qn, sn, zn = f"{name}/w{bits}", f"{name}/wscale", f"{name}/wzero"
     if bits == 8:
