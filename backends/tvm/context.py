@@ -21,7 +21,7 @@ from splice.backends.common import (LoweringError, decoder_io, describe, hadamar
                                     hadamard_signs)
 from splice.ir.core import Module, Node, Value
 from . import kernels as K
-from .quant import qlinear_param_layouts
+from .quant import TILE, TILED, qlinear_param_layouts
 
 __all__ = ["FLOAT_IR", "ROW_TILE", "Lowered", "Lowering", "LoweringError", "Param", "cache_shape",
            "describe", "hadamard_stages"]
@@ -47,6 +47,9 @@ class Param:
         if self.layout.startswith("hadamard_signs"):
             return hadamard_signs(int(self.layout.split(":")[1]))
         t = module.weights[self.source]
+        if self.layout in TILED.values():
+            return _tiled(t.to(torch.uint8 if self.dtype == "uint8" else torch.float32).numpy(),
+                          self.shape)
         if self.dtype == "uint8":
             return np.ascontiguousarray(t.numpy())
         a = t.to(torch.float32).numpy()
@@ -59,6 +62,15 @@ class Param:
             padded[:n] = a
             a = padded.reshape(rows, K.LANES, k).transpose(0, 2, 1)
         return np.ascontiguousarray(a, dtype=np.float32).reshape(self.shape)
+
+
+def _tiled(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """[out, blocks, ...] -> [tiles, blocks, TILE, ...]: TILE consecutive outputs interleaved
+    per block, the last tile padded with zeros (codes 0 and scale 0: a padded output is 0)."""
+    padded = np.zeros((shape[0] * TILE, *a.shape[1:]), a.dtype)
+    padded[:a.shape[0]] = a
+    out = padded.reshape(shape[0], TILE, *a.shape[1:]).swapaxes(1, 2)
+    return np.ascontiguousarray(out).reshape(shape)
 
 
 @dataclasses.dataclass
@@ -165,7 +177,10 @@ class Lowering:
 
     def _layouts(self, node: Node, i: int, v: Value) -> list[str]:
         if node.op in ("qlinear", "qembedding"):
-            return [qlinear_param_layouts(node, i)]
+            layout = qlinear_param_layouts(node, i)
+            if self.packed and layout in TILED and all(u.op == "qlinear" for u in v.users()):
+                return [TILED[layout]]  # read by products only: tiles of a task's outputs
+            return [layout]
         if node.op == "linear" and i == 1 and self.packed:
             return ["packed"]
         if node.op == "matmul" and i == 1 and self.packed:
@@ -184,7 +199,8 @@ class Lowering:
         else:
             t = self.module.weights[weight]
             shape, dtype = tuple(t.shape), "float32"
-            if layout == "q_weight" or (layout == "q_zeros" and not t.is_floating_point()):
+            if layout in ("q_weight", "q_weight_tiled") or (layout == "q_zeros"
+                                                             and not t.is_floating_point()):
                 if t.dtype != torch.uint8:
                     raise LoweringError(f"quantized weight {weight!r} has dtype {t.dtype}; "
                                         "expected uint8 codes (MatMulNBits layout)")
@@ -194,6 +210,8 @@ class Lowering:
             elif layout in ("packed", "packed_t"):
                 n, k = shape if layout == "packed" else shape[::-1]
                 shape = (K.pack_rows(n), k, K.LANES)
+            if layout in TILED.values():
+                shape = (-(-shape[0] // TILE), shape[1], TILE, *shape[2:])
             name = weight if layout in ("plain",) or layout.startswith("q") \
                 else f"{weight}.{layout}"
         self._params[(weight, layout)] = Param(name, weight, layout, shape, dtype)

@@ -33,9 +33,11 @@ from __future__ import annotations
 from tvm import te, tirx
 from tvm.script import tirx as T
 
+from .quant import TILE
+
 ACT_MAX = 127
 CHUNK = 32  # weights per vpmaddubsw (one 256-bit register of bytes)
-OUTPUTS = 4  # outputs per task: independent accumulator chains
+OUTPUTS = TILE  # outputs per task: independent accumulator chains, one tile of the tiled layout
 LANES = 8  # int32 / float32 lanes of one 256-bit register
 
 
@@ -112,10 +114,13 @@ def _psign(a, b):
 
 
 def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: str,
-                zp_shape: tuple[int, ...] | None):
+                zp_shape: tuple[int, ...] | None, tiled: bool = False):
     """The product's PrimFunc over (xq, [xa,] d, dsum, w, s, zp, y): y [rows, n_out] =
     the module docstring's sum. `zeros`: "symmetric" (zp unused: pass the scales), "uint8"
-    (int4 two per byte, low nibble first, or int8 one per byte) or "float"."""
+    (int4 two per byte, low nibble first, or int8 one per byte) or "float". `tiled`: the codes
+    and scales in quant.py's tiled layouts (a task's bytes contiguous, in the order it reads
+    them; the padded outputs of a last partial tile are computed and not stored), else
+    [n_out, blocks, bytes] and [n_out, blocks]."""
     ab = act_block(group_size)
     nab = blocks * group_size // ab
     per = ab // CHUNK  # chunks per activation block
@@ -128,6 +133,21 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
     zshape = zp_shape if zp_shape is not None else (n_out, blocks)
     zdt = "float32" if zeros in ("symmetric", "float") else "uint8"
     sym_z = float((1 << (bits - 1)) - c_off)  # z - c for a symmetric weight: 8 or 0
+    wshape = (tasks, blocks, OUTPUTS, width) if tiled else (n_out, blocks, width)
+    sshape = (tasks, blocks, OUTPUTS) if tiled else (n_out, blocks)
+    partial = tiled and n_out % OUTPUTS != 0
+
+    def codes(w, t, j, g, start, n):
+        """n code bytes of output t * OUTPUTS + j (clamped to the last in the plain layout),
+        block g, from byte `start`."""
+        if tiled:
+            return w[t, g, j, T.ramp(start, 1, n)]
+        return w[T.min(t * OUTPUTS + j, last), g, T.ramp(start, 1, n)]
+
+    def scale(s, t, j, g):
+        if tiled:
+            return s[t, g, j]
+        return s[T.min(t * OUTPUTS + j, last), g]
 
     def zc(zp, n, g):
         """z - c as float32."""
@@ -161,8 +181,7 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
 
     @T.prim_func(private=True)
     def qdot(var_xq: T.handle, var_d: T.handle, var_ds: T.handle,
-             w: T.Buffer((n_out, blocks, width), "uint8"),
-             s: T.Buffer((n_out, blocks), "float32"),
+             w: T.Buffer(wshape, "uint8"), s: T.Buffer(sshape, "float32"),
              zp: T.Buffer(zshape, zdt), var_y: T.handle):
         T.func_attr({"tirx.noalias": True, "tirx.is_scheduled": True,
                      "splice.kernel": "qlinear_i8"})
@@ -188,23 +207,30 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                         for j in T.unroll(OUTPUTS):
                             if bits == 4:
                                 a16[j, T.ramp(0, 1, 16)] = a16[j, T.ramp(0, 1, 16)] + _pmaddubs(
-                                    unpack(w[T.min(t * OUTPUTS + j, last), b // ratio,
-                                             T.ramp((b % ratio) * (ab // 2) + c * 16, 1, 16)]),
+                                    unpack(codes(w, t, j, b // ratio,
+                                                 (b % ratio) * (ab // 2) + c * 16, 16)),
                                     xq[m, T.ramp(b * ab + c * CHUNK, 1, CHUNK)])
                             else:
                                 a32[j, T.ramp(0, 1, LANES)] = a32[j, T.ramp(0, 1, LANES)] + \
                                     _pmaddwd(signed_dot(
-                                        w[T.min(t * OUTPUTS + j, last), b // ratio,
-                                          T.ramp((b % ratio) * ab + c * CHUNK, 1, CHUNK)],
+                                        codes(w, t, j, b // ratio,
+                                              (b % ratio) * ab + c * CHUNK, CHUNK),
                                         xq[m, T.ramp(b * ab + c * CHUNK, 1, CHUNK)]))
                     for j in T.unroll(OUTPUTS):
-                        n = T.min(t * OUTPUTS + j, last)
                         if bits == 4:
                             a32[j, T.ramp(0, 1, LANES)] = _pmaddwd(a16[j, T.ramp(0, 1, 16)])
+                        # the output index is written out, not bound to a name: TVMScript makes
+                        # a name assigned in a loop a one-element buffer, which the host
+                        # allocated from its workspace pool once per task
                         acc[j, T.ramp(0, 1, LANES)] = acc[j, T.ramp(0, 1, LANES)] + T.Cast(
                             "float32x8", a32[j, T.ramp(0, 1, LANES)]) * T.broadcast(
-                            s[n, b // ratio] * d[m, b], LANES)
-                        corr[j] = corr[j] + zc(zp, n, b // ratio) * s[n, b // ratio] * ds[m, b]
+                            scale(s, t, j, b // ratio) * d[m, b], LANES)
+                        corr[j] = corr[j] + zc(zp, T.min(t * OUTPUTS + j, last), b // ratio) * \
+                            scale(s, t, j, b // ratio) * ds[m, b]
                 for j in T.unroll(OUTPUTS):
-                    y[m, T.min(t * OUTPUTS + j, last)] = hsum(acc, j) - corr[j]
+                    if partial:
+                        if t * OUTPUTS + j < n_out:
+                            y[m, t * OUTPUTS + j] = hsum(acc, j) - corr[j]
+                    else:
+                        y[m, T.min(t * OUTPUTS + j, last)] = hsum(acc, j) - corr[j]
     return qdot

@@ -56,11 +56,31 @@ Q_ROW_TILE = 8
 QLANES = 16
 PREFILL_LANES = 8
 LAYOUTS = {1: "q_weight", 2: "q_scales", 3: "q_zeros"}
+# output rows per tile of the CPU's tiled layouts ("q_weight_tiled" [tiles, blocks, TILE, bytes],
+# "q_scales_tiled" [tiles, blocks, TILE]): a decode task's outputs, whose bytes then lie in the
+# order the task reads them
+TILE = 4
+TILED = {"q_weight": "q_weight_tiled", "q_scales": "q_scales_tiled"}
 
 
 def qlinear_param_layouts(node: Node, i: int) -> str:
     """The storage layout of qlinear / qembedding input `i` (a bias is a plain float vector)."""
     return LAYOUTS.get(i, "plain")
+
+
+def code_byte(w: te.Tensor, n, g, i):
+    """Byte i of output n's block g, in either layout of the codes: [out, blocks, bytes] or
+    tiled [tiles, blocks, TILE, bytes]."""
+    if len(w.shape) == 4:
+        return w[n // TILE, g, n % TILE, i]
+    return w[n, g, i]
+
+
+def block_scale(s: te.Tensor, n, g):
+    """Output n's scale of block g: [out, blocks] or tiled [tiles, blocks, TILE]."""
+    if len(s.shape) == 3:
+        return s[n // TILE, g, n % TILE]
+    return s[n, g]
 
 
 def _nibble(byte, which):
@@ -83,8 +103,8 @@ class _Format:
 
     def code(self, n, g, j):
         if self.bits == 8:
-            return self.w[n, g, j].astype(self.dt)
-        return _nibble(self.w[n, g, j // 2], j % 2).astype(self.dt)
+            return code_byte(self.w, n, g, j).astype(self.dt)
+        return _nibble(code_byte(self.w, n, g, j // 2), j % 2).astype(self.dt)
 
     def zero(self, n, g):
         if self.symmetric:
@@ -98,12 +118,12 @@ class _Format:
     def weight(self, n, k):
         """(q - z) * scale: the reference's float32 operations, in its order."""
         g, j = k // self.gs, k % self.gs
-        return (self.code(n, g, j) - self.zero(n, g)) * self.s[n, g].astype(self.dt)
+        return (self.code(n, g, j) - self.zero(n, g)) * block_scale(self.s, n, g).astype(self.dt)
 
 
 def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
                    bias: te.Tensor | None, residual: te.Tensor | None, *, bits: int,
-                   group_size: int, symmetric: bool, row_tile: int = 1,
+                   group_size: int, symmetric: bool, out_features: int, row_tile: int = 1,
                    streamed: bool = True) -> te.Tensor:
     """y = x @ dequant(W).T (+ bias) (+ residual) for x [rows, in] over the MatMulNBits tensors.
 
@@ -113,14 +133,14 @@ def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | Non
     the weight rebuilt per element (the CPU's fallback for a partial last block) or, for the
     GPU (streamed False), a dequantize block feeding the product, the form dlight's GPU rules
     recognise."""
-    n_out = int(w.shape[0])
+    n_out = out_features
     k_in = int(x.shape[-1])
     rows = x.shape[0]
     fmt = _Format(w, s, zp, bits=bits, group_size=group_size, symmetric=symmetric, dtype=x.dtype)
     tile = max(row_tile, 1)
     blocks = int(w.shape[1])
     if streamed:
-        return _streamed(x, w, s, zp, bias, residual, bits=bits, blocks=blocks,
+        return _streamed(x, w, s, zp, bias, residual, n_out=n_out, bits=bits, blocks=blocks,
                          group_size=group_size, symmetric=symmetric, tile=tile)
     # one row per tile (decode): the product is [rows, out] itself
     tiled = (tirx.floordiv(rows - 1, tile) + 1, tile) if tile > 1 else (rows,)
@@ -152,8 +172,8 @@ def _lanes(width: int, most: int) -> int:
 
 
 def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
-              bias: te.Tensor | None, residual: te.Tensor | None, *, bits: int, blocks: int,
-              group_size: int, symmetric: bool, tile: int) -> te.Tensor:
+              bias: te.Tensor | None, residual: te.Tensor | None, *, n_out: int, bits: int,
+              blocks: int, group_size: int, symmetric: bool, tile: int) -> te.Tensor:
     """The CPU product: a vector of `lanes` partial sums per (row, output); a block's bytes are
     read `lanes` at a time (its chunks), so the registers a task holds do not grow with the group
     size.
@@ -171,9 +191,9 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
     tile (qpart), the rebuilding shared across the tile's unrolled rows. Either way the lanes
     are summed pairwise once per output (qsum). The sum's order is the only difference from the
     reference (and, in decode, the scale applied to a block's sum rather than to each weight)."""
-    rows, n_out, dt = x.shape[0], int(w.shape[0]), x.dtype
+    rows, dt = x.shape[0], x.dtype
     k_in = int(x.shape[-1])
-    width = int(w.shape[2])  # bytes per block: group_size / 2 (int4) or group_size (int8)
+    width = int(w.shape[-1])  # bytes per block: group_size / 2 (int4) or group_size (int8)
     lanes = _lanes(width, QLANES if tile == 1 else PREFILL_LANES)
     chunks = width // lanes
     tiled = (tirx.floordiv(rows - 1, tile) + 1, tile) if tile > 1 else (rows,)
@@ -210,7 +230,7 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
                         lambda m, gg, tt, i: xin(m, gg * group_size + 2 * i + tt), name="split")
 
         def term(m, n, gg, i, f):
-            return xs[m, gg, t, i] * f(n, gg, _nibble(w[n, gg, i], t))
+            return xs[m, gg, t, i] * f(n, gg, _nibble(code_byte(w, n, gg, i), t))
         red = [c, t]
     else:
         xs = None
@@ -220,7 +240,7 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
 
         def term(m, n, gg, i, f):
             xv = xs[m, gg, i] if xs is not None else x[m, gg * group_size + i]
-            return xv * f(n, gg, w[n, gg, i].astype("int32"))
+            return xv * f(n, gg, code_byte(w, n, gg, i).astype("int32"))
         red = [c]
 
     if tile == 1:
@@ -243,11 +263,12 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
             term(m, n, gg, c * lanes + l, lambda _n, _g, code: code.astype(dt)), axis=red),
             name="qblock")
         part = te.compute((rows, n_out, lanes), lambda m, n, l: te.sum(
-            (blk[m, n, g, l] - z_float(n, g) * xsum[m, g, l]) * s[n, g].astype(dt), axis=g),
+            (blk[m, n, g, l] - z_float(n, g) * xsum[m, g, l]) * block_scale(s, n, g).astype(dt),
+            axis=g),
             name="qpart")
     else:
         def weight(n, gg, code):
-            return centred(n, gg, code) * s[n, gg].astype(dt)
+            return centred(n, gg, code) * block_scale(s, n, gg).astype(dt)
         part = te.compute((*tiled, n_out, lanes), lambda *o: te.sum(
             term(row(o[:-2]), o[-2], g, c * lanes + o[-1], weight), axis=[g, *red]),
             name="qpart")

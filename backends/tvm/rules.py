@@ -86,11 +86,18 @@ def _matmul(low: Lowering, fn: _Function, node: Node):
     return [fn.te(K.matmul, fn.value(node, 0), fn.value(node, 1), kind="matmul")]
 
 
+def _qparams(low: Lowering, fn: _Function, node: Node) -> list:
+    """Codes, scales and zero points (None when symmetric) of a qlinear or qembedding, each in
+    the layout the lowering planned for it (the codes and scales tiled on the CPU when only
+    products read them: quant.TILED)."""
+    return [fn.value(node, i, low._layouts(node, i, node.inputs[i])[0])
+            if i < len(node.inputs) and node.inputs[i] is not None else None for i in (1, 2, 3)]
+
+
 def _qlinear(low: Lowering, fn: _Function, node: Node):
     a = node.attrs
     x = fn.value(node, 0)
-    w, s = fn.value(node, 1, "q_weight"), fn.value(node, 2, "q_scales")
-    zp = fn.value(node, 3, "q_zeros") if len(node.inputs) > 3 else None
+    w, s, zp = _qparams(low, fn, node)
     bias = fn.value(node, 4) if len(node.inputs) > 4 else None
     if low.activations == "int8" and fn.rows == "few" and low.packed \
             and act_block(a["group_size"]) is not None:
@@ -98,7 +105,7 @@ def _qlinear(low: Lowering, fn: _Function, node: Node):
             low, fn, node, rows, w, s, zp, bias, residual))
     return _product(low, fn, node, x, a["out_features"], lambda rows, residual: fn.te(
         qlinear_kernel, rows, w, s, zp, bias, residual, bits=a["bits"],
-        group_size=a["group_size"], symmetric=a["symmetric"],
+        group_size=a["group_size"], symmetric=a["symmetric"], out_features=a["out_features"],
         row_tile=Q_ROW_TILE if fn.rows == "many" and low.packed else 1,
         streamed=low.packed, kind="qlinear"))
 
@@ -118,12 +125,13 @@ def _qdot(low: Lowering, fn: _Function, node: Node, rows, w, s, zp, bias, residu
     zshape = tuple(int(v) for v in node.inputs[3].shape) if zp is not None else None
     zeros = "symmetric" if a["symmetric"] else "uint8" if low.module.weights[
         node.inputs[3].const].dtype == torch.uint8 else "float"
-    key = ("qdot", n_out, blocks, gs, bits, zeros, zshape)
+    tiled = w.ty.ndim == 4
+    key = ("qdot", n_out, blocks, gs, bits, zeros, zshape, tiled)
     gv = fn.memo.get(key)
     if gv is None:
         gv = fn.memo[key] = fn.bb.add_func(qdot_decode(
             n_out=n_out, blocks=blocks, group_size=gs, bits=bits, zeros=zeros,
-            zp_shape=zshape).with_attr("splice.rows", fn.rows), "qlinear_i8")
+            zp_shape=zshape, tiled=tiled).with_attr("splice.rows", fn.rows), "qlinear_i8")
     n_rows = rows.ty.shape.values[0]
     y = fn.bb.emit(relax.call_tir(gv, [xq, d, ds, w, s, zp if zp is not None else s],
                                   TensorType([n_rows, n_out], "float32")))
@@ -229,8 +237,7 @@ def _hadamard(low: Lowering, fn: _Function, node: Node):
 
 def _qembedding(low: Lowering, fn: _Function, node: Node):
     a = node.attrs
-    w, s = fn.value(node, 1, "q_weight"), fn.value(node, 2, "q_scales")
-    zp = fn.value(node, 3, "q_zeros") if len(node.inputs) > 3 else None
+    w, s, zp = _qparams(low, fn, node)
     return [fn.te(qembedding_kernel, fn.value(node, 0), w, s, zp, bits=a["bits"],
                   group_size=a["group_size"], symmetric=a["symmetric"],
                   embedding_dim=a["embedding_dim"], scale=a["scale"], kind="embedding")]

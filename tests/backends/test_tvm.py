@@ -311,7 +311,7 @@ def test_streamed_qlinear_kernel_matches_the_dequantized_product(bits, group, ze
           (("x", x), ("w", codes), ("s", scales), ("zp", zp), ("b", bias), ("r", residual))
           if a is not None}
     y = qlinear_kernel(ph["x"], ph["w"], ph["s"], ph.get("zp"), ph["b"], ph["r"], bits=bits,
-                       group_size=group, symmetric=zeros == "symmetric",
+                       group_size=group, symmetric=zeros == "symmetric", out_features=n,
                        row_tile=1 if rows == 1 else Q_ROW_TILE)
     many = "few" if rows == 1 else "many"
     func = te.create_prim_func([*ph.values(), y], "int64").with_attrs(

@@ -45,7 +45,17 @@ def _weight(rng, n: int, k: int, bits: int, group: int, zeros: str):
     return codes, scales, zp
 
 
-def _run(x, codes, scales, zp, bias, residual, *, bits, group, zeros):
+def _tile(codes, scales):
+    """The codes and scales in the CPU's tiled layouts (what an artefact stores)."""
+    from splice.backends.tvm.context import _tiled
+    from splice.backends.tvm.quant import TILE
+
+    tiles = -(-codes.shape[0] // TILE)
+    return (_tiled(codes, (tiles, codes.shape[1], TILE, codes.shape[2])),
+            _tiled(scales, (tiles, scales.shape[1], TILE)))
+
+
+def _run(x, codes, scales, zp, bias, residual, *, bits, group, zeros, tiled=False):
     from tvm import te
 
     from splice.backends.tvm.build import make_target
@@ -53,11 +63,13 @@ def _run(x, codes, scales, zp, bias, residual, *, bits, group, zeros):
     from splice.backends.tvm.schedule import CPURule
 
     rows, n = x.shape[0], codes.shape[0]
+    if tiled:
+        codes, scales = _tile(codes, scales)
     arrays = (("x", x), ("w", codes), ("s", scales), ("zp", zp), ("b", bias), ("r", residual))
     ph = {name: te.placeholder(a.shape, str(a.dtype), name=name) for name, a in arrays
           if a is not None}
     y = qlinear_kernel(ph["x"], ph["w"], ph["s"], ph.get("zp"), ph["b"], ph["r"], bits=bits,
-                       group_size=group, symmetric=zeros == "symmetric",
+                       group_size=group, symmetric=zeros == "symmetric", out_features=n,
                        row_tile=1 if rows == 1 else Q_ROW_TILE)
     func = te.create_prim_func([*ph.values(), y], "int64").with_attrs(
         {"splice.kernel": "qlinear", "splice.rows": "few" if rows == 1 else "many"})
@@ -114,6 +126,11 @@ def test_partial_groups_int4_lm_head_int8_embedding_prefill_and_32_decode_steps(
     assert any(n.role == "lm_head" and n.attrs["bits"] == 4
                for n in module.graph.find(op="qlinear"))
     art = load(export(module, tmp_path / "art"))
+    # the products' codes and scales in the tiled layouts, the gathered table's as the IR holds it
+    layouts = {p["name"]: p["layout"] for p in art.manifest["tvm"]["param_list"]}
+    assert layouts["lm_head.qweight"] == "q_weight_tiled"
+    assert layouts["layers.0.mlp.down_proj.scales"] == "q_scales_tiled"
+    assert layouts["embed.qweight"] == "q_weight" and layouts["embed.scales"] == "q_scales"
     ids = torch.randint(0, module.config.vocab_size, (1, 12),
                         generator=torch.Generator().manual_seed(5))
     ref = run_logits(module, ids)
@@ -154,7 +171,7 @@ def _act_semantics(x, bits, group, blocks):
     return xq.reshape(rows, -1), d, ab
 
 
-def _run_int8(x, codes, scales, zp, *, bits, group, zeros):
+def _run_int8(x, codes, scales, zp, *, bits, group, zeros, tiled=False):
     from tvm import te
 
     from splice.backends.tvm.build import make_target
@@ -172,9 +189,13 @@ def _run_int8(x, codes, scales, zp, *, bits, group, zeros):
     qlib(tvm.runtime.tensor(x), *q)
     form = "symmetric" if zeros == "symmetric" else "float" if zeros == "float" else "uint8"
     f = qdot_decode(n_out=n, blocks=blocks, group_size=group, bits=bits, zeros=form,
-                    zp_shape=None if zp is None else zp.shape)
+                    zp_shape=None if zp is None else zp.shape, tiled=tiled)
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
     y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
+    if tiled:
+        codes, scales_t = _tile(codes, scales)
+        zp = scales if zp is None else zp  # the symmetric form passes the plain scales as zp
+        scales = scales_t
     lib(*q, *(tvm.runtime.tensor(a) for a in (codes, scales, scales if zp is None else zp)), y)
     return y.numpy(), [a.numpy() for a in q]
 
@@ -260,3 +281,30 @@ def test_int8_activations_option_prefill_and_32_decode_steps(tmp_path):
         assert logits[0, -1].argmax() == r[0, -1].argmax()
         worst = max(worst, float(np.abs(logits - r).max() / np.abs(r).max()))
     assert 1e-6 < worst < 0.02  # int8 activations: not the float path, and close to it
+
+
+@pytest.mark.parametrize("bits,group,zeros,k", [(4, 64, "packed", 200), (8, 32, "symmetric", 200),
+                                                (4, 16, "float", 72), (4, 128, "packed", 328)])
+def test_tiled_layout_gives_the_plain_layouts_products_bit_for_bit(bits, group, zeros, k):
+    """The CPU's tiled codes and scales (quant.TILE outputs interleaved per block, the last tile
+    padded) are only a storage order: decode, prefill and the int8-activation decode give the
+    plain layout's results bit for bit, on 45 outputs (a partial last tile whose padding must
+    not be stored over the last output)."""
+    rng = np.random.default_rng(bits * 7 + group + k)
+    n = 45
+    codes, scales, zp = _weight(rng, n, k, bits, group, zeros)
+    for rows in (1, 13):
+        x = rng.standard_normal((rows, k)).astype(np.float32)
+        bias = rng.standard_normal(n).astype(np.float32)
+        residual = rng.standard_normal((rows, n)).astype(np.float32)
+        plain = _run(x, codes, scales, zp, bias, residual, bits=bits, group=group, zeros=zeros)
+        tiled = _run(x, codes, scales, zp, bias, residual, bits=bits, group=group, zeros=zeros,
+                     tiled=True)
+        np.testing.assert_array_equal(tiled, plain)
+    if group % 32 == 0:  # the int8-activation product's groups
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        plain, _ = _run_int8(x, codes, scales, zp, bits=bits, group=group, zeros=zeros)
+        tiled, _ = _run_int8(x, codes, scales, zp, bits=bits, group=group, zeros=zeros,
+                             tiled=True)
+        np.testing.assert_array_equal(tiled, plain)
+        assert np.abs(plain[:, -1]).max() > 0  # the last output is real, not the padding's 0
