@@ -199,8 +199,8 @@ class Lowering:
         else:
             t = self.module.weights[weight]
             shape, dtype = tuple(t.shape), "float32"
-            if layout in ("q_weight", "q_weight_tiled") or (layout == "q_zeros"
-                                                             and not t.is_floating_point()):
+            if layout in ("q_weight", "q_weight_tiled") or (
+                    layout in ("q_zeros", "q_zeros_tiled") and not t.is_floating_point()):
                 if t.dtype != torch.uint8:
                     raise LoweringError(f"quantized weight {weight!r} has dtype {t.dtype}; "
                                         "expected uint8 codes (MatMulNBits layout)")

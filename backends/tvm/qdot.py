@@ -51,13 +51,20 @@ def act_block(group_size: int) -> int | None:
     return next(b for b in (256, 128, 64, 32) if group_size % b == 0)
 
 
-def _source(bits: int, p):
+def nibble_span(bits: int, ab: int) -> int:
+    """int4: the channels whose codes one load unpacks, 64 (32 bytes: their low nibbles are the
+    span's even channels, the high ones its odd channels) where the activation block is a multiple
+    of 64 channels, else 32 (16 bytes, the two halves combined into one register)."""
+    return 2 * CHUNK if bits == 4 and ab % (2 * CHUNK) == 0 else CHUNK
+
+
+def _source(bits: int, p, span: int = CHUNK):
     """The input channel at position p of an activation block's stored order: for int4, within
-    every 32 channels the 16 even ones then the 16 odd ones (the low nibbles then the high)."""
+    every `span` channels the even ones then the odd ones (the low nibbles then the high)."""
     if bits == 8:
         return p
-    c, i = p // CHUNK, p % CHUNK
-    return c * CHUNK + (i % 16) * 2 + i // 16
+    c, i, half = p // span, p % span, span // 2
+    return c * span + (i % half) * 2 + i // half
 
 
 def quantize_activations(x: te.Tensor, *, bits: int, blocks: int, group_size: int
@@ -67,6 +74,7 @@ def quantize_activations(x: te.Tensor, *, bits: int, blocks: int, group_size: in
     rows, k_in = x.shape[0], int(x.shape[1])
     ab = act_block(group_size)
     nab = blocks * group_size // ab
+    span = nibble_span(bits, ab)
     dt = x.dtype
 
     def xin(m, ch):
@@ -83,7 +91,7 @@ def quantize_activations(x: te.Tensor, *, bits: int, blocks: int, group_size: in
 
     def code(m, p):
         b = p // ab
-        v = tirx.nearbyint(xin(m, b * ab + _source(bits, p % ab)) / d[m, b])
+        v = tirx.nearbyint(xin(m, b * ab + _source(bits, p % ab, span)) / d[m, b])
         return tirx.max(tirx.min(v, tirx.const(float(ACT_MAX), dt)),
                         tirx.const(-float(ACT_MAX), dt))
     xqf = te.compute((rows, nab * ab), code, name="xcode")
@@ -124,18 +132,20 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
     ab = act_block(group_size)
     nab = blocks * group_size // ab
     per = ab // CHUNK  # chunks per activation block
+    span = nibble_span(bits, ab)
     ratio = group_size // ab  # activation blocks per weight group
     width = group_size * bits // 8
     kp = blocks * group_size
     tasks = -(-n_out // OUTPUTS)
     last = n_out - 1
     c_off = 0 if bits == 4 else 128
-    zshape = zp_shape if zp_shape is not None else (n_out, blocks)
     zdt = "float32" if zeros in ("symmetric", "float") else "uint8"
     sym_z = float((1 << (bits - 1)) - c_off)  # z - c for a symmetric weight: 8 or 0
     wshape = (tasks, blocks, OUTPUTS, width) if tiled else (n_out, blocks, width)
     sshape = (tasks, blocks, OUTPUTS) if tiled else (n_out, blocks)
+    zshape = zp_shape if zp_shape is not None else sshape
     partial = tiled and n_out % OUTPUTS != 0
+    quad = T.ramp(0, 1, OUTPUTS)
 
     def codes(w, t, j, g, start, n):
         """n code bytes of output t * OUTPUTS + j (clamped to the last in the plain layout),
@@ -159,6 +169,26 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
             return (zp[n, g].astype("int32") - c_off).astype("float32")
         byte = zp[n, g // 2].astype("int32")
         return tirx.Select(g % 2 == 0, byte & 15, byte >> 4).astype("float32")
+
+    def zc_tile(zp, t, g):
+        """z - c of a tile's OUTPUTS outputs as one float32 vector (tiled zero points)."""
+        if zeros == "symmetric":
+            return tirx.Broadcast(tirx.const(sym_z, "float32"), OUTPUTS)
+        if zeros == "float":
+            return zp[t, g, quad] - tirx.Broadcast(tirx.const(float(c_off), "float32"), OUTPUTS)
+        if bits == 8:
+            return (zp[t, g, quad].astype(f"int32x{OUTPUTS}") - tirx.Broadcast(
+                tirx.const(c_off, "int32"), OUTPUTS)).astype(f"float32x{OUTPUTS}")
+        byte = zp[t, g // 2, quad].astype(f"int32x{OUTPUTS}")
+        shift = tirx.Broadcast((g % 2 * 4).astype("int32"), OUTPUTS)
+        return ((byte >> shift) & tirx.Broadcast(tirx.const(15, "int32"), OUTPUTS)).astype(
+            f"float32x{OUTPUTS}")
+
+    def low(v32):
+        return v32 & tirx.Broadcast(tirx.const(15, "uint8"), CHUNK)
+
+    def high(v32):
+        return v32 >> tirx.Broadcast(tirx.const(4, "uint8"), CHUNK)
 
     def unpack(v16):
         lo = v16 & tirx.Broadcast(tirx.const(15, "uint8"), 16)
@@ -203,13 +233,21 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                     for j in T.unroll(OUTPUTS):
                         a16[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
                         a32[j, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
-                    for c in T.unroll(per):
+                    for c in T.unroll(ab // span if bits == 4 else per):
                         for j in T.unroll(OUTPUTS):
-                            if bits == 4:
+                            if bits == 4 and span == CHUNK:
                                 a16[j, T.ramp(0, 1, 16)] = a16[j, T.ramp(0, 1, 16)] + _pmaddubs(
                                     unpack(codes(w, t, j, b // ratio,
                                                  (b % ratio) * (ab // 2) + c * 16, 16)),
                                     xq[m, T.ramp(b * ab + c * CHUNK, 1, CHUNK)])
+                            elif bits == 4:  # 32 bytes: low nibbles, then high ones
+                                a16[j, T.ramp(0, 1, 16)] = a16[j, T.ramp(0, 1, 16)] + _pmaddubs(
+                                    low(codes(w, t, j, b // ratio,
+                                              (b % ratio) * (ab // 2) + c * CHUNK, CHUNK)),
+                                    xq[m, T.ramp(b * ab + c * span, 1, CHUNK)]) + _pmaddubs(
+                                    high(codes(w, t, j, b // ratio,
+                                               (b % ratio) * (ab // 2) + c * CHUNK, CHUNK)),
+                                    xq[m, T.ramp(b * ab + c * span + CHUNK, 1, CHUNK)])
                             else:
                                 a32[j, T.ramp(0, 1, LANES)] = a32[j, T.ramp(0, 1, LANES)] + \
                                     _pmaddwd(signed_dot(
@@ -225,8 +263,12 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                         acc[j, T.ramp(0, 1, LANES)] = acc[j, T.ramp(0, 1, LANES)] + T.Cast(
                             "float32x8", a32[j, T.ramp(0, 1, LANES)]) * T.broadcast(
                             scale(s, t, j, b // ratio) * d[m, b], LANES)
-                        corr[j] = corr[j] + zc(zp, T.min(t * OUTPUTS + j, last), b // ratio) * \
-                            scale(s, t, j, b // ratio) * ds[m, b]
+                        if not tiled:
+                            corr[j] = corr[j] + zc(zp, T.min(t * OUTPUTS + j, last),
+                                                   b // ratio) * scale(s, t, j, b // ratio) * ds[m, b]
+                    if tiled:  # the zero points' terms of the tile's outputs as one vector
+                        corr[quad] = corr[quad] + zc_tile(zp, t, b // ratio) * s[
+                            t, b // ratio, quad] * T.broadcast(ds[m, b], OUTPUTS)
                 for j in T.unroll(OUTPUTS):
                     if partial:
                         if t * OUTPUTS + j < n_out:

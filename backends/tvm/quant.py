@@ -60,7 +60,7 @@ LAYOUTS = {1: "q_weight", 2: "q_scales", 3: "q_zeros"}
 # "q_scales_tiled" [tiles, blocks, TILE]): a decode task's outputs, whose bytes then lie in the
 # order the task reads them
 TILE = 4
-TILED = {"q_weight": "q_weight_tiled", "q_scales": "q_scales_tiled"}
+TILED = {"q_weight": "q_weight_tiled", "q_scales": "q_scales_tiled", "q_zeros": "q_zeros_tiled"}
 
 
 def qlinear_param_layouts(node: Node, i: int) -> str:
@@ -68,19 +68,12 @@ def qlinear_param_layouts(node: Node, i: int) -> str:
     return LAYOUTS.get(i, "plain")
 
 
-def code_byte(w: te.Tensor, n, g, i):
-    """Byte i of output n's block g, in either layout of the codes: [out, blocks, bytes] or
-    tiled [tiles, blocks, TILE, bytes]."""
-    if len(w.shape) == 4:
-        return w[n // TILE, g, n % TILE, i]
-    return w[n, g, i]
-
-
-def block_scale(s: te.Tensor, n, g):
-    """Output n's scale of block g: [out, blocks] or tiled [tiles, blocks, TILE]."""
-    if len(s.shape) == 3:
-        return s[n // TILE, g, n % TILE]
-    return s[n, g]
+def at(a, n, g, *rest):
+    """Output n's element (block or zero-point byte g, then `rest`) of codes, scales or zero
+    points in either layout: plain [out, g, *rest] or tiled [tiles, g, TILE, *rest]."""
+    if len(a.shape) == len(rest) + 3:
+        return a[(n // TILE, g, n % TILE, *rest)]
+    return a[(n, g, *rest)]
 
 
 def _nibble(byte, which):
@@ -103,22 +96,22 @@ class _Format:
 
     def code(self, n, g, j):
         if self.bits == 8:
-            return code_byte(self.w, n, g, j).astype(self.dt)
-        return _nibble(code_byte(self.w, n, g, j // 2), j % 2).astype(self.dt)
+            return at(self.w, n, g, j).astype(self.dt)
+        return _nibble(at(self.w, n, g, j // 2), j % 2).astype(self.dt)
 
     def zero(self, n, g):
         if self.symmetric:
             return tirx.const(1 << (self.bits - 1), self.dt)
         if self.zp.dtype != "uint8":
-            return self.zp[n, g].astype(self.dt)
+            return at(self.zp, n, g).astype(self.dt)
         if self.bits == 8:
-            return self.zp[n, g].astype(self.dt)
-        return _nibble(self.zp[n, g // 2], g % 2).astype(self.dt)
+            return at(self.zp, n, g).astype(self.dt)
+        return _nibble(at(self.zp, n, g // 2), g % 2).astype(self.dt)
 
     def weight(self, n, k):
         """(q - z) * scale: the reference's float32 operations, in its order."""
         g, j = k // self.gs, k % self.gs
-        return (self.code(n, g, j) - self.zero(n, g)) * block_scale(self.s, n, g).astype(self.dt)
+        return (self.code(n, g, j) - self.zero(n, g)) * at(self.s, n, g).astype(self.dt)
 
 
 def qlinear_kernel(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
@@ -207,14 +200,14 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
         if zp.dtype != "uint8":
             return None
         if bits == 8:
-            return zp[n, g].astype("int32")
-        return _nibble(zp[n, g // 2], g % 2)
+            return at(zp, n, g).astype("int32")
+        return _nibble(at(zp, n, g // 2), g % 2)
 
     def centred(n, g, code):
         """code - z as float: an int32 subtraction for an integer zero point, a float one for a
         float zero point."""
         z = zero(n, g)
-        return (code - z).astype(dt) if z is not None else code.astype(dt) - zp[n, g].astype(dt)
+        return (code - z).astype(dt) if z is not None else code.astype(dt) - at(zp, n, g).astype(dt)
 
     def xin(m, ch):
         if blocks * group_size == k_in:
@@ -230,7 +223,7 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
                         lambda m, gg, tt, i: xin(m, gg * group_size + 2 * i + tt), name="split")
 
         def term(m, n, gg, i, f):
-            return xs[m, gg, t, i] * f(n, gg, _nibble(code_byte(w, n, gg, i), t))
+            return xs[m, gg, t, i] * f(n, gg, _nibble(at(w, n, gg, i), t))
         red = [c, t]
     else:
         xs = None
@@ -240,7 +233,7 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
 
         def term(m, n, gg, i, f):
             xv = xs[m, gg, i] if xs is not None else x[m, gg * group_size + i]
-            return xv * f(n, gg, code_byte(w, n, gg, i).astype("int32"))
+            return xv * f(n, gg, at(w, n, gg, i).astype("int32"))
         red = [c]
 
     if tile == 1:
@@ -258,17 +251,17 @@ def _streamed(x: te.Tensor, w: te.Tensor, s: te.Tensor, zp: te.Tensor | None,
 
         def z_float(n, gg):
             z = zero(n, gg)
-            return z.astype(dt) if z is not None else zp[n, gg].astype(dt)
+            return z.astype(dt) if z is not None else at(zp, n, gg).astype(dt)
         blk = te.compute((rows, n_out, blocks, lanes), lambda m, n, gg, l: te.sum(
             term(m, n, gg, c * lanes + l, lambda _n, _g, code: code.astype(dt)), axis=red),
             name="qblock")
         part = te.compute((rows, n_out, lanes), lambda m, n, l: te.sum(
-            (blk[m, n, g, l] - z_float(n, g) * xsum[m, g, l]) * block_scale(s, n, g).astype(dt),
+            (blk[m, n, g, l] - z_float(n, g) * xsum[m, g, l]) * at(s, n, g).astype(dt),
             axis=g),
             name="qpart")
     else:
         def weight(n, gg, code):
-            return centred(n, gg, code) * block_scale(s, n, gg).astype(dt)
+            return centred(n, gg, code) * at(s, n, gg).astype(dt)
         part = te.compute((*tiled, n_out, lanes), lambda *o: te.sum(
             term(row(o[:-2]), o[-2], g, c * lanes + o[-1], weight), axis=[g, *red]),
             name="qpart")

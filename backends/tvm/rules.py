@@ -122,7 +122,7 @@ def _qdot(low: Lowering, fn: _Function, node: Node, rows, w, s, zp, bias, residu
                   kind="qact")
         fn.memo[qkey] = tuple(fn.bb.emit(relax.TupleGetItem(q, i)) for i in range(3))
     xq, d, ds = fn.memo[qkey]
-    zshape = tuple(int(v) for v in node.inputs[3].shape) if zp is not None else None
+    zshape = tuple(int(v) for v in zp.ty.shape.values) if zp is not None else None
     zeros = "symmetric" if a["symmetric"] else "uint8" if low.module.weights[
         node.inputs[3].const].dtype == torch.uint8 else "float"
     tiled = w.ty.ndim == 4

@@ -45,14 +45,15 @@ def _weight(rng, n: int, k: int, bits: int, group: int, zeros: str):
     return codes, scales, zp
 
 
-def _tile(codes, scales):
-    """The codes and scales in the CPU's tiled layouts (what an artefact stores)."""
+def _tile(codes, scales, zp):
+    """The codes, scales and zero points in the CPU's tiled layouts (what an artefact stores)."""
     from splice.backends.tvm.context import _tiled
     from splice.backends.tvm.quant import TILE
 
     tiles = -(-codes.shape[0] // TILE)
     return (_tiled(codes, (tiles, codes.shape[1], TILE, codes.shape[2])),
-            _tiled(scales, (tiles, scales.shape[1], TILE)))
+            _tiled(scales, (tiles, scales.shape[1], TILE)),
+            None if zp is None else _tiled(zp, (tiles, zp.shape[1], TILE)))
 
 
 def _run(x, codes, scales, zp, bias, residual, *, bits, group, zeros, tiled=False):
@@ -64,7 +65,7 @@ def _run(x, codes, scales, zp, bias, residual, *, bits, group, zeros, tiled=Fals
 
     rows, n = x.shape[0], codes.shape[0]
     if tiled:
-        codes, scales = _tile(codes, scales)
+        codes, scales, zp = _tile(codes, scales, zp)
     arrays = (("x", x), ("w", codes), ("s", scales), ("zp", zp), ("b", bias), ("r", residual))
     ph = {name: te.placeholder(a.shape, str(a.dtype), name=name) for name, a in arrays
           if a is not None}
@@ -128,6 +129,7 @@ def test_partial_groups_int4_lm_head_int8_embedding_prefill_and_32_decode_steps(
     art = load(export(module, tmp_path / "art"))
     # the products' codes and scales in the tiled layouts, the gathered table's as the IR holds it
     layouts = {p["name"]: p["layout"] for p in art.manifest["tvm"]["param_list"]}
+    assert layouts["layers.0.mlp.down_proj.qzeros"] == "q_zeros_tiled"
     assert layouts["lm_head.qweight"] == "q_weight_tiled"
     assert layouts["layers.0.mlp.down_proj.scales"] == "q_scales_tiled"
     assert layouts["embed.qweight"] == "q_weight" and layouts["embed.scales"] == "q_scales"
@@ -188,14 +190,12 @@ def _run_int8(x, codes, scales, zp, *, bits, group, zeros, tiled=False):
     q = [tvm.runtime.tensor(np.zeros([int(v) for v in o.shape], str(o.dtype))) for o in outs]
     qlib(tvm.runtime.tensor(x), *q)
     form = "symmetric" if zeros == "symmetric" else "float" if zeros == "float" else "uint8"
+    if tiled:
+        codes, scales, zp = _tile(codes, scales, zp)
     f = qdot_decode(n_out=n, blocks=blocks, group_size=group, bits=bits, zeros=form,
                     zp_shape=None if zp is None else zp.shape, tiled=tiled)
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
     y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
-    if tiled:
-        codes, scales_t = _tile(codes, scales)
-        zp = scales if zp is None else zp  # the symmetric form passes the plain scales as zp
-        scales = scales_t
     lib(*q, *(tvm.runtime.tensor(a) for a in (codes, scales, scales if zp is None else zp)), y)
     return y.numpy(), [a.numpy() for a in q]
 
@@ -206,7 +206,7 @@ def test_int8_activation_product_matches_its_integer_semantics_and_float_to_its_
     """The quantized activations exactly as stated (qdot.py); the product equal to the integer
     semantics sum_b s d sum (q - z) xq to float32 rounding; and against float activations within
     the stated bound sum_b (d_b / 2) sum_{i in b} |w_i| (|x - xq d| <= d / 2 per channel)."""
-    from splice.backends.tvm.qdot import _source
+    from splice.backends.tvm.qdot import _source, nibble_span
 
     rng = np.random.default_rng(bits * 1000 + group + k)
     n, rows = 45, 3
@@ -218,7 +218,9 @@ def test_int8_activation_product_matches_its_integer_semantics_and_float_to_its_
                                        zeros=zeros)
     blocks = codes.shape[1]
     xq, d, ab = _act_semantics(x, bits, group, blocks)
-    order = np.array([(p // ab) * ab + _source(bits, p % ab) for p in range(blocks * group)])
+    span = nibble_span(bits, ab)
+    order = np.array([(p // ab) * ab + _source(bits, p % ab, span)
+                      for p in range(blocks * group)])
     np.testing.assert_array_equal(xq_t.astype(np.float32), xq[:, order])
     np.testing.assert_array_equal(d_t, d)
     np.testing.assert_array_equal(ds_t, d * xq.reshape(rows, -1, ab).sum(-1).astype(np.float32))
@@ -284,7 +286,9 @@ def test_int8_activations_option_prefill_and_32_decode_steps(tmp_path):
 
 
 @pytest.mark.parametrize("bits,group,zeros,k", [(4, 64, "packed", 200), (8, 32, "symmetric", 200),
-                                                (4, 16, "float", 72), (4, 128, "packed", 328)])
+                                                (4, 16, "float", 72), (4, 128, "packed", 328),
+                                                (8, 64, "packed", 200), (4, 32, "float", 200),
+                                                (4, 64, "symmetric", 200)])
 def test_tiled_layout_gives_the_plain_layouts_products_bit_for_bit(bits, group, zeros, k):
     """The CPU's tiled codes and scales (quant.TILE outputs interleaved per block, the last tile
     padded) are only a storage order: decode, prefill and the int8-activation decode give the
