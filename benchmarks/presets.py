@@ -6,6 +6,10 @@ SmolLM2-135M (the embedded GGUF). Rows:
   none), compiled as a user would, `python -m splice compile smollm2-135m --recipe P --calib
   WIKITEXT2_VALID --out DIR` in a child process (its wall time is the compile time, import and
   export included; the manifest keeps each pass's time and peak memory);
+- the `fastest` preset through the TVM backend with int8 activations (`--backend tvm
+  --activations int8`, splice's own kernels; where apache-tvm is installed), the same IR as the
+  ONNX row; its perplexity is prefill's, which keeps float activations (docs/tvm.md: through
+  decode steps, every product on int8 activations, +0.2% on SmolLM2);
 - llama.cpp (llama-cpp-python, `make llama`) on the publisher's Q4_1 file that splice imports, and
   on that file requantized to Q8_0 and Q4_0 by `llama_model_quantize` (timed: the "compile").
 Speed: a 64-token WikiText-2 prompt, 128 greedy tokens, no EOS stop, every engine in its own
@@ -47,15 +51,25 @@ FLOAT = "float32"
 THREADS = (1, 2)
 Q4_0 = "llama.cpp Q4_0"
 LLAMA = ("llama.cpp Q4_1 (the publisher's file)", "llama.cpp Q8_0", Q4_0)
+# extra rows: (preset, the compile's backend arguments)
+TVM_ROW = "fastest, TVM int8 activations"
+BACKEND_ROWS = {TVM_ROW: ("fastest", ("--backend", "tvm", "--activations", "int8"))}
+
+
+def tvm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("tvm") is not None
 
 
 def _compile(model: str, recipe: str, calib: Path, out: Path, quick: bool,
-             backend: str = "onnx") -> dict:
+             backend: str = "onnx", extra: tuple[str, ...] = ()) -> dict:
     """Compile in a child process as a user would; wall time, and the manifest's per-pass report.
     Quick mode gives the child one torch thread: on a toy model a busy machine's second thread
     only adds waiting (6x slower on a loaded 2-core machine)."""
     if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "splice", "compile", model, "--backend", backend,
+        cmd = [sys.executable, "-m", "splice", "compile", model,
+               *(extra or ("--backend", backend)),
                *(["--target", "npu"] if backend == "npu" else []),
                "--recipe", _recipe_arg(recipe, out, quick), "--out", str(out)]
         from splice.recipe import Recipe
@@ -129,6 +143,11 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             out = work / name
             rows[name] = _compile(model, "none" if name == FLOAT else name, calib, out, quick)
             paths[name] = ("splice", out)
+        for name, (preset, extra) in BACKEND_ROWS.items():
+            if preset in presets and tvm_available():
+                out = work / name.replace(", ", "_").replace(" ", "_")
+                rows[name] = _compile(model, preset, calib, out, quick, extra=extra)
+                paths[name] = ("splice", out)
         ids, eval_ids, window = _texts(paths[FLOAT][1], quick)
         llama_note = None
         if skip_llama or not llama_available():
