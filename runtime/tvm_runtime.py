@@ -210,7 +210,9 @@ class TVMArtefact(Artefact):
         import tvm
 
         self._tvm, self.vm, self.device = tvm, vm, device
-        self._params = params
+        # one FFI array, made once: passing the Python list converted its hundreds of tensors
+        # into a new array at every call (~20 us a decode step for SmolLM2's 272)
+        self._params = tvm.runtime.convert(params)
         self._layers = manifest["io"]["past"]
         self._names = [layer[kv] for layer in self._layers for kv in ("key", "value")]
         self._shapes = [(layer["kv_heads"], layer["head_dim"]) for layer in self._layers
