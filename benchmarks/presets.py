@@ -8,8 +8,8 @@ SmolLM2-135M (the embedded GGUF). Rows:
   export included; the manifest keeps each pass's time and peak memory);
 - the `fastest` preset through the TVM backend with int8 activations (`--backend tvm
   --activations int8`, splice's own kernels; where apache-tvm is installed), the same IR as the
-  ONNX row; its perplexity is prefill's, which keeps float activations (docs/tvm.md: through
-  decode steps, every product on int8 activations, +0.2% on SmolLM2);
+  ONNX row (its prefill and decode products both on int8 activations: +0.2% perplexity on
+  SmolLM2 against float activations, docs/tvm.md);
 - llama.cpp (llama-cpp-python, `make llama`) on the publisher's Q4_1 file that splice imports, and
   on that file requantized to Q8_0 and Q4_0 by `llama_model_quantize` (timed: the "compile").
 Speed: a 64-token WikiText-2 prompt, 128 greedy tokens, no EOS stop, every engine in its own

@@ -139,8 +139,8 @@ class Lowering:
     """The state of lowering one ir.Module to Relax that the rules read: the module, the cache
     slots, the parameters in argument order and `rules`, the table the driver (lower.py) runs.
     `packed` selects the CPU weight layout (kernels.py) over the plain one that dlight's GPU
-    rules expect. `activations`: "float", or "int8" for decode products over int8 activations
-    (qdot.py)."""
+    rules expect. `activations`: "float", or "int8" for int4/int8 products over int8 activations
+    in prefill and decode (qdot.py)."""
 
     def __init__(self, module: Module, *, packed: bool, rules: Mapping[str, Callable],
                  activations: str = "float"):

@@ -28,7 +28,7 @@ from .lower import lower
 
 log = logging.getLogger(__name__)
 
-ACTIVATIONS = ("float", "int8")  # the activations decode's int4/int8 products multiply
+ACTIVATIONS = ("float", "int8")  # the activations the int4/int8 products multiply
 LIBRARY = "model.so"
 PARAMS = "params.safetensors"
 # LLVM feature name -> /proc/cpuinfo flag, for the vector extensions kernels may use
@@ -47,8 +47,9 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     the runtime's default pool size); `mcpu`: an LLVM CPU name (default: this machine's);
     `cuda_arch`: the GPU architecture cuda code is compiled for ("sm_90" for an H100);
     `schedule`: False builds the CPU kernels unscheduled (for tests; ~20x slower);
-    `activations`: "float" (default) or "int8": decode's int4/int8 products quantize their input
-    to int8 per block and multiply bytes (qdot.py; x86 with AVX2 only, CPU target)."""
+    `activations`: "float" (default) or "int8": the int4/int8 products (prefill and decode)
+    quantize their input to int8 per block and multiply bytes (qdot.py; x86 with AVX2 only, CPU
+    target)."""
     if target not in TARGETS:
         raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:

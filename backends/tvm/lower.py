@@ -82,6 +82,6 @@ def lower(module: Module, *, packed: bool = True, rules: Mapping[str, Callable] 
           activations: str = "float") -> Lowered:
     """ir.Module -> Lowered (Relax module with prefill/decode, parameter list, cache slots).
     `rules` replaces the op table (default `rules.RULES`, read at the call); `activations`
-    "int8" makes decode's int4/int8 products quantize their input per block (qdot.py)."""
+    "int8" makes the int4/int8 products quantize their input per block (qdot.py)."""
     table = standard.RULES if rules is None else rules
     return _build(Lowering(module, packed=packed, rules=table, activations=activations))

@@ -1,4 +1,4 @@
-"""Integer-activation decode product (the TVM backend's `activations="int8"` option): the
+"""Integer-activation product (the TVM backend's `activations="int8"` option): the
 activations quantized to int8 per block, multiplied with the int4/int8 weight codes by x86's
 byte dot products, the scales applied per block in float.
 
@@ -24,8 +24,10 @@ vpmaddwd by ones widens them to 8 int32 sums. int8: the codes minus 128 are sign
 vpmaddubsw takes |xq| (unsigned) against sign(w, xq) (vpsignb), |pair| <= 2 * 128 * 127 < 2^15;
 each chunk widens at once. Per block: the 8 int32 sums converted and FMA'd into 8 float lanes by
 s d; the zero point's term is one scalar FMA per (output, block) against the block's
-d sum xq (computed once per call with the quantization). 4 outputs per task, parallel over
-tasks.
+d sum xq (computed once per call with the quantization; with tiled zero points, one 4-wide FMA
+for the tile's outputs). 4 outputs (one tile of quant.py's tiled layout) per task, parallel over
+tasks, the rows (one in decode, a prefill chunk's) looped inside a task, so its weights come
+from memory once and from L1 for the other rows.
 """
 
 from __future__ import annotations
@@ -264,8 +266,8 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                             "float32x8", a32[j, T.ramp(0, 1, LANES)]) * T.broadcast(
                             scale(s, t, j, b // ratio) * d[m, b], LANES)
                         if not tiled:
-                            corr[j] = corr[j] + zc(zp, T.min(t * OUTPUTS + j, last),
-                                                   b // ratio) * scale(s, t, j, b // ratio) * ds[m, b]
+                            corr[j] = corr[j] + zc(zp, T.min(t * OUTPUTS + j, last), b // ratio) \
+                                * scale(s, t, j, b // ratio) * ds[m, b]
                     if tiled:  # the zero points' terms of the tile's outputs as one vector
                         corr[quad] = corr[quad] + zc_tile(zp, t, b // ratio) * s[
                             t, b // ratio, quad] * T.broadcast(ds[m, b], OUTPUTS)
