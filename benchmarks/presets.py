@@ -51,9 +51,9 @@ FLOAT = "float32"
 THREADS = (1, 2)
 Q4_0 = "llama.cpp Q4_0"
 LLAMA = ("llama.cpp Q4_1 (the publisher's file)", "llama.cpp Q8_0", Q4_0)
-# extra rows: (preset, the compile's backend arguments)
+# extra rows: (preset, backend, the backend's own compile options)
 TVM_ROW = "fastest, TVM int8 activations"
-BACKEND_ROWS = {TVM_ROW: ("fastest", ("--backend", "tvm", "--activations", "int8"))}
+BACKEND_ROWS = {TVM_ROW: ("fastest", "tvm", ("--activations", "int8"))}
 
 
 def tvm_available() -> bool:
@@ -68,8 +68,7 @@ def _compile(model: str, recipe: str, calib: Path, out: Path, quick: bool,
     Quick mode gives the child one torch thread: on a toy model a busy machine's second thread
     only adds waiting (6x slower on a loaded 2-core machine)."""
     if not (out / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "splice", "compile", model,
-               *(extra or ("--backend", backend)),
+        cmd = [sys.executable, "-m", "splice", "compile", model, "--backend", backend, *extra,
                *(["--target", "npu"] if backend == "npu" else []),
                "--recipe", _recipe_arg(recipe, out, quick), "--out", str(out)]
         from splice.recipe import Recipe
@@ -143,10 +142,10 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
             out = work / name
             rows[name] = _compile(model, "none" if name == FLOAT else name, calib, out, quick)
             paths[name] = ("splice", out)
-        for name, (preset, extra) in BACKEND_ROWS.items():
+        for name, (preset, backend, extra) in BACKEND_ROWS.items():
             if preset in presets and tvm_available():
                 out = work / name.replace(", ", "_").replace(" ", "_")
-                rows[name] = _compile(model, preset, calib, out, quick, extra=extra)
+                rows[name] = _compile(model, preset, calib, out, quick, backend, extra)
                 paths[name] = ("splice", out)
         ids, eval_ids, window = _texts(paths[FLOAT][1], quick)
         llama_note = None

@@ -186,16 +186,16 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
         return ((byte >> shift) & tirx.Broadcast(tirx.const(15, "int32"), OUTPUTS)).astype(
             f"float32x{OUTPUTS}")
 
-    def low(v32):
-        return v32 & tirx.Broadcast(tirx.const(15, "uint8"), CHUNK)
+    def low(v, n=CHUNK):
+        """The low nibbles of n code bytes."""
+        return v & tirx.Broadcast(tirx.const(15, "uint8"), n)
 
-    def high(v32):
-        return v32 >> tirx.Broadcast(tirx.const(4, "uint8"), CHUNK)
+    def high(v, n=CHUNK):
+        return v >> tirx.Broadcast(tirx.const(4, "uint8"), n)
 
     def unpack(v16):
-        lo = v16 & tirx.Broadcast(tirx.const(15, "uint8"), 16)
-        hi = v16 >> tirx.Broadcast(tirx.const(4, "uint8"), 16)
-        return tirx.call_intrin("uint8x32", "tirx.vectorcombine", lo, hi)
+        """16 code bytes -> 32 nibbles: the low ones, then the high ones."""
+        return tirx.call_intrin("uint8x32", "tirx.vectorcombine", low(v16, 16), high(v16, 16))
 
     def signed_dot(v32, x32):
         """The codes minus 128 (signed bytes ws) times xq as vpmaddubsw's pair sums: |ws| is

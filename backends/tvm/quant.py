@@ -57,8 +57,8 @@ QLANES = 16
 PREFILL_LANES = 8
 LAYOUTS = {1: "q_weight", 2: "q_scales", 3: "q_zeros"}
 # output rows per tile of the CPU's tiled layouts ("q_weight_tiled" [tiles, blocks, TILE, bytes],
-# "q_scales_tiled" [tiles, blocks, TILE]): a decode task's outputs, whose bytes then lie in the
-# order the task reads them
+# "q_scales_tiled" [tiles, blocks, TILE], "q_zeros_tiled" [tiles, zero-point bytes or blocks,
+# TILE]): a decode task's outputs, whose bytes then lie in the order the task reads them
 TILE = 4
 TILED = {"q_weight": "q_weight_tiled", "q_scales": "q_scales_tiled", "q_zeros": "q_zeros_tiled"}
 

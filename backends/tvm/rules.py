@@ -88,8 +88,8 @@ def _matmul(low: Lowering, fn: _Function, node: Node):
 
 def _qparams(low: Lowering, fn: _Function, node: Node) -> list:
     """Codes, scales and zero points (None when symmetric) of a qlinear or qembedding, each in
-    the layout the lowering planned for it (the codes and scales tiled on the CPU when only
-    products read them: quant.TILED)."""
+    the layout the lowering planned for it (all three tiled on the CPU when only products read
+    them: quant.TILED)."""
     return [fn.value(node, i, low._layouts(node, i, node.inputs[i])[0])
             if i < len(node.inputs) and node.inputs[i] is not None else None for i in (1, 2, 3)]
 
