@@ -157,8 +157,9 @@ class _Store:
     KVCache views share one store; the one whose length equals the store's may append in place,
     any other forks a copy first."""
 
-    def __init__(self, tensors: list, length: int, capacity: int):
+    def __init__(self, tensors: list, length: int, capacity: int, array: Any):
         self.tensors, self.length, self.capacity = tensors, length, capacity
+        self.array = array  # the same tensors as the one FFI array the VM is passed
 
 
 class KVCache:
@@ -221,6 +222,9 @@ class TVMArtefact(Artefact):
         self.prefill_chunk = int(section.get("prefill_chunk", 256))
         self._tile = int((section.get("cache") or {}).get("capacity_multiple", 1))
         self._prefill, self._decode = vm["prefill"], vm["decode"]
+        # decode's batch when the artefact fixed it (CPU: one sequence); other batches' single
+        # token steps run prefill, which takes any batch and length
+        self._decode_batch = section.get("decode_batch")
 
     def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None
                ) -> tuple[np.ndarray, KVCache]:
@@ -236,10 +240,10 @@ class TVMArtefact(Artefact):
             n = chunk.shape[1]
             pos = np.ascontiguousarray(np.broadcast_to(
                 np.arange(length, length + n, dtype=np.int64), (b, n)))
-            fn = self._decode if n == 1 else self._prefill
+            fn = self._decode if n == 1 and self._decode_batch in (None, b) else self._prefill
             res = fn(self._tvm.runtime.tensor(chunk, self.device),
                      self._tvm.runtime.tensor(pos, self.device),
-                     self._tvm.runtime.ShapeTuple([length]), store.tensors, self._params)
+                     self._tvm.runtime.ShapeTuple([length]), store.array, self._params)
             out.append(res.numpy())
             length += n
             store.length = length
@@ -306,4 +310,5 @@ class TVMArtefact(Artefact):
             if i % 2 == 0:
                 a = np.ascontiguousarray(a.transpose(0, 1, 3, 2))
             tensors.append(self._tvm.runtime.tensor(a, self.device))
-        return _Store(tensors, length, capacity)
+        # converted once: a list would become a new FFI array at every step
+        return _Store(tensors, length, capacity, self._tvm.runtime.convert(tensors))

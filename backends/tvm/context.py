@@ -88,7 +88,13 @@ class _Function:
 
     def __init__(self, low: Lowering, bb: BlockBuilder, seq: tirx.PrimExpr, name: str):
         self.low, self.bb, self.rows = low, bb, "few" if name == "decode" else "many"
-        self.batch, self.seq = tirx.Var("batch", "int64"), seq
+        # the CPU's decode is one sequence's step: a static batch leaves the VM no shapes to
+        # build at run time (1,256 make_shape calls a SmolLM2 step with a symbolic batch); a
+        # batched step runs prefill's kernels. The GPU's decode keeps its symbolic batch
+        # (cuda_schedule.py: batched decode in low-batch GEMVs).
+        self.batch = tirx.IntImm("int64", 1) if name == "decode" and low.packed \
+            else tirx.Var("batch", "int64")
+        self.seq = seq
         self.past, self.capacity = tirx.Var("past", "int64"), tirx.Var("capacity", "int64")
         b, s = self.batch, self.seq
         self.ids = relax.Var("input_ids", TensorType([b, s], "int64"))

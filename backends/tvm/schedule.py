@@ -111,6 +111,10 @@ class CPURule(dl.ScheduleRule):
                     "qact": _generic}.get(kind)  # qact: qdot.py's activation quantization
         if kind == "rms_norm" and not many:
             schedule = _rms_norm  # one row: dlight's Reduction would launch a 1-task parallel loop
+        if kind == "quantize" and not many:
+            # one row (decode's static batch): dlight's Reduction would parallelise the channels
+            # and recompute the row's range under each of them
+            schedule = _generic
         if schedule is None:
             return None
         sch = s_tir.Schedule(func)

@@ -122,10 +122,20 @@ def test_stories260k_matches_interpreter(built):
 
 
 def test_batch_of_two_with_cache(built):
+    """The CPU's decode function is one sequence's (a static batch of 1); a batch's single-token
+    steps run prefill's kernels and match the reference all the same."""
     module, path, _ = built("gemma2")
+    assert json.loads((path / "manifest.json").read_text())["tvm"]["decode_batch"] == 1
     ids = torch.randint(0, module.config.vocab_size, (2, 9),
                         generator=torch.Generator().manual_seed(6))
-    assert compare(load(path), reference_trajectory(module, ids, 4)) <= TOL
+    art = load(path)
+    decode, calls = art._decode, []
+    art._decode = lambda *a: calls.append(a) or decode(*a)
+    assert compare(art, reference_trajectory(module, ids, 4)) <= TOL
+    assert not calls  # batch 2: never the batch-1 function
+    _, cache = art.logits(ids[:1].numpy())
+    art.logits(ids[:1, :1].numpy(), cache)
+    assert len(calls) == 1  # one sequence's step: the decode function
 
 
 def test_chunked_prefill_and_cache_growth(built, monkeypatch):
