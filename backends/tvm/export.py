@@ -23,7 +23,7 @@ from splice.ir.core import Module
 from ..artefact import write_artefact
 from ..common import decoder_io, manifest_fields, tokenizer_files
 from .attention import KEY_TILE
-from .build import TARGETS, build, export_library, make_target
+from .build import POOL_TARGETS, TARGETS, build, export_library, make_target
 from .lower import lower
 
 log = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
                       "capacity_multiple": KEY_TILE, "update": "in place"},
             "target": str(tgt), "target_kind": tgt.kind.name, **_machine(target, tgt),
             "decode_batch": 1 if target != "cuda" else None,
+            "pool": "splice" if target in POOL_TARGETS else None,
             "threads": threads, "prefill_chunk": prefill_chunk, "scheduled": schedule,
             "activations": activations,
             "tuning": None,
