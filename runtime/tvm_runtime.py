@@ -257,6 +257,8 @@ class TVMArtefact(Artefact):
         self.prefill_chunk = int(section.get("prefill_chunk", 256))
         self._tile = int((section.get("cache") or {}).get("capacity_multiple", 1))
         self._prefill, self._decode = vm["prefill"], vm["decode"]
+        self._prefill_last = vm["prefill_last"] if "prefill_last" in section.get(
+            "functions", ()) else None
         # one sequence's decode step reads its token and position from two numpy scalars that
         # TVM tensors share (zero copy, made once): a new TVM tensor costs ~35 us in Python
         self._step_ids, self._step_pos = _aligned_int64(), _aligned_int64()
@@ -266,11 +268,13 @@ class TVMArtefact(Artefact):
         # token steps run prefill, which takes any batch and length
         self._decode_batch = section.get("decode_batch")
 
-    def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None
-               ) -> tuple[np.ndarray, KVCache]:
+    def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None, *,
+               last: bool = False) -> tuple[np.ndarray, KVCache]:
         """Logits [batch, seq, vocab] for `ids` ([seq] or [batch, seq]) after the cache `past`
         (None: an empty one), and the cache that includes them. Long inputs run in chunks of
-        `prefill_chunk` tokens, which bounds the attention's working memory."""
+        `prefill_chunk` tokens, which bounds the attention's working memory. `last`: the last
+        position's logits only, [batch, 1, vocab] (the lm_head skips the other rows where the
+        artefact has `prefill_last`)."""
         ids = self.check_ids(ids)
         b, s = ids.shape
         store, length = self._writable(past, b, s)
@@ -280,7 +284,8 @@ class TVMArtefact(Artefact):
             n = chunk.shape[1]
             pos = np.ascontiguousarray(np.broadcast_to(
                 np.arange(length, length + n, dtype=np.int64), (b, n)))
-            fn = self._decode if n == 1 and self._decode_batch in (None, b) else self._prefill
+            fn = self._decode if n == 1 and self._decode_batch in (None, b) else \
+                self._prefill_last if last and self._prefill_last is not None else self._prefill
             if b == 1 and n == 1 and self.device.dlpack_device_type() == 1:  # kDLCPU
                 self._step_ids[0, 0], self._step_pos[0, 0] = chunk[0, 0], length
                 inputs = self._step_args
@@ -292,8 +297,23 @@ class TVMArtefact(Artefact):
                        else res.numpy())  # the VM reuses its output's memory next call
             length += n
             store.length = length
-        logits = out[0] if len(out) == 1 else np.concatenate(out, axis=1)
+        if last:
+            logits = out[-1][:, -1:]
+        else:
+            logits = out[0] if len(out) == 1 else np.concatenate(out, axis=1)
         return logits, KVCache(store, length, b, self._names)
+
+    def _stepper(self, capacity: int):
+        """One generation's steps: the prompt's through `logits(last=True)` (generation reads
+        its last row only), the rest as `_cache`'s."""
+        cache = self._cache(capacity)
+
+        def step(ids: np.ndarray) -> tuple[np.ndarray, int]:
+            if cache.cache is not None:
+                return cache.step(ids)
+            logits, cache.cache = self.logits(ids, None, last=True)
+            return logits, cache.cache.length
+        return step
 
     def _cache(self, capacity: int) -> _GenerationCache:
         return _GenerationCache(self)

@@ -88,6 +88,7 @@ class _Function:
 
     def __init__(self, low: Lowering, bb: BlockBuilder, seq: tirx.PrimExpr, name: str):
         self.low, self.bb, self.rows = low, bb, "few" if name == "decode" else "many"
+        self.last = name == "prefill_last"
         # the CPU's decode is one sequence's step: a static batch leaves the VM no shapes to
         # build at run time (1,256 make_shape calls a SmolLM2 step with a symbolic batch); a
         # batched step runs prefill's kernels. The GPU's decode keeps its symbolic batch
@@ -159,6 +160,7 @@ class Lowering:
         self.cache_inputs = {id(names[slot[kv]]): 2 * i + j for i, slot in enumerate(self.cache)
                              for j, kv in enumerate(("key", "value"))}
         self._params: dict[tuple[str | None, str], Param] = {}
+        self.logits_product = _logits_product(module)
         for v in graph.values():
             if not v.is_const and v.dtype not in FLOAT_IR + ("i64", "i32"):
                 raise LoweringError(f"value %{v.name} has dtype {v.dtype}; the TVM backend "
@@ -242,6 +244,24 @@ class Lowering:
                 or other.shape != y.shape or add.inputs[0] is add.inputs[1]:
             return None
         return add, fn.env[id(other)]
+
+
+ROW_WISE = ("softcap",)  # ops between the lm_head and the logits that work row by row
+
+
+def _logits_product(module: Module) -> Node | None:
+    """The product (the lm_head) whose output reaches the logits through row-wise ops only,
+    reading a [batch, seq, hidden] activation; None when the graph ends otherwise."""
+    v = module.graph.outputs[0]
+    node = v.producer
+    while node is not None and node.op in ROW_WISE:
+        node = node.inputs[0].producer
+    if node is None or node.op not in ("linear", "qlinear", "matmul"):
+        return None
+    x = node.inputs[0]
+    if x.is_const or len(x.shape or ()) != 3 or len(x.uses) != 1:
+        return None
+    return node
 
 
 def cache_shape(batch, kv_heads: int, head_dim: int, capacity, which: int) -> list:

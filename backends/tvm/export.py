@@ -84,11 +84,13 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     tokenizer = tokenizer_files(module, files)
     report = {**(report if isinstance(report, dict) else {"passes": report}),
               "lower_s": round(t1 - t0, 3), "build_s": round(t2 - t1, 3)}
+    built = {g.name_hint for g in lowered.mod.get_global_vars()}
+    functions = [f for f in ("prefill", "decode", "prefill_last") if f in built]
     fields = manifest_fields(
         module, backend="tvm", target=target, created_by=f"with TVM {tvm.__version__}",
         io=decoder_io(module.graph), tokenizer=tokenizer, recipe=recipe, report=report,
         tvm={
-            "library": LIBRARY, "params": PARAMS, "functions": ["prefill", "decode"],
+            "library": LIBRARY, "params": PARAMS, "functions": functions,
             "param_list": [{"name": p.name, "source": p.source, "layout": p.layout,
                             "shape": list(p.shape), "dtype": p.dtype} for p in lowered.params],
             "cache": {"key": ["batch", "kv_heads", "head_dim", "capacity"],

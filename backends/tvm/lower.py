@@ -6,7 +6,10 @@ Both functions take the same arguments:
     cache: Tuple(past.{i}.key, past.{i}.value as [batch, kv_heads, capacity, head_dim]),
     params: Tuple(every stored weight, in `Lowered.params` order)
 
-and return the logits [batch, seq, vocab]. `decode` is the same graph with seq fixed to 1, so the
+and return the logits [batch, seq, vocab]. `prefill_last` (where the logits come from one product
+through row-wise ops: every decoder splice makes) returns [batch, 1, vocab], the last position's
+only: what a generation needs of its prompt, without the lm_head's product over every row (a
+fifth of SmolLM2's 64-token prefill). `decode` is the same graph with seq fixed to 1, so the
 kernels it calls are specialised for one row (GEMV schedules) while `prefill` gets GEMM ones.
 
 The KV cache: explicit fixed-capacity tensors, written in place. Each attention node appends its
@@ -36,7 +39,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
-from tvm import tirx
+from tvm import relax, tirx
 from tvm.relax import BlockBuilder
 
 from splice.ir.core import Module
@@ -50,7 +53,9 @@ log = logging.getLogger(__name__)
 
 def _build(low: Lowering) -> Lowered:
     bb = BlockBuilder()
-    for name, seq in (("prefill", tirx.Var("seq", "int64")), ("decode", tirx.IntImm("int64", 1))):
+    names = ["prefill", "decode"] + (["prefill_last"] if low.logits_product is not None else [])
+    for name in names:
+        seq = tirx.IntImm("int64", 1) if name == "decode" else tirx.Var("seq", "int64")
         fn = _Function(low, bb, seq, name)
         with bb.function(name, fn.args(), attrs={"num_input": 4}):
             with bb.dataflow():
@@ -71,6 +76,12 @@ def _body(low: Lowering, fn: _Function):
     for node in graph.nodes:
         if id(node) in fn.skip:
             continue
+        if fn.last and node is low.logits_product:
+            # prefill_last: only each sequence's last position reaches the lm_head (the ops after
+            # it work row by row, so the logits of that row are the full prefill's)
+            x = node.inputs[0]
+            fn.env[id(x)] = fn.bb.emit(relax.op.strided_slice(
+                fn.env[id(x)], axes=[1], begin=[fn.seq - 1], end=[fn.seq]))
         outs = low.rules[node.op](low, fn, node)
         for v, r in zip(node.outputs, outs):
             if r is not None:

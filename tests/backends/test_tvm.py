@@ -138,6 +138,40 @@ def test_batch_of_two_with_cache(built):
     assert len(calls) == 1  # one sequence's step: the decode function
 
 
+@pytest.mark.parametrize("name", ["gemma2", "w4_g32_lmhead8"])
+def test_prefill_last_gives_the_last_row_and_the_same_cache(built, name, monkeypatch):
+    """`prefill_last` (the lm_head over each sequence's last position only) gives the full
+    prefill's last row and cache, chunked too; a generation's prompt step takes it."""
+    module, path, _ = built(name)
+    art = load(path)
+    assert "prefill_last" in json.loads((path / "manifest.json").read_text())["tvm"]["functions"]
+    ids = torch.randint(0, module.config.vocab_size, (2, 21),
+                        generator=torch.Generator().manual_seed(8)).numpy()
+    monkeypatch.setattr(art, "prefill_chunk", 8)  # three chunks
+    full, c1 = art.logits(ids)
+    last, c2 = art.logits(ids, last=True)
+    assert last.shape == (2, 1, module.config.vocab_size)
+    np.testing.assert_array_equal(last, full[:, -1:])
+    for (n, a), b in zip(c1.numpy().items(), c2.numpy().values()):
+        np.testing.assert_array_equal(a, b, err_msg=n)
+    calls = []
+    fn = art._prefill_last
+    art._prefill_last = lambda *a: calls.append(a) or fn(*a)
+    assert art.generate_ids(ids[0], max_new_tokens=3, stop_at_eos=False).ids == \
+        [int(t) for t in _greedy(art, ids[0], 3)]
+    assert len(calls) == 3  # the prompt's three chunks
+
+
+def _greedy(art, ids, n):
+    """n greedy tokens through full logits and the cache, step by step."""
+    logits, cache = art.logits(ids)
+    out = []
+    for _ in range(n):
+        out.append(int(logits[0, -1].argmax()))
+        logits, cache = art.logits([out[-1]], cache)
+    return out
+
+
 def test_chunked_prefill_and_cache_growth(built, monkeypatch):
     """A prompt run in chunks, then decode steps in a cache that starts small and is reallocated
     twice, give the logits of one pass over the whole sequence."""
