@@ -261,6 +261,7 @@ class TVMArtefact(Artefact):
             "functions", ()) else None
         # one sequence's decode step reads its token and position from two numpy scalars that
         # TVM tensors share (zero copy, made once): a new TVM tensor costs ~35 us in Python
+        self._cpu = device.dlpack_device_type() == 1  # kDLCPU: numpy shares its memory
         self._step_ids, self._step_pos = _aligned_int64(), _aligned_int64()
         self._step_args = (tvm.runtime.from_dlpack(self._step_ids),
                            tvm.runtime.from_dlpack(self._step_pos))
@@ -286,14 +287,14 @@ class TVMArtefact(Artefact):
                 np.arange(length, length + n, dtype=np.int64), (b, n)))
             fn = self._decode if n == 1 and self._decode_batch in (None, b) else \
                 self._prefill_last if last and self._prefill_last is not None else self._prefill
-            if b == 1 and n == 1 and self.device.dlpack_device_type() == 1:  # kDLCPU
+            if b == 1 and n == 1 and self._cpu:
                 self._step_ids[0, 0], self._step_pos[0, 0] = chunk[0, 0], length
                 inputs = self._step_args
             else:
                 inputs = (self._tvm.runtime.tensor(chunk, self.device),
                           self._tvm.runtime.tensor(pos, self.device))
             res = fn(*inputs, self._tvm.runtime.ShapeTuple([length]), store.array, self._params)
-            out.append(np.from_dlpack(res).copy() if self.device.dlpack_device_type() == 1
+            out.append(np.from_dlpack(res).copy() if self._cpu
                        else res.numpy())  # the VM reuses its output's memory next call
             length += n
             store.length = length
