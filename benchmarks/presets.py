@@ -52,8 +52,8 @@ THREADS = (1, 2)
 Q4_0 = "llama.cpp Q4_0"
 LLAMA = ("llama.cpp Q4_1 (the publisher's file)", "llama.cpp Q8_0", Q4_0)
 # extra rows: (preset, backend, the backend's own compile options)
-TVM_ROW = "fastest, TVM int8 activations"
-BACKEND_ROWS = {TVM_ROW: ("fastest", "tvm", ("--activations", "int8"))}
+BACKEND_ROWS = {"fastest, TVM int8 activations": ("fastest", "tvm", ("--activations", "int8")),
+                "balanced, TVM int8 activations": ("balanced", "tvm", ("--activations", "int8"))}
 
 
 def tvm_available() -> bool:
