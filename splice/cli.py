@@ -62,6 +62,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
     # --calib names a file: a Path, so that a missing one is reported as such (a str that is not
     # a file would be taken as the calibration text itself)
     recipe = _compile_recipe(a)
+    backend, options = _backend(a, recipe)
+    if a.backend is None and backend != "onnx":
+        print(f"backend: {backend}, int8 activations (the CPU presets' default here; "
+              "--backend onnx for an ONNX Runtime artefact)")
     from .progress import Progress
 
     with Progress("splice compile", len(recipe.passes) + 2, enabled=_progress_on(a)) as shown:
@@ -69,8 +73,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
                        calibration=Path(a.calib) if a.calib is not None else None,
                        instruments=_instruments(a), seed=a.seed, load=False,
                        memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9,
-                       backend=a.backend, layerwise=a.layerwise,
-                       distributed=launched_by_torchrun(), export_options=_export_options(a),
+                       backend=backend, layerwise=a.layerwise,
+                       distributed=launched_by_torchrun(), export_options=options,
                        progress=shown.stage)
     if path is None:  # a torchrun rank other than 0: rank 0 wrote the artefact
         return 0
@@ -91,10 +95,43 @@ def _compile_recipe(a: argparse.Namespace):
     name = "gguf_q4_0" if a.recipe is None and a.backend == "gguf" else a.recipe
     if name is None:
         target = "npu" if a.backend == "npu" else a.target
-        has_default = a.backend in ("onnx", "npu") and any(
+        has_default = a.backend in (None, "onnx", "tvm", "npu") and any(
             p.default for p in presets.presets(target))
         name = presets.default_preset(target) if has_default else "fold_norms"
     return resolve_recipe(name)
+
+
+def _backend(a: argparse.Namespace, recipe) -> tuple[str, dict]:
+    """The backend and its options: --backend as given; with none, a CPU preset compiles for TVM
+    with int8 activations where that runs (the tvm extra installed, an x86 CPU with AVX2, no
+    ONNX-only option given: SmolLM2's fastest and balanced decode 1.5-1.6x llama.cpp's Q4_0
+    there against ~1.0x through ONNX Runtime, at the same perplexity; docs/tvm.md), anything
+    else for ONNX Runtime."""
+    from . import presets
+
+    options = _export_options(a)
+    if a.backend is not None:
+        return a.backend, options
+    cpu_preset = any(p.name == recipe.name for p in presets.presets("cpu"))
+    if not cpu_preset or a.target != "cpu" or options.keys() - {"threads", "activations"} \
+            or not _tvm_int8_runs():
+        return "onnx", options
+    return "tvm", {"activations": "int8", **options}
+
+
+def _tvm_int8_runs() -> bool:
+    """Whether TVM's int8-activation products can be built and run here (without importing TVM,
+    which takes seconds)."""
+    import importlib.util
+    import platform
+
+    if importlib.util.find_spec("tvm") is None or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx2" in flags
 
 
 def cmd_presets(a: argparse.Namespace) -> int:
@@ -264,11 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("model", metavar="MODEL", help=model_help)
     c.add_argument("--recipe", default=None,
                    help="a built-in recipe or preset name, or a .toml file (default: the "
-                        "target's default preset on the onnx and npu backends, `splice "
-                        "presets`; gguf_q4_0 on gguf; fold_norms on tvm)")
-    c.add_argument("--backend", default="onnx", choices=("onnx", "tvm", "npu", "gguf"),
+                        "target's default preset on the onnx, tvm and npu backends, `splice "
+                        "presets`; gguf_q4_0 on gguf)")
+    c.add_argument("--backend", default=None, choices=("onnx", "tvm", "npu", "gguf"),
                    help="onnx (ONNX Runtime), tvm (a compiled library), npu (Qualcomm HTP) or "
-                        "gguf (a GGUF file for llama.cpp)")
+                        "gguf (a GGUF file for llama.cpp); default: tvm with int8 activations "
+                        "for a CPU preset where the tvm extra is installed and the CPU has "
+                        "AVX2 (the fastest decode at the ONNX artefact's accuracy), else onnx")
     c.add_argument("--target", default="cpu",
                    help="cpu; cuda (--backend onnx or tvm); aarch64 (tvm, cross-compiled); npu "
                         "(Qualcomm HTP through QNN, static QDQ graphs; needs --calib)")
