@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .cli_args import (BISECT_EPILOG, DEBUG_EPILOG, GLOBAL_FLAGS, HelpFormatter, Parser,
-                       check_arguments)
+                       check_arguments, export_options)
 from .cli_args import progress_on as _progress_on
 from .errors import InputError
 
@@ -27,7 +27,7 @@ log = logging.getLogger("splice")
 
 EXAMPLES = """examples:
   splice compile smollm2-135m --recipe fold_norms --target cpu --out out/smollm2
-  splice compile smollm2-135m --backend tvm --target cpu --out out/smollm2-tvm
+  splice compile smollm2-135m --recipe fastest --backend tvm --out out/smollm2-tvm
   splice run out/smollm2 "Once upon a time" --max-new-tokens 32
   splice eval out/smollm2 --text wikitext2_test.txt --max-tokens 16384
   splice inspect out/smollm2
@@ -44,13 +44,6 @@ def _is_artefact(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file()
 
 
-def _export_options(a: argparse.Namespace) -> dict:
-    """The backend options given on the command line (compile() refuses those the backend lacks)."""
-    given = {"ops": a.ops, "accuracy_level": a.accuracy_level, "threads": a.threads,
-             "activations": a.activations}
-    return {k: v for k, v in given.items() if v is not None}
-
-
 def cmd_compile(a: argparse.Namespace) -> int:
     with _sigint_deferred():  # a Ctrl-C inside onnx_ir's nanobind import would abort the process
         import onnx_ir  # noqa: F401
@@ -61,11 +54,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     # --calib names a file: a Path, so that a missing one is reported as such (a str that is not
     # a file would be taken as the calibration text itself)
-    recipe = _compile_recipe(a)
-    backend, options = _backend(a, recipe)
+    recipe, backend, options = _compile_recipe(a)
     if a.backend is None and backend != "onnx":
-        print(f"backend: {backend}, int8 activations (the CPU presets' default here; "
-              "--backend onnx for an ONNX Runtime artefact)")
+        print("backend: tvm, int8 activations (a CPU preset's default here; --backend onnx for "
+              "an ONNX Runtime artefact)")
     from .progress import Progress
 
     with Progress("splice compile", len(recipe.passes) + 2, enabled=_progress_on(a)) as shown:
@@ -86,9 +78,10 @@ def cmd_compile(a: argparse.Namespace) -> int:
 
 
 def _compile_recipe(a: argparse.Namespace):
-    """--recipe, or with none the target's default preset (splice/presets.py) on the backends
-    the presets were measured on (onnx, npu), gguf_q4_0 on the gguf backend (docs/gguf.md);
-    fold_norms elsewhere. compile() refuses a recipe that calibrates given no --calib."""
+    """The recipe, the backend and its options: --recipe, or with none the target's default
+    preset (splice/presets.py) on the onnx, tvm and npu backends, gguf_q4_0 on the gguf backend
+    (docs/gguf.md), fold_norms elsewhere; --backend, or with none the presets' choice
+    (presets.backend_for). compile() refuses a recipe that calibrates given no --calib."""
     from . import presets
     from .api import resolve_recipe
 
@@ -98,40 +91,8 @@ def _compile_recipe(a: argparse.Namespace):
         has_default = a.backend in (None, "onnx", "tvm", "npu") and any(
             p.default for p in presets.presets(target))
         name = presets.default_preset(target) if has_default else "fold_norms"
-    return resolve_recipe(name)
-
-
-def _backend(a: argparse.Namespace, recipe) -> tuple[str, dict]:
-    """The backend and its options: --backend as given; with none, a CPU preset compiles for TVM
-    with int8 activations where that runs (the tvm extra installed, an x86 CPU with AVX2, no
-    ONNX-only option given: SmolLM2's fastest and balanced decode 1.5-1.6x llama.cpp's Q4_0
-    there against ~1.0x through ONNX Runtime, at the same perplexity; docs/tvm.md), anything
-    else for ONNX Runtime."""
-    from . import presets
-
-    options = _export_options(a)
-    if a.backend is not None:
-        return a.backend, options
-    cpu_preset = any(p.name == recipe.name for p in presets.presets("cpu"))
-    if not cpu_preset or a.target != "cpu" or options.keys() - {"threads", "activations"} \
-            or not _tvm_int8_runs():
-        return "onnx", options
-    return "tvm", {"activations": "int8", **options}
-
-
-def _tvm_int8_runs() -> bool:
-    """Whether TVM's int8-activation products can be built and run here (without importing TVM,
-    which takes seconds)."""
-    import importlib.util
-    import platform
-
-    if importlib.util.find_spec("tvm") is None or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags
+    recipe = resolve_recipe(name)
+    return (recipe, *presets.backend_for(recipe.name, a.target, a.backend, export_options(a)))
 
 
 def cmd_presets(a: argparse.Namespace) -> int:
@@ -306,8 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backend", default=None, choices=("onnx", "tvm", "npu", "gguf"),
                    help="onnx (ONNX Runtime), tvm (a compiled library), npu (Qualcomm HTP) or "
                         "gguf (a GGUF file for llama.cpp); default: tvm with int8 activations "
-                        "for a CPU preset where the tvm extra is installed and the CPU has "
-                        "AVX2 (the fastest decode at the ONNX artefact's accuracy), else onnx")
+                        "for a CPU preset where the tvm extra runs on an AVX2 CPU, else onnx")
     c.add_argument("--target", default="cpu",
                    help="cpu; cuda (--backend onnx or tvm); aarch64 (tvm, cross-compiled); npu "
                         "(Qualcomm HTP through QNN, static QDQ graphs; needs --calib)")

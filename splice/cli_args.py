@@ -90,3 +90,10 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:
         self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` lists the options)\n")
+
+
+def export_options(a) -> dict:
+    """The backend options given on the command line (compile() refuses those the backend lacks)."""
+    given = {"ops": a.ops, "accuracy_level": a.accuracy_level, "threads": a.threads,
+             "activations": a.activations}
+    return {k: v for k, v in given.items() if v is not None}

@@ -281,7 +281,8 @@ def test_cli_compiles_with_the_tvm_backend(tmp_path):
 def test_cli_compiles_a_cpu_preset_for_tvm_int8_unless_told_otherwise(tmp_path, capsys):
     """No --backend: a CPU preset becomes a TVM artefact with int8 activations where they run
     (AVX2); --backend onnx, an ONNX-only option, or a recipe that is not a preset: ONNX."""
-    from splice.cli import _tvm_int8_runs, main
+    from splice.cli import main
+    from splice.presets import tvm_int8_runs
 
     def backend(*flags) -> dict:
         out = tmp_path / f"a{len(list(tmp_path.iterdir()))}"
@@ -289,7 +290,7 @@ def test_cli_compiles_a_cpu_preset_for_tvm_int8_unless_told_otherwise(tmp_path, 
         m = json.loads((out / "manifest.json").read_text())
         return m["backend"], (m.get("tvm") or {}).get("activations")
 
-    expected = ("tvm", "int8") if _tvm_int8_runs() else ("onnx", None)
+    expected = ("tvm", "int8") if tvm_int8_runs() else ("onnx", None)
     assert backend("--recipe", "fastest") == expected
     assert ("backend: tvm, int8 activations" in capsys.readouterr().out) == (expected[0] == "tvm")
     if expected[0] == "tvm":  # the option reaches the TVM artefact (ONNX has none)
