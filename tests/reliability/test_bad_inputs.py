@@ -116,7 +116,7 @@ def call_api(argv: list[str]) -> None:
     import splice
     from splice.cli import build_parser
 
-    from splice.cli import _export_options
+    from splice.cli_args import export_options
     from splice.passes.infra.instruments import DumpInstrument
 
     a = build_parser().parse_args(argv)
@@ -125,7 +125,7 @@ def call_api(argv: list[str]) -> None:
                        calibration=Path(a.calib) if a.calib else None, seed=a.seed,
                        memory_limit=None if a.memory_limit is None else a.memory_limit * 1e9,
                        instruments=[DumpInstrument(a.dump_ir)] if a.dump_ir is not None else (),
-                       export_options=_export_options(a), layerwise=a.layerwise)
+                       export_options=export_options(a), layerwise=a.layerwise)
     elif a.command == "run":
         art = splice.load(a.artefact, threads=a.threads)
         art.generate(a.prompt, max_new_tokens=a.max_new_tokens, greedy=a.temperature == 0,
