@@ -89,14 +89,15 @@ def _check_machine(path: Path, section: dict) -> None:
         raise ArtefactError(f"artefact {path} was compiled for {arch!r}; this machine is {here!r}")
     needed = set(section.get("cpu_features") or ())
     if needed and arch == "x86_64":
-        flags = _cpu_flags()
+        flags = cpu_flags()
         missing = sorted(f for f in needed if flags and f not in flags)
         if missing:
             raise ArtefactError(f"artefact {path} needs CPU features {missing} that this CPU "
                                 "lacks; recompile it here (splice compile --backend tvm)")
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
+    """This CPU's feature flags (/proc/cpuinfo; empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -283,14 +284,14 @@ class TVMArtefact(Artefact):
         for start in range(0, s, self.prefill_chunk):
             chunk = np.ascontiguousarray(ids[:, start:start + self.prefill_chunk], np.int64)
             n = chunk.shape[1]
-            pos = np.ascontiguousarray(np.broadcast_to(
-                np.arange(length, length + n, dtype=np.int64), (b, n)))
             fn = self._decode if n == 1 and self._decode_batch in (None, b) else \
                 self._prefill_last if last and self._prefill_last is not None else self._prefill
             if b == 1 and n == 1 and self._cpu:
                 self._step_ids[0, 0], self._step_pos[0, 0] = chunk[0, 0], length
                 inputs = self._step_args
             else:
+                pos = np.ascontiguousarray(np.broadcast_to(
+                    np.arange(length, length + n, dtype=np.int64), (b, n)))
                 inputs = (self._tvm.runtime.tensor(chunk, self.device),
                           self._tvm.runtime.tensor(pos, self.device))
             res = fn(*inputs, self._tvm.runtime.ShapeTuple([length]), store.array, self._params)

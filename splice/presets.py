@@ -131,15 +131,11 @@ def tvm_int8_runs() -> bool:
     which takes seconds)."""
     import importlib.util
     import platform
-    from pathlib import Path
 
-    if importlib.util.find_spec("tvm") is None or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return " avx2" in flags
+    from splice.runtime.tvm_runtime import cpu_flags
+
+    return importlib.util.find_spec("tvm") is not None and platform.machine() in (
+        "x86_64", "AMD64") and "avx2" in cpu_flags()
 
 
 def check_calibration(recipe: Recipe, calibration: Any) -> None:

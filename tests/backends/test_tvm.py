@@ -240,7 +240,7 @@ def test_a_changed_library_is_refused(built, tmp_path):
 
 def test_a_library_for_another_cpu_is_refused(tmp_path):
     section = {"target_kind": "llvm", "arch": "x86_64", "cpu_features": ["avx2", "no_such_isa"]}
-    if tvm_runtime._cpu_flags():
+    if tvm_runtime.cpu_flags():
         with pytest.raises(ArtefactError, match="no_such_isa"):
             tvm_runtime._check_machine(tmp_path, section)
     with pytest.raises(ArtefactError, match="compiled for 'sparc'"):
@@ -265,54 +265,6 @@ def test_bad_target_and_threads_are_named():
         export(tiny_module(), "unused", target="tpu")
     with pytest.raises(InputError, match="threads=0"):
         export(tiny_module(), "unused", threads=0)
-
-
-def test_cli_compiles_with_the_tvm_backend(tmp_path):
-    from splice.cli import main
-
-    out = tmp_path / "art"
-    assert main(["compile", str(STORIES), "--backend", "tvm", "--recipe", "none", "--out",
-                 str(out)]) == 0
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["backend"] == "tvm" and manifest["tvm"]["target_kind"] == "llvm"
-    assert load(out).generate("Once", max_new_tokens=4)
-
-
-def test_cli_compiles_a_cpu_preset_for_tvm_int8_unless_told_otherwise(tmp_path, capsys):
-    """No --backend: a CPU preset becomes a TVM artefact with int8 activations where they run
-    (AVX2); --backend onnx, an ONNX-only option, or a recipe that is not a preset: ONNX."""
-    from splice.cli import main
-    from splice.presets import tvm_int8_runs
-
-    def backend(*flags) -> dict:
-        out = tmp_path / f"a{len(list(tmp_path.iterdir()))}"
-        assert main(["compile", str(STORIES), *flags, "--out", str(out)]) == 0
-        m = json.loads((out / "manifest.json").read_text())
-        return m["backend"], (m.get("tvm") or {}).get("activations")
-
-    expected = ("tvm", "int8") if tvm_int8_runs() else ("onnx", None)
-    assert backend("--recipe", "fastest") == expected
-    assert ("backend: tvm, int8 activations" in capsys.readouterr().out) == (expected[0] == "tvm")
-    if expected[0] == "tvm":  # the option reaches the TVM artefact (ONNX has none)
-        assert backend("--recipe", "fastest", "--activations", "float") == ("tvm", "float")
-    assert backend("--recipe", "fastest", "--backend", "onnx") == ("onnx", None)
-    assert backend("--recipe", "fastest", "--ops", "standard") == ("onnx", None)
-    assert backend("--recipe", "w4_rtn") == ("onnx", None)
-
-
-def test_cli_activations_int8_reaches_the_tvm_artefact_and_only_it(tmp_path, capsys):
-    from splice.cli import main
-
-    out = tmp_path / "int8"
-    assert main(["compile", str(STORIES), "--backend", "tvm", "--recipe", "w4_rtn",
-                 "--activations", "int8", "--out", str(out)]) == 0
-    assert json.loads((out / "manifest.json").read_text())["tvm"]["activations"] == "int8"
-    assert load(out).generate("Once", max_new_tokens=4)
-    capsys.readouterr()
-    assert main(["compile", str(STORIES), "--recipe", "w4_rtn", "--activations", "int8",
-                 "--out", str(tmp_path / "onnx")]) == 2
-    assert "the onnx backend has no export option activations" in capsys.readouterr().err
-    assert not (tmp_path / "onnx").exists()
 
 
 @pytest.mark.parametrize("bits", [None, 4])

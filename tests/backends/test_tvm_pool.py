@@ -31,7 +31,7 @@ LAMBDA = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(Env), ctype
 @pytest.fixture(scope="module")
 def pool(tmp_path_factory):
     if shutil.which("gcc") is None:
-        pytest.skip("no gcc")
+        pytest.skip("no gcc on PATH (the TVM backend links its CPU libraries with it too)")
     so = tmp_path_factory.mktemp("pool") / "pool.so"
     subprocess.run(["gcc", "-O2", "-fPIC", "-shared", "-pthread", str(POOL_SOURCE), "-o",
                     str(so)], check=True)
