@@ -207,13 +207,18 @@ def _attention(low: Lowering, fn: _Function, node: Node):
             gv = fn.memo[("kv_append", kv, hd, keys)] = fn.bb.add_func(
                 # decode's append (one position) runs serially: a parallel launch for it only
                 # adds a wait on the pool's second thread, long when another process holds it
-                A.kv_append_func(kv, hd, "float32", transposed=keys).with_attr(
+                A.kv_append_func(kv, hd, low.kv_cache, transposed=keys).with_attr(
                     "splice.rows", fn.rows), "kv_append")
-        out_ty = TensorType(cache_shape(fn.batch, kv, hd, fn.capacity, slot % 2), "float32")
+        out_ty = TensorType(cache_shape(fn.batch, kv, hd, fn.capacity, slot % 2), low.kv_cache)
         caches.append(fn.bb.emit(relax.call_tir_inplace(
             gv, relax.Tuple([fn.cache(slot), fn.value(node, src), relax.prim_value(fn.past)]),
             0, out_ty)))
-    y = fn.te(A.attention, fn.value(node, 0), caches[0], caches[1], fn.past,
+    # the CPU's (packed) form shares each key among its kv head's query heads, and splits a
+    # decode step's keys (prefill has its rows for parallelism); dlight's GPU schedules take
+    # the one-row-per-head form
+    form = dict(splits=A.DECODE_SPLITS if fn.rows == "few" else 1) if low.packed else {}
+    y = fn.te(A.grouped_attention if low.packed else A.attention, fn.value(node, 0), caches[0],
+              caches[1], fn.past, **form,
               num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
               scale=a["scale"], causal=a["causal"], softcap=a["softcap"],
               sliding_window=a["sliding_window"], kind="attention")

@@ -21,9 +21,10 @@ nest:
 - rms_norm, Hadamard stages, dynamic fake quantization: dlight's `cpu.Reduction` (the row's
   reduction and the injective block that uses it under one parallel row loop, the injective part
   vectorised); a decode step's single-row norm gets the same without the parallel loop.
-- attention (attention.py): one parallel task per (batch, head, query) computing its whole row:
-  scores against 16 keys per vector FMA (keys are stored transposed), mask and exp vectorised over
-  the key tile, the weighted sum of values vectorised over head_dim.
+- attention (attention.grouped_attention): one parallel task per (batch, kv head, query, key
+  split): the group's scores against 16 keys per vector FMA (keys are stored transposed), each
+  key loaded once for the group, mask and exp vectorised over the key tile, the weighted sum of
+  values vectorised over head_dim; then the splits combined per query row.
 - everything else (element-wise, rotary, gathers, the cache append, whatever dlight's Reduction
   declines): spatial loops fused, the last one vectorised where its extent allows, parallel when
   rows are many.
@@ -319,34 +320,58 @@ def _rms_norm(sch: s_tir.Schedule, many: bool) -> None:
 
 
 def _attention(sch: s_tir.Schedule, many: bool) -> None:
-    """One task per (batch, head, query); every stage of its row computed under it: scores
-    against 16 keys per vector FMA (keys are stored transposed), mask and exp vectorised over the
-    key tile, the weighted sum of values vectorised over head_dim."""
-    out = sch.get_sblock("attention")
-    b, i, c = sch.get_loops(out)
-    hd = _extent(sch, sch.get_loops(sch.get_sblock("weighted"))[3])
-    h, d = sch.split(c, [None, hd])
-    sch.reorder(b, h, i, d)
-    task = sch.fuse(b, h, i)
-    for name in ("weighted", "rowsum", "exp", "rowmax", "masked", "score"):
-        sch.compute_at(sch.get_sblock(name), task, preserve_unit_loops=True)
+    """attention.grouped_attention: one task per (batch, kv head, query, key split), every stage
+    of the split computed under it; the scores of the group's heads against 16 keys a vector FMA
+    (keys stored transposed), each key vector loaded once for the group, accumulated in a
+    stack tile (registers) over head_dim; the max and sum first per key lane, then over lanes;
+    the weighted values accumulated per head in a head_dim-wide register tile. The combination of
+    the splits runs per query row after, vectorised over head_dim (parallel when rows are many)."""
+    partial = sch.get_sblock("partial")
+    task = sch.fuse(*sch.get_loops(partial)[:4])
     sch.parallel(task)
-    _try(sch.vectorize, d)
-    # vectorise before decompose_reduction: TVM refuses it on the update block afterwards
+    for name in ("weighted", "split_sum", "split_sum_lanes", "exp", "split_max",
+                 "split_max_lanes", "masked", "score"):
+        sch.compute_at(sch.get_sblock(name), task, preserve_unit_loops=True)
     score = sch.get_sblock("score")
-    jo, ji, dd = sch.get_loops(score)[-3:]
-    sch.reorder(jo, dd, ji)
+    r, t, ji, d = sch.get_loops(score)[-4:]
+    sch.reorder(t, d, r, ji)
+    tile = sch.cache_write(score, 0, ACC_SCOPE)
+    sch.reverse_compute_at(tile, t)
     _try(sch.vectorize, ji)
-    init = sch.decompose_reduction(score, dd)
+    _try(sch.unroll, r)
+    init = sch.decompose_reduction(score, d)
     _try(sch.vectorize, sch.get_loops(init)[-1])
+    _try(sch.vectorize, sch.get_loops(tile)[-1])
+    for name in ("split_max_lanes", "split_sum_lanes"):
+        block = sch.get_sblock(name)
+        r, ji, t = sch.get_loops(block)[-3:]
+        sch.reorder(r, t, ji)
+        _try(sch.vectorize, ji)
+        init = sch.decompose_reduction(block, t)
+        _try(sch.vectorize, sch.get_loops(init)[-1])
     for name in ("masked", "exp"):
         _try(sch.vectorize, sch.get_loops(sch.get_sblock(name))[-1])
-    w = sch.get_sblock("weighted")
-    dd, wo, wi = sch.get_loops(w)[-3:]
-    sch.reorder(wo, wi, dd)
-    _try(sch.vectorize, dd)
-    init = sch.decompose_reduction(w, wo)
+    weighted = sch.get_sblock("weighted")
+    r, dd, wo, wi = sch.get_loops(weighted)[-4:]
+    # at most 64 head_dim lanes a pass over the values: 8 AVX2 registers of sums (Gemma's 256
+    # at once would spill)
+    ddo, ddi = sch.split(dd, [None, min(_extent(sch, dd), 64)])
+    sch.reorder(r, ddo, wo, wi, ddi)
+    tile = sch.cache_write(weighted, 0, ACC_SCOPE)
+    sch.reverse_compute_at(tile, ddo)
+    _try(sch.vectorize, ddi)
+    init = sch.decompose_reduction(weighted, wo)
     _try(sch.vectorize, sch.get_loops(init)[-1])
+    _try(sch.vectorize, sch.get_loops(tile)[-1])
+    out = sch.get_sblock("attention")
+    b, i, c = sch.get_loops(out)
+    hd = _extent(sch, sch.get_loops(sch.get_sblock("combined"))[-2])
+    h, d = sch.split(c, [None, hd])
+    for name in ("combined", "rowsum", "split_weight", "top"):
+        sch.compute_at(sch.get_sblock(name), h, preserve_unit_loops=True)
+    _try(sch.vectorize, d)
+    if many:
+        sch.parallel(sch.fuse(b, i))
 
 
 def _try(primitive, *args) -> None:
