@@ -257,6 +257,7 @@ class TVMArtefact(Artefact):
         section = manifest["tvm"]
         self.prefill_chunk = int(section.get("prefill_chunk", 256))
         self._tile = int((section.get("cache") or {}).get("capacity_multiple", 1))
+        self._cache_dtype = np.dtype((section.get("cache") or {}).get("dtype", "float32"))
         self._prefill, self._decode = vm["prefill"], vm["decode"]
         self._prefill_last = vm["prefill_last"] if "prefill_last" in section.get(
             "functions", ()) else None
@@ -352,7 +353,7 @@ class TVMArtefact(Artefact):
             if a is None:
                 raise InputError(f"past: no {name!r}; expected a KVCache or a dict with "
                                  f"{len(self._names)} arrays past.{{i}}.key/value")
-            a = np.asarray(a, dtype=np.float32)
+            a = np.asarray(a, dtype=self._cache_dtype)
             if a.ndim != 4 or a.shape[:2] != (batch, kv) or a.shape[3] != hd or (
                     length is not None and a.shape[2] != length):
                 raise InputError(f"past {name!r} has shape {list(a.shape)}; expected [{batch}, "
@@ -371,7 +372,7 @@ class TVMArtefact(Artefact):
         length = 0 if old is None else old[0].shape[2]
         tensors = []
         for i, (kv, hd) in enumerate(self._shapes):
-            a = np.zeros((batch, kv, capacity, hd), np.float32)
+            a = np.zeros((batch, kv, capacity, hd), self._cache_dtype)
             if old is not None:
                 a[:, :, :length] = old[i]
             if i % 2 == 0:

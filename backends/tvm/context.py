@@ -103,7 +103,7 @@ class _Function:
         self.past_var = relax.Var("past", ShapeType([self.past]))
         self.cache_var = relax.Var("cache", TupleType(
             [TensorType(cache_shape(b, slot["kv_heads"], slot["head_dim"], self.capacity, j),
-                        "float32") for slot in low.cache for j in (0, 1)]))
+                        low.kv_cache) for slot in low.cache for j in (0, 1)]))
         self.params_var = relax.Var("params", TupleType(
             [TensorType(list(p.shape), p.dtype) for p in low.params_list()]))
         self.env: dict[int, object] = {}
@@ -147,12 +147,13 @@ class Lowering:
     slots, the parameters in argument order and `rules`, the table the driver (lower.py) runs.
     `packed` selects the CPU weight layout (kernels.py) over the plain one that dlight's GPU
     rules expect. `activations`: "float", or "int8" for int4/int8 products over int8 activations
-    in prefill and decode (qdot.py)."""
+    in prefill and decode (qdot.py). `kv_cache`: the cache's dtype, "float32" or "float16"
+    (written rounded to nearest, read back to float32 by the attention)."""
 
     def __init__(self, module: Module, *, packed: bool, rules: Mapping[str, Callable],
-                 activations: str = "float"):
+                 activations: str = "float", kv_cache: str = "float32"):
         self.module, self.packed, self.rules = module, packed, rules
-        self.activations = activations
+        self.activations, self.kv_cache = activations, kv_cache
         self.io = decoder_io(module.graph)
         graph = module.graph
         self.cache = self.io["past"]

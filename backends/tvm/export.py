@@ -29,6 +29,7 @@ from .lower import lower
 log = logging.getLogger(__name__)
 
 ACTIVATIONS = ("float", "int8")  # the activations the int4/int8 products multiply
+KV_CACHES = ("float32", "float16")  # the dtypes the KV cache may store
 LIBRARY = "model.so"
 PARAMS = "params.safetensors"
 # LLVM feature name -> /proc/cpuinfo flag, for the vector extensions kernels may use
@@ -41,7 +42,8 @@ CPU_FLAGS = {"sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f1
 def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
            recipe: dict | None = None, report: list | dict | None = None, threads: int = 2,
            mcpu: str | None = None, prefill_chunk: int = 256, schedule: bool = True,
-           cuda_arch: str = "sm_80", activations: str = "float") -> Path:
+           cuda_arch: str = "sm_80", activations: str = "float", kv_cache: str = "float32"
+           ) -> Path:
     """Lower, schedule and build `module` for `target` ("cpu", "cuda" or "aarch64") and write the
     artefact into `out_dir` atomically. `threads`: the cores the CPU kernels are split over (and
     the runtime's default pool size); `mcpu`: an LLVM CPU name (default: this machine's);
@@ -49,7 +51,9 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     `schedule`: False builds the CPU kernels unscheduled (for tests; ~20x slower);
     `activations`: "float" (default) or "int8": the int4/int8 products (prefill and decode)
     quantize their input to int8 per block and multiply bytes (qdot.py; x86 with AVX2 only, CPU
-    target)."""
+    target); `kv_cache`: "float32" (default, exact) or "float16" (the cache's keys and values
+    rounded to half precision, as llama.cpp's default cache: half the bytes a decode step reads
+    from it, which at a long context are as many as the weights')."""
     if target not in TARGETS:
         raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -64,8 +68,10 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
             make_target(target, threads=threads, mcpu=mcpu))):
         raise InputError("TVM backend: activations='int8' needs the cpu target on an x86 CPU "
                          "with AVX2 (its products use vpmaddubsw); use activations='float'")
+    if kv_cache not in KV_CACHES:
+        raise InputError(f"TVM backend: kv_cache={kv_cache!r}; accepted: {', '.join(KV_CACHES)}")
     t0 = time.perf_counter()
-    lowered = lower(module, packed=target != "cuda", activations=activations)
+    lowered = lower(module, packed=target != "cuda", activations=activations, kv_cache=kv_cache)
     if not (isinstance(cuda_arch, str) and cuda_arch[:3] == "sm_" and cuda_arch[3:].isdigit()):
         raise InputError(f"TVM backend: cuda_arch={cuda_arch!r}; expected 'sm_' and the compute "
                          "capability's digits, such as 'sm_80' or 'sm_90'")
@@ -95,7 +101,7 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
                             "shape": list(p.shape), "dtype": p.dtype} for p in lowered.params],
             "cache": {"key": ["batch", "kv_heads", "head_dim", "capacity"],
                       "value": ["batch", "kv_heads", "capacity", "head_dim"],
-                      "capacity_multiple": KEY_TILE, "update": "in place"},
+                      "capacity_multiple": KEY_TILE, "update": "in place", "dtype": kv_cache},
             "target": str(tgt), "target_kind": tgt.kind.name, **_machine(target, tgt),
             "decode_batch": 1 if target != "cuda" else None,
             "pool": "splice" if target in POOL_TARGETS else None,

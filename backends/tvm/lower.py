@@ -90,9 +90,11 @@ def _body(low: Lowering, fn: _Function):
 
 
 def lower(module: Module, *, packed: bool = True, rules: Mapping[str, Callable] | None = None,
-          activations: str = "float") -> Lowered:
+          activations: str = "float", kv_cache: str = "float32") -> Lowered:
     """ir.Module -> Lowered (Relax module with prefill/decode, parameter list, cache slots).
     `rules` replaces the op table (default `rules.RULES`, read at the call); `activations`
-    "int8" makes the int4/int8 products quantize their input per block (qdot.py)."""
+    "int8" makes the int4/int8 products quantize their input per block (qdot.py); `kv_cache`
+    the dtype the KV cache stores ("float16": half the bytes a decode step reads from it)."""
     table = standard.RULES if rules is None else rules
-    return _build(Lowering(module, packed=packed, rules=table, activations=activations))
+    return _build(Lowering(module, packed=packed, rules=table, activations=activations,
+                           kv_cache=kv_cache))

@@ -1,5 +1,5 @@
 """The `splice compile` command line with the TVM backend: --backend tvm, --activations, and the
-CPU presets' default backend (TVM with int8 activations where they run, ONNX otherwise)."""
+CPU presets' default backend (TVM with int8 activations and a float16 KV cache where they run, ONNX otherwise)."""
 
 from __future__ import annotations
 
@@ -34,16 +34,19 @@ def test_cli_compiles_a_cpu_preset_for_tvm_int8_unless_told_otherwise(tmp_path, 
         out = tmp_path / f"a{len(list(tmp_path.iterdir()))}"
         assert main(["compile", str(STORIES), *flags, "--out", str(out)]) == 0
         m = json.loads((out / "manifest.json").read_text())
-        return m["backend"], (m.get("tvm") or {}).get("activations")
+        tvm = m.get("tvm") or {}
+        return m["backend"], tvm.get("activations"), (tvm.get("cache") or {}).get("dtype")
 
-    expected = ("tvm", "int8") if tvm_int8_runs() else ("onnx", None)
+    expected = ("tvm", "int8", "float16") if tvm_int8_runs() else ("onnx", None, None)
     assert backend("--recipe", "fastest") == expected
-    assert ("backend: tvm, int8 activations" in capsys.readouterr().out) == (expected[0] == "tvm")
-    if expected[0] == "tvm":  # the option reaches the TVM artefact (ONNX has none)
-        assert backend("--recipe", "fastest", "--activations", "float") == ("tvm", "float")
-    assert backend("--recipe", "fastest", "--backend", "onnx") == ("onnx", None)
-    assert backend("--recipe", "fastest", "--ops", "standard") == ("onnx", None)
-    assert backend("--recipe", "w4_rtn") == ("onnx", None)
+    assert ("backend: tvm, int8 activations, float16 KV cache" in capsys.readouterr().out) == (
+        expected[0] == "tvm")
+    if expected[0] == "tvm":  # the options reach the TVM artefact (ONNX has none)
+        assert backend("--recipe", "fastest", "--activations", "float",
+                       "--kv-cache", "float32") == ("tvm", "float", "float32")
+    assert backend("--recipe", "fastest", "--backend", "onnx") == ("onnx", None, None)
+    assert backend("--recipe", "fastest", "--ops", "standard") == ("onnx", None, None)
+    assert backend("--recipe", "w4_rtn") == ("onnx", None, None)
 
 
 def test_cli_activations_int8_reaches_the_tvm_artefact_and_only_it(tmp_path, capsys):
