@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from benchmarks.peer_engines import llama_available
-from benchmarks.presets import BACKEND_ROWS, LLAMA, PRESETS, Q4_0, tvm_available
+from benchmarks.presets import BACKEND_ROWS, LLAMA, PRESETS, Q4_0, measured, tvm_available
 from benchmarks.run import main
 from tests.paths import needs_stories
 
@@ -31,6 +31,8 @@ def test_presets_quick(tmp_path):
         for name in BACKEND_ROWS:
             assert rows[name]["compile_s"] > 0 and rows[name]["ppl"] > 1, name
             assert f"splice {name}" in text
+    # the preset files' measured figures follow the backend `splice compile` gives a preset
+    assert measured(figures, "fastest")["backend"].startswith("tvm" if tvm_available() else "onnx")
     for row in rows.values():
         for t in (1, 2):
             assert row[f"speed_{t}"]["decode_tok_s"] > 0 and row[f"speed_{t}"]["prefill_tok_s"] > 0
