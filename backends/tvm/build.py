@@ -41,14 +41,16 @@ POOL_TARGETS = ("cpu", "aarch64")  # llvm libraries whose parallel loops splice'
 
 
 def make_target(target: str, *, threads: int = 2, mcpu: str | None = None,
-                cuda_arch: str = "sm_80") -> tvm.target.Target:
-    """The tvm Target for a splice target name (see TARGETS)."""
+                cuda_arch: str = "sm_80", dotprod: bool = False) -> tvm.target.Target:
+    """The tvm Target for a splice target name (see TARGETS). `dotprod`: aarch64 code may use
+    the Armv8.2 dot-product instructions (the int8-activation products need them)."""
     if target == "cpu":
         return tvm.target.Target({"kind": "llvm", "mcpu": mcpu or codegen.llvm_get_system_cpu(),
                                   "num-cores": threads})
     if target == "aarch64":
         return tvm.target.Target({"kind": "llvm", "mtriple": AARCH64_TRIPLE,
-                                  "mcpu": mcpu or "generic", "mattr": ["+neon"],
+                                  "mcpu": mcpu or "generic",
+                                  "mattr": ["+neon", "+dotprod"] if dotprod else ["+neon"],
                                   "num-cores": threads})
     if target == "cuda":
         return tvm.target.Target({"kind": "cuda", "arch": cuda_arch},

@@ -148,12 +148,13 @@ class Lowering:
     `packed` selects the CPU weight layout (kernels.py) over the plain one that dlight's GPU
     rules expect. `activations`: "float", or "int8" for int4/int8 products over int8 activations
     in prefill and decode (qdot.py). `kv_cache`: the cache's dtype, "float32" or "float16"
-    (written rounded to nearest, read back to float32 by the attention)."""
+    (written rounded to nearest, read back to float32 by the attention). `isa`: the int8
+    products' dot products, "avx2" or "neon" (qdot.py)."""
 
     def __init__(self, module: Module, *, packed: bool, rules: Mapping[str, Callable],
-                 activations: str = "float", kv_cache: str = "float32"):
+                 activations: str = "float", kv_cache: str = "float32", isa: str = "avx2"):
         self.module, self.packed, self.rules = module, packed, rules
-        self.activations, self.kv_cache = activations, kv_cache
+        self.activations, self.kv_cache, self.isa = activations, kv_cache, isa
         self.io = decoder_io(module.graph)
         graph = module.graph
         self.cache = self.io["past"]

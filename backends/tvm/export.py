@@ -50,10 +50,11 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     `cuda_arch`: the GPU architecture cuda code is compiled for ("sm_90" for an H100);
     `schedule`: False builds the CPU kernels unscheduled (for tests; ~20x slower);
     `activations`: "float" (default) or "int8": the int4/int8 products (prefill and decode)
-    quantize their input to int8 per block and multiply bytes (qdot.py; x86 with AVX2 only, CPU
-    target); `kv_cache`: "float32" (default, exact) or "float16" (the cache's keys and values
-    rounded to half precision, as llama.cpp's default cache: half the bytes a decode step reads
-    from it, which at a long context are as many as the weights')."""
+    quantize their input to int8 per block and multiply bytes (qdot.py: the cpu target on x86
+    with AVX2, or the aarch64 target, whose library then needs Armv8.2's dot product);
+    `kv_cache`: "float32" (default, exact) or "float16" (the cache's keys and values rounded to
+    half precision, as llama.cpp's default cache: half the bytes a decode step reads from it,
+    which at a long context are as many as the weights')."""
     if target not in TARGETS:
         raise InputError(f"TVM backend: unknown target {target!r}; accepted: {', '.join(TARGETS)}")
     if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
@@ -64,18 +65,22 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     if activations not in ACTIVATIONS:
         raise InputError(f"TVM backend: activations={activations!r}; accepted: "
                          f"{', '.join(ACTIVATIONS)}")
-    if activations == "int8" and (target != "cpu" or "avx2" not in codegen.llvm_get_cpu_features(
-            make_target(target, threads=threads, mcpu=mcpu))):
+    if activations == "int8" and target != "aarch64" and (
+            target != "cpu" or "avx2" not in codegen.llvm_get_cpu_features(
+                make_target(target, threads=threads, mcpu=mcpu))):
         raise InputError("TVM backend: activations='int8' needs the cpu target on an x86 CPU "
-                         "with AVX2 (its products use vpmaddubsw); use activations='float'")
+                         "with AVX2 (its products use vpmaddubsw) or the aarch64 target (sdot: "
+                         "Armv8.2's dot product); use activations='float'")
     if kv_cache not in KV_CACHES:
         raise InputError(f"TVM backend: kv_cache={kv_cache!r}; accepted: {', '.join(KV_CACHES)}")
-    t0 = time.perf_counter()
-    lowered = lower(module, packed=target != "cuda", activations=activations, kv_cache=kv_cache)
     if not (isinstance(cuda_arch, str) and cuda_arch[:3] == "sm_" and cuda_arch[3:].isdigit()):
         raise InputError(f"TVM backend: cuda_arch={cuda_arch!r}; expected 'sm_' and the compute "
                          "capability's digits, such as 'sm_80' or 'sm_90'")
-    tgt = make_target(target, threads=threads, mcpu=mcpu, cuda_arch=cuda_arch)
+    t0 = time.perf_counter()
+    lowered = lower(module, packed=target != "cuda", activations=activations, kv_cache=kv_cache,
+                    isa="neon" if target == "aarch64" else "avx2")
+    tgt = make_target(target, threads=threads, mcpu=mcpu, cuda_arch=cuda_arch,
+                      dotprod=activations == "int8")
     t1 = time.perf_counter()
     ex = build(lowered.mod, tgt, schedule=schedule)
     t2 = time.perf_counter()
@@ -102,7 +107,8 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
             "cache": {"key": ["batch", "kv_heads", "head_dim", "capacity"],
                       "value": ["batch", "kv_heads", "capacity", "head_dim"],
                       "capacity_multiple": KEY_TILE, "update": "in place", "dtype": kv_cache},
-            "target": str(tgt), "target_kind": tgt.kind.name, **_machine(target, tgt),
+            "target": str(tgt), "target_kind": tgt.kind.name,
+            **_machine(target, tgt, activations),
             "decode_batch": 1 if target != "cuda" else None,
             "pool": "splice" if target in POOL_TARGETS else None,
             "threads": threads, "prefill_chunk": prefill_chunk, "scheduled": schedule,
@@ -115,12 +121,13 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     return path
 
 
-def _machine(target: str, tgt: tvm.target.Target) -> dict[str, Any]:
-    """The architecture and the CPU features the runtime checks before loading."""
+def _machine(target: str, tgt: tvm.target.Target, activations: str) -> dict[str, Any]:
+    """The architecture and the CPU features the runtime checks before loading (aarch64's int8
+    products: the dot product, /proc/cpuinfo's asimddp)."""
     if tgt.kind.name != "llvm":
         return {"arch": "x86_64"}
     if target == "aarch64":
-        return {"arch": "aarch64", "cpu_features": []}
+        return {"arch": "aarch64", "cpu_features": ["asimddp"] if activations == "int8" else []}
     features = codegen.llvm_get_cpu_features(tgt)
     return {"arch": "x86_64",
             "cpu_features": sorted(CPU_FLAGS[f] for f in features if f in CPU_FLAGS)}

@@ -90,11 +90,12 @@ def _body(low: Lowering, fn: _Function):
 
 
 def lower(module: Module, *, packed: bool = True, rules: Mapping[str, Callable] | None = None,
-          activations: str = "float", kv_cache: str = "float32") -> Lowered:
+          activations: str = "float", kv_cache: str = "float32", isa: str = "avx2") -> Lowered:
     """ir.Module -> Lowered (Relax module with prefill/decode, parameter list, cache slots).
     `rules` replaces the op table (default `rules.RULES`, read at the call); `activations`
     "int8" makes the int4/int8 products quantize their input per block (qdot.py); `kv_cache`
-    the dtype the KV cache stores ("float16": half the bytes a decode step reads from it)."""
+    the dtype the KV cache stores ("float16": half the bytes a decode step reads from it); `isa`
+    the integer dot products of the int8 products ("avx2", or "neon" for aarch64)."""
     table = standard.RULES if rules is None else rules
     return _build(Lowering(module, packed=packed, rules=table, activations=activations,
-                           kv_cache=kv_cache))
+                           kv_cache=kv_cache, isa=isa))

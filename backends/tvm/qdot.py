@@ -15,7 +15,7 @@ bytes), which is sum_b s d sum_i (q_i - z) xq_i: the weight's own (q - z) s time
 activation xq d. The integer sums are exact; the float ones are float32 (the block terms summed
 over 8 lanes, then the lanes).
 
-The machine code (AVX2: no VNNI on this machine): per 32 weights, vpmaddubsw multiplies
+The machine code, x86 (`isa="avx2"`; no VNNI on this machine): per 32 weights, vpmaddubsw multiplies
 unsigned bytes by signed bytes and adds adjacent pairs into 16 int16 sums. int4: 16 code bytes
 become 32 unsigned nibbles (mask, shift, the two halves combined), the activations laid out to
 meet them (within every 32 channels, the 16 even ones then the 16 odd ones); |sum| <= 2 * 15 *
@@ -29,6 +29,13 @@ for the tile's outputs). 4 outputs (one tile of quant.py's tiled layout) per tas
 tasks, the rows (one in decode, a prefill chunk's) looped inside a task, so its weights come
 from memory once and from L1 for the other rows. With the tiled layout a task prefetches the
 codes and scales PREFETCH_AHEAD bytes on in its thread's stream, once per weight group.
+
+aarch64 (`isa="neon"`, the dot-product extension of Armv8.2+: `sdot`): per 32 weights two
+sdots, each 16 signed bytes times 16 into 4 int32 sums of 4 products; the int4 codes (0..15)
+and the int8 codes minus 128 are signed bytes as they are, so both widths meet xq directly (no
+sign trick, no int16 stage), in the same activation layout, the same 8 int32 sums a block (the
+two sdots' 4 lanes side by side), and the same float epilogue: the integer sums are the x86
+ones; only which products share a lane differs, so the float sums differ by rounding.
 """
 
 from __future__ import annotations
@@ -131,14 +138,32 @@ def _psign(a, b):
     return tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", a, b)
 
 
+def _sdot32(acc8, a32, b32):
+    """acc8 (int32x8) plus aarch64's sdot of 32 signed bytes by 32: each half of acc8 takes one
+    16-byte sdot (4 lanes of 4 products each)."""
+    def half(v, which, lanes, dtype):
+        return tirx.call_intrin(f"{dtype}x{lanes}", f"tirx.vector{which}", v)
+
+    lo, hi = (tirx.call_llvm_pure_intrin(
+        "int32x4", "llvm.aarch64.neon.sdot.v4i32.v16i8", half(acc8, which, 4, "int32"),
+        half(a32, which, 16, "int8"), half(b32, which, 16, "int8")) for which in ("low", "high"))
+    return tirx.call_intrin("int32x8", "tirx.vectorcombine", lo, hi)
+
+
+ISAS = ("avx2", "neon")  # the integer dot products the product is written for
+
+
 def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: str,
-                zp_shape: tuple[int, ...] | None, tiled: bool = False):
+                zp_shape: tuple[int, ...] | None, tiled: bool = False, isa: str = "avx2"):
     """The product's PrimFunc over (xq, [xa,] d, dsum, w, s, zp, y): y [rows, n_out] =
     the module docstring's sum. `zeros`: "symmetric" (zp unused: pass the scales), "uint8"
     (int4 two per byte, low nibble first, or int8 one per byte) or "float". `tiled`: the codes
     and scales in quant.py's tiled layouts (a task's bytes contiguous, in the order it reads
     them; the padded outputs of a last partial tile are computed and not stored), else
-    [n_out, blocks, bytes] and [n_out, blocks]."""
+    [n_out, blocks, bytes] and [n_out, blocks]. `isa`: "avx2" (x86) or "neon" (aarch64 with
+    the dot-product extension)."""
+    assert isa in ISAS, isa
+    neon = isa == "neon"
     ab = act_block(group_size)
     nab = blocks * group_size // ab
     per = ab // CHUNK  # chunks per activation block
@@ -259,7 +284,30 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                         a32[j, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                     for c in T.unroll(ab // span if bits == 4 else per):
                         for j in T.unroll(OUTPUTS):
-                            if bits == 4 and span == CHUNK:
+                            if neon and bits == 4 and span == CHUNK:
+                                a32[j, T.ramp(0, 1, LANES)] = _sdot32(
+                                    a32[j, T.ramp(0, 1, LANES)], tirx.reinterpret(
+                                        "int8x32", unpack(codes(w, t, j, b // ratio, (
+                                            b % ratio) * (ab // 2) + c * 16, 16))),
+                                    xq[m, T.ramp(b * ab + c * CHUNK, 1, CHUNK)])
+                            elif neon and bits == 4:  # low nibbles, then high ones
+                                a32[j, T.ramp(0, 1, LANES)] = _sdot32(_sdot32(
+                                    a32[j, T.ramp(0, 1, LANES)], tirx.reinterpret(
+                                        "int8x32", low(codes(w, t, j, b // ratio, (
+                                            b % ratio) * (ab // 2) + c * CHUNK, CHUNK))),
+                                    xq[m, T.ramp(b * ab + c * span, 1, CHUNK)]),
+                                    tirx.reinterpret("int8x32", high(codes(
+                                        w, t, j, b // ratio, (b % ratio) * (ab // 2)
+                                        + c * CHUNK, CHUNK))),
+                                    xq[m, T.ramp(b * ab + c * span + CHUNK, 1, CHUNK)])
+                            elif neon:
+                                a32[j, T.ramp(0, 1, LANES)] = _sdot32(
+                                    a32[j, T.ramp(0, 1, LANES)], tirx.reinterpret(
+                                        "int8x32", codes(w, t, j, b // ratio, (b % ratio) * ab
+                                                         + c * CHUNK, CHUNK)
+                                        ^ T.broadcast(T.uint8(128), CHUNK)),
+                                    xq[m, T.ramp(b * ab + c * CHUNK, 1, CHUNK)])
+                            elif bits == 4 and span == CHUNK:
                                 a16[j, T.ramp(0, 1, 16)] = a16[j, T.ramp(0, 1, 16)] + _pmaddubs(
                                     unpack(codes(w, t, j, b // ratio,
                                                  (b % ratio) * (ab // 2) + c * 16, 16)),
@@ -279,7 +327,7 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                                               (b % ratio) * ab + c * CHUNK, CHUNK),
                                         xq[m, T.ramp(b * ab + c * CHUNK, 1, CHUNK)]))
                     for j in T.unroll(OUTPUTS):
-                        if bits == 4:
+                        if bits == 4 and not neon:
                             a32[j, T.ramp(0, 1, LANES)] = _pmaddwd(a16[j, T.ramp(0, 1, 16)])
                         # the output index is written out, not bound to a name: TVMScript makes
                         # a name assigned in a loop a one-element buffer, which the host

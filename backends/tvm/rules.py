@@ -133,7 +133,8 @@ def _qdot(low: Lowering, fn: _Function, node: Node, rows, w, s, zp, bias, residu
     if gv is None:
         gv = fn.memo[key] = fn.bb.add_func(qdot_decode(
             n_out=n_out, blocks=blocks, group_size=gs, bits=bits, zeros=zeros,
-            zp_shape=zshape, tiled=tiled).with_attr("splice.rows", fn.rows), "qlinear_i8")
+            zp_shape=zshape, tiled=tiled, isa=low.isa).with_attr("splice.rows", fn.rows),
+            "qlinear_i8")
     n_rows = rows.ty.shape.values[0]
     y = fn.bb.emit(relax.call_tir(gv, [xq, d, ds, w, s, zp if zp is not None else s],
                                   TensorType([n_rows, n_out], "float32")))

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,6 +266,10 @@ def test_bad_target_and_threads_are_named():
         export(tiny_module(), "unused", target="tpu")
     with pytest.raises(InputError, match="threads=0"):
         export(tiny_module(), "unused", threads=0)
+    with pytest.raises(InputError, match="int8' needs the cpu target on an x86 CPU with AVX2 .* "
+                                         "or the aarch64 target"):
+        export(tiny_module(), "unused", target="cuda", activations="int8")
+    assert not Path("unused").exists()
 
 
 @pytest.mark.parametrize("bits", [None, 4])
@@ -408,6 +413,26 @@ def test_aarch64_library_runs_under_qemu_like_x86(tmp_path, name):
     assert tokens == want_tokens
 
 
+
+
+@pytest.mark.parametrize("group", [32, 64])  # int4 codes in 16- and 32-byte loads
+def test_aarch64_int8_activation_products_under_qemu_like_x86(tmp_path, group):
+    """activations="int8" on aarch64: the products' sdot form (qdot.py, isa "neon"; int4 g32 or
+    g64 decoder weights with partial groups, an int8 lm_head) gives the x86 vpmaddubsw form's
+    logits (the same integer sums; float rounding apart) and greedy tokens under qemu, and the
+    manifest asks the device for the dot product."""
+    from splice.backends.tvm import cross
+
+    runner = _aarch64_runner()
+    module = quantized(bits=4, group_size=group, lm_head="int8")()
+    prompt = [int(t) for t in np.random.default_rng(7).integers(3, module.config.vocab_size, 9)]
+    x86 = export(module, tmp_path / "x86", activations="int8")
+    arm = export(module, tmp_path / "arm", target="aarch64", activations="int8")
+    assert json.loads((arm / "manifest.json").read_text())["tvm"]["cpu_features"] == ["asimddp"]
+    want_logits, want_tokens = _x86_greedy(x86, prompt, 8)
+    logits, tokens = cross.run_artefact(runner, arm, prompt, 8)
+    assert np.abs(logits - want_logits).max() <= 1e-4 * max(1.0, np.abs(want_logits).max())
+    assert tokens == want_tokens
 
 @pytest.mark.parametrize("name", ["gemma2", "window_partial_interleaved"])
 def test_prompt_lookup_keeps_the_greedy_tokens(built, name):
