@@ -29,7 +29,8 @@ from .recipe import Recipe, builtin_names, builtin_text
 TARGETS = ("cpu", "npu")
 _KEYS = ("target", "goal", "default", "calibration_text", "measured")
 # the figures `splice presets` shows, in this order, with their column heads
-COLUMNS = (("wikitext2_ppl", "WikiText-2 ppl"), ("decode_tok_s_1_thread", "decode tok/s 1 thr"),
+COLUMNS = (("backend", "through"), ("wikitext2_ppl", "WikiText-2 ppl"),
+           ("decode_tok_s_1_thread", "decode tok/s 1 thr"),
            ("decode_tok_s_2_threads", "decode tok/s 2 thr"),
            ("vs_llama_cpp_q4_0_1_thread", "vs llama.cpp Q4_0 1 thr"),
            ("compile_s", "compile s"), ("size_mb", "size MB"))
