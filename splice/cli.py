@@ -56,8 +56,8 @@ def cmd_compile(a: argparse.Namespace) -> int:
     # a file would be taken as the calibration text itself)
     recipe, backend, options = _compile_recipe(a)
     if a.backend is None and backend != "onnx":
-        print(f"backend: tvm, {options['activations']} activations, {options['kv_cache']} KV "
-              "cache (a CPU preset's default here; --backend onnx for an ONNX Runtime artefact)")
+        print(f"backend: tvm, {options.get('activations', 'float')} activations, "
+              f"{options['kv_cache']} KV cache (--backend and --activations, --kv-cache choose)")
     from .progress import Progress
 
     with Progress("splice compile", len(recipe.passes) + 2, enabled=_progress_on(a)) as shown:

@@ -118,9 +118,13 @@ def backend_for(recipe: str, target: str, backend: str | None, options: dict
     installed, an x86 CPU with AVX2, no ONNX-only option given: SmolLM2's fastest and balanced
     decode 1.5-1.6x llama.cpp's Q4_0 there against ~1.0x through ONNX Runtime, at the same
     perplexity; the float16 cache: 1.2-1.3x at 512 tokens of context, 1.5-1.6x at 1,500, for
-    +-0.05% perplexity; docs/tvm.md), anything else for ONNX Runtime."""
+    +-0.05% perplexity; docs/tvm.md), anything else for ONNX Runtime. The aarch64 target has
+    one backend, TVM (float activations unless asked: the int8 products need Armv8.2's dot
+    product, which some edge cores lack; a float16 KV cache)."""
     if backend is not None:
         return backend, options
+    if target == "aarch64":
+        return "tvm", {"kv_cache": "float16", **options}
     cpu_preset = any(p.name == recipe for p in presets("cpu"))
     tvm_only = {"threads", "activations", "kv_cache"}
     if not cpu_preset or target != "cpu" or options.keys() - tvm_only or not tvm_int8_runs():
