@@ -118,7 +118,8 @@ def grouped_attention(q: te.Tensor, k_cache: te.Tensor, v_cache: te.Tensor, past
     """`attention`'s result, computed per (kv head, key split) (module docstring): the split's
     softmax over its keys relative to its own max m_p, with sum l_p and weighted values a_p;
     then with M = max_p m_p, out = sum_p a_p e^(m_p - M) / sum_p l_p e^(m_p - M). With one split
-    that is `attention`'s arithmetic (e^0 = 1 exactly); with more, float32 rounding differs.
+    the split's weight is e^0 = 1 exactly, and the result is `attention`'s up to the order of the
+    float32 sums (each key lane's over the tiles first); with more, the splits' rounding too.
     A split past the last key tile reads the last tile again (clamped inside the cache) and masks
     it: its sum and values are 0 (the splits cover at most splits - 1 tiles past the last)."""
     b, s = q.shape[0], q.shape[1]
