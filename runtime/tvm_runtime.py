@@ -256,8 +256,9 @@ class TVMArtefact(Artefact):
                         for _ in (0, 1)]
         section = manifest["tvm"]
         self.prefill_chunk = int(section.get("prefill_chunk", 256))
-        self._tile = int((section.get("cache") or {}).get("capacity_multiple", 1))
-        self._cache_dtype = np.dtype((section.get("cache") or {}).get("dtype", "float32"))
+        cache = section.get("cache") or {}
+        self._tile = int(cache.get("capacity_multiple", 1))
+        self._cache_dtype = np.dtype(cache.get("dtype", "float32"))
         self._prefill, self._decode = vm["prefill"], vm["decode"]
         self._prefill_last = vm["prefill_last"] if "prefill_last" in section.get(
             "functions", ()) else None

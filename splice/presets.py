@@ -116,8 +116,8 @@ def backend_for(recipe: str, target: str, backend: str | None, options: dict
     """The CLI's backend and its options: `backend` as given; with none, a CPU preset compiles
     for TVM with int8 activations and a float16 KV cache where that runs (the tvm extra
     installed, an x86 CPU with AVX2, no ONNX-only option given: SmolLM2's fastest and balanced
-    decode 1.5-1.6x llama.cpp's Q4_0 there against ~1.0x through ONNX Runtime, at the same
-    perplexity; the float16 cache: 1.2-1.3x at 512 tokens of context, 1.5-1.6x at 1,500, for
+    decode 1.5-1.8x llama.cpp's Q4_0 there against ~1.0x through ONNX Runtime, at the same
+    perplexity; the float16 cache: 1.2-1.4x at 512 tokens of context, 1.4-1.5x at 1,500, for
     +-0.05% perplexity; docs/tvm.md), anything else for ONNX Runtime. The aarch64 target has
     one backend, TVM (float activations unless asked: the int8 products need Armv8.2's dot
     product, which some edge cores lack; a float16 KV cache)."""

@@ -280,7 +280,8 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                         T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(sf[
                             (t * blocks + b // ratio) * OUTPUTS + ahead_s]), 0, 3, 1))
                     for j in T.unroll(OUTPUTS):
-                        a16[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                        if bits == 4 and not neon:  # x86's int4 sums pass through int16
+                            a16[j, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
                         a32[j, T.ramp(0, 1, LANES)] = T.broadcast(T.int32(0), LANES)
                     for c in T.unroll(ab // span if bits == 4 else per):
                         for j in T.unroll(OUTPUTS):

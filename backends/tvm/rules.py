@@ -217,9 +217,11 @@ def _attention(low: Lowering, fn: _Function, node: Node):
     # the CPU's (packed) form shares each key among its kv head's query heads, and splits a
     # decode step's keys (prefill has its rows for parallelism); dlight's GPU schedules take
     # the one-row-per-head form
-    form = dict(splits=A.DECODE_SPLITS if fn.rows == "few" else 1) if low.packed else {}
-    y = fn.te(A.grouped_attention if low.packed else A.attention, fn.value(node, 0), caches[0],
-              caches[1], fn.past, **form,
+    if low.packed:
+        kernel, form = A.grouped_attention, {"splits": A.DECODE_SPLITS if fn.rows == "few" else 1}
+    else:
+        kernel, form = A.attention, {}
+    y = fn.te(kernel, fn.value(node, 0), caches[0], caches[1], fn.past, **form,
               num_heads=a["num_heads"], num_kv_heads=a["num_kv_heads"], head_dim=a["head_dim"],
               scale=a["scale"], causal=a["causal"], softcap=a["softcap"],
               sliding_window=a["sliding_window"], kind="attention")

@@ -413,8 +413,6 @@ def test_aarch64_library_runs_under_qemu_like_x86(tmp_path, name):
     assert tokens == want_tokens
 
 
-
-
 @pytest.mark.parametrize("group", [32, 64])  # int4 codes in 16- and 32-byte loads
 def test_aarch64_int8_activation_products_under_qemu_like_x86(tmp_path, group):
     """activations="int8" on aarch64: the products' sdot form (qdot.py, isa "neon"; int4 g32 or
@@ -433,6 +431,7 @@ def test_aarch64_int8_activation_products_under_qemu_like_x86(tmp_path, group):
     logits, tokens = cross.run_artefact(runner, arm, prompt, 8)
     assert np.abs(logits - want_logits).max() <= 1e-4 * max(1.0, np.abs(want_logits).max())
     assert tokens == want_tokens
+
 
 @pytest.mark.parametrize("name", ["gemma2", "window_partial_interleaved"])
 def test_prompt_lookup_keeps_the_greedy_tokens(built, name):
