@@ -149,7 +149,7 @@ class Lowering:
     rules expect. `activations`: "float", or "int8" for int4/int8 products over int8 activations
     in prefill and decode (qdot.py). `kv_cache`: the cache's dtype, "float32" or "float16"
     (written rounded to nearest, read back to float32 by the attention). `isa`: the int8
-    products' dot products, "avx2" or "neon" (qdot.py)."""
+    products' dot products, one of qdot.ISAS."""
 
     def __init__(self, module: Module, *, packed: bool, rules: Mapping[str, Callable],
                  activations: str = "float", kv_cache: str = "float32", isa: str = "avx2"):

@@ -77,10 +77,10 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
         raise InputError(f"TVM backend: cuda_arch={cuda_arch!r}; expected 'sm_' and the compute "
                          "capability's digits, such as 'sm_80' or 'sm_90'")
     t0 = time.perf_counter()
-    lowered = lower(module, packed=target != "cuda", activations=activations, kv_cache=kv_cache,
-                    isa="neon" if target == "aarch64" else "avx2")
     tgt = make_target(target, threads=threads, mcpu=mcpu, cuda_arch=cuda_arch,
                       dotprod=activations == "int8")
+    lowered = lower(module, packed=target != "cuda", activations=activations, kv_cache=kv_cache,
+                    isa=dot_isa(target, tgt))
     t1 = time.perf_counter()
     ex = build(lowered.mod, tgt, schedule=schedule)
     t2 = time.perf_counter()
@@ -119,6 +119,18 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
     log.info("TVM artefact %s: lowering %.1f s, build %.1f s, total %.1f s", path, t1 - t0,
              t2 - t1, time.perf_counter() - t0)
     return path
+
+
+def dot_isa(target: str, tgt: tvm.target.Target) -> str:
+    """The integer dot products the int8-activation products use (qdot.ISAS): aarch64's sdot;
+    on x86 VNNI's vpdpbusd where the target CPU has it (AVX-VNNI, or AVX-512 VNNI with its
+    256-bit forms), else AVX2's vpmaddubsw."""
+    if target == "aarch64":
+        return "neon"
+    features = codegen.llvm_get_cpu_features(tgt) if tgt.kind.name == "llvm" else {}
+    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= set(features):
+        return "vnni"
+    return "avx2"
 
 
 def _machine(target: str, tgt: tvm.target.Target, activations: str) -> dict[str, Any]:

@@ -173,7 +173,7 @@ def _act_semantics(x, bits, group, blocks):
     return xq.reshape(rows, -1), d, ab
 
 
-def _run_int8(x, codes, scales, zp, *, bits, group, zeros, tiled=False):
+def _run_int8(x, codes, scales, zp, *, bits, group, zeros, tiled=False, isa="avx2"):
     from tvm import te
 
     from splice.backends.tvm.build import make_target
@@ -193,7 +193,7 @@ def _run_int8(x, codes, scales, zp, *, bits, group, zeros, tiled=False):
     if tiled:
         codes, scales, zp = _tile(codes, scales, zp)
     f = qdot_decode(n_out=n, blocks=blocks, group_size=group, bits=bits, zeros=form,
-                    zp_shape=None if zp is None else zp.shape, tiled=tiled)
+                    zp_shape=None if zp is None else zp.shape, tiled=tiled, isa=isa)
     lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target)
     y = tvm.runtime.tensor(np.zeros((rows, n), np.float32))
     lib(*q, *(tvm.runtime.tensor(a) for a in (codes, scales, scales if zp is None else zp)), y)
@@ -248,6 +248,52 @@ def test_int8_activation_product_matches_its_integer_semantics_and_float_to_its_
     assert np.all(err <= bound), float(np.max(err / bound))
     # and not trivially: float activations' product is far outside the integer rounding bound
     assert np.max(np.abs(exact - ref)) > 100 * np.max(2 * (nab + 16) * EPS32 * mag)
+
+
+def _host_has_vnni() -> bool:
+    from splice.backends.tvm.build import make_target
+    from splice.backends.tvm.export import dot_isa
+
+    return dot_isa("cpu", make_target("cpu")) == "vnni"
+
+
+@pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-VNNI / AVX-512 VNNI")
+def test_vnni_product_gives_the_avx2_products_bit_for_bit():
+    """isa="vnni" (vpdpbusd) sums each lane's 4 byte products as vpmaddubsw then vpmaddwd by
+    ones do, so its int32 sums, and so its outputs, are AVX2's bit for bit: int4 in 16- and
+    32-byte chunks, per-channel blocks, int8 with its sign trick, tiled as the CPU stores them."""
+    for bits, group, zeros, k in [(4, 32, "symmetric", 200), (4, 64, "packed", 200),
+                                  (4, 320, "symmetric", 320), (8, 64, "float", 200)]:
+        rng = np.random.default_rng(bits + group + k)
+        codes, scales, zp = _weight(rng, 45, k, bits, group, zeros)
+        x = rng.standard_normal((3, k)).astype(np.float32)
+        x[1, :40] *= 30
+        ref, _ = _run_int8(x, codes, scales, zp, bits=bits, group=group, zeros=zeros, tiled=True)
+        got, _ = _run_int8(x, codes, scales, zp, bits=bits, group=group, zeros=zeros, tiled=True,
+                           isa="vnni")
+        np.testing.assert_array_equal(got, ref)
+        assert np.abs(ref).max() > 0
+
+
+@pytest.mark.parametrize("mcpu,isa", [("skylake", "avx2"), ("icelake-server", "vnni"),
+                                      ("alderlake", "vnni"), ("znver3", "avx2")])
+def test_dot_isa_follows_the_target_cpu_and_vnni_code_uses_vpdpbusd(mcpu, isa):
+    """The int8 products use VNNI where the compile's target CPU has it (AVX-512 VNNI with VL,
+    or AVX-VNNI), else AVX2; aarch64 is sdot. Compiled for such a CPU (no need to run it), the
+    VNNI product's code has vpdpbusd in place of vpmaddubsw."""
+    from splice.backends.tvm.build import make_target
+    from splice.backends.tvm.export import dot_isa
+    from splice.backends.tvm.qdot import qdot_decode
+
+    target = make_target("cpu", mcpu=mcpu)
+    assert dot_isa("cpu", target) == isa
+    assert dot_isa("aarch64", make_target("aarch64", dotprod=True)) == "neon"
+    if isa == "vnni":
+        f = qdot_decode(n_out=8, blocks=2, group_size=64, bits=4, zeros="uint8",
+                        zp_shape=None, tiled=True, isa=isa)
+        asm = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
+                          target).mod.inspect_source("asm")
+        assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
 
 
 def test_int8_activations_option_prefill_and_32_decode_steps(tmp_path):
