@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SECTIONS = ("presets", "gguf_bench", "foundation", "prune_patch", "tvm_bench", "npu", "scale",
-            "hadamard", "onnx_speed", "models")
+SECTIONS = ("presets", "gguf_bench", "foundation", "prune_patch", "tvm_bench", "tvm_bandwidth",
+            "npu", "scale", "hadamard", "onnx_speed", "models")
 
 
 def machine() -> str:
