@@ -123,12 +123,15 @@ def export(module: Module, out_dir: str | Path, *, target: str = "cpu",
 
 def dot_isa(target: str, tgt: tvm.target.Target) -> str:
     """The integer dot products the int8-activation products use (qdot.ISAS): aarch64's sdot;
-    on x86 VNNI's vpdpbusd where the target CPU has it (AVX-VNNI, or AVX-512 VNNI with its
-    256-bit forms), else AVX2's vpmaddubsw."""
+    on x86 VNNI's vpdpbusd where the target CPU has it, on 512-bit registers with AVX-512 (VNNI
+    and BW), else on 256-bit ones (AVX-VNNI, or AVX-512 VNNI's VL forms); else AVX2's
+    vpmaddubsw."""
     if target == "aarch64":
         return "neon"
-    features = codegen.llvm_get_cpu_features(tgt) if tgt.kind.name == "llvm" else {}
-    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= set(features):
+    features = set(codegen.llvm_get_cpu_features(tgt)) if tgt.kind.name == "llvm" else set()
+    if {"avx512vnni", "avx512bw"} <= features:
+        return "vnni512"
+    if "avxvnni" in features or {"avx512vnni", "avx512vl"} <= features:
         return "vnni"
     return "avx2"
 

@@ -13,7 +13,7 @@ whole weight groups; per block a = max |x|, d = a / 127 (1 where a is 0), xq = n
 with c = 0 for int4 (codes 0..15 meet xq directly) and c = 128 for int8 (codes - 128 are signed
 bytes), which is sum_b s d sum_i (q_i - z) xq_i: the weight's own (q - z) s times the dequantized
 activation xq d. The integer sums are exact; the float ones are float32 (the block terms summed
-over 8 lanes, then the lanes).
+over 8 lanes, or 4 (below), then the lanes).
 
 The machine code, x86 (`isa="avx2"`, every AVX2 CPU): per 32 weights, vpmaddubsw multiplies
 unsigned bytes by signed bytes and adds adjacent pairs into 16 int16 sums. int4: 16 code bytes
@@ -29,6 +29,12 @@ for the tile's outputs). 4 outputs (one tile of quant.py's tiled layout) per tas
 tasks, the rows (one in decode, a prefill chunk's) looped inside a task, so its weights come
 from memory once and from L1 for the other rows. With the tiled layout a task prefetches the
 codes and scales PREFETCH_AHEAD bytes on in its thread's stream, once per weight group.
+
+x86, int4 in 16-byte chunks (groups of 32 and their odd multiples): two outputs share a register,
+their 16 code bytes each side by side (one load in the tiled layout), the low nibbles against the
+chunk's 16 even activations in both halves, the high ones against the 16 odd: lanes 0-3 hold the
+first output's sums, 4-7 the second's, each scaled by its own s d (the tile's 4 scales times d in
+one multiply), and an output's float sum is then over 4 lanes, not 8.
 
 x86 with VNNI (`isa="vnni"`: AVX-VNNI, or AVX-512 VNNI's 256-bit forms; export picks it where the
 target CPU has it): vpdpbusd adds each lane's 4 unsigned-by-signed byte products into its int32
@@ -148,6 +154,11 @@ def _dpbusd(acc8, u8, s8):
     return tirx.call_llvm_pure_intrin("int32x8", "llvm.x86.avx512.vpdpbusd.256", acc8, u8, s8)
 
 
+def _dpbusd512(acc16, u8, s8):
+    """_dpbusd on 512-bit registers: 16 int32 lanes, 64 byte products."""
+    return tirx.call_llvm_pure_intrin("int32x16", "llvm.x86.avx512.vpdpbusd.512", acc16, u8, s8)
+
+
 def _psign(a, b):
     return tirx.call_llvm_pure_intrin("int8x32", "llvm.x86.avx2.psign.b", a, b)
 
@@ -164,7 +175,9 @@ def _sdot32(acc8, a32, b32):
     return tirx.call_intrin("int32x8", "tirx.vectorcombine", lo, hi)
 
 
-ISAS = ("avx2", "vnni", "neon")  # the integer dot products the product is written for
+# the integer dot products the product is written for: AVX2, VNNI on 256-bit registers (AVX-VNNI),
+# VNNI on 512-bit ones (AVX-512 VNNI and BW), aarch64's sdot
+ISAS = ("avx2", "vnni", "vnni512", "neon")
 
 
 def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: str,
@@ -199,6 +212,16 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
     ahead_s = PREFETCH_AHEAD // width  # scales: as many groups ahead as the codes (floats)
     wsize, ssize = (int(np.prod(shape)) for shape in (wshape, sshape))
     two = bits == 4 and span == 2 * CHUNK  # a chunk is 32 code bytes: low and high nibbles
+    # x86, int4 in 16-byte chunks (groups of 32): two outputs' 16 code bytes a register, each
+    # int32 lane an output's (lanes 0-3 the first, 4-7 the second), against the chunk's 16
+    # activations repeated in both halves: half the unpacking and scaling of one output a
+    # register (the kernel alone 1.47x, docs/tvm.md)
+    paired = bits == 4 and span == CHUNK and not neon
+    # AVX-512, int4 in 32-byte chunks (groups of 64 and more): the same with two outputs' 32
+    # code bytes a 512-bit register (lanes 0-7 the first output's, 8-15 the second's)
+    wide = isa == "vnni512" and two
+    assert OUTPUTS == 4  # the epilogue writes its rows out
+    units = OUTPUTS // 2 if paired or wide else OUTPUTS  # accumulator rows
     R8, R16 = T.ramp(0, 1, LANES), T.ramp(0, 1, 16)
 
     def codes(w, t, j, g, start, n):
@@ -273,6 +296,49 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
             return tirx.reinterpret("uint8x32", _psign(ws, ws)), _psign(xb, ws)
         return (tirx.reinterpret("int8x32", wb) if neon else wb), xb
 
+    def pair_operands(w, xq, t, u, m, b, c, nibbles):
+        """`paired`: outputs 2u and 2u + 1's low or high nibbles of chunk c, and the chunk's 16
+        activations they meet (the even channels or the odd ones) in both halves."""
+        start = (b % ratio) * (ab // 2) + c * 16
+        v = tirx.call_intrin("uint8x32", "tirx.vectorcombine", codes(w, t, 2 * u, b // ratio,
+                                                                     start, 16),
+                             codes(w, t, 2 * u + 1, b // ratio, start, 16))
+        x16 = xq[m, T.ramp(b * ab + c * CHUNK + (0 if nibbles == "low" else 16), 1, 16)]
+        return (low(v) if nibbles == "low" else high(v)), tirx.call_intrin(
+            "int8x32", "tirx.vectorcombine", x16, x16)
+
+    def wide_operands(w, xq, t, u, m, b, c, nibbles):
+        """`wide`: outputs 2u and 2u + 1's low or high nibbles of chunk c (32 code bytes each),
+        and the 32 activations they meet in both halves."""
+        start = (b % ratio) * (ab // 2) + c * CHUNK
+        v = tirx.call_intrin("uint8x64", "tirx.vectorcombine", codes(w, t, 2 * u, b // ratio,
+                                                                     start, CHUNK),
+                             codes(w, t, 2 * u + 1, b // ratio, start, CHUNK))
+        x32 = xq[m, T.ramp(b * ab + c * span + (0 if nibbles == "low" else CHUNK), 1, CHUNK)]
+        return (low(v, 64) if nibbles == "low" else high(v, 64)), tirx.call_intrin(
+            "int8x64", "tirx.vectorcombine", x32, x32)
+
+    def wide_scale(s, t, u: int, g, dm):
+        """`wide`: s d of outputs 2u and 2u + 1 in 8 lanes each."""
+        if tiled:
+            sd = s[t, g, quad] * T.broadcast(dm, OUTPUTS)
+            return tirx.Shuffle([sd, sd, sd, sd], [2 * u] * 8 + [2 * u + 1] * 8)
+        return tirx.call_intrin("float32x16", "tirx.vectorcombine", T.broadcast(
+            scale(s, t, 2 * u, g) * dm, 8), T.broadcast(scale(s, t, 2 * u + 1, g) * dm, 8))
+
+    def row_scale(s, t, u: int, g, dm):
+        """s d of accumulator row u's lanes: output u's in all 8, or `paired`, outputs 2u and
+        2u + 1's in 4 each. Tiled, the tile's 4 scales are multiplied by d at once, then spread;
+        either way each lane's s d is the same float32 product."""
+        lanes = [2 * u] * 4 + [2 * u + 1] * 4 if paired else [u] * LANES
+        if tiled:
+            sd = s[t, g, quad] * T.broadcast(dm, OUTPUTS)
+            return tirx.Shuffle([sd, sd], lanes)
+        if paired:
+            return tirx.call_intrin("float32x8", "tirx.vectorcombine", T.broadcast(
+                scale(s, t, 2 * u, g) * dm, 4), T.broadcast(scale(s, t, 2 * u + 1, g) * dm, 4))
+        return T.broadcast(scale(s, t, u, g) * dm, LANES)
+
     def dot(acc, ops):
         """acc plus the products of the byte vectors ops: int16x16 pair sums (AVX2 int4),
         else int32x8 sums of 4 adjacent products."""
@@ -284,9 +350,12 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
             return _sdot32(acc, *ops)
         return _dpbusd(acc, *ops)
 
-    def hsum(acc, j):
-        """The 8 lanes summed pairwise."""
-        v = [acc[j, i] for i in range(LANES)]
+    def hsum(acc, accw, j):
+        """Output j's lanes summed pairwise: 8 lanes of row j, or `paired`, 4 of row j // 2,
+        or `wide`, 8 of accw's row j // 2."""
+        v = [acc[j // 2, j % 2 * 4 + i] for i in range(4)] if paired else [
+            accw[j // 2, j % 2 * 8 + i] for i in range(LANES)] if wide else [
+            acc[j, i] for i in range(LANES)]
         while len(v) > 1:
             v = [v[i] + v[i + 1] for i in range(0, len(v), 2)]
         return v[0]
@@ -307,12 +376,17 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
         for t in T.parallel(tasks):
             for m in range(rows):
                 acc = T.alloc_buffer((OUTPUTS, LANES), "float32")
+                accw = T.alloc_buffer((OUTPUTS // 2, 2 * LANES), "float32")  # `wide`'s
+                aw = T.alloc_buffer((OUTPUTS // 2, 2 * LANES), "int32")
                 corr = T.alloc_buffer((OUTPUTS,), "float32")
                 a16 = T.alloc_buffer((OUTPUTS, 16), "int16")
                 a32 = T.alloc_buffer((OUTPUTS, LANES), "int32")
                 for j in T.unroll(OUTPUTS):
                     acc[j, R8] = T.broadcast(T.float32(0), LANES)
                     corr[j] = T.float32(0)
+                if wide:
+                    for u in T.unroll(OUTPUTS // 2):
+                        accw[u, R16] = T.broadcast(T.float32(0), 2 * LANES)
                 for b in range(nab):
                     if tiled and m == 0 and b % ratio == 0:
                         # the bytes PREFETCH_AHEAD on in this thread's stream (the tiles run in
@@ -323,13 +397,28 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                                 + k * LINE]), 0, 3, 1))
                         T.evaluate(T.call_intrin("void", "tirx.prefetch", T.address_of(sf[
                             (t * blocks + b // ratio) * OUTPUTS + ahead_s]), 0, 3, 1))
-                    for j in T.unroll(OUTPUTS):
+                    for j in T.unroll(units):
                         if bits == 4 and isa == "avx2":  # its int4 sums pass through int16
                             a16[j, R16] = T.broadcast(T.int16(0), 16)
-                        a32[j, R8] = T.broadcast(T.int32(0), LANES)
+                        if wide:
+                            aw[j, R16] = T.broadcast(T.int32(0), 2 * LANES)
+                        else:
+                            a32[j, R8] = T.broadcast(T.int32(0), LANES)
                     for c in T.unroll(ab // span if bits == 4 else per):
-                        for j in T.unroll(OUTPUTS):
-                            if bits == 4 and isa == "avx2" and two:
+                        for j in T.unroll(units):
+                            if paired and isa == "avx2":
+                                a16[j, R16] = a16[j, R16] + _pmaddubs(*pair_operands(
+                                    w, xq, t, j, m, b, c, "low")) + _pmaddubs(*pair_operands(
+                                        w, xq, t, j, m, b, c, "high"))
+                            elif paired:
+                                a32[j, R8] = _dpbusd(_dpbusd(a32[j, R8], *pair_operands(
+                                    w, xq, t, j, m, b, c, "low")), *pair_operands(
+                                    w, xq, t, j, m, b, c, "high"))
+                            elif wide:
+                                aw[j, R16] = _dpbusd512(_dpbusd512(aw[j, R16], *wide_operands(
+                                    w, xq, t, j, m, b, c, "low")), *wide_operands(
+                                    w, xq, t, j, m, b, c, "high"))
+                            elif bits == 4 and isa == "avx2" and two:
                                 a16[j, R16] = dot(dot(a16[j, R16], operands(
                                     w, xq, t, j, m, b, c, "low")), operands(
                                     w, xq, t, j, m, b, c, "high"))
@@ -341,16 +430,27 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                                     w, xq, t, j, m, b, c, "high"))
                             else:
                                 a32[j, R8] = dot(a32[j, R8], operands(w, xq, t, j, m, b, c))
-                    for j in T.unroll(OUTPUTS):
-                        if bits == 4 and isa == "avx2":
+                    if bits == 4 and isa == "avx2":
+                        for j in T.unroll(units):
                             a32[j, R8] = _pmaddwd(a16[j, R16])
-                        # the output index is written out, not bound to a name: TVMScript makes
-                        # a name assigned in a loop a one-element buffer, which the host
-                        # allocated from its workspace pool once per task
-                        acc[j, R8] = acc[j, R8] + T.Cast(
-                            "float32x8", a32[j, R8]) * T.broadcast(
-                            scale(s, t, j, b // ratio) * d[m, b], LANES)
-                        if not tiled:
+                    # the rows written out: row_scale's lane indices must be constants
+                    if wide:
+                        accw[0, R16] = accw[0, R16] + T.Cast("float32x16", aw[0, R16]) * \
+                            wide_scale(s, t, 0, b // ratio, d[m, b])
+                        accw[1, R16] = accw[1, R16] + T.Cast("float32x16", aw[1, R16]) * \
+                            wide_scale(s, t, 1, b // ratio, d[m, b])
+                    else:
+                        acc[0, R8] = acc[0, R8] + T.Cast("float32x8", a32[0, R8]) * row_scale(
+                            s, t, 0, b // ratio, d[m, b])
+                        acc[1, R8] = acc[1, R8] + T.Cast("float32x8", a32[1, R8]) * row_scale(
+                            s, t, 1, b // ratio, d[m, b])
+                    if not paired and not wide:
+                        acc[2, R8] = acc[2, R8] + T.Cast("float32x8", a32[2, R8]) * row_scale(
+                            s, t, 2, b // ratio, d[m, b])
+                        acc[3, R8] = acc[3, R8] + T.Cast("float32x8", a32[3, R8]) * row_scale(
+                            s, t, 3, b // ratio, d[m, b])
+                    if not tiled:
+                        for j in T.unroll(OUTPUTS):
                             corr[j] = corr[j] + zc(zp, T.min(t * OUTPUTS + j, last), b // ratio) \
                                 * scale(s, t, j, b // ratio) * ds[m, b]
                     if tiled:  # the zero points' terms of the tile's outputs as one vector
@@ -359,7 +459,7 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                 for j in T.unroll(OUTPUTS):
                     if partial:
                         if t * OUTPUTS + j < n_out:
-                            y[m, t * OUTPUTS + j] = hsum(acc, j) - corr[j]
+                            y[m, t * OUTPUTS + j] = hsum(acc, accw, j) - corr[j]
                     else:
-                        y[m, T.min(t * OUTPUTS + j, last)] = hsum(acc, j) - corr[j]
+                        y[m, T.min(t * OUTPUTS + j, last)] = hsum(acc, accw, j) - corr[j]
     return qdot

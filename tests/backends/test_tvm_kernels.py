@@ -250,37 +250,44 @@ def test_int8_activation_product_matches_its_integer_semantics_and_float_to_its_
     assert np.max(np.abs(exact - ref)) > 100 * np.max(2 * (nab + 16) * EPS32 * mag)
 
 
-def _host_has_vnni() -> bool:
+def _host_isa() -> str:
     from splice.backends.tvm.build import make_target
     from splice.backends.tvm.export import dot_isa
 
-    return dot_isa("cpu", make_target("cpu")) == "vnni"
+    return dot_isa("cpu", make_target("cpu"))
 
 
-@pytest.mark.skipif(not _host_has_vnni(), reason="this CPU has no AVX-VNNI / AVX-512 VNNI")
-def test_vnni_product_gives_the_avx2_products_bit_for_bit():
+@pytest.mark.skipif(_host_isa() == "avx2", reason="this CPU has no AVX-VNNI / AVX-512 VNNI")
+def test_vnni_products_give_the_avx2_products_bit_for_bit():
     """isa="vnni" (vpdpbusd) sums each lane's 4 byte products as vpmaddubsw then vpmaddwd by
-    ones do, so its int32 sums, and so its outputs, are AVX2's bit for bit: int4 in 16- and
-    32-byte chunks, per-channel blocks, int8 with its sign trick, tiled as the CPU stores them."""
+    ones do, so its int32 sums, and so its outputs, are AVX2's bit for bit; "vnni512" (where
+    the CPU has AVX-512) the same sums two outputs a register: int4 in 16- and 32-byte chunks,
+    per-channel blocks, int8 with its sign trick, tiled as the CPU stores them and plain."""
+    isas = ["vnni", "vnni512"] if _host_isa() == "vnni512" else ["vnni"]
     for bits, group, zeros, k in [(4, 32, "symmetric", 200), (4, 64, "packed", 200),
-                                  (4, 320, "symmetric", 320), (8, 64, "float", 200)]:
+                                  (4, 320, "symmetric", 320), (8, 64, "float", 200),
+                                  (4, 128, "float", 328)]:
         rng = np.random.default_rng(bits + group + k)
         codes, scales, zp = _weight(rng, 45, k, bits, group, zeros)
         x = rng.standard_normal((3, k)).astype(np.float32)
         x[1, :40] *= 30
         ref, _ = _run_int8(x, codes, scales, zp, bits=bits, group=group, zeros=zeros, tiled=True)
-        got, _ = _run_int8(x, codes, scales, zp, bits=bits, group=group, zeros=zeros, tiled=True,
-                           isa="vnni")
-        np.testing.assert_array_equal(got, ref)
         assert np.abs(ref).max() > 0
+        for isa in isas:
+            for tiled in (True, False):
+                got, _ = _run_int8(x, codes, scales, zp, bits=bits, group=group, zeros=zeros,
+                                   tiled=tiled, isa=isa)
+                np.testing.assert_array_equal(got, ref)
 
 
-@pytest.mark.parametrize("mcpu,isa", [("skylake", "avx2"), ("icelake-server", "vnni"),
-                                      ("alderlake", "vnni"), ("znver3", "avx2")])
+@pytest.mark.parametrize("mcpu,isa", [("skylake", "avx2"), ("icelake-server", "vnni512"),
+                                      ("alderlake", "vnni"), ("znver3", "avx2"),
+                                      ("znver4", "vnni512")])
 def test_dot_isa_follows_the_target_cpu_and_vnni_code_uses_vpdpbusd(mcpu, isa):
-    """The int8 products use VNNI where the compile's target CPU has it (AVX-512 VNNI with VL,
-    or AVX-VNNI), else AVX2; aarch64 is sdot. Compiled for such a CPU (no need to run it), the
-    VNNI product's code has vpdpbusd in place of vpmaddubsw."""
+    """The int8 products use VNNI where the compile's target CPU has it (on 512-bit registers
+    with AVX-512 VNNI and BW, else AVX-VNNI's 256-bit ones), else AVX2; aarch64 is sdot.
+    Compiled for such a CPU (no need to run it), the VNNI product's code has vpdpbusd in place
+    of vpmaddubsw, on zmm registers for vnni512."""
     from splice.backends.tvm.build import make_target
     from splice.backends.tvm.export import dot_isa
     from splice.backends.tvm.qdot import qdot_decode
@@ -288,12 +295,13 @@ def test_dot_isa_follows_the_target_cpu_and_vnni_code_uses_vpdpbusd(mcpu, isa):
     target = make_target("cpu", mcpu=mcpu)
     assert dot_isa("cpu", target) == isa
     assert dot_isa("aarch64", make_target("aarch64", dotprod=True)) == "neon"
-    if isa == "vnni":
+    if isa != "avx2":
         f = qdot_decode(n_out=8, blocks=2, group_size=64, bits=4, zeros="uint8",
                         zp_shape=None, tiled=True, isa=isa)
         asm = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}),
                           target).mod.inspect_source("asm")
         assert "vpdpbusd" in asm and "vpmaddubsw" not in asm
+        assert ("vpdpbusd\t%zmm" in asm) == (isa == "vnni512")
 
 
 def test_int8_activations_option_prefill_and_32_decode_steps(tmp_path):
