@@ -485,15 +485,6 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
+    from benchmarks.section import section_main
 
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.onnx_speed")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--work", default=None, help="keep the built models here and reuse them")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    text, figures = run(quick=a.quick, work=a.work, rounds=a.rounds)
-    if a.json:
-        Path(a.json).write_text(json.dumps(figures, indent=2, default=float))
-    print(text)
+    section_main("benchmarks.onnx_speed", run)

@@ -27,11 +27,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 from benchmarks.memory_limits import read_bandwidth
 from benchmarks.peer_engines import child
+from benchmarks.section import section_main, work_dir
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -81,13 +81,7 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
     new = 8 if quick else 128
     _, options = backend_for("fastest", "cpu", None, {})
     options = {k: v for k, v in options.items() if k in ("activations", "kv_cache")}
-    tmp = None
-    if work is None:
-        tmp = tempfile.TemporaryDirectory()
-        work = tmp.name
-    work = Path(work)
-    work.mkdir(parents=True, exist_ok=True)
-    try:
+    with work_dir(work) as work:
         module = load_model(str(STORIES) if quick else "smollm2-135m")
         paths = {}
         for g in groups:
@@ -123,9 +117,6 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                "rows": {name: {str(t): row for t, row in by_t.items()}
                         for name, by_t in rows.items()}}
         return markdown(res), res
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
 
 def markdown(res: dict) -> str:
@@ -148,15 +139,4 @@ def markdown(res: dict) -> str:
 
 
 if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.tvm_bandwidth")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--work", default=None, help="keep the artefacts here (a rerun only times)")
-    ap.add_argument("--rounds", type=int, default=None)
-    ap.add_argument("--json", default=None)
-    a = ap.parse_args()
-    text, figures = run(quick=a.quick, work=a.work, rounds=a.rounds)
-    print(text)
-    if a.json:
-        Path(a.json).write_text(json.dumps(figures, indent=2))
+    section_main("benchmarks.tvm_bandwidth", run)

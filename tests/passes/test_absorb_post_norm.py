@@ -107,7 +107,12 @@ def test_structural_decision_follows_max_spread():
     calib = calibration()
     spreads = {k: (v.std(unbiased=False) / v.mean()).item()
                for k, v in post_norm_rms(module, calib).items()}
-    limit = sorted(spreads.values())[1]  # absorb the two steadiest, leave the rest
+    # absorb the two steadiest, leave the rest: the limit halfway between the second and third
+    # (the pass measures the spreads again; at the second's own value, float32 reductions that
+    # differ by one ulp between CPUs decided the boundary case)
+    ordered = sorted(spreads.values())
+    assert ordered[2] > ordered[1] * 1.01
+    limit = (ordered[1] + ordered[2]) / 2
     result = AbsorbPostNormPass(max_spread=limit)(module, PassContext(calibration=calib))
     expected = sorted(k for k, s in spreads.items() if s <= limit)
     assert sorted(result.report["absorbed"]) == expected and len(expected) == 2
