@@ -36,6 +36,11 @@ chunk's 16 even activations in both halves, the high ones against the 16 odd: la
 first output's sums, 4-7 the second's, each scaled by its own s d (the tile's 4 scales times d in
 one multiply), and an output's float sum is then over 4 lanes, not 8.
 
+x86 with AVX-512 (`isa="vnni512"`: VNNI and BW), int4: the same on 512-bit registers, two
+outputs' 32 code bytes a register in 32-byte chunks (groups of 64 and more: lanes 0-7 and 8-15),
+the tile's four outputs' 16 bytes in 16-byte chunks (groups of 32: 4 lanes each); the same int32
+lanes as AVX2's, so the same outputs bit for bit. int8 weights keep 256-bit registers.
+
 x86 with VNNI (`isa="vnni"`: AVX-VNNI, or AVX-512 VNNI's 256-bit forms; export picks it where the
 target CPU has it): vpdpbusd adds each lane's 4 unsigned-by-signed byte products into its int32
 sum, in place of vpmaddubsw, the int16 stage and vpmaddwd, on the same operands (int4 nibbles;
@@ -216,12 +221,14 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
     # int32 lane an output's (lanes 0-3 the first, 4-7 the second), against the chunk's 16
     # activations repeated in both halves: half the unpacking and scaling of one output a
     # register (the kernel alone 1.47x, docs/tvm.md)
-    paired = bits == 4 and span == CHUNK and not neon
-    # AVX-512, int4 in 32-byte chunks (groups of 64 and more): the same with two outputs' 32
-    # code bytes a 512-bit register (lanes 0-7 the first output's, 8-15 the second's)
-    wide = isa == "vnni512" and two
+    # AVX-512, int4: the same on 512-bit registers, two outputs' 32 code bytes a register in
+    # 32-byte chunks (groups of 64 and more; lanes 0-7 the first output's, 8-15 the second's),
+    # or the tile's four outputs' 16 bytes in 16-byte chunks (4 lanes each)
+    wide = isa == "vnni512" and bits == 4
+    paired = bits == 4 and span == CHUNK and not neon and not wide
+    per_reg = 2 if two else 4  # `wide`: outputs a register
     assert OUTPUTS == 4  # the epilogue writes its rows out
-    units = OUTPUTS // 2 if paired or wide else OUTPUTS  # accumulator rows
+    units = OUTPUTS // per_reg if wide else OUTPUTS // 2 if paired else OUTPUTS  # accumulators
     R8, R16 = T.ramp(0, 1, LANES), T.ramp(0, 1, 16)
 
     def codes(w, t, j, g, start, n):
@@ -307,24 +314,32 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
         return (low(v) if nibbles == "low" else high(v)), tirx.call_intrin(
             "int8x32", "tirx.vectorcombine", x16, x16)
 
+    def combine(parts, dtype, lanes):
+        """The vectors `parts` of `lanes` lanes each (a power of two of them) side by side."""
+        while len(parts) > 1:
+            lanes *= 2
+            parts = [tirx.call_intrin(f"{dtype}x{lanes}", "tirx.vectorcombine", parts[i],
+                                      parts[i + 1]) for i in range(0, len(parts), 2)]
+        return parts[0]
+
     def wide_operands(w, xq, t, u, m, b, c, nibbles):
-        """`wide`: outputs 2u and 2u + 1's low or high nibbles of chunk c (32 code bytes each),
-        and the 32 activations they meet in both halves."""
-        start = (b % ratio) * (ab // 2) + c * CHUNK
-        v = tirx.call_intrin("uint8x64", "tirx.vectorcombine", codes(w, t, 2 * u, b // ratio,
-                                                                     start, CHUNK),
-                             codes(w, t, 2 * u + 1, b // ratio, start, CHUNK))
-        x32 = xq[m, T.ramp(b * ab + c * span + (0 if nibbles == "low" else CHUNK), 1, CHUNK)]
-        return (low(v, 64) if nibbles == "low" else high(v, 64)), tirx.call_intrin(
-            "int8x64", "tirx.vectorcombine", x32, x32)
+        """`wide`: outputs per_reg u .. per_reg u + per_reg - 1's low or high nibbles of chunk c
+        (64 / per_reg code bytes each), and the activations they meet, repeated per output."""
+        n = 64 // per_reg
+        start = (b % ratio) * (ab // 2) + c * n
+        v = combine([codes(w, t, per_reg * u + k, b // ratio, start, n) for k in range(per_reg)],
+                    "uint8", n)
+        x = xq[m, T.ramp(b * ab + c * 2 * n + (0 if nibbles == "low" else n), 1, n)]
+        return (low(v, 64) if nibbles == "low" else high(v, 64)), combine([x] * per_reg, "int8", n)
 
     def wide_scale(s, t, u: int, g, dm):
-        """`wide`: s d of outputs 2u and 2u + 1 in 8 lanes each."""
+        """`wide`: s d of row u's per_reg outputs, 16 / per_reg lanes each."""
+        lanes = [per_reg * u + k for k in range(per_reg) for _ in range(16 // per_reg)]
         if tiled:
             sd = s[t, g, quad] * T.broadcast(dm, OUTPUTS)
-            return tirx.Shuffle([sd, sd, sd, sd], [2 * u] * 8 + [2 * u + 1] * 8)
-        return tirx.call_intrin("float32x16", "tirx.vectorcombine", T.broadcast(
-            scale(s, t, 2 * u, g) * dm, 8), T.broadcast(scale(s, t, 2 * u + 1, g) * dm, 8))
+            return tirx.Shuffle([sd, sd, sd, sd], lanes)
+        return combine([T.broadcast(scale(s, t, per_reg * u + k, g) * dm, 16 // per_reg)
+                        for k in range(per_reg)], "float32", 16 // per_reg)
 
     def row_scale(s, t, u: int, g, dm):
         """s d of accumulator row u's lanes: output u's in all 8, or `paired`, outputs 2u and
@@ -352,9 +367,10 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
 
     def hsum(acc, accw, j):
         """Output j's lanes summed pairwise: 8 lanes of row j, or `paired`, 4 of row j // 2,
-        or `wide`, 8 of accw's row j // 2."""
+        or `wide`, 16 / per_reg of accw's row j // per_reg."""
+        n = 16 // per_reg
         v = [acc[j // 2, j % 2 * 4 + i] for i in range(4)] if paired else [
-            accw[j // 2, j % 2 * 8 + i] for i in range(LANES)] if wide else [
+            accw[j // per_reg, j % per_reg * n + i] for i in range(n)] if wide else [
             acc[j, i] for i in range(LANES)]
         while len(v) > 1:
             v = [v[i] + v[i + 1] for i in range(0, len(v), 2)]
@@ -437,8 +453,9 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                     if wide:
                         accw[0, R16] = accw[0, R16] + T.Cast("float32x16", aw[0, R16]) * \
                             wide_scale(s, t, 0, b // ratio, d[m, b])
-                        accw[1, R16] = accw[1, R16] + T.Cast("float32x16", aw[1, R16]) * \
-                            wide_scale(s, t, 1, b // ratio, d[m, b])
+                        if units == 2:
+                            accw[1, R16] = accw[1, R16] + T.Cast("float32x16", aw[1, R16]) * \
+                                wide_scale(s, t, 1, b // ratio, d[m, b])
                     else:
                         acc[0, R8] = acc[0, R8] + T.Cast("float32x8", a32[0, R8]) * row_scale(
                             s, t, 0, b // ratio, d[m, b])
