@@ -5,7 +5,7 @@ splice's runtime.
     python -m benchmarks.peer_engines KIND PATH ARGS_JSON
 
 KIND: "llama_quantize" (requantize a GGUF with llama_model_quantize), "llama_speed",
-"llama_ppl", "splice_speed", "splice_ppl". The protocol is the ONNX speed benchmark's
+"llama_ppl", "splice_speed", "splice_ppl", "tvm_limits" (benchmarks/tvm_bandwidth.py's). The protocol is the ONNX speed benchmark's
 (benchmarks/onnx_engines.py): a warm-up generation, then the prompt in one batch (prefill) and
 greedy tokens one a step, no EOS stop; decode tok/s is (new - 1) over the steps after the first
 token (which comes from the prompt's logits). Perplexity is splice.evaluate's protocol through the
@@ -138,8 +138,16 @@ def splice_ppl(path: str, args: dict) -> dict:
                               bos=args.get("bos"))["ppl"]}
 
 
+def tvm_limits(path: str, args: dict) -> dict:
+    """A TVM artefact's weight bytes a decode step and its kernel limit (benchmarks.tvm_limits)
+    at args["threads"]."""
+    from benchmarks.tvm_limits import limits
+
+    return limits(Path(path), args["threads"], runs=args["runs"])
+
+
 WORKERS = {"llama_quantize": llama_quantize, "llama_speed": llama_speed, "llama_ppl": llama_ppl,
-           "splice_speed": splice_speed, "splice_ppl": splice_ppl}
+           "splice_speed": splice_speed, "splice_ppl": splice_ppl, "tvm_limits": tvm_limits}
 
 
 def child(kind: str, path: Path | str, args: dict, work: Path, passive: bool = False) -> dict:

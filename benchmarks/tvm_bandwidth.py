@@ -24,9 +24,6 @@ it checks that the benchmark runs, not how fast anything is.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 from benchmarks.memory_limits import read_bandwidth
@@ -55,19 +52,6 @@ def _export(module, group: int, out: Path, options: dict) -> None:
     export(q, out, threads=max(THREADS), **options)
 
 
-def _limits(path: Path, threads: int, runs: int) -> dict:
-    """benchmarks.tvm_limits in a child process (the artefact's thread pool is the process's)."""
-    code = ("import json, sys; from pathlib import Path; from benchmarks.tvm_limits import "
-            "limits; print('RESULT ' + json.dumps(limits(Path(sys.argv[1]), int(sys.argv[2]), "
-            "runs=int(sys.argv[3]))))")
-    r = subprocess.run([sys.executable, "-c", code, str(path), str(threads), str(runs)],
-                       capture_output=True, text=True, cwd=REPO)
-    lines = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
-    if r.returncode != 0 or not lines:
-        raise RuntimeError(f"tvm_limits on {path} failed:\n{r.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def run(quick: bool = False, work: str | Path | None = None, rounds: int | None = None
         ) -> tuple[str, dict]:
     """Export every row (kept in `work` when given, so a second run only measures), then time
@@ -80,7 +64,6 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
     rounds = rounds or (1 if quick else 3)
     new = 8 if quick else 128
     _, options = backend_for("fastest", "cpu", None, {})
-    options = {k: v for k, v in options.items() if k in ("activations", "kv_cache")}
     with work_dir(work) as work:
         module = load_model(str(STORIES) if quick else "smollm2-135m")
         paths = {}
@@ -101,7 +84,8 @@ def run(quick: bool = False, work: str | Path | None = None, rounds: int | None 
                     r = child("splice_speed", path, {"ids": ids, "new": new, "threads": t}, work)
                     best = rows[name].setdefault(t, {"decode_tok_s": 0.0, "product_s": 1e9})
                     best["decode_tok_s"] = max(best["decode_tok_s"], r["decode_tok_s"])
-                    lim = _limits(path, t, 5 if quick else 20)
+                    lim = child("tvm_limits", path, {"threads": t, "runs": 5 if quick else 20},
+                                work)
                     best["product_s"] = min(best["product_s"], lim["product_s"])
                     best["weight_bytes"] = lim["weight_bytes"]
                 bw = read_bandwidth(0.25 if quick else 1.0, threads=t)["best"]

@@ -95,7 +95,7 @@ def lower(module: Module, *, packed: bool = True, rules: Mapping[str, Callable] 
     `rules` replaces the op table (default `rules.RULES`, read at the call); `activations`
     "int8" makes the int4/int8 products quantize their input per block (qdot.py); `kv_cache`
     the dtype the KV cache stores ("float16": half the bytes a decode step reads from it); `isa`
-    the integer dot products of the int8 products (qdot.ISAS: "avx2", "vnni", "neon")."""
+    the integer dot products of the int8 products (one of qdot.ISAS)."""
     table = standard.RULES if rules is None else rules
     return _build(Lowering(module, packed=packed, rules=table, activations=activations,
                            kv_cache=kv_cache, isa=isa))

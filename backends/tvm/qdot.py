@@ -226,9 +226,10 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
     # or the tile's four outputs' 16 bytes in 16-byte chunks (4 lanes each)
     wide = isa == "vnni512" and bits == 4
     paired = bits == 4 and span == CHUNK and not neon and not wide
-    per_reg = 2 if two else 4  # `wide`: outputs a register
+    outs = 4 if wide and not two else 2 if paired or wide else 1  # outputs an accumulator row
+    width = 2 * LANES if wide else LANES  # its int32 lanes
     assert OUTPUTS == 4  # the epilogue writes its rows out
-    units = OUTPUTS // per_reg if wide else OUTPUTS // 2 if paired else OUTPUTS  # accumulators
+    units = OUTPUTS // outs  # accumulator rows
     R8, R16 = T.ramp(0, 1, LANES), T.ramp(0, 1, 16)
 
     def codes(w, t, j, g, start, n):
@@ -303,17 +304,6 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
             return tirx.reinterpret("uint8x32", _psign(ws, ws)), _psign(xb, ws)
         return (tirx.reinterpret("int8x32", wb) if neon else wb), xb
 
-    def pair_operands(w, xq, t, u, m, b, c, nibbles):
-        """`paired`: outputs 2u and 2u + 1's low or high nibbles of chunk c, and the chunk's 16
-        activations they meet (the even channels or the odd ones) in both halves."""
-        start = (b % ratio) * (ab // 2) + c * 16
-        v = tirx.call_intrin("uint8x32", "tirx.vectorcombine", codes(w, t, 2 * u, b // ratio,
-                                                                     start, 16),
-                             codes(w, t, 2 * u + 1, b // ratio, start, 16))
-        x16 = xq[m, T.ramp(b * ab + c * CHUNK + (0 if nibbles == "low" else 16), 1, 16)]
-        return (low(v) if nibbles == "low" else high(v)), tirx.call_intrin(
-            "int8x32", "tirx.vectorcombine", x16, x16)
-
     def combine(parts, dtype, lanes):
         """The vectors `parts` of `lanes` lanes each (a power of two of them) side by side."""
         while len(parts) > 1:
@@ -322,37 +312,29 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                                       parts[i + 1]) for i in range(0, len(parts), 2)]
         return parts[0]
 
-    def wide_operands(w, xq, t, u, m, b, c, nibbles):
-        """`wide`: outputs per_reg u .. per_reg u + per_reg - 1's low or high nibbles of chunk c
-        (64 / per_reg code bytes each), and the activations they meet, repeated per output."""
-        n = 64 // per_reg
+    def shared_operands(w, xq, t, u, m, b, c, nibbles):
+        """`paired` or `wide`: the low or high nibbles of chunk c of row u's `outs` outputs
+        (4 width / outs code bytes each, side by side), and the chunk's activations they meet
+        (its even channels or its odd ones), repeated once per output."""
+        n = 4 * width // outs
         start = (b % ratio) * (ab // 2) + c * n
-        v = combine([codes(w, t, per_reg * u + k, b // ratio, start, n) for k in range(per_reg)],
+        v = combine([codes(w, t, outs * u + k, b // ratio, start, n) for k in range(outs)],
                     "uint8", n)
         x = xq[m, T.ramp(b * ab + c * 2 * n + (0 if nibbles == "low" else n), 1, n)]
-        return (low(v, 64) if nibbles == "low" else high(v, 64)), combine([x] * per_reg, "int8", n)
-
-    def wide_scale(s, t, u: int, g, dm):
-        """`wide`: s d of row u's per_reg outputs, 16 / per_reg lanes each."""
-        lanes = [per_reg * u + k for k in range(per_reg) for _ in range(16 // per_reg)]
-        if tiled:
-            sd = s[t, g, quad] * T.broadcast(dm, OUTPUTS)
-            return tirx.Shuffle([sd, sd, sd, sd], lanes)
-        return combine([T.broadcast(scale(s, t, per_reg * u + k, g) * dm, 16 // per_reg)
-                        for k in range(per_reg)], "float32", 16 // per_reg)
+        return (low(v, 4 * width) if nibbles == "low" else high(v, 4 * width)), combine(
+            [x] * outs, "int8", n)
 
     def row_scale(s, t, u: int, g, dm):
-        """s d of accumulator row u's lanes: output u's in all 8, or `paired`, outputs 2u and
-        2u + 1's in 4 each. Tiled, the tile's 4 scales are multiplied by d at once, then spread;
-        either way each lane's s d is the same float32 product."""
-        lanes = [2 * u] * 4 + [2 * u + 1] * 4 if paired else [u] * LANES
+        """s d of accumulator row u's lanes, width / outs lanes for each of its outputs. Tiled,
+        the tile's 4 scales are multiplied by d at once, then spread; either way each lane's s d
+        is the same float32 product."""
+        n = width // outs
         if tiled:
             sd = s[t, g, quad] * T.broadcast(dm, OUTPUTS)
-            return tirx.Shuffle([sd, sd], lanes)
-        if paired:
-            return tirx.call_intrin("float32x8", "tirx.vectorcombine", T.broadcast(
-                scale(s, t, 2 * u, g) * dm, 4), T.broadcast(scale(s, t, 2 * u + 1, g) * dm, 4))
-        return T.broadcast(scale(s, t, u, g) * dm, LANES)
+            return tirx.Shuffle([sd] * (width // OUTPUTS),
+                                [outs * u + k for k in range(outs) for _ in range(n)])
+        return combine([T.broadcast(scale(s, t, outs * u + k, g) * dm, n) for k in range(outs)],
+                       "float32", n)
 
     def dot(acc, ops):
         """acc plus the products of the byte vectors ops: int16x16 pair sums (AVX2 int4),
@@ -366,12 +348,10 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
         return _dpbusd(acc, *ops)
 
     def hsum(acc, accw, j):
-        """Output j's lanes summed pairwise: 8 lanes of row j, or `paired`, 4 of row j // 2,
-        or `wide`, 16 / per_reg of accw's row j // per_reg."""
-        n = 16 // per_reg
-        v = [acc[j // 2, j % 2 * 4 + i] for i in range(4)] if paired else [
-            accw[j // per_reg, j % per_reg * n + i] for i in range(n)] if wide else [
-            acc[j, i] for i in range(LANES)]
+        """Output j's width / outs lanes of its accumulator row (accw's where `wide`), summed
+        pairwise."""
+        n, buf = width // outs, accw if wide else acc
+        v = [buf[j // outs, j % outs * n + i] for i in range(n)]
         while len(v) > 1:
             v = [v[i] + v[i + 1] for i in range(0, len(v), 2)]
         return v[0]
@@ -423,16 +403,16 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                     for c in T.unroll(ab // span if bits == 4 else per):
                         for j in T.unroll(units):
                             if paired and isa == "avx2":
-                                a16[j, R16] = a16[j, R16] + _pmaddubs(*pair_operands(
-                                    w, xq, t, j, m, b, c, "low")) + _pmaddubs(*pair_operands(
+                                a16[j, R16] = a16[j, R16] + _pmaddubs(*shared_operands(
+                                    w, xq, t, j, m, b, c, "low")) + _pmaddubs(*shared_operands(
                                         w, xq, t, j, m, b, c, "high"))
                             elif paired:
-                                a32[j, R8] = _dpbusd(_dpbusd(a32[j, R8], *pair_operands(
-                                    w, xq, t, j, m, b, c, "low")), *pair_operands(
+                                a32[j, R8] = _dpbusd(_dpbusd(a32[j, R8], *shared_operands(
+                                    w, xq, t, j, m, b, c, "low")), *shared_operands(
                                     w, xq, t, j, m, b, c, "high"))
                             elif wide:
-                                aw[j, R16] = _dpbusd512(_dpbusd512(aw[j, R16], *wide_operands(
-                                    w, xq, t, j, m, b, c, "low")), *wide_operands(
+                                aw[j, R16] = _dpbusd512(_dpbusd512(aw[j, R16], *shared_operands(
+                                    w, xq, t, j, m, b, c, "low")), *shared_operands(
                                     w, xq, t, j, m, b, c, "high"))
                             elif bits == 4 and isa == "avx2" and two:
                                 a16[j, R16] = dot(dot(a16[j, R16], operands(
@@ -452,16 +432,16 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                     # the rows written out: row_scale's lane indices must be constants
                     if wide:
                         accw[0, R16] = accw[0, R16] + T.Cast("float32x16", aw[0, R16]) * \
-                            wide_scale(s, t, 0, b // ratio, d[m, b])
+                            row_scale(s, t, 0, b // ratio, d[m, b])
                         if units == 2:
                             accw[1, R16] = accw[1, R16] + T.Cast("float32x16", aw[1, R16]) * \
-                                wide_scale(s, t, 1, b // ratio, d[m, b])
+                                row_scale(s, t, 1, b // ratio, d[m, b])
                     else:
                         acc[0, R8] = acc[0, R8] + T.Cast("float32x8", a32[0, R8]) * row_scale(
                             s, t, 0, b // ratio, d[m, b])
                         acc[1, R8] = acc[1, R8] + T.Cast("float32x8", a32[1, R8]) * row_scale(
                             s, t, 1, b // ratio, d[m, b])
-                    if not paired and not wide:
+                    if units == 4:
                         acc[2, R8] = acc[2, R8] + T.Cast("float32x8", a32[2, R8]) * row_scale(
                             s, t, 2, b // ratio, d[m, b])
                         acc[3, R8] = acc[3, R8] + T.Cast("float32x8", a32[3, R8]) * row_scale(
