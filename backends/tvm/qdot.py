@@ -227,7 +227,7 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
     wide = isa == "vnni512" and bits == 4
     paired = bits == 4 and span == CHUNK and not neon and not wide
     outs = 4 if wide and not two else 2 if paired or wide else 1  # outputs an accumulator row
-    width = 2 * LANES if wide else LANES  # its int32 lanes
+    row_lanes = 2 * LANES if wide else LANES  # its int32 lanes
     assert OUTPUTS == 4  # the epilogue writes its rows out
     units = OUTPUTS // outs  # accumulator rows
     R8, R16 = T.ramp(0, 1, LANES), T.ramp(0, 1, 16)
@@ -314,24 +314,24 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
 
     def shared_operands(w, xq, t, u, m, b, c, nibbles):
         """`paired` or `wide`: the low or high nibbles of chunk c of row u's `outs` outputs
-        (4 width / outs code bytes each, side by side), and the chunk's activations they meet
+        (4 row_lanes / outs code bytes each, side by side), and the chunk's activations they meet
         (its even channels or its odd ones), repeated once per output."""
-        n = 4 * width // outs
+        n = 4 * row_lanes // outs
         start = (b % ratio) * (ab // 2) + c * n
         v = combine([codes(w, t, outs * u + k, b // ratio, start, n) for k in range(outs)],
                     "uint8", n)
         x = xq[m, T.ramp(b * ab + c * 2 * n + (0 if nibbles == "low" else n), 1, n)]
-        return (low(v, 4 * width) if nibbles == "low" else high(v, 4 * width)), combine(
+        return (low(v, 4 * row_lanes) if nibbles == "low" else high(v, 4 * row_lanes)), combine(
             [x] * outs, "int8", n)
 
     def row_scale(s, t, u: int, g, dm):
-        """s d of accumulator row u's lanes, width / outs lanes for each of its outputs. Tiled,
+        """s d of accumulator row u's lanes, row_lanes / outs lanes for each of its outputs. Tiled,
         the tile's 4 scales are multiplied by d at once, then spread; either way each lane's s d
         is the same float32 product."""
-        n = width // outs
+        n = row_lanes // outs
         if tiled:
             sd = s[t, g, quad] * T.broadcast(dm, OUTPUTS)
-            return tirx.Shuffle([sd] * (width // OUTPUTS),
+            return tirx.Shuffle([sd] * (row_lanes // OUTPUTS),
                                 [outs * u + k for k in range(outs) for _ in range(n)])
         return combine([T.broadcast(scale(s, t, outs * u + k, g) * dm, n) for k in range(outs)],
                        "float32", n)
@@ -348,9 +348,9 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
         return _dpbusd(acc, *ops)
 
     def hsum(acc, accw, j):
-        """Output j's width / outs lanes of its accumulator row (accw's where `wide`), summed
+        """Output j's row_lanes / outs lanes of its accumulator row (accw's where `wide`), summed
         pairwise."""
-        n, buf = width // outs, accw if wide else acc
+        n, buf = row_lanes // outs, accw if wide else acc
         v = [buf[j // outs, j % outs * n + i] for i in range(n)]
         while len(v) > 1:
             v = [v[i] + v[i + 1] for i in range(0, len(v), 2)]
