@@ -186,9 +186,11 @@ ISAS = ("avx2", "vnni", "vnni512", "neon")
 
 
 def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: str,
-                zp_shape: tuple[int, ...] | None, tiled: bool = False, isa: str = "avx2"):
+                zp_shape: tuple[int, ...] | None, tiled: bool = False, isa: str = "avx2",
+                accumulate: bool = False):
     """The product's PrimFunc over (xq, [xa,] d, dsum, w, s, zp, y): y [rows, n_out] =
-    the module docstring's sum. `zeros`: "symmetric" (zp unused: pass the scales), "uint8"
+    the module docstring's sum; `accumulate`: y += it (y holds the residual on entry: the skip
+    connection's add in place, `residual + product` as the separate epilogue computes it). `zeros`: "symmetric" (zp unused: pass the scales), "uint8"
     (int4 two per byte, low nibble first, or int8 one per byte) or "float". `tiled`: the codes
     and scales in quant.py's tiled layouts (a task's bytes contiguous, in the order it reads
     them; the padded outputs of a last partial tile are computed and not stored), else
@@ -454,7 +456,11 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                         corr[quad] = corr[quad] + zc_tile(zp, t, b // ratio) * s[
                             t, b // ratio, quad] * T.broadcast(ds[m, b], OUTPUTS)
                 for j in T.unroll(OUTPUTS):
-                    if partial:
+                    if accumulate:  # each output once: no clamped rewrites of the last one
+                        if t * OUTPUTS + j < n_out:
+                            y[m, t * OUTPUTS + j] = y[m, t * OUTPUTS + j] + (
+                                hsum(acc, accw, j) - corr[j])
+                    elif partial:
                         if t * OUTPUTS + j < n_out:
                             y[m, t * OUTPUTS + j] = hsum(acc, accw, j) - corr[j]
                     else:

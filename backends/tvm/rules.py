@@ -120,28 +120,81 @@ def _qdot(low: Lowering, fn: _Function, node: Node, rows, w, s, zp, bias, residu
     blocks = int(node.inputs[1].shape[1])
     qkey = ("qact", id(node.inputs[0]), bits, blocks, gs)  # q, k, v (gate, up) share theirs
     if qkey not in fn.memo:
-        q = fn.te(quantize_activations, rows, bits=bits, blocks=blocks, group_size=gs,
-                  kind="qact")
+        q = _quantized_input(low, fn, node, rows, bits=bits, blocks=blocks, group_size=gs)
         fn.memo[qkey] = tuple(fn.bb.emit(relax.TupleGetItem(q, i)) for i in range(3))
     xq, d, ds = fn.memo[qkey]
     zshape = tuple(int(v) for v in zp.ty.shape.values) if zp is not None else None
     zeros = "symmetric" if a["symmetric"] else "uint8" if low.module.weights[
         node.inputs[3].const].dtype == torch.uint8 else "float"
     tiled = w.ty.ndim == 4
-    key = ("qdot", n_out, blocks, gs, bits, zeros, zshape, tiled)
+    # the skip connection's add in place: one kernel, no epilogue's launch nor its tensors
+    accumulate = residual is not None and bias is None and low.residual_writable(fn, node)
+    key = ("qdot", n_out, blocks, gs, bits, zeros, zshape, tiled, accumulate)
     gv = fn.memo.get(key)
     if gv is None:
         gv = fn.memo[key] = fn.bb.add_func(qdot_decode(
             n_out=n_out, blocks=blocks, group_size=gs, bits=bits, zeros=zeros,
-            zp_shape=zshape, tiled=tiled, isa=low.isa).with_attr("splice.rows", fn.rows),
-            "qlinear_i8")
+            zp_shape=zshape, tiled=tiled, isa=low.isa, accumulate=accumulate).with_attr(
+                "splice.rows", fn.rows), "qlinear_i8")
     n_rows = rows.ty.shape.values[0]
-    y = fn.bb.emit(relax.call_tir(gv, [xq, d, ds, w, s, zp if zp is not None else s],
-                                  TensorType([n_rows, n_out], "float32")))
+    args = [xq, d, ds, w, s, zp if zp is not None else s]
+    out_ty = TensorType([n_rows, n_out], "float32")
+    if accumulate:
+        return fn.bb.emit(relax.call_tir_inplace(gv, relax.Tuple([*args, residual]), len(args),
+                                                 out_ty))
+    y = fn.bb.emit(relax.call_tir(gv, args, out_ty))
     if bias is None and residual is None:
         return y
     return fn.te(lambda t, b, r: K.epilogue(lambda m, n: t[m, n], t.shape[0], n_out, b, r),
                  y, bias, residual, kind="qepilogue")
+
+
+def _quantized_input(low: Lowering, fn: _Function, node: Node, rows, **q):
+    """The int8 product's activation quantization (xq, d, d sum xq). Where only such products
+    (with the same blocks) read their input and it is a whole-row rms_norm's output (the norm
+    before q/k/v or gate/up) or the gated MLP's act(gate) * up, that op is computed inside the
+    quantization kernel instead of as a kernel of its own (the same expressions, so the same
+    values: the separate kernel, then unused, is dropped by the build's dead-code elimination):
+    a decode step has two kernels fewer per layer, and their tensors."""
+    v = node.inputs[0]
+    p = v.producer
+    key = (node.attrs["bits"], node.attrs["group_size"], int(node.inputs[1].shape[1]))
+    fusable = p is not None and v not in low.module.graph.outputs \
+        and node is not low.logits_product and all(
+            user.op == "qlinear" and user.inputs[0] is v and user is not low.logits_product
+            and (user.attrs["bits"], user.attrs["group_size"],
+                 int(user.inputs[1].shape[1])) == key for user, _ in v.uses)
+    if fusable and p.op == "rms_norm" and not p.attrs["group"]:
+        a = p.attrs
+        return fn.te(lambda x, w: quantize_activations(K.rms_norm(
+            x, w, eps=a["eps"], offset=a["offset"], group=0), **q),
+            _flat(fn, fn.value(p, 0))[0], fn.value(p, 1) if len(p.inputs) > 1 else None,
+            kind="qact")
+    gate = _gated(low, p) if fusable and p.op == "mul" else None
+    if gate is not None:
+        act = p.inputs[gate].producer
+
+        def fused(a, b):
+            y = K.unary(a, act.op, **act.attrs)
+            return quantize_activations(K.binary(y, b, "mul") if gate == 0
+                                        else K.binary(b, y, "mul"), **q)
+        return fn.te(fused, _flat(fn, fn.value(act, 0))[0], _flat(fn, fn.value(p, 1 - gate))[0],
+                     kind="qact")
+    return fn.te(quantize_activations, rows, **q, kind="qact")
+
+
+def _gated(low: Lowering, mul: Node) -> int | None:
+    """Which input of `mul` is silu(x) or gelu(x) read by the mul alone (the gated MLP's
+    act(gate) * up), both inputs of one shape; None when none is."""
+    if mul.inputs[0] is None or mul.inputs[1] is None or \
+            mul.inputs[0].shape != mul.inputs[1].shape:
+        return None
+    for i, u in enumerate(mul.inputs):
+        act = u.producer
+        if act is not None and act.op in ("silu", "gelu") and len(u.uses) == 1 \
+                and u not in low.module.graph.outputs:
+            return i
+    return None
 
 
 def _embedding(low: Lowering, fn: _Function, node: Node):
