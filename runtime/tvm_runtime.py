@@ -28,6 +28,7 @@ import numpy as np
 from splice.errors import ArtefactError, InputError
 from .generation import Artefact, FunctionalCache
 from .opening import check_config, checked_manifest, listed_file, require_sections
+from .tvm_replay import DecodeReplay
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,12 @@ def open_checked(path: Path, manifest: dict, *, threads: int | None = None,
     if kind not in ("cpu", "cuda"):
         raise InputError(f"device={device!r}; accepted: 'cpu', 'cuda'")
     dev = tvm.cuda(0) if kind == "cuda" else tvm.cpu(0)
-    lib = _load_library(tvm, path, manifest, section.get("library"),
-                        pool_threads=min(threads, os.cpu_count() or 1)
-                        if section.get("pool") == "splice" and kind == "cpu" else None)
+    lib, native = _load_library(tvm, path, manifest, section.get("library"),
+                                pool_threads=min(threads, os.cpu_count() or 1)
+                                if section.get("pool") == "splice" and kind == "cpu" else None)
     vm = tvm.runtime.vm.VirtualMachine(lib, dev)
     params = _load_params(tvm, path, manifest, section, dev)
-    return TVMArtefact(path, manifest, vm, params, dev)
+    return TVMArtefact(path, manifest, vm, params, dev, native=native)
 
 
 def _check_machine(path: Path, section: dict) -> None:
@@ -119,9 +120,10 @@ def _configure_threads(tvm: Any, threads: int) -> None:
 
 
 def _load_library(tvm: Any, path: Path, manifest: dict, rel: Any, *,
-                  pool_threads: int | None = None) -> Any:
-    """The checked library, loaded; `pool_threads`: run its parallel loops on splice's pool
-    (backends/tvm/pool.c, linked into the library) with that many threads."""
+                  pool_threads: int | None = None) -> tuple[Any, Any]:
+    """The checked library, loaded, and its ctypes handle where splice's pool runs its parallel
+    loops (`pool_threads`: with that many threads; backends/tvm/pool.c, linked into the
+    library), else None."""
     rel = listed_file(path, manifest, rel, "the library")
     data = (path / rel).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
@@ -137,15 +139,15 @@ def _load_library(tvm: Any, path: Path, manifest: dict, rel: Any, *,
             lib = tvm.runtime.load_module(str(private))
         except Exception as e:  # tvm raises its own error types for a library it cannot open
             raise ArtefactError(f"artefact {path}: TVM cannot load {rel}: {e}") from None
-        if pool_threads is not None:
-            _install_pool(path, private, pool_threads)
-        return lib
+        native = None if pool_threads is None else _install_pool(path, private, pool_threads)
+        return lib, native
 
 
-def _install_pool(path: Path, library: Path, threads: int) -> None:
+def _install_pool(path: Path, library: Path, threads: int) -> Any:
     """Point the loaded library's parallel launches (the `__TVMBackendParallelLaunch` pointer
     TVM's loader set to its own pool) at splice's pool in the same library: a parallel loop
-    costs ~0.3 us to start there against ~2.7 with TVM's pool at 2 threads (pool.c says why)."""
+    costs ~0.3 us to start there against ~2.7 with TVM's pool at 2 threads (pool.c says why).
+    The library's ctypes handle."""
     import ctypes
 
     try:  # the library TVM loaded (RTLD_NOLOAD: found by its path among those loaded)
@@ -153,10 +155,11 @@ def _install_pool(path: Path, library: Path, threads: int) -> None:
         try:
             launch = ctypes.c_void_p.in_dll(so, "__TVMBackendParallelLaunch")
         except ValueError:
-            return  # no parallel loop in the library (unscheduled kernels): nothing to run
+            return so  # no parallel loop in the library (unscheduled kernels): no pool
         if so.splice_pool_threads(ctypes.c_int(threads)) != 0:
             raise ValueError(f"{threads} threads refused")
         launch.value = ctypes.cast(so.splice_pool_launch, ctypes.c_void_p).value
+        return so
     except (OSError, AttributeError, ValueError) as e:
         raise ArtefactError(f"artefact {path}: its library's thread pool cannot be installed "
                             f"({e}); recompile the artefact") from None
@@ -242,7 +245,8 @@ class TVMArtefact(Artefact):
     """A loaded TVM artefact: `logits()` runs prefill (several tokens) or decode (one) in the VM;
     generation and the tokenizer are the shared `generation.Artefact`'s."""
 
-    def __init__(self, path: Path, manifest: dict, vm: Any, params: list, device: Any):
+    def __init__(self, path: Path, manifest: dict, vm: Any, params: list, device: Any, *,
+                 native: Any = None):
         super().__init__(path, manifest)
         import tvm
 
@@ -271,6 +275,8 @@ class TVMArtefact(Artefact):
         # decode's batch when the artefact fixed it (CPU: one sequence); other batches' single
         # token steps run prefill, which takes any batch and length
         self._decode_batch = section.get("decode_batch")
+        # a CPU library with splice's replay runs a store's decode steps without the VM
+        self._replay = DecodeReplay(vm, native if self._cpu else None)
 
     def logits(self, ids: Any, past: KVCache | dict[str, np.ndarray] | None = None, *,
                last: bool = False) -> tuple[np.ndarray, KVCache]:
@@ -296,7 +302,11 @@ class TVMArtefact(Artefact):
                     np.arange(length, length + n, dtype=np.int64), (b, n)))
                 inputs = (self._tvm.runtime.tensor(chunk, self.device),
                           self._tvm.runtime.tensor(pos, self.device))
-            res = fn(*inputs, self._tvm.runtime.ShapeTuple([length]), store.array, self._params)
+            def run(inputs=inputs, length=length):
+                return fn(*inputs, self._tvm.runtime.ShapeTuple([length]), store.array,
+                          self._params)
+            res = self._replay.step(store, length, run) if inputs is self._step_args \
+                and fn is self._decode else run()
             out.append(np.from_dlpack(res).copy() if self._cpu
                        else res.numpy())  # the VM reuses its output's memory next call
             length += n

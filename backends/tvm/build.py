@@ -37,6 +37,7 @@ TARGETS = ("cpu", "cuda", "aarch64")
 CROSS_CC = {"aarch64": "aarch64-linux-gnu-gcc"}
 AARCH64_TRIPLE = "aarch64-linux-gnu"
 POOL_SOURCE = Path(__file__).with_name("pool.c")
+REPLAY_SOURCE = Path(__file__).with_name("replay.c")
 POOL_TARGETS = ("cpu", "aarch64")  # llvm libraries whose parallel loops splice's pool runs
 
 
@@ -96,7 +97,7 @@ def build(mod: tvm.ir.IRModule, target: tvm.target.Target, *,
 def export_library(ex: relax.VMExecutable, path: Path, target_name: str) -> None:
     """Write the executable as a shared library; cross targets link with their toolchain. CPU
     libraries carry splice's thread pool (pool.c, which the runtime installs in place of TVM's
-    for the library's parallel loops)."""
+    for the library's parallel loops) and its decode replay loop (replay.c)."""
     cc = CROSS_CC.get(target_name)
     if cc is not None and shutil.which(cc) is None:
         raise InputError(f"cross-compiling for {target_name} needs {cc} on PATH (Debian: apt-get "
@@ -104,17 +105,18 @@ def export_library(ex: relax.VMExecutable, path: Path, target_name: str) -> None
     with tempfile.TemporaryDirectory(prefix="splice-pool-") as tmp:
         extra: dict = {} if cc is None else {"cc": cc}
         if target_name in POOL_TARGETS:
-            extra.update(addons=[_compile_pool(cc or "gcc", Path(tmp))], options=["-pthread"])
+            extra.update(addons=[_compile_c(cc or "gcc", src, Path(tmp))
+                                 for src in (POOL_SOURCE, REPLAY_SOURCE)], options=["-pthread"])
         ex.export_library(str(path), **extra)
 
 
-def _compile_pool(cc: str, tmp: Path) -> str:
-    """pool.c as an object file for the library (C, not the C++ TVM links with)."""
+def _compile_c(cc: str, source: Path, tmp: Path) -> str:
+    """A C source of ours as an object file for the library (C, not the C++ TVM links with)."""
     if shutil.which(cc) is None:
         raise InputError(f"the TVM CPU library needs a C compiler ({cc}) on PATH")
-    obj = tmp / "pool.o"
-    r = subprocess.run([cc, "-O2", "-fPIC", "-pthread", "-c", str(POOL_SOURCE), "-o", str(obj)],
+    obj = tmp / f"{source.stem}.o"
+    r = subprocess.run([cc, "-O2", "-fPIC", "-pthread", "-c", str(source), "-o", str(obj)],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        raise RuntimeError(f"{cc} failed on {POOL_SOURCE.name}:\n{r.stderr[-2000:]}")
+        raise RuntimeError(f"{cc} failed on {source.name}:\n{r.stderr[-2000:]}")
     return str(obj)
