@@ -10,9 +10,12 @@ intermediates) and the past length is their one changing scalar argument.
 So a step is recorded through the VM's instrument hook (a real step: its logits are the step's),
 and so is the next one; when the two agree up to the past length (the same kernels, the same
 argument kinds, shapes and dtypes, integers equal or one more, as the length is), the second
-step's arguments are kept alive and later steps on that store run its calls from C (the
-library's `splice_replay`, backends/tvm/replay.c: one loop over the kernels' entry points with
-argument arrays made once), with the new past length written into the integers that follow it.
+step's arguments are kept alive and later steps run its calls from C (the library's
+`splice_replay`, backends/tvm/replay.c: one loop over the kernels' entry points with argument
+arrays made once), with the new past length written into the integers that follow it. A store
+with the same cache shapes (the next generation's) takes the plan over: its cache tensors'
+handles replace the old store's in the arguments (unless an argument views a cache tensor
+otherwise); a store of another capacity is recorded afresh (~10 ms a recorded step).
 Only builtins that move no data may sit between the kernels (VM_BUILTINS); anything else, a
 library without `splice_replay` (compiled before it existed), or recordings that disagree keep
 the VM, and a kernel's error drops the replay and runs the step on the VM.
@@ -104,6 +107,38 @@ class _Plan:
             self._arrays.append(arr)
         self._table, self._n = table, len(calls)
         self._slots = [(self._arrays[i], j, value - length) for i, j, value in slots]
+        self._cache = self._cache_slots(calls)
+
+    def _cache_slots(self, calls: list) -> list | None:
+        """Where the store's cache tensors are arguments: (array, index, which tensor); None
+        when some argument views a cache tensor's memory otherwise (then the plan is bound
+        to its store)."""
+        handles = {t.__chandle__(): k for k, t in enumerate(self.store.tensors)}
+        spans = [(t.data_ptr(), t.data_ptr() + t.numel() * t.dtype.itemsize)
+                 for t in self.store.tensors]
+        out = []
+        for arr, (_, args) in zip(self._arrays, calls):
+            for j, a in enumerate(args):
+                if type(a) in (int, float):
+                    continue
+                k = handles.get(a.__chandle__())
+                if k is not None:
+                    out.append((arr, j, k))
+                elif any(lo <= a.data_ptr() < hi for lo, hi in spans):
+                    return None
+        return out
+
+    def rebind(self, store: Any) -> bool:
+        """Point the plan at another store whose tensors have the shapes and dtypes of its own
+        (a new generation's): its calls then read and write that store's cache."""
+        old = self.store.tensors
+        if self._cache is None or len(store.tensors) != len(old) or any(
+                a.shape != b.shape or a.dtype != b.dtype for a, b in zip(store.tensors, old)):
+            return False
+        for arr, j, k in self._cache:
+            arr[j].value = store.tensors[k].__chandle__()
+        self.store = store
+        return True
 
     def run(self, length: int) -> bool:
         """One step at past length `length`; False when a kernel failed."""
@@ -162,7 +197,7 @@ class DecodeReplay:
         if self.off:
             return run()
         plan = self._plan
-        if plan is not None and plan.store is store:
+        if plan is not None and (plan.store is store or plan.rebind(store)):
             if plan.run(length):
                 return plan.result
             log.debug("decode replay off: a kernel failed; the step runs on the VM")

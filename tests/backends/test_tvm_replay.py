@@ -1,6 +1,7 @@
-"""The TVM runtime's decode replay (runtime/tvm_replay.py): a store's decode steps run from C
-give the Relax VM's logits bit for bit, through forks and new stores; recordings that disagree,
-or a library without the replay, keep the VM."""
+"""The TVM runtime's decode replay (runtime/tvm_replay.py): decode steps run from C give the
+Relax VM's logits bit for bit, on the recorded store and on the stores the plan takes over (a
+fork, a new generation); recordings that disagree, or a library without the replay, keep the
+VM."""
 
 from __future__ import annotations
 
@@ -38,14 +39,22 @@ def test_replayed_decode_steps_are_the_vms_bit_for_bit(tmp_path, activations):
         np.testing.assert_array_equal(a, b)
         if step == 12:
             fork = (ca, cb)
-    assert fast._replay._plan is not None and not fast._replay.off
-    store = fast._replay._plan.store
-    for _ in range(5):  # an earlier cache: a store of its own, recorded and replayed afresh
+    plan = fast._replay._plan
+    assert plan is not None and not fast._replay.off
+    store = plan.store
+    for _ in range(5):  # an earlier cache: a store of its own, which the plan takes over
         tok = np.asarray([[int(b[0, -1].argmax())]])
         (a, fa), (b, fb) = fast.logits(tok, fork[0]), slow.logits(tok, fork[1])
         np.testing.assert_array_equal(a, b)
         fork = (fa, fb)
-    assert fast._replay._plan.store is not store and not fast._replay.off
+    assert fast._replay._plan is plan and plan.store is not store
+    other = ids[:, ::-1][:, :5].copy()  # a new generation, on other tokens than the old store's
+    (a, ca), (b, cb) = fast.logits(other), slow.logits(other)
+    for _ in range(5):
+        tok = np.asarray([[int(b[0, -1].argmax())]])
+        (a, ca), (b, cb) = fast.logits(tok, ca), slow.logits(tok, cb)
+        np.testing.assert_array_equal(a, b)
+    assert fast._replay._plan is plan and plan.store is ca.store and not fast._replay.off
 
 
 def _so(*kernels):
