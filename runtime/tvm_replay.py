@@ -88,7 +88,8 @@ class _Plan:
 
     def __init__(self, so: Any, store: Any, calls: list, length: int, result: Any,
                  slots: list[tuple[int, int, int]]):
-        self.store, self.result, self._keep = store, result, calls  # the tensors stay alive
+        # the recorded arguments stay alive (the planned intermediates are the VM's storage)
+        self.store, self.result, self._keep = store, result, calls
         self._run = so.splice_replay
         self._arrays, self._slots = [], []
         table = (_Call * len(calls))()
@@ -108,6 +109,10 @@ class _Plan:
         self._table, self._n = table, len(calls)
         self._slots = [(self._arrays[i], j, value - length) for i, j, value in slots]
         self._cache = self._cache_slots(calls)
+        if self._cache is not None:  # the tensors the calls use, but not the recorded store's
+            cache = {t.__chandle__() for t in store.tensors}
+            self._keep = [a for _, args in calls for a in args
+                          if type(a) not in (int, float) and a.__chandle__() not in cache]
 
     def _cache_slots(self, calls: list) -> list | None:
         """Where the store's cache tensors are arguments: (array, index, which tensor); None

@@ -91,3 +91,23 @@ def test_a_library_without_the_replay_runs_every_step_on_the_vm():
         assert replay.off
         assert replay.step(object(), 3, lambda: ran.append(1) or "vm") == "vm"
     assert ran == [1, 1]
+
+
+def test_a_plan_keeps_the_tensors_its_calls_use_but_not_the_recorded_store(tmp_path):
+    """The plan holds the intermediates its calls use, not the recorded store's cache tensors:
+    once another store took the plan over, the old cache is freed with its last KVCache."""
+    from splice.backends.tvm import export
+    from splice.runtime import load
+
+    art = load(export(tiny_module(seed=9), tmp_path / "art"), threads=1)
+    _, cache = art.logits(np.arange(1, 6)[None])
+    for tok in (7, 8, 9):
+        _, cache = art.logits(np.asarray([[tok]]), cache)
+    plan = art._replay._plan
+    assert plan is not None and plan.store is cache.store
+    old = {t.__chandle__() for t in cache.store.tensors}
+    kept = {a.__chandle__() for a in plan._keep}
+    assert kept and not kept & old
+    _, fresh = art.logits(np.arange(20, 24)[None])  # the next generation: a new store
+    _, fresh = art.logits(np.asarray([[3]]), fresh)
+    assert art._replay._plan is plan and plan.store is fresh.store
