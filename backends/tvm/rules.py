@@ -1,10 +1,12 @@
 """One lowering rule per IR op: (Lowering, _Function, Node) -> a Relax value per output.
 
 Each rule emits the op's kernel (kernels.py, attention.py, quant.py) through `_Function.te`,
-which tags it with its kind for schedule.py. Two fusions happen here rather than in a generic
-pass, because they are the decoder's and cheap to recognise: a linear whose only use is the
-residual `add` computes the add in its epilogue, and every rotary node of a step shares one
-cos/sin table per (positions, frequencies).
+which tags it with its kind for schedule.py. Fusions happen here rather than in a generic pass,
+because they are the decoder's and cheap to recognise: a linear whose only use is the residual
+`add` computes the add in its epilogue (the int8-activation product in place, over the
+residual, where the add is the residual's last reader); the int8 products' activation
+quantization computes the norm or the gated MLP's act(gate) * up that only they read; and every
+rotary node of a step shares one cos/sin table per (positions, frequencies).
 """
 
 from __future__ import annotations
