@@ -4,15 +4,15 @@ splice's runtime.
 
     python -m benchmarks.peer_engines KIND PATH ARGS_JSON
 
-KIND: "llama_quantize" (requantize a GGUF with llama_model_quantize), "llama_speed",
-"llama_ppl", "splice_speed", "splice_ppl", "tvm_limits" (benchmarks/tvm_bandwidth.py's). The protocol is the ONNX speed benchmark's
-(benchmarks/onnx_engines.py): a warm-up generation, then the prompt in one batch (prefill) and
-greedy tokens one a step, no EOS stop; decode tok/s is (new - 1) over the steps after the first
-token (which comes from the prompt's logits). Perplexity is splice.evaluate's protocol through the
-engine's own logits of each whole window: non-overlapping windows, no BOS, the first token of a
-window context only. llama.cpp gets the token ids splice's tokenizer made (the same GGUF
-vocabulary), so both engines score the same tokens; greedy picks are numpy's argmax of the
-logits for both.
+KIND: "llama_quantize" (requantize a GGUF with llama_model_quantize), "llama_speed", "llama_ppl",
+"splice_speed", "splice_ppl", "tvm_limits" (benchmarks/tvm_bandwidth.py's). The protocol is the
+ONNX speed benchmark's (benchmarks/onnx_engines.py): a warm-up generation, then the prompt in one
+batch (prefill) and greedy tokens one a step, no EOS stop; decode tok/s is (new - 1) over the steps
+after the first token (which comes from the prompt's logits). Perplexity is splice.evaluate's
+protocol through the engine's own logits of each whole window: non-overlapping windows, no BOS, the
+first token of a window context only. llama.cpp gets the token ids splice's tokenizer made (the
+same GGUF vocabulary), so both engines score the same tokens; greedy picks are numpy's argmax of
+the logits for both.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """TVM decode against the memory-bandwidth limit at every int4 group size, 1 and 2 threads (issue
 28's goal: a decode step at >= 60% of the limit).
 
-SmolLM2-135M (stories260K in quick mode) quantized int4 RTN, asymmetric, in groups of 32, 64,
-128, 256 and per channel (group_size 0; a group that does not divide a linear's inputs pads its
-last block, whose bytes a step reads and the figures count), its tied table an int4 lm_head and an int8 embedding (the
-presets' choice), each exported to TVM as `splice compile` does for a CPU preset with no
-`--backend` where that runs (int8 activations, a float16 KV cache; else float activations). Per
-row and thread count, every figure from this run:
+SmolLM2-135M (stories260K in quick mode) quantized int4 RTN, asymmetric, in groups of 32, 64, 128,
+256 and per channel (group_size 0; a group that does not divide a linear's inputs pads its last
+block, whose bytes a step reads and the figures count), its tied table an int4 lm_head and an int8
+embedding (the presets' choice), each exported to TVM as `splice compile` does for a CPU preset
+with no `--backend` where that runs (int8 activations, a float16 KV cache; else float activations).
+Per row and thread count, every figure from this run:
 - decode tok/s with the presets benchmark's protocol (benchmarks/peer_engines.py: a 64-token
   WikiText-2 prompt, 128 greedy tokens, no EOS stop, each run in its own process), best of the
   alternating rounds;

@@ -23,20 +23,13 @@ PRODUCTS = ("qlinear", "linear", "matmul")
 def _decode_calls(art) -> list[tuple[str, object, tuple]]:
     """(symbol, function, arguments) of every kernel call of one decode step after a short
     prompt."""
-    calls: list = []
-
-    def record(func, symbol, before, ret, *args):
-        if before:
-            calls.append((str(symbol), func, args))
-        return 0  # VMInstrumentReturnKind.kNoOp
+    from splice.runtime.tvm_replay import record_calls
 
     _, cache = art.logits(np.asarray([[1, 2, 3, 4]]))
     off, art._replay.off = art._replay.off, True  # the VM's step: its calls are the ones seen
-    art.vm.set_instrument(record)
     try:
-        art.logits(np.asarray([[5]]), cache)
+        calls, _ = record_calls(art.vm, lambda: art.logits(np.asarray([[5]]), cache))
     finally:
-        art.vm.set_instrument(None)
         art._replay.off = off
     return calls
 

@@ -53,13 +53,14 @@ class _Call(ctypes.Structure):
                 ("num_args", ctypes.c_int64)]
 
 
-def _record(vm: Any, run: Callable[[], Any]) -> tuple[list, Any]:
-    """Run `run` (one VM call) with every call instruction recorded: [(symbol, args)], result."""
+def record_calls(vm: Any, run: Callable[[], Any]) -> tuple[list, Any]:
+    """Run `run` (one VM call) with every call instruction recorded: [(symbol, function, args)],
+    and the call's result (benchmarks.tvm_limits times the recorded kernels alone)."""
     calls: list = []
 
     def hook(func, symbol, before, ret, *args):
         if before:
-            calls.append((str(symbol), args))
+            calls.append((str(symbol), func, args))
         return 0  # VMInstrumentReturnKind.kNoOp
     vm.set_instrument(hook)
     try:
@@ -208,7 +209,8 @@ class DecodeReplay:
             log.debug("decode replay off: a kernel failed; the step runs on the VM")
             self.off, self._plan = True, None
             return run()
-        calls, result = _record(self._vm, run)
+        recorded, result = record_calls(self._vm, run)
+        calls = [(symbol, args) for symbol, _, args in recorded]
         last = self._last
         self._last = (store, length, calls)
         if last is not None and last[0] is store and last[1] == length - 1:

@@ -251,14 +251,12 @@ class Lowering:
         """Whether the kernel that fuses this node's residual add may write the sum over the
         residual itself: the add is the residual's last reader (its other readers are lowered
         already) and the residual is the step's own intermediate, neither an input nor an
-        output of the graph."""
+        output of the graph (a graph input, like a weight, has no producer)."""
         add, i = node.outputs[0].uses[0]
         other = add.inputs[1 - i]
-        graph = self.module.graph
-        return other.producer is not None and other not in graph.outputs \
-            and other not in graph.inputs and all(
-                user is add or all(id(o) in fn.env for o in user.outputs if o is not None)
-                for user, _ in other.uses)
+        return other.producer is not None and other not in self.module.graph.outputs and all(
+            user is add or all(id(o) in fn.env for o in user.outputs if o is not None)
+            for user, _ in other.uses)
 
 
 ROW_WISE = ("softcap",)  # ops between the lm_head and the logits that work row by row

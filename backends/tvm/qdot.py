@@ -190,12 +190,14 @@ def qdot_decode(*, n_out: int, blocks: int, group_size: int, bits: int, zeros: s
                 accumulate: bool = False):
     """The product's PrimFunc over (xq, [xa,] d, dsum, w, s, zp, y): y [rows, n_out] =
     the module docstring's sum; `accumulate`: y += it (y holds the residual on entry: the skip
-    connection's add in place, `residual + product` as the separate epilogue computes it). `zeros`: "symmetric" (zp unused: pass the scales), "uint8"
-    (int4 two per byte, low nibble first, or int8 one per byte) or "float". `tiled`: the codes
+    connection's add in place, `residual + product` as the separate epilogue computes it).
+    `zeros`: "symmetric" (zp unused: pass the scales), "uint8" (int4 two per byte, low nibble
+    first, or int8 one per byte) or "float". `tiled`: the codes
     and scales in quant.py's tiled layouts (a task's bytes contiguous, in the order it reads
     them; the padded outputs of a last partial tile are computed and not stored), else
-    [n_out, blocks, bytes] and [n_out, blocks]. `isa`: "avx2" (x86), "vnni" (x86 with VNNI) or
-    "neon" (aarch64 with the dot-product extension)."""
+    [n_out, blocks, bytes] and [n_out, blocks]. `isa`: one of ISAS: "avx2" (x86), "vnni" (x86 with
+    VNNI), "vnni512" (x86 with AVX-512 VNNI and BW) or "neon" (aarch64 with the dot-product
+    extension)."""
     assert isa in ISAS, isa
     neon = isa == "neon"
     ab = act_block(group_size)

@@ -31,19 +31,12 @@ def _w4(module):
 
 def _decode_kernels(art, cache) -> collections.Counter:
     """How many times each kind of kernel runs in one decode step."""
-    kinds: collections.Counter = collections.Counter()
+    from splice.runtime.tvm_replay import record_calls
 
-    def record(func, symbol, before, ret, *args):
-        if before and not str(symbol).startswith("vm.builtin"):
-            kinds[str(symbol).rstrip("0123456789")] += 1
-        return 0
     art._replay.off = True  # the VM's step, whose calls the hook sees
-    art.vm.set_instrument(record)
-    try:
-        art.logits(np.asarray([[7]]), cache)
-    finally:
-        art.vm.set_instrument(None)
-    return kinds
+    calls, _ = record_calls(art.vm, lambda: art.logits(np.asarray([[7]]), cache))
+    return collections.Counter(symbol.rstrip("0123456789") for symbol, _, _ in calls
+                               if not symbol.startswith("vm.builtin"))
 
 
 def _against_interpreter(module, art, steps: int = 8) -> float:
